@@ -1,0 +1,361 @@
+//! Inference engines: the `Backend` trait one model instance implements, and its ONNX Runtime
+//! implementation (one `ort::Session` per instance; the batcher gives each its own OS thread).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::ep;
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+use crate::model::{Layout, ModelSpec};
+
+/// Error of one model run or of loading a model. `Clone`, so one failed batch answers every waiter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("ONNX Runtime library: {0}")]
+    Runtime(String),
+    #[error("model {model}: {message}")]
+    Load { model: String, message: String },
+    #[error("model {model} does not match its model.toml: {message}")]
+    Mismatch { model: String, message: String },
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("model instance {instance} panicked: {message}")]
+    Panic { instance: usize, message: String },
+}
+
+/// One model instance: runs a batch of preprocessed images and returns one row of scores per image.
+/// `run` takes `&mut self` (as `ort::Session::run` does); each instance lives on its own thread.
+pub trait Backend: Send + 'static {
+    /// `input` holds `batch` images in the model's layout; returns `batch × num_labels` scores.
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError>;
+}
+
+/// Builds the backend of instance `i` (called on that instance's thread).
+pub type BackendFactory =
+    std::sync::Arc<dyn Fn(usize) -> Result<Box<dyn Backend>, EngineError> + Send + Sync>;
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// CUDA execution provider on this GPU ordinal.
+    Cuda(i32),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Loads the ONNX Runtime shared library once per process (ort allows one environment per process).
+pub fn init_runtime(library: &Path) -> Result<(), EngineError> {
+    ORT_ENV
+        .get_or_init(|| {
+            if !library.is_file() {
+                return Err(format!(
+                    "{} does not exist; run `make setup` (installs the pinned onnxruntime wheel into .venv) \
+                     or pass --ort-library / ORT_DYLIB_PATH",
+                    library.display()
+                ));
+            }
+            let builder = ort::init_from(library).map_err(|e| format!("cannot load {}: {e}", library.display()))?;
+            builder
+                .with_name("brainai")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+        })
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| EngineError::Runtime(e.clone()))
+}
+
+/// Finds `libonnxruntime.so`: the explicit path, else the project's `.venv` (searched from the
+/// current directory and from the executable's ancestors, so `target/release/brainai` finds it).
+pub fn find_runtime_library(explicit: Option<&Path>) -> Result<PathBuf, EngineError> {
+    if let Some(path) = explicit {
+        return Ok(path.to_path_buf());
+    }
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for root in roots {
+        let lib_dir = root.join(".venv").join("lib");
+        let Ok(pythons) = std::fs::read_dir(&lib_dir) else {
+            continue;
+        };
+        for python in pythons.filter_map(Result::ok) {
+            let capi = python.path().join("site-packages/onnxruntime/capi");
+            let Ok(files) = std::fs::read_dir(&capi) else {
+                continue;
+            };
+            let mut libs: Vec<PathBuf> = files
+                .filter_map(Result::ok)
+                .map(|f| f.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                })
+                .collect();
+            libs.sort();
+            if let Some(lib) = libs.pop() {
+                return Ok(lib);
+            }
+        }
+    }
+    Err(EngineError::Runtime(
+        "libonnxruntime.so not found: run `make setup` (installs the pinned onnxruntime wheel into .venv), \
+         or pass --ort-library / set ORT_DYLIB_PATH to the library"
+            .into(),
+    ))
+}
+
+/// Session options for every instance.
+#[derive(Debug, Clone, Copy)]
+pub struct OrtOptions {
+    pub device: Device,
+    /// Intra-op threads per instance; 0 lets ONNX Runtime choose (one per core).
+    pub intra_op_threads: usize,
+}
+
+/// An ONNX Runtime session serving one model instance.
+pub struct OrtBackend {
+    session: Session,
+    input_name: String,
+    output_name: String,
+    image_shape: [usize; 3],
+    num_labels: usize,
+}
+
+impl OrtBackend {
+    /// Opens a session and checks the model against its `model.toml`; `init_runtime` must have run.
+    pub fn open(spec: &ModelSpec, options: OrtOptions) -> Result<Self, EngineError> {
+        let load_err = |message: String| EngineError::Load {
+            model: spec.name.clone(),
+            message,
+        };
+        let env = match ORT_ENV.get() {
+            Some(Ok(env)) => env,
+            Some(Err(e)) => return Err(EngineError::Runtime(e.clone())),
+            None => {
+                return Err(EngineError::Runtime(
+                    "ONNX Runtime was not initialised: this is a bug".into(),
+                ));
+            }
+        };
+        let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
+        if options.intra_op_threads > 0 {
+            builder = builder
+                .with_intra_threads(options.intra_op_threads)
+                .map_err(|e| load_err(e.to_string()))?;
+        }
+        if let Device::Cuda(id) = options.device {
+            builder = builder
+                .with_execution_providers([ep::CUDA::default()
+                    .with_device_id(id)
+                    .build()
+                    .error_on_failure()])
+                .map_err(|e| {
+                    load_err(format!(
+                        "CUDA execution provider on GPU {id} is unavailable: {e}"
+                    ))
+                })?;
+        }
+        let session = builder
+            .commit_from_file(&spec.onnx_path)
+            .map_err(|e| load_err(format!("{}: {e}", spec.onnx_path.display())))?;
+        let backend = Self::check(spec, session)?;
+        Ok(backend)
+    }
+
+    /// Verifies that the graph's declared input and output agree with `model.toml`.
+    fn check(spec: &ModelSpec, session: Session) -> Result<Self, EngineError> {
+        let mismatch = |message: String| EngineError::Mismatch {
+            model: spec.name.clone(),
+            message,
+        };
+        let names = |outlets: &[ort::value::Outlet]| {
+            outlets
+                .iter()
+                .map(|o| o.name().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let input = session
+            .inputs()
+            .iter()
+            .find(|o| o.name() == spec.input.tensor_name)
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "[input] name = {:?}, but the graph's inputs are [{}]",
+                    spec.input.tensor_name,
+                    names(session.inputs())
+                ))
+            })?;
+        if session.inputs().len() != 1 {
+            return Err(mismatch(format!(
+                "the graph has {} inputs [{}]; exactly one image input is supported",
+                session.inputs().len(),
+                names(session.inputs())
+            )));
+        }
+        let (h, w) = (spec.input.height as i64, spec.input.width as i64);
+        let expected: [i64; 3] = match spec.input.layout {
+            Layout::Nchw => [3, h, w],
+            Layout::Nhwc => [h, w, 3],
+        };
+        let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
+            return Err(mismatch(format!(
+                "input {:?} is not a tensor",
+                input.name()
+            )));
+        };
+        if *ty != TensorElementType::Float32 {
+            return Err(mismatch(format!(
+                "input {:?} is {ty:?}, expected float32",
+                input.name()
+            )));
+        }
+        let dims_ok = shape.len() == 4
+            && shape[1..]
+                .iter()
+                .zip(expected)
+                .all(|(&d, e)| d == e || d < 0);
+        if !dims_ok {
+            return Err(mismatch(format!(
+                "input {:?} has shape {:?}, but model.toml declares {} {}×{} with 3 channels, i.e. [batch, {}, {}, {}]",
+                input.name(),
+                &shape[..],
+                spec.input.layout.as_str(),
+                h,
+                w,
+                expected[0],
+                expected[1],
+                expected[2]
+            )));
+        }
+        if shape[0] > 0 && (shape[0] as usize) < spec.max_batch_size {
+            return Err(mismatch(format!(
+                "input {:?} has a fixed batch size {} but max_batch_size = {}; export with a dynamic batch axis",
+                input.name(),
+                shape[0],
+                spec.max_batch_size
+            )));
+        }
+
+        let output = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == spec.output_name)
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "[output] name = {:?}, but the graph's outputs are [{}]",
+                    spec.output_name,
+                    names(session.outputs())
+                ))
+            })?;
+        let ValueType::Tensor { ty, shape, .. } = output.dtype() else {
+            return Err(mismatch(format!(
+                "output {:?} is not a tensor",
+                output.name()
+            )));
+        };
+        if *ty != TensorElementType::Float32 {
+            return Err(mismatch(format!(
+                "output {:?} is {ty:?}, expected float32",
+                output.name()
+            )));
+        }
+        let labels = spec.labels.len() as i64;
+        if shape.len() != 2 || (shape[1] >= 0 && shape[1] != labels) {
+            return Err(mismatch(format!(
+                "output {:?} has shape {:?}, but model.toml lists {labels} labels, i.e. [batch, {labels}]",
+                output.name(),
+                &shape[..],
+            )));
+        }
+
+        Ok(OrtBackend {
+            input_name: spec.input.tensor_name.clone(),
+            output_name: spec.output_name.clone(),
+            image_shape: match spec.input.layout {
+                Layout::Nchw => [3, h as usize, w as usize],
+                Layout::Nhwc => [h as usize, w as usize, 3],
+            },
+            num_labels: spec.labels.len(),
+            session,
+        })
+    }
+}
+
+impl Backend for OrtBackend {
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        let [a, b, c] = self.image_shape;
+        let tensor = TensorRef::from_array_view(([batch, a, b, c], input))
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input_name.as_str() => tensor])
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let value = outputs.get(&self.output_name).ok_or_else(|| {
+            EngineError::Inference(format!("output {:?} missing", self.output_name))
+        })?;
+        let (shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        if shape[..] != [batch as i64, self.num_labels as i64] {
+            return Err(EngineError::Inference(format!(
+                "output {:?} has shape {:?}, expected [{batch}, {}]",
+                self.output_name,
+                &shape[..],
+                self.num_labels
+            )));
+        }
+        Ok(data.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:1".parse::<Device>(), Ok(Device::Cuda(1)));
+        assert!("gpu".parse::<Device>().is_err());
+        assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+    }
+
+    #[test]
+    fn missing_library_says_how_to_fix_it() {
+        let err = find_runtime_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap();
+        assert_eq!(err, PathBuf::from("/nonexistent/libonnxruntime.so"));
+    }
+}

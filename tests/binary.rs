@@ -1,0 +1,259 @@
+//! The `brainai` binary as operators run it: serve, the classify client, SIGTERM drain, clear
+//! start-up errors, and no patient identifiers in the logs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const BIN: &str = env!("CARGO_BIN_EXE_brainai");
+
+struct Served {
+    child: Child,
+    grpc: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    /// Every stderr line, as the process writes them.
+    log: mpsc::Receiver<String>,
+    lines: Vec<String>,
+}
+
+impl Served {
+    fn drain_log(&mut self) -> String {
+        while let Ok(line) = self.log.try_recv() {
+            self.lines.push(line);
+        }
+        self.lines.join("\n")
+    }
+}
+
+/// Starts `brainai serve` on ephemeral ports and reads the bound addresses from its log.
+fn spawn(model: &str, extra: &[&str]) -> Served {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--model-dir"])
+        .arg(fixture_model(model))
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--intra-op-threads",
+            "1",
+        ])
+        .args(extra)
+        .env(
+            "BRAINAI_LOG",
+            "debug,ort=warn,h2=info,tower=info,hyper=info",
+        )
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn brainai serve");
+    let (tx, log) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let (grpc, metrics) = loop {
+        let line = log
+            .recv_timeout(PATIENCE)
+            .expect("server logs its addresses");
+        lines.push(line.clone());
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+        };
+        if let (Some(g), Some(m)) = (field("grpc_addr="), field("metrics_addr=")) {
+            break (g, m);
+        }
+    };
+    Served {
+        child,
+        grpc,
+        metrics,
+        log,
+        lines,
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_cli_prints_one_line_per_file_and_json() {
+    let mut s = spawn("tiny", &[]);
+    wait_for_health(&connect(s.grpc).await, ServingStatus::Serving).await;
+    let files = [
+        repo().join("tests/data/flair_256_a.png"),
+        repo().join("tests/data/flair_512_a.jpg"),
+    ];
+    let out = Command::new(BIN)
+        .args(["classify", "--server", &format!("http://{}", s.grpc)])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (line, file) in lines.iter().zip(&files) {
+        assert!(line.starts_with(&file.display().to_string()), "{line}");
+        assert!(
+            line.contains("no_tumor=") && line.contains("tumor=") && line.contains("model=tiny v1"),
+            "{line}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not clinically trained"));
+
+    let out = Command::new(BIN)
+        .args([
+            "classify",
+            "--json",
+            "--server",
+            &format!("http://{}", s.grpc),
+        ])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[1]["model"]["name"], "tiny");
+    assert!(results[0]["probabilities"]["tumor"].as_f64().is_some());
+
+    // A bad file is reported with its name and the server's reason, exit code non-zero.
+    let out = Command::new(BIN)
+        .args(["classify", "--server", &format!("http://{}", s.grpc)])
+        .arg(repo().join("tests/data/bad/not_an_image.bin"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("not_an_image.bin"),
+        "{err}"
+    );
+
+    sigterm(&s.child);
+    assert!(wait_exit(&mut s.child).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_work_then_exits_zero() {
+    // A 3 s queue delay keeps a single image waiting in the queue when SIGTERM arrives.
+    let mut s = spawn(
+        "tiny",
+        &["--max-queue-delay-us", "3000000", "--drain-timeout-s", "60"],
+    );
+    let channel = connect(s.grpc).await;
+    wait_for_health(&channel, ServingStatus::Serving).await;
+    let mut client =
+        brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel.clone());
+    let in_flight = tokio::spawn(async move {
+        client
+            .classify(request(vec![image(
+                "PATIENT^JOHN^DOE-1932",
+                data("flair_256_a.png"),
+            )]))
+            .await
+    });
+    let metrics = s.metrics;
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let (_, text) = http_get(metrics, "/metrics").await;
+            if metric_value(&text, "brainai_queue_depth", &[]) >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the image reaches the queue");
+
+    sigterm(&s.child);
+    let done = in_flight
+        .await
+        .unwrap()
+        .expect("queued work finishes during the drain");
+    assert_eq!(done.into_inner().results.len(), 1);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut s.child);
+        (status, s.drain_log())
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.success(),
+        "exit status {:?}\n{}",
+        status.0,
+        status.1
+    );
+    assert!(
+        status.1.contains("SIGTERM received") && status.1.contains("drained"),
+        "{}",
+        status.1
+    );
+    // Patient safety: the image id (which a PACS may fill with patient data) is never logged.
+    assert!(
+        !status.1.contains("JOHN"),
+        "image id leaked into the log:\n{}",
+        status.1
+    );
+}
+
+#[test]
+fn missing_onnx_runtime_fails_with_one_clear_line() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--ort-library",
+            "/nonexistent/libonnxruntime.so",
+            "--model-dir",
+        ])
+        .arg(fixture_model("tiny"))
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ONNX Runtime library:") && last.contains("make setup"),
+        "{err}"
+    );
+}
