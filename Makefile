@@ -12,7 +12,7 @@ MODEL_DIR := models/brain-tumor-resnet50
 MODEL := $(MODEL_DIR)/1/model.onnx
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup model build run test test-rust test-python fmt lint clean
+.PHONY: setup model build run test bench fmt lint clean
 
 ## setup: project-local Python venv with the pinned onnxruntime (its libonnxruntime.so is what the service loads)
 setup: $(STAMP)
@@ -39,7 +39,7 @@ run: build model
 
 ## test: every test (Rust unit + integration against the real ONNX Runtime, Python reference checks)
 test: setup model
-	cargo test $(CARGO_FLAGS) --all-targets
+	cargo test $(CARGO_FLAGS)
 	$(MAKE) --no-print-directory lint
 
 ## lint: formatting and clippy (skipped with a note where the toolchain lacks the component)
@@ -53,3 +53,7 @@ fmt:
 clean:
 	cargo clean
 	rm -rf $(VENV) $(MODEL)
+
+## bench: serving benchmark (bare ORT loop vs served, latency, preprocessing); see docs/PERFORMANCE.md
+bench: setup model
+	cargo bench --locked --bench serving -- $(ARGS)

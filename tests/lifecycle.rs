@@ -340,3 +340,56 @@ fn missing_model_directory_is_a_clear_error() {
         .to_string();
     assert!(err.contains("/nonexistent/model/model.toml"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_instances_run_batches_at_the_same_time() {
+    let h = harness("tiny", false);
+    let t = serve(
+        args(
+            &fixture_model("tiny"),
+            &[
+                "--instances",
+                "2",
+                "--max-batch-size",
+                "1",
+                "--max-queue-delay-us",
+                "0",
+            ],
+        ),
+        Some(h.factory),
+    )
+    .await;
+    assert_eq!(
+        h.sizes.lock().unwrap().len(),
+        2,
+        "each instance warmed up batch size 1"
+    );
+    h.sizes.lock().unwrap().clear();
+    h.gated.store(true, std::sync::atomic::Ordering::SeqCst);
+    let calls: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = t.client.clone();
+            tokio::spawn(async move {
+                c.classify(request(vec![image(
+                    &format!("i{i}"),
+                    data("flair_256_a.png"),
+                )]))
+                .await
+            })
+        })
+        .collect();
+    // Both calls reach the model while neither has finished: two instances are running.
+    until("both instances to be running", || {
+        h.sizes.lock().unwrap().len() == 2
+    })
+    .await;
+    h.open.send(()).unwrap();
+    h.open.send(()).unwrap();
+    for c in calls {
+        assert_eq!(
+            c.await.unwrap().unwrap().into_inner().results[0].batch_size,
+            1
+        );
+    }
+    t.server.shutdown().await.unwrap();
+}

@@ -1,0 +1,389 @@
+//! Serving benchmark: the service against the bare model, measured side by side in one run.
+//!
+//! `cargo bench --bench serving -- [--model-dir DIR] [--seconds S] [--rounds R] [--batch B]
+//!  [--delay-us D] [--concurrency C] [--threads T]`
+//!
+//! Prints (medians over the rounds, bare and served runs alternating):
+//! - preprocessing of a 512×512 JPEG and a 256×256 PNG to the model tensor (one core), and the
+//!   resize step alone: Pillow-exact resampler vs fast_image_resize vs the image crate;
+//! - throughput of a bare ONNX Runtime loop vs the served model at saturation (same threads, same
+//!   batch size), and their ratio;
+//! - latency of one image at light load: served p50 vs the bare batch-1 run, and the difference.
+//!
+//! Not a test: nothing is asserted; see docs/PERFORMANCE.md for recorded results.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use brainai::config::{Cli, Command};
+use brainai::engine::{self, Backend, Device, OrtBackend, OrtOptions};
+use brainai::model::ModelSpec;
+use brainai::pb;
+use brainai::preprocess::{Encoding, InputLimits, Preprocessor};
+use brainai::resample::{self, Filter};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+struct Opts {
+    #[arg(long, default_value = "models/brain-tumor-resnet50")]
+    model_dir: PathBuf,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 12.0)]
+    seconds: f64,
+    /// Alternating bare/served rounds; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 2000)]
+    delay_us: u64,
+    /// Concurrent single-image callers at saturation.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// ORT intra-op threads for both the bare loop and the server (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// libonnxruntime.so (default: the project's .venv).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_library: Option<PathBuf>,
+    /// Execution device for both: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Sequential calls for the light-load latency.
+    #[arg(long, default_value_t = 40)]
+    light_calls: usize,
+    /// Accepted for `cargo bench` compatibility.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn data(name: &str) -> Vec<u8> {
+    std::fs::read(repo().join("tests/data").join(name)).expect("test image")
+}
+
+fn time_per_call(iterations: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let started = Instant::now();
+    for _ in 0..iterations {
+        f();
+    }
+    started.elapsed().as_secs_f64() / iterations as f64
+}
+
+fn preprocessing(spec: &ModelSpec, rounds: usize) {
+    let pre = Preprocessor::new(
+        spec.input.clone(),
+        InputLimits {
+            max_image_bytes: 64 << 20,
+            max_pixels: 1 << 26,
+        },
+    );
+    println!("\n## Preprocessing (one core, ms per image, median of {rounds} rounds of 200)");
+    for name in ["flair_512_a.jpg", "flair_512_rgb.png", "flair_256_a.png"] {
+        let bytes = data(name);
+        let ms = median(
+            (0..rounds)
+                .map(|_| {
+                    1e3 * time_per_call(200, || {
+                        pre.preprocess_to_vec(&bytes, Encoding::Detect).unwrap();
+                    })
+                })
+                .collect(),
+        );
+        println!(
+            "{name:<22} → {}×{} tensor: {ms:.3} ms",
+            spec.input.width, spec.input.height
+        );
+    }
+
+    // The resize step alone, 512×512 RGB → 256×256, three implementations.
+    let rgb = image::load_from_memory(&data("flair_512_rgb.png"))
+        .unwrap()
+        .to_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let src = rgb.as_raw().clone();
+    let ours = median(
+        (0..rounds)
+            .map(|_| {
+                1e3 * time_per_call(200, || {
+                    drop(resample::resize(&src, w, h, 3, 256, 256, Filter::Bilinear))
+                })
+            })
+            .collect(),
+    );
+    let fir = median(
+        (0..rounds)
+            .map(|_| {
+                1e3 * time_per_call(200, || {
+                    use fast_image_resize as fr;
+                    let s = fr::images::Image::from_vec_u8(
+                        w as u32,
+                        h as u32,
+                        src.clone(),
+                        fr::PixelType::U8x3,
+                    )
+                    .unwrap();
+                    let mut d = fr::images::Image::new(256, 256, fr::PixelType::U8x3);
+                    fr::Resizer::new()
+                        .resize(
+                            &s,
+                            &mut d,
+                            &fr::ResizeOptions::new()
+                                .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)),
+                        )
+                        .unwrap();
+                })
+            })
+            .collect(),
+    );
+    let img = median(
+        (0..rounds)
+            .map(|_| {
+                1e3 * time_per_call(200, || {
+                    drop(image::imageops::resize(
+                        &rgb,
+                        256,
+                        256,
+                        image::imageops::FilterType::Triangle,
+                    ))
+                })
+            })
+            .collect(),
+    );
+    println!(
+        "resize 512²→256² RGB bilinear: Pillow-exact (used) {ours:.3} ms, fast_image_resize {fir:.3} ms, image crate {img:.3} ms"
+    );
+}
+
+/// Images per second of a plain ORT loop over batches of `batch` images.
+fn bare_throughput(backend: &mut OrtBackend, input: &[f32], batch: usize, seconds: f64) -> f64 {
+    backend.run(input, batch).unwrap();
+    let started = Instant::now();
+    let mut images = 0usize;
+    while started.elapsed().as_secs_f64() < seconds {
+        backend.run(input, batch).unwrap();
+        images += batch;
+    }
+    images as f64 / started.elapsed().as_secs_f64()
+}
+
+fn bare_latency_ms(backend: &mut OrtBackend, one: &[f32], calls: usize) -> f64 {
+    backend.run(one, 1).unwrap();
+    median(
+        (0..calls)
+            .map(|_| {
+                let t = Instant::now();
+                backend.run(one, 1).unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    )
+}
+
+async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, f64) {
+    let argv: Vec<String> = [
+        "brainai".to_string(),
+        "serve".into(),
+        "--model-dir".into(),
+        opts.model_dir.display().to_string(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+        "--intra-op-threads".into(),
+        opts.threads.to_string(),
+        "--max-batch-size".into(),
+        opts.batch.to_string(),
+        "--max-queue-delay-us".into(),
+        opts.delay_us.to_string(),
+        "--queue-capacity".into(),
+        (opts.concurrency * 4).max(64).to_string(),
+        "--device".into(),
+        opts.device.to_string(),
+    ]
+    .into_iter()
+    .chain(
+        opts.ort_library
+            .iter()
+            .flat_map(|p| ["--ort-library".to_string(), p.display().to_string()]),
+    )
+    .collect::<Vec<_>>();
+    let Command::Serve(args) = Cli::parse_from(argv).command else {
+        unreachable!()
+    };
+    let server = brainai::server::start(&args, None).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = pb::tumor_classifier_client::TumorClassifierClient::new(channel);
+    // Wait for warm-up: GetModel reports max_batch_size once the batcher runs.
+    loop {
+        let info = client
+            .clone()
+            .get_model(pb::GetModelRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if info.max_batch_size > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let request = move |png: &Vec<u8>| pb::ClassifyRequest {
+        images: vec![pb::Image {
+            id: String::new(),
+            data: png.clone(),
+            format: pb::ImageFormat::Unspecified as i32,
+            raw: None,
+        }],
+        model: String::new(),
+    };
+
+    // Light load: one call at a time.
+    let mut c = client.clone();
+    c.classify(request(&png)).await.unwrap();
+    let mut lat = Vec::new();
+    for _ in 0..opts.light_calls {
+        let t = Instant::now();
+        c.classify(request(&png)).await.unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let light_p50 = median(lat);
+
+    // Saturation: `concurrency` callers in a closed loop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..opts.concurrency {
+        let (mut c, stop, done, png) = (client.clone(), stop.clone(), done.clone(), png.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                c.classify(request(&png)).await.unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Let the pipeline fill before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start_count = done.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(opts.seconds)).await;
+    let images = done.load(Ordering::Relaxed) - start_count;
+    let throughput = images as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    server.shutdown().await.unwrap();
+    (throughput, light_p50)
+}
+
+fn main() {
+    let opts = Opts::parse();
+    let library =
+        engine::find_runtime_library(opts.ort_library.as_deref()).expect("run `make setup`");
+    engine::init_runtime(&library).expect("ONNX Runtime loads");
+    let spec = ModelSpec::load(&opts.model_dir, None).expect("run `make model`");
+    println!("# BrainAI Serve benchmark");
+    println!(
+        "model {} v{} ({}), device {}, batch {}, queue delay {} µs, ORT threads {} (0 = per core), {} s per measurement, {} rounds",
+        spec.name,
+        spec.version,
+        &spec.sha256[..12],
+        opts.device,
+        opts.batch,
+        opts.delay_us,
+        opts.threads,
+        opts.seconds,
+        opts.rounds
+    );
+
+    preprocessing(&spec, opts.rounds);
+
+    let pre = Preprocessor::new(
+        spec.input.clone(),
+        InputLimits {
+            max_image_bytes: 64 << 20,
+            max_pixels: 1 << 26,
+        },
+    );
+    let png = Arc::new(data("flair_256_a.png"));
+    let one = pre.preprocess_to_vec(&png, Encoding::Detect).unwrap();
+    let input: Vec<f32> = (0..opts.batch).flat_map(|_| one.iter().copied()).collect();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut bare_tp, mut bare_lat, mut served_tp, mut served_lat) =
+        (vec![], vec![], vec![], vec![]);
+    for round in 0..opts.rounds {
+        {
+            let mut backend = OrtBackend::open(
+                &spec,
+                OrtOptions {
+                    device: opts.device,
+                    intra_op_threads: opts.threads,
+                },
+            )
+            .unwrap();
+            bare_lat.push(bare_latency_ms(&mut backend, &one, opts.light_calls));
+            bare_tp.push(bare_throughput(
+                &mut backend,
+                &input,
+                opts.batch,
+                opts.seconds,
+            ));
+        }
+        let (tp, lat) = runtime.block_on(served(&opts, png.clone()));
+        served_tp.push(tp);
+        served_lat.push(lat);
+        println!(
+            "round {}: bare {:.2} img/s, served {:.2} img/s; latency bare {:.2} ms, served {:.2} ms",
+            round + 1,
+            bare_tp[round],
+            tp,
+            bare_lat[round],
+            lat
+        );
+    }
+    let (bt, st, bl, sl) = (
+        median(bare_tp),
+        median(served_tp),
+        median(bare_lat),
+        median(served_lat),
+    );
+    println!(
+        "\n## Throughput at saturation (median of {} rounds)",
+        opts.rounds
+    );
+    println!("bare ORT loop, batch {}: {bt:.2} images/s", opts.batch);
+    println!(
+        "served, {} concurrent single-image callers: {st:.2} images/s",
+        opts.concurrency
+    );
+    println!("ratio served / bare: {:.3}   (target ≥ 0.95)", st / bt);
+    println!("\n## Latency of one image at light load (median)");
+    println!(
+        "bare ORT batch-1 run: {bl:.2} ms; served call (PNG 256², includes decode): {sl:.2} ms"
+    );
+    println!(
+        "added by the service: {:.2} ms   (target ≤ max_queue_delay {:.2} ms + 2 ms = {:.2} ms)",
+        sl - bl,
+        opts.delay_us as f64 / 1e3,
+        opts.delay_us as f64 / 1e3 + 2.0
+    );
+}
