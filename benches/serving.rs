@@ -337,6 +337,7 @@ fn main() {
                 OrtOptions {
                     device: opts.device,
                     intra_op_threads: opts.threads,
+                    max_batch_size: opts.batch,
                 },
             )
             .unwrap();

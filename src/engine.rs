@@ -141,6 +141,8 @@ pub struct OrtOptions {
     pub device: Device,
     /// Intra-op threads per instance; 0 lets ONNX Runtime choose (one per core).
     pub intra_op_threads: usize,
+    /// Largest batch the batcher sends (and warms up).
+    pub max_batch_size: usize,
 }
 
 /// An ONNX Runtime session serving one model instance.
@@ -150,6 +152,9 @@ pub struct OrtBackend {
     output_name: String,
     image_shape: [usize; 3],
     num_labels: usize,
+    /// On CUDA, batches are padded to a warmed-up size (a power of two, or the maximum): cuDNN
+    /// searches convolution algorithms for every new input shape, which took 0.7 s on first use.
+    pad_to_warm_size: Option<usize>,
 }
 
 impl OrtBackend {
@@ -189,7 +194,10 @@ impl OrtBackend {
         let session = builder
             .commit_from_file(&spec.onnx_path)
             .map_err(|e| load_err(format!("{}: {e}", spec.onnx_path.display())))?;
-        let backend = Self::check(spec, session)?;
+        let mut backend = Self::check(spec, session)?;
+        if matches!(options.device, Device::Cuda(_)) {
+            backend.pad_to_warm_size = Some(options.max_batch_size);
+        }
         Ok(backend)
     }
 
@@ -309,6 +317,7 @@ impl OrtBackend {
             },
             num_labels: spec.labels.len(),
             session,
+            pad_to_warm_size: None,
         })
     }
 }
@@ -316,7 +325,18 @@ impl OrtBackend {
 impl Backend for OrtBackend {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
         let [a, b, c] = self.image_shape;
-        let tensor = TensorRef::from_array_view(([batch, a, b, c], input))
+        let padded_len = self.pad_to_warm_size.map(|max| padded_batch(batch, max));
+        let padded;
+        let (input, run_batch) = match padded_len {
+            Some(n) if n > batch => {
+                let mut buf = vec![0f32; n * a * b * c];
+                buf[..input.len()].copy_from_slice(input);
+                padded = buf;
+                (&padded[..], n)
+            }
+            _ => (input, batch),
+        };
+        let tensor = TensorRef::from_array_view(([run_batch, a, b, c], input))
             .map_err(|e| EngineError::Inference(e.to_string()))?;
         let outputs = self
             .session
@@ -328,16 +348,21 @@ impl Backend for OrtBackend {
         let (shape, data) = value
             .try_extract_tensor::<f32>()
             .map_err(|e| EngineError::Inference(e.to_string()))?;
-        if shape[..] != [batch as i64, self.num_labels as i64] {
+        if shape[..] != [run_batch as i64, self.num_labels as i64] {
             return Err(EngineError::Inference(format!(
-                "output {:?} has shape {:?}, expected [{batch}, {}]",
+                "output {:?} has shape {:?}, expected [{run_batch}, {}]",
                 self.output_name,
                 &shape[..],
                 self.num_labels
             )));
         }
-        Ok(data.to_vec())
+        Ok(data[..batch * self.num_labels].to_vec())
     }
+}
+
+/// The warmed-up batch size a batch of `batch` images runs at: the next power of two, at most `max`.
+pub fn padded_batch(batch: usize, max: usize) -> usize {
+    batch.next_power_of_two().min(max).max(batch)
 }
 
 #[cfg(test)]
@@ -354,7 +379,16 @@ mod tests {
     }
 
     #[test]
-    fn missing_library_says_how_to_fix_it() {
+    fn batches_pad_to_warmed_sizes() {
+        assert_eq!(padded_batch(1, 32), 1);
+        assert_eq!(padded_batch(9, 32), 16);
+        assert_eq!(padded_batch(16, 32), 16);
+        assert_eq!(padded_batch(20, 24), 24);
+        assert_eq!(padded_batch(24, 24), 24);
+    }
+
+    #[test]
+    fn explicit_library_path_is_used_as_given() {
         let err = find_runtime_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap();
         assert_eq!(err, PathBuf::from("/nonexistent/libonnxruntime.so"));
     }
