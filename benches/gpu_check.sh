@@ -65,7 +65,7 @@ PY
 # GPU memory after warm-up per max batch size (the P4000 has 8 GB); lift the model's own cap
 # on this throwaway copy.
 sed -i 's/^max_batch_size = .*/max_batch_size = 128/' models/brain-tumor-resnet50/model.toml
-for b in 1 8 16 32 64 128; do
+for b in ${MEMORY_BATCHES-1 8 16 32 64 128}; do
   "$G/brainai" serve --device cuda --ort-library "$LIB" --model-dir models/brain-tumor-resnet50 \
     --grpc-addr 127.0.0.1:50062 --metrics-addr 127.0.0.1:9192 --max-batch-size "$b" --queue-capacity 256 \
     > "$OUT/serve_mem_$b.log" 2>&1 &

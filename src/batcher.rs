@@ -189,8 +189,14 @@ pub(crate) enum Decision {
     Wait(Option<Instant>),
 }
 
+/// tokio's timer fires on whole milliseconds, rounded up, so a timer set for the exact deadline
+/// wakes 0–1.5 ms late (measured: a 2 ms delay cost 3.4 ms). The policy treats a batch as due up
+/// to this much early, so the oldest image waits about `max_queue_delay`, not a tick more.
+pub(crate) const TIMER_SLACK: Duration = Duration::from_millis(1);
+
 /// The batch policy: a batch goes when an instance is free and the batch is full, or its oldest
-/// image has waited `max_queue_delay`, or the batcher is closing.
+/// image has waited `max_queue_delay` (less `TIMER_SLACK`, at most half the delay), or the
+/// batcher is closing.
 pub(crate) fn decide(
     queued: usize,
     oldest: Option<Instant>,
@@ -206,7 +212,7 @@ pub(crate) fn decide(
     if queued == 0 || !instance_idle {
         return Decision::Wait(None);
     }
-    let due = oldest + max_queue_delay;
+    let due = oldest + max_queue_delay - TIMER_SLACK.min(max_queue_delay / 2);
     if queued >= max_batch_size || closing || now >= due {
         Decision::Dispatch
     } else {

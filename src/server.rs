@@ -206,9 +206,12 @@ pub async fn start(
             .add_service(reflection_v1alpha)
             .add_service(classifier)
             // TCP_NODELAY: without it small responses wait for the peer's delayed ACK (~40 ms).
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener).with_nodelay(Some(true)), async {
-                let _ = grpc_stopped.await;
-            }),
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                async {
+                    let _ = grpc_stopped.await;
+                },
+            ),
     );
     tracing::info!(%grpc_addr, %metrics_addr, "listening; loading and warming up the model");
 
