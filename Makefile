@@ -12,7 +12,7 @@ MODEL_DIR := models/brain-tumor-resnet50
 MODEL := $(MODEL_DIR)/1/model.onnx
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup model build run test bench fmt lint clean
+.PHONY: setup model build run test bench bench-curve fmt lint clean
 
 ## setup: project-local Python venv with the pinned onnxruntime (its libonnxruntime.so is what the service loads)
 setup: $(STAMP)
@@ -26,7 +26,8 @@ $(STAMP): models/requirements.txt
 
 ## model: generate the default (synthetic-weight, untrained) ResNet-50 ONNX model (~94 MB, deterministic)
 model: $(MODEL)
-$(MODEL): models/make_resnet50.py $(STAMP)
+# Order-only on the venv: re-creating the venv does not regenerate the (deterministic) model.
+$(MODEL): models/make_resnet50.py | $(STAMP)
 	$(PY) models/make_resnet50.py --out $@
 
 ## build: the release binary target/release/brainai
@@ -37,9 +38,12 @@ build: setup
 run: build model
 	./target/release/brainai serve --model-dir $(MODEL_DIR) $(ARGS)
 
-## test: every test (Rust unit + integration against the real ONNX Runtime, Python reference checks)
+## test: every test: Rust unit + integration tests against the real ONNX Runtime (with the Python
+##       reference checks), deploy/ validation, a ghz smoke load on the real server, lint
 test: setup model
 	cargo test $(CARGO_FLAGS)
+	deploy/check.sh
+	$(MAKE) --no-print-directory load-smoke
 	$(MAKE) --no-print-directory lint
 
 ## lint: formatting and clippy (skipped with a note where the toolchain lacks the component)
@@ -54,6 +58,27 @@ clean:
 	cargo clean
 	rm -rf $(VENV) $(MODEL)
 
-## bench: serving benchmark (bare ORT loop vs served, latency, preprocessing); see docs/PERFORMANCE.md
+## bench: serving benchmark (bare ORT loop vs served, latency, preprocessing) and the criterion
+##        preprocessing microbenchmarks; see docs/PERFORMANCE.md
 bench: setup model
 	cargo bench --locked --bench serving -- $(ARGS)
+	cargo bench --locked --bench preprocess
+
+## bench-curve: latency versus load with ghz (p50/p99 at 25-100 % of saturation, two queue delays) → PNG
+bench-curve: build model ghz
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/load/requirements-plot.txt
+	$(PY) tests/load/latency_curve.py $(ARGS)
+
+## ghz: the pinned ghz load generator (v0.121.0) in .tools/bin (needs Go 1.23+; skipped when present)
+## load: ghz load test of the default model: fixed concurrency, then fixed rate (tests/load/README.md)
+##       options: make load ARGS="--duration 60s --concurrency 16 --rps 15 --model-dir DIR"
+## load-smoke: CI smoke load test (tiny model, ~10 s of load); fails on any error response or no batching
+.PHONY: ghz load load-smoke
+ghz:
+	@tests/load/install_ghz.sh >/dev/null
+
+load: build model ghz
+	tests/load/run_load.sh --model-dir $(MODEL_DIR) $(ARGS)
+
+load-smoke: build ghz
+	MODEL_DIR= tests/load/run_load.sh --smoke $(ARGS)

@@ -54,6 +54,10 @@ struct Opts {
     /// Sequential calls for the light-load latency.
     #[arg(long, default_value_t = 40)]
     light_calls: usize,
+    /// Only the bare ORT loop's throughput (for tests/load/bare_vs_served.py, which drives the
+    /// served side with ghz).
+    #[arg(long)]
+    bare_only: bool,
     /// Accepted for `cargo bench` compatibility.
     #[arg(long, hide = true)]
     bench: bool,
@@ -323,7 +327,9 @@ fn main() {
         opts.rounds
     );
 
-    preprocessing(&spec, opts.rounds);
+    if !opts.bare_only {
+        preprocessing(&spec, opts.rounds);
+    }
 
     let pre = Preprocessor::new(
         spec.input.clone(),
@@ -340,6 +346,23 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if opts.bare_only {
+        let options = OrtOptions {
+            device: opts.device,
+            intra_op_threads: opts.threads,
+            max_batch_size: opts.batch,
+        };
+        let mut backend = OrtBackend::open(&spec, options).unwrap();
+        let runs: Vec<f64> = (0..opts.rounds)
+            .map(|_| bare_throughput(&mut backend, &input, opts.batch, opts.seconds))
+            .collect();
+        println!(
+            "bare ORT loop, batch {}: {:.3} images/s",
+            opts.batch,
+            median(runs)
+        );
+        return;
+    }
     let (mut bare_tp, mut bare_lat, mut served_tp, mut served_lat, mut served_overhead) =
         (vec![], vec![], vec![], vec![], vec![]);
     for round in 0..opts.rounds {
