@@ -5,14 +5,16 @@ several settings of --max-queue-delay-us, rendered as a PNG (matplotlib) and a C
     .venv/bin/python tests/load/latency_curve.py [--model-dir DIR] [--delays-us 2000,20000]
         [--duration 20s] [--concurrency 16] [--out target/load/curve] [--png docs/perf/latency_vs_load.png]
 
-Each point is one `tests/load/run_load.sh --runs rate` run (its own server start, warm-up
-excluded); the saturation rate is measured first, with the first delay, by a fixed-concurrency
-run. Bounded: (1 + 4 x delays) runs of --duration each, loopback only.
+Each point is the median of --repeats `tests/load/run_load.sh --runs rate` runs (each with its
+own server start, warm-up excluded); the saturation rate is measured first (median of --repeats
+fixed-concurrency runs, with the first delay). Bounded: repeats x (1 + 4 x delays) runs of
+--duration each, loopback only.
 """
 
 import argparse
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ def main() -> None:
     p.add_argument("--duration", default="20s")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="runs per point; the median of each figure is kept")
     p.add_argument("--out", default="target/load/curve")
     p.add_argument("--png", default="docs/perf/latency_vs_load.png")
     a = p.parse_args()
@@ -46,32 +49,42 @@ def main() -> None:
     base = ["--model-dir", a.model_dir]
     batch = [f"--max-batch-size={a.max_batch_size}"]
 
-    sat = run(out / "saturation", "concurrency", a.duration, base + ["--concurrency", str(a.concurrency)],
-              batch + [f"--max-queue-delay-us={delays[0]}"])
-    saturation = sat["requests_per_s"]
-    print(f"saturation: {saturation:.2f} requests/s (concurrency {a.concurrency})", flush=True)
+    sats = [
+        run(out / f"saturation{i}", "concurrency", a.duration, base + ["--concurrency", str(a.concurrency)],
+            batch + [f"--max-queue-delay-us={delays[0]}"])["requests_per_s"]
+        for i in range(a.repeats)
+    ]
+    saturation = statistics.median(sats)
+    print(f"saturation: {saturation:.2f} requests/s (concurrency {a.concurrency}; runs {sats})", flush=True)
 
     rows = []
     for delay in delays:
         for frac in FRACTIONS:
             rps = max(1, round(saturation * frac))
-            s = run(out / f"d{delay}_r{int(frac * 100)}", "rate", a.duration,
+            runs = [
+                run(out / f"d{delay}_r{int(frac * 100)}_{i}", "rate", a.duration,
                     base + ["--rps", str(rps), "--rps-concurrency", str(4 * a.concurrency)],
                     batch + [f"--max-queue-delay-us={delay}"])
-            lat = s["latency_ms"]
-            rows.append({
+                for i in range(a.repeats)
+            ]
+            med = lambda f: statistics.median(f(s) for s in runs)  # noqa: E731
+            row = {
                 "max_queue_delay_us": delay, "load_fraction": frac, "target_rps": rps,
-                "achieved_rps": round(s["requests_per_s"], 3), "p50_ms": lat["p50"], "p99_ms": lat["p99"],
-                "mean_batch_size": s["mean_batch_size"], "errors": sum(s["errors_by_code"].values()),
-            })
-            print(f"delay {delay} us, {int(frac * 100)} % ({rps} rps): p50 {lat['p50']:.1f} ms, "
-                  f"p99 {lat['p99']:.1f} ms, mean batch {s['mean_batch_size']:.2f}", flush=True)
+                "achieved_rps": round(med(lambda s: s["requests_per_s"]), 3),
+                "p50_ms": med(lambda s: s["latency_ms"]["p50"]), "p99_ms": med(lambda s: s["latency_ms"]["p99"]),
+                "mean_batch_size": med(lambda s: s["mean_batch_size"]),
+                "errors": sum(sum(s["errors_by_code"].values()) for s in runs), "runs": len(runs),
+            }
+            rows.append(row)
+            print(f"delay {delay} us, {int(frac * 100)} % ({rps} rps), median of {len(runs)}: "
+                  f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch_size']:.2f}, "
+                  f"errors {row['errors']}", flush=True)
 
     with open(out / "latency_vs_load.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    (out / "saturation.json").write_text(json.dumps({"requests_per_s": saturation, "concurrency": a.concurrency}))
+    (out / "saturation.json").write_text(json.dumps({"requests_per_s": saturation, "runs": sats, "concurrency": a.concurrency}))
 
     import matplotlib
 
