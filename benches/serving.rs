@@ -54,6 +54,9 @@ struct Opts {
     /// Sequential calls for the light-load latency.
     #[arg(long, default_value_t = 40)]
     light_calls: usize,
+    /// ORT intra-op spin-waiting, for both sides.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    spinning: bool,
     /// Only the bare ORT loop's throughput (for tests/load/bare_vs_served.py, which drives the
     /// served side with ghz).
     #[arg(long)]
@@ -222,6 +225,7 @@ async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, (f64, f64)) {
         (opts.concurrency * 4).max(64).to_string(),
         "--device".into(),
         opts.device.to_string(),
+        format!("--intra-op-spinning={}", opts.spinning),
     ]
     .into_iter()
     .chain(
@@ -350,6 +354,7 @@ fn main() {
         let options = OrtOptions {
             device: opts.device,
             intra_op_threads: opts.threads,
+            intra_op_spinning: opts.spinning,
             max_batch_size: opts.batch,
         };
         let mut backend = OrtBackend::open(&spec, options).unwrap();
@@ -372,6 +377,7 @@ fn main() {
                 OrtOptions {
                     device: opts.device,
                     intra_op_threads: opts.threads,
+                    intra_op_spinning: opts.spinning,
                     max_batch_size: opts.batch,
                 },
             )

@@ -65,6 +65,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,
 
+    /// Let ONNX Runtime's idle intra-op threads spin-wait (lower latency inside a run; on small
+    /// machines the spinning takes CPU from decoding and gRPC).
+    #[arg(long, env = "BRAINAI_INTRA_OP_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub intra_op_spinning: bool,
+
     /// Largest batch (capped at the model's max_batch_size from model.toml).
     #[arg(long, env = "BRAINAI_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,

@@ -141,6 +141,8 @@ pub struct OrtOptions {
     pub device: Device,
     /// Intra-op threads per instance; 0 lets ONNX Runtime choose (one per core).
     pub intra_op_threads: usize,
+    /// Whether idle intra-op threads spin-wait.
+    pub intra_op_spinning: bool,
     /// Largest batch the batcher sends (and warms up).
     pub max_batch_size: usize,
 }
@@ -174,6 +176,11 @@ impl OrtBackend {
             }
         };
         let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
+        if !options.intra_op_spinning {
+            builder = builder
+                .with_intra_op_spinning(false)
+                .map_err(|e| load_err(e.to_string()))?;
+        }
         if options.intra_op_threads > 0 {
             builder = builder
                 .with_intra_threads(options.intra_op_threads)

@@ -109,6 +109,7 @@ pub async fn start(
             let options = OrtOptions {
                 device: args.device,
                 intra_op_threads: args.intra_op_threads,
+                intra_op_spinning: args.intra_op_spinning,
                 max_batch_size,
             };
             Arc::new(move |_instance| {

@@ -190,7 +190,12 @@ async fn get_model_describes_the_loaded_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_answers_every_image_and_survives_a_bad_one() {
-    let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
+    // Also exercises a session built without intra-op spin-waiting.
+    let mut t = serve(
+        args(&fixture_model("tiny"), &["--intra-op-spinning", "false"]),
+        None,
+    )
+    .await;
     let mut messages = Vec::new();
     for (i, name) in [
         "flair_256_a.png",

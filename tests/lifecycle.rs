@@ -62,6 +62,7 @@ fn harness(model: &str, hold_start: bool) -> Harness {
             OrtOptions {
                 device: engine::Device::Cpu,
                 intra_op_threads: 1,
+                intra_op_spinning: true,
                 max_batch_size: spec.max_batch_size,
             },
         )?;

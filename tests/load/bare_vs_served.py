@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--spinning", default="true", choices=["true", "false"], help="ORT intra-op spin-waiting, both sides")
     p.add_argument("--model-dir", default="models/brain-tumor-resnet50")
     p.add_argument("--out", default="target/load/bare_vs_served")
     a = p.parse_args()
@@ -46,14 +47,15 @@ def main() -> None:
     for r in range(a.rounds):
         out = subprocess.run(
             [binary, "--bare-only", "--rounds", "1", "--seconds", str(a.seconds), "--batch", str(a.batch),
-             "--threads", str(a.threads), "--model-dir", a.model_dir],
+             "--threads", str(a.threads), "--spinning", a.spinning, "--model-dir", a.model_dir],
             cwd=ROOT, check=True, capture_output=True, text=True).stdout
         bare.append(float(re.search(r"bare ORT loop, batch \d+: ([\d.]+) images/s", out).group(1)))
         run_out = ROOT / a.out / f"round{r + 1}"
         subprocess.run(
             [str(ROOT / "tests/load/run_load.sh"), "--runs", "concurrency", "--duration", f"{a.seconds}s",
              "--concurrency", str(a.concurrency), "--model-dir", a.model_dir, "--out", str(run_out),
-             f"--server-arg=--max-batch-size={a.batch}", f"--server-arg=--intra-op-threads={a.threads}"],
+             f"--server-arg=--max-batch-size={a.batch}", f"--server-arg=--intra-op-threads={a.threads}",
+             f"--server-arg=--intra-op-spinning={a.spinning}"],
             cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         s = json.loads((run_out / "concurrency.summary.json").read_text())
         if sum(s["errors_by_code"].values()):
