@@ -128,40 +128,7 @@ async fn served_probabilities_equal_onnxruntime_python_on_the_pillow_tensor() {
     for model in ["tiny", "tiny-nhwc-probs"] {
         let dir = fixture_model(model);
         let mut t = serve(args(&dir, &[]), None).await;
-        let images = PNGS.iter().map(|n| image(n, data(n))).collect();
-        let served = t
-            .client
-            .classify(request(images))
-            .await
-            .unwrap()
-            .into_inner()
-            .results;
-
-        let mut argv = vec![
-            "classify".to_string(),
-            "--model-dir".into(),
-            dir.display().to_string(),
-        ];
-        argv.extend(
-            PNGS.iter()
-                .map(|n| repo().join("tests/data").join(n).display().to_string()),
-        );
-        let reference: serde_json::Value = serde_json::from_str(&reference(
-            &argv.iter().map(String::as_str).collect::<Vec<_>>(),
-        ))
-        .unwrap();
-        let expected = reference["probabilities"].as_array().unwrap();
-        for (i, r) in served.iter().enumerate() {
-            for (j, p) in r.probabilities.iter().enumerate() {
-                let e = expected[i][j].as_f64().unwrap() as f32;
-                assert!(
-                    (p.probability - e).abs() <= 1e-4,
-                    "{model} {}: label {j}: served {} vs reference {e}",
-                    PNGS[i],
-                    p.probability
-                );
-            }
-        }
+        classify_matches_reference(&mut t, &dir, &PNGS).await;
         t.server.shutdown().await.unwrap();
     }
 }

@@ -43,46 +43,14 @@ async fn reference_resnet50_serves_and_matches_onnxruntime_python() {
         "flair_256_tumor.png",
         "flair_512_rgb.png",
     ];
-    let images = names.iter().map(|n| image(n, data(n))).collect();
-    let served = t
-        .client
-        .classify(request(images))
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
-
-    let mut argv = vec![
-        "classify".to_string(),
-        "--model-dir".into(),
-        dir.display().to_string(),
-    ];
-    argv.extend(
-        names
-            .iter()
-            .map(|n| repo().join("tests/data").join(n).display().to_string()),
-    );
-    let reference: serde_json::Value = serde_json::from_str(&reference(
-        &argv.iter().map(String::as_str).collect::<Vec<_>>(),
-    ))
-    .unwrap();
-    let expected = reference["probabilities"].as_array().unwrap();
-    for (i, r) in served.iter().enumerate() {
+    let served = classify_matches_reference(&mut t, &dir, &names).await;
+    for r in &served {
         assert_eq!(r.model.as_ref().unwrap().sha256, model.sha256);
         assert!(
             r.warnings
                 .iter()
                 .any(|w| w.contains("not clinically trained"))
         );
-        for (j, p) in r.probabilities.iter().enumerate() {
-            let e = expected[i][j].as_f64().unwrap() as f32;
-            assert!(
-                (p.probability - e).abs() <= 1e-4,
-                "{}: label {j}: served {} vs onnxruntime-python {e}",
-                names[i],
-                p.probability
-            );
-        }
     }
     t.server.shutdown().await.unwrap();
 }

@@ -202,3 +202,49 @@ pub fn reference(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Classifies the named test images in one call and checks every probability against
+/// onnxruntime's Python API on the Pillow-preprocessed tensor (tolerance 1e-4). Returns the results.
+pub async fn classify_matches_reference(
+    t: &mut TestServer,
+    model_dir: &Path,
+    names: &[&str],
+) -> Vec<pb::Classification> {
+    let images = names.iter().map(|n| image(n, data(n))).collect();
+    let served = t
+        .client
+        .classify(request(images))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let mut argv = vec![
+        "classify".to_string(),
+        "--model-dir".into(),
+        model_dir.display().to_string(),
+    ];
+    argv.extend(
+        names
+            .iter()
+            .map(|n| repo().join("tests/data").join(n).display().to_string()),
+    );
+    let reference: serde_json::Value = serde_json::from_str(&reference(
+        &argv.iter().map(String::as_str).collect::<Vec<_>>(),
+    ))
+    .unwrap();
+    let expected = reference["probabilities"].as_array().unwrap();
+    assert_eq!(served.len(), names.len());
+    for (i, r) in served.iter().enumerate() {
+        for (j, p) in r.probabilities.iter().enumerate() {
+            let e = expected[i][j].as_f64().unwrap() as f32;
+            assert!(
+                (p.probability - e).abs() <= 1e-4,
+                "{} {}: label {j}: served {} vs onnxruntime-python {e}",
+                model_dir.display(),
+                names[i],
+                p.probability
+            );
+        }
+    }
+    served
+}
