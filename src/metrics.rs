@@ -5,7 +5,6 @@
 //! Labels never carry patient data or image ids.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -245,9 +244,4 @@ fn route(
             "not found: try /metrics, /healthz or /readyz\n".into(),
         ),
     }
-}
-
-/// Binds the metrics listener; a helper so errors name the address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

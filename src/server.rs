@@ -75,11 +75,6 @@ impl RunningServer {
         self.begin_shutdown();
         self.wait().await
     }
-
-    /// Resolves when the task ended on its own (a start-up failure); for `select!` in main.
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
 }
 
 /// Loads the model spec, binds both listeners and starts serving. `factory` overrides the ONNX
