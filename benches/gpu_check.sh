@@ -75,6 +75,8 @@ for b in ${MEMORY_BATCHES-1 8 16 32 64 128}; do
   kill -TERM "$pid"; wait "$pid" || true
 done
 
-# Throughput: bare ORT loop vs served, on the GPU.
-"$G/serving" --device cuda --ort-library "$LIB" --batch 32 --concurrency 96 --seconds 5 --rounds 3 \
-  --delay-us 2000 | tee "$OUT/bench_cuda.txt"
+# Throughput: bare ORT loop vs served, on the GPU, with one and with two model instances.
+for n in ${BENCH_INSTANCES-1 2}; do
+  "$G/serving" --device cuda --ort-library "$LIB" --batch 32 --concurrency 96 --seconds 5 --rounds 3 \
+    --delay-us 2000 --instances "$n" | tee "$OUT/bench_cuda_instances$n.txt"
+done

@@ -54,6 +54,9 @@ struct Opts {
     /// Sequential calls for the light-load latency.
     #[arg(long, default_value_t = 40)]
     light_calls: usize,
+    /// Model instances of the served side (the bare loop is one session).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// ORT intra-op spin-waiting, for both sides.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     spinning: bool,
@@ -226,6 +229,7 @@ async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, (f64, f64)) {
         "--device".into(),
         opts.device.to_string(),
         format!("--intra-op-spinning={}", opts.spinning),
+        format!("--instances={}", opts.instances),
     ]
     .into_iter()
     .chain(
