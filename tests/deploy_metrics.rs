@@ -209,13 +209,7 @@ async fn every_metric_named_in_deploy_is_exported_by_the_service() {
     // One real call, so every histogram (request, queue, preprocess, inference, batch size,
     // occupancy) and the per-code counter have samples.
     let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
-    let response = t
-        .client
-        .classify(request(vec![image("slice-a", data("flair_256_a.png"))]))
-        .await
-        .expect("classify")
-        .into_inner();
-    assert_eq!(response.results.len(), 1);
+    classify_files(&mut t, &["flair_256_a.png"]).await;
     let (code, body) = http_get(t.metrics_addr(), "/metrics").await;
     assert_eq!(code, 200, "{body}");
     let exported = parse_exposition(&body);

@@ -12,15 +12,9 @@ use tonic::Code;
 async fn classify_returns_one_result_per_image_with_model_identity() {
     let dir = fixture_model("tiny");
     let mut t = serve(args(&dir, &[]), None).await;
-    let response = t
-        .client
-        .classify(request(vec![image("slice-a", data("flair_256_a.png"))]))
-        .await
-        .expect("classify")
-        .into_inner();
-    assert_eq!(response.results.len(), 1);
-    let r = &response.results[0];
-    assert_eq!(r.image_id, "slice-a");
+    let results = classify_files(&mut t, &["flair_256_a.png"]).await;
+    let r = &results[0];
+    assert_eq!(r.image_id, "flair_256_a.png");
     assert_eq!(r.index, 0);
     assert_eq!(r.probabilities.len(), 2);
     assert_eq!(r.probabilities[0].label, "no_tumor");
@@ -106,15 +100,7 @@ async fn multi_image_request_keeps_order_across_split_batches() {
         "flair_300x220.png",
         "flair_256_c.png",
     ];
-    let images = names.iter().map(|n| image(n, data(n))).collect();
-    let together = t
-        .client
-        .classify(request(images))
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
-    assert_eq!(together.len(), names.len());
+    let together = classify_files(&mut t, &names).await;
     for (i, name) in names.iter().enumerate() {
         assert_eq!(together[i].image_id, *name);
         assert_eq!(together[i].index as usize, i);

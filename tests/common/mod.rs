@@ -203,6 +203,20 @@ pub fn reference(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Classifies the named files of tests/data in one `Classify` call (image ids = file names).
+pub async fn classify_files(t: &mut TestServer, names: &[&str]) -> Vec<pb::Classification> {
+    let images = names.iter().map(|n| image(n, data(n))).collect();
+    let results = t
+        .client
+        .classify(request(images))
+        .await
+        .expect("classify")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), names.len(), "one result per image");
+    results
+}
+
 /// Classifies the named test images in one call and checks every probability against
 /// onnxruntime's Python API on the Pillow-preprocessed tensor (tolerance 1e-4). Returns the results.
 pub async fn classify_matches_reference(
@@ -210,14 +224,7 @@ pub async fn classify_matches_reference(
     model_dir: &Path,
     names: &[&str],
 ) -> Vec<pb::Classification> {
-    let images = names.iter().map(|n| image(n, data(n))).collect();
-    let served = t
-        .client
-        .classify(request(images))
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let served = classify_files(t, names).await;
     let mut argv = vec![
         "classify".to_string(),
         "--model-dir".into(),
@@ -233,7 +240,6 @@ pub async fn classify_matches_reference(
     ))
     .unwrap();
     let expected = reference["probabilities"].as_array().unwrap();
-    assert_eq!(served.len(), names.len());
     for (i, r) in served.iter().enumerate() {
         for (j, p) in r.probabilities.iter().enumerate() {
             let e = expected[i][j].as_f64().unwrap() as f32;
