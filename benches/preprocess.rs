@@ -15,9 +15,10 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::Duration;
 
-use brainai::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling};
-use brainai::preprocess::{Encoding, InputLimits, Preprocessor};
-use brainai::resample::{self, Filter};
+use brainai::input::{Encoding, InputLimits};
+use brainai::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling, SixteenBit};
+use brainai::preprocess::Preprocessor;
+use brainai::preprocess::resample::{self, Filter};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fast_image_resize as fir;
 
@@ -35,6 +36,7 @@ fn resnet50_input() -> InputSpec {
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
         },
+        sixteen_bit: SixteenBit::Pillow,
     }
 }
 

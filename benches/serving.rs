@@ -17,13 +17,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use brainai::config::{Cli, Command};
-use brainai::engine::{self, Backend, Device, OrtBackend, OrtOptions};
+use brainai::backend::ort::{self as engine, OrtBackend, OrtOptions};
+use brainai::backend::{Backend, BatchSizes, Device};
+use brainai::input::{Encoding, InputLimits};
 use brainai::model::ModelSpec;
-use brainai::pb;
-use brainai::preprocess::{Encoding, InputLimits, Preprocessor};
-use brainai::resample::{self, Filter};
+use brainai::preprocess::Preprocessor;
+use brainai::preprocess::resample::{self, Filter};
 use clap::Parser;
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 #[derive(Parser, Debug)]
 struct Opts {
@@ -93,7 +96,7 @@ fn time_per_call(iterations: usize, mut f: impl FnMut()) -> f64 {
 
 fn preprocessing(spec: &ModelSpec, rounds: usize) {
     let pre = Preprocessor::new(
-        spec.input.clone(),
+        spec.config.input.clone(),
         InputLimits {
             max_image_bytes: 64 << 20,
             max_pixels: 1 << 26,
@@ -120,7 +123,7 @@ fn preprocessing(spec: &ModelSpec, rounds: usize) {
         );
         println!(
             "{name:<22} → {}×{} tensor: {ms:.3} ms (of which decode {decode:.3} ms)",
-            spec.input.width, spec.input.height
+            spec.config.input.width, spec.config.input.height
         );
     }
 
@@ -209,15 +212,7 @@ fn bare_latency_ms(backend: &mut OrtBackend, one: &[f32], calls: usize) -> f64 {
 }
 
 async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, (f64, f64)) {
-    let argv: Vec<String> = [
-        "brainai".to_string(),
-        "serve".into(),
-        "--model-dir".into(),
-        opts.model_dir.display().to_string(),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-        "--metrics-addr".into(),
-        "127.0.0.1:0".into(),
+    let mut flags: Vec<String> = vec![
         "--intra-op-threads".into(),
         opts.threads.to_string(),
         "--max-batch-size".into(),
@@ -230,46 +225,15 @@ async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, (f64, f64)) {
         opts.device.to_string(),
         format!("--intra-op-spinning={}", opts.spinning),
         format!("--instances={}", opts.instances),
-    ]
-    .into_iter()
-    .chain(
-        opts.ort_library
-            .iter()
-            .flat_map(|p| ["--ort-library".to_string(), p.display().to_string()]),
-    )
-    .collect::<Vec<_>>();
-    let Command::Serve(args) = Cli::parse_from(argv).command else {
-        unreachable!()
-    };
-    let server = brainai::server::start(&args, None).await.unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let client = pb::tumor_classifier_client::TumorClassifierClient::new(channel);
-    // Wait for warm-up: GetModel reports max_batch_size once the batcher runs.
-    loop {
-        let info = client
-            .clone()
-            .get_model(pb::GetModelRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        if info.max_batch_size > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    ];
+    if let Some(p) = &opts.ort_library {
+        flags.extend(["--ort-library".to_string(), p.display().to_string()]);
     }
-    let request = move |png: &Vec<u8>| pb::ClassifyRequest {
-        images: vec![pb::Image {
-            id: String::new(),
-            data: png.clone(),
-            format: pb::ImageFormat::Unspecified as i32,
-            raw: None,
-        }],
-        model: String::new(),
-    };
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    // Waits on real readiness: health reports SERVING once every instance is warm.
+    let t = common::serve(common::args(&opts.model_dir, &flags), None).await;
+    let client = t.client.clone();
+    let request = move |png: &Vec<u8>| common::request(vec![common::image("", png.to_vec())]);
 
     // Light load: one call at a time.
     let mut c = client.clone();
@@ -311,7 +275,7 @@ async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, (f64, f64)) {
     for t in tasks {
         t.await.unwrap();
     }
-    server.shutdown().await.unwrap();
+    t.server.shutdown().await.unwrap();
     (throughput, light_p50)
 }
 
@@ -324,7 +288,7 @@ fn main() {
     println!("# BrainAI Serve benchmark");
     println!(
         "model {} v{} ({}), device {}, batch {}, queue delay {} µs, ORT threads {} (0 = per core), {} s per measurement, {} rounds",
-        spec.name,
+        spec.config.name,
         spec.version,
         &spec.sha256[..12],
         opts.device,
@@ -340,7 +304,7 @@ fn main() {
     }
 
     let pre = Preprocessor::new(
-        spec.input.clone(),
+        spec.config.input.clone(),
         InputLimits {
             max_image_bytes: 64 << 20,
             max_pixels: 1 << 26,
@@ -359,7 +323,7 @@ fn main() {
             device: opts.device,
             intra_op_threads: opts.threads,
             intra_op_spinning: opts.spinning,
-            max_batch_size: opts.batch,
+            batch_sizes: BatchSizes::new(opts.batch),
         };
         let mut backend = OrtBackend::open(&spec, options).unwrap();
         let runs: Vec<f64> = (0..opts.rounds)
@@ -382,7 +346,7 @@ fn main() {
                     device: opts.device,
                     intra_op_threads: opts.threads,
                     intra_op_spinning: opts.spinning,
-                    max_batch_size: opts.batch,
+                    batch_sizes: BatchSizes::new(opts.batch),
                 },
             )
             .unwrap();

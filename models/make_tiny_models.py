@@ -15,6 +15,13 @@ clean checkout leaves `git status` clean.
                    (on the CPU and the CUDA provider).  The whole batch fails.
   tiny-mismatch    tiny's graph with a model.toml whose [input] name ("pixels") is not the
                    graph's ("input"): the service must refuse to start with it.
+  tiny-identity    NCHW [batch,3,12,16] -> pixels [batch,576]: returns its input flattened, as
+                   "probabilities" over 576 labels p0..p575 (scale 1, so values are 8-bit levels).
+                   End-to-end parity tests compare every served value with the Pillow reference:
+                   unlike the averaging models, any spatial error shows.
+
+Also writes tests/fixtures/graphs/tiny-v2.onnx: tiny's inputs and outputs with other head weights,
+the "version 2" that hot-reload tests drop into a model repository.
 
 Usage:  python models/make_tiny_models.py [--out tests/fixtures/models]
 """
@@ -40,11 +47,16 @@ B_TINY = np.array([0.1, -0.2], dtype=np.float32)
 W_PROBS = np.array([[2.0, -1.0, 0.5], [-1.0, 1.5, 0.25], [0.5, 0.5, -2.0]], dtype=np.float32)
 B_PROBS = np.array([0.3, -0.1, 0.2], dtype=np.float32)
 
+W_TINY_V2 = np.array([[-1.0, 1.5], [2.0, -0.5], [0.3, 0.8]], dtype=np.float32)
+B_TINY_V2 = np.array([-0.3, 0.4], dtype=np.float32)
+ID_H, ID_W = 12, 16
+
 IMAGENET = 'mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]'
 SCALE_255 = f"scale = {1 / 255!r}\noffset = 0.0"
 
 
-def toml(*, description, clinically_trained, max_batch, name, layout, color, filt, scaling, out_name, kind, labels):
+def toml(*, description, clinically_trained, max_batch, name, layout, color, filt, scaling, out_name, kind, labels,
+         height=SIZE, width=SIZE):
     labels_s = ", ".join(f'"{label}"' for label in labels)
     return f"""# Test fixture written by models/make_tiny_models.py; do not edit by hand.
 
@@ -56,8 +68,8 @@ max_batch_size = {max_batch}
 [input]
 name = "{name}"
 layout = "{layout}"
-height = {SIZE}
-width = {SIZE}
+height = {height}
+width = {width}
 color = "{color}"
 resize_filter = "{filt}"
 {scaling}
@@ -83,23 +95,37 @@ def nchw_input() -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])
 
 
-def tiny_nodes(out: str) -> tuple[list, list]:
+def tiny_nodes(out: str, w=W_TINY, b=B_TINY) -> tuple[list, list]:
     nodes = [
         helper.make_node("GlobalAveragePool", ["input"], ["gap"], name="gap"),
         helper.make_node("Flatten", ["gap"], ["feat"], name="flatten", axis=1),
         helper.make_node("Gemm", ["feat", "W", "b"], [out], name="head"),
     ]
-    inits = [numpy_helper.from_array(W_TINY, "W"), numpy_helper.from_array(B_TINY, "b")]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")]
     return nodes, inits
 
 
-def build_tiny() -> onnx.ModelProto:
-    nodes, inits = tiny_nodes("logits")
+def build_tiny(w=W_TINY, b=B_TINY, name="tiny") -> onnx.ModelProto:
+    nodes, inits = tiny_nodes("logits", w, b)
     graph = helper.make_graph(
         nodes, "tiny", [nchw_input()],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], initializer=inits,
     )
-    return finish(graph, "tiny", False)
+    return finish(graph, name, False)
+
+
+def build_tiny_v2() -> onnx.ModelProto:
+    return build_tiny(W_TINY_V2, B_TINY_V2, "tiny-v2")
+
+
+def build_identity() -> onnx.ModelProto:
+    nodes = [helper.make_node("Flatten", ["input"], ["pixels"], name="flatten", axis=1)]
+    graph = helper.make_graph(
+        nodes, "tiny_identity",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, ID_H, ID_W])],
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3 * ID_H * ID_W])],
+    )
+    return finish(graph, "tiny-identity", False)
 
 
 def build_nhwc_probs() -> onnx.ModelProto:
@@ -165,7 +191,17 @@ MODELS = {
              clinically_trained=False, max_batch=64, name="pixels", layout="NCHW", color="rgb", filt="bilinear",
              scaling=IMAGENET, out_name="logits", kind="logits", labels=["no_tumor", "tumor"]),
     ),
+    "tiny-identity": (
+        build_identity,
+        dict(description="Test model that returns its input tensor flattened, for element-by-element parity checks.",
+             clinically_trained=False, max_batch=8, name="input", layout="NCHW", color="rgb", filt="bilinear",
+             scaling="scale = 1.0\noffset = 0.0", out_name="pixels", kind="probabilities",
+             labels=[f"p{i}" for i in range(3 * ID_H * ID_W)], height=ID_H, width=ID_W),
+    ),
 }
+
+# Graphs that are not models of their own: the tests copy them into temporary repositories.
+GRAPHS = {"tiny-v2": build_tiny_v2}
 
 
 def write(path: str, data: bytes) -> None:
@@ -223,6 +259,20 @@ def verify(root: str) -> None:
     assert [i.name for i in s.get_inputs()] == ["input"]
     print("tiny-mismatch: ok, graph input is 'input' while model.toml says 'pixels'")
 
+    # tiny-identity: output == input, flattened
+    s = session(f"{root}/tiny-identity/1/model.onnx")
+    x = rng.random((2, 3, ID_H, ID_W), dtype=np.float32)
+    np.testing.assert_array_equal(s.run(["pixels"], {"input": x})[0], x.reshape(2, -1))
+    print("tiny-identity: ok, returns its input")
+
+    # tiny-v2: tiny's interface, other weights
+    graphs = os.path.join(os.path.dirname(os.path.abspath(root)), "graphs")
+    s = session(f"{graphs}/tiny-v2.onnx")
+    x = rng.standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
+    np.testing.assert_allclose(s.run(["logits"], {"input": x})[0], x.mean(axis=(2, 3)) @ W_TINY_V2 + B_TINY_V2,
+                               rtol=1e-5, atol=1e-5)
+    print("graphs/tiny-v2: ok")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Write the tiny test models.")
@@ -234,6 +284,12 @@ def main() -> None:
         write(onnx_path, data)
         write(os.path.join(args.out, name, "model.toml"), toml(**cfg).encode())
         print(f"wrote {onnx_path} ({len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}…)")
+    graphs = os.path.join(os.path.dirname(os.path.abspath(args.out)), "graphs")
+    for name, builder in GRAPHS.items():
+        data = builder().SerializeToString(deterministic=True)
+        path = os.path.join(graphs, f"{name}.onnx")
+        write(path, data)
+        print(f"wrote {path} ({len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}…)")
     verify(args.out)
 
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::batcher::Priority;
 use crate::config::ClassifyArgs;
 use crate::pb;
 use crate::pb::tumor_classifier_client::TumorClassifierClient;
@@ -34,6 +35,12 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
         let mut request = tonic::Request::new(pb::ClassifyRequest {
             images,
             model: args.model.clone().unwrap_or_default(),
+            version: args.model_version.clone().unwrap_or_default(),
+            priority: match args.priority {
+                None => pb::Priority::Unspecified,
+                Some(Priority::Stat) => pb::Priority::Stat,
+                Some(Priority::Routine) => pb::Priority::Routine,
+            } as i32,
         });
         request.set_timeout(Duration::from_secs_f64(args.timeout_s));
         let response = client.classify(request).await.map_err(|status| {

@@ -1,12 +1,15 @@
 //! Command line: `brainai serve` and `brainai classify`. Every serve option is also a `BRAINAI_*`
 //! environment variable; `--help` is the reference (and the README table mirrors it).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::Device;
+use crate::backend::Device;
+use crate::batcher::Priority;
+use crate::model::BatchingOverrides;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,15 +24,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve a model over gRPC (with health, reflection and Prometheus metrics).
-    Serve(ServeArgs),
+    /// Serve models over gRPC (with health, reflection and Prometheus metrics).
+    Serve(Box<ServeArgs>),
     /// Classify image files with a running server; one line per file.
     Classify(ClassifyArgs),
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Model directory: model.toml plus <version>/model.onnx.
+    /// One model directory: model.toml plus <version>/model.onnx (ignored with --model-repository).
     #[arg(
         long,
         env = "BRAINAI_MODEL_DIR",
@@ -37,9 +40,33 @@ pub struct ServeArgs {
     )]
     pub model_dir: PathBuf,
 
-    /// Model version to serve (default: the highest version directory).
-    #[arg(long, env = "BRAINAI_MODEL_VERSION")]
+    /// Serve only this version of --model-dir (default: its model.toml's version policy, which
+    /// defaults to the highest version).
+    #[arg(
+        long,
+        env = "BRAINAI_MODEL_VERSION",
+        conflicts_with = "model_repository"
+    )]
     pub model_version: Option<u64>,
+
+    /// Serve every model of a repository: each DIR/<name>/model.toml, with its own batcher.
+    #[arg(long, env = "BRAINAI_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
+
+    /// The model a request that names none gets (default: the only model).
+    #[arg(long, env = "BRAINAI_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+
+    /// Per-model batching setting, NAME:KEY=VALUE (repeatable; wins over model.toml's [batching]).
+    /// KEY: max_batch_size, max_queue_delay_us, queue_capacity, stat_queue_capacity, instances,
+    /// default_priority.
+    #[arg(long, env = "BRAINAI_MODEL_OVERRIDES", value_delimiter = ',')]
+    pub model_override: Vec<String>,
+
+    /// Re-scan the model repository every N seconds and load new or changed versions (0: only on
+    /// SIGHUP).
+    #[arg(long, env = "BRAINAI_REPOSITORY_POLL_S", default_value_t = 0)]
+    pub repository_poll_s: u64,
 
     /// gRPC listen address.
     #[arg(long, env = "BRAINAI_GRPC_ADDR", default_value = "0.0.0.0:50051")]
@@ -78,9 +105,18 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_MAX_QUEUE_DELAY_US", default_value_t = 2000)]
     pub max_queue_delay_us: u64,
 
-    /// Most images waiting in the queue; beyond it requests get RESOURCE_EXHAUSTED at once.
+    /// Most routine images admitted per model (being decoded or queued); beyond it requests get
+    /// RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "BRAINAI_QUEUE_CAPACITY", default_value_t = 256)]
     pub queue_capacity: usize,
+
+    /// Most STAT images admitted per model: their own limit, so routine floods cannot block them.
+    #[arg(long, env = "BRAINAI_STAT_QUEUE_CAPACITY", default_value_t = 64)]
+    pub stat_queue_capacity: usize,
+
+    /// Priority of requests that name none (per model: default_priority in [batching]).
+    #[arg(long, env = "BRAINAI_DEFAULT_PRIORITY", default_value = "routine")]
+    pub default_priority: Priority,
 
     /// Most images in one Classify request.
     #[arg(long, env = "BRAINAI_MAX_IMAGES_PER_REQUEST", default_value_t = 64)]
@@ -123,9 +159,17 @@ pub struct ClassifyArgs {
     #[arg(long, env = "BRAINAI_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
 
-    /// Model name (default: the server's).
+    /// Model name (default: the server's default model).
     #[arg(long)]
     pub model: Option<String>,
+
+    /// Model version (default: the highest served).
+    #[arg(long)]
+    pub model_version: Option<String>,
+
+    /// Priority: stat or routine (default: the model's).
+    #[arg(long)]
+    pub priority: Option<Priority>,
 
     /// Print JSON (one object for the whole call) instead of one line per file.
     #[arg(long)]
@@ -152,12 +196,38 @@ impl ServeArgs {
         if self.max_images_per_request == 0 {
             return Err("--max-images-per-request must be at least 1".into());
         }
-        if self.queue_capacity < self.max_images_per_request {
-            return Err(format!(
-                "--queue-capacity ({}) must be at least --max-images-per-request ({}), or a full-size request could never be queued",
-                self.queue_capacity, self.max_images_per_request
-            ));
+        for (flag, capacity) in [
+            ("--queue-capacity", self.queue_capacity),
+            ("--stat-queue-capacity", self.stat_queue_capacity),
+        ] {
+            if capacity < self.max_images_per_request {
+                return Err(format!(
+                    "{flag} ({capacity}) must be at least --max-images-per-request ({}), or a full-size request could never be queued",
+                    self.max_images_per_request
+                ));
+            }
         }
-        Ok(())
+        self.overrides().map(|_| ())
+    }
+
+    /// The `--model-override NAME:KEY=VALUE` flags, by model name.
+    pub fn overrides(&self) -> Result<HashMap<String, BatchingOverrides>, String> {
+        let mut by_model: HashMap<String, BatchingOverrides> = HashMap::new();
+        for flag in &self.model_override {
+            let parsed = flag
+                .split_once(':')
+                .and_then(|(model, kv)| Some((model, kv.split_once('=')?)));
+            let Some((model, (key, value))) = parsed.filter(|(m, _)| !m.is_empty()) else {
+                return Err(format!(
+                    "--model-override {flag:?}: expected NAME:KEY=VALUE, e.g. tiny:max_batch_size=4"
+                ));
+            };
+            by_model
+                .entry(model.to_string())
+                .or_default()
+                .set(key, value)
+                .map_err(|e| format!("--model-override {flag:?}: {e}"))?;
+        }
+        Ok(by_model)
     }
 }

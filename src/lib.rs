@@ -1,20 +1,26 @@
 //! BrainAI Serve: brain-MRI tumour classification over gRPC with a dynamic batcher on ONNX Runtime.
 //!
-//! The path of one request: [`pb`] (proto) → [`service`] (gRPC front end, preprocessing via
-//! [`preprocess`]) → [`batcher`] (queue, batch policy, instance threads) → [`engine`] (ONNX Runtime)
-//! → back to [`service`], which builds the response. [`server`] wires it together.
+//! The path of one request, top to bottom: [`api`] (wire ↔ domain: gRPC `brainai.v1`) →
+//! [`pipeline`] (admit, resolve the model in the [`pipeline::registry`], reserve queue places,
+//! preprocess, submit, await, postprocess) → [`input`] (decode) and [`preprocess`] (colour,
+//! resize, scaling, layout) → [`batcher`] (queue per model version, batch policy, instance threads)
+//! → [`backend`] (ONNX Runtime) → back through [`model::task`] (softmax, argmax) to the front end.
+//! [`server`] wires it together; [`state`] holds readiness and the in-flight count for the drain;
+//! [`error`] is the one transport-neutral error.
 
+pub mod api;
+pub mod backend;
 pub mod batcher;
 pub mod client;
 pub mod config;
-pub mod engine;
+pub mod error;
+pub mod input;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod preprocess;
-pub mod resample;
 pub mod server;
-pub mod service;
-pub mod status_layer;
+pub mod state;
 
 /// Generated protobuf and gRPC types of `proto/brainai/v1/classifier.proto`.
 pub mod pb {

@@ -1,23 +1,19 @@
-//! Every Prometheus metric the service exports, described once, and the HTTP endpoint that serves
-//! them (`/metrics`), with liveness (`/healthz`) and readiness (`/readyz`).
+//! Every Prometheus metric the service exports, described once. Per-model metrics carry `model` and
+//! `version` labels; [`ModelMetrics`] holds one version's handles, made when it loads. The HTTP
+//! endpoint that serves them lives with the other HTTP routes (`api::http`).
 //!
-//! Metric names are an interface (dashboards and alerts use them): they are listed in the README.
-//! Labels never carry patient data or image ids.
+//! Metric names are an interface (dashboards, alerts and the autoscaler use them): they are listed
+//! in the README. Labels never carry patient data, image ids or caller-supplied strings.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+
+use crate::batcher::Priority;
 
 pub const REQUESTS_TOTAL: &str = "brainai_requests_total";
 pub const REQUEST_DURATION: &str = "brainai_request_duration_seconds";
@@ -30,6 +26,10 @@ pub const QUEUE_DEPTH: &str = "brainai_queue_depth";
 pub const IMAGES_TOTAL: &str = "brainai_images_total";
 pub const DROPPED_TOTAL: &str = "brainai_dropped_total";
 pub const MODEL_INFO: &str = "brainai_model_info";
+pub const MODEL_LOAD_FAILURES: &str = "brainai_model_load_failures_total";
+
+/// Why an image was dropped before it ran (the `reason` label).
+pub const DROP_REASONS: [&str; 3] = ["deadline", "cancelled", "queue_full"];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -62,186 +62,172 @@ fn describe() {
     describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,
-        "gRPC calls answered, by rpc and gRPC status code name."
+        "Calls answered, by rpc, status code name, model and version (empty when no model was resolved)."
     );
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
-        "Wall time of a gRPC call, by rpc."
+        "Wall time of a call, by rpc, model and version."
     );
     describe_histogram!(
         QUEUE_DURATION,
         Unit::Seconds,
-        "Time an image waited in the batcher queue."
+        "Time an image waited in the batcher queue, by model, version and priority."
     );
     describe_histogram!(
         PREPROCESS_DURATION,
         Unit::Seconds,
-        "Decode + resize + normalise time of one image."
+        "Decode + resize + normalise time of one image, by model and version."
     );
     describe_histogram!(
         INFERENCE_DURATION,
         Unit::Seconds,
-        "Model run time of one batch."
+        "Model run time of one batch, by model and version."
     );
     describe_histogram!(
         BATCH_SIZE,
         Unit::Count,
-        "Images per batch run by the model."
+        "Images per batch run by the model, by model and version."
     );
     describe_histogram!(
         BATCH_OCCUPANCY,
         Unit::Count,
-        "Batch size divided by max batch size (how full the batches are; GPU batch occupancy)."
+        "Batch size divided by max batch size (how full the batches are; GPU batch occupancy), by model and version."
     );
     describe_gauge!(
         QUEUE_DEPTH,
         Unit::Count,
-        "Images waiting in the batcher queue."
+        "Images admitted and waiting for a batch (being decoded or queued), by model, version and priority."
     );
     describe_counter!(
         IMAGES_TOTAL,
         Unit::Count,
-        "Images that received a classification."
+        "Images that received a result, by model and version."
     );
     describe_counter!(
         DROPPED_TOTAL,
         Unit::Count,
-        "Images dropped before running, by reason (deadline, cancelled, queue_full)."
+        "Images dropped before running, by model, version and reason (deadline, cancelled, queue_full)."
     );
-    // Export the counters at zero from the start, so rate() and alerts see a series at once.
-    for reason in ["deadline", "cancelled", "queue_full"] {
-        counter!(DROPPED_TOTAL, "reason" => reason).increment(0);
-    }
-    counter!(IMAGES_TOTAL).increment(0);
     describe_gauge!(
         MODEL_INFO,
         Unit::Count,
-        "The loaded model; always 1. Labels: name, version, sha256, device."
+        "1 for each loaded model version (0 once unloaded). Labels: name, version, sha256, device."
+    );
+    describe_counter!(
+        MODEL_LOAD_FAILURES,
+        Unit::Count,
+        "Model versions (or model.toml files) that failed to load, check or warm up, by model."
     );
 }
 
-pub fn request_done(rpc: &'static str, code: tonic::Code, seconds: f64) {
-    counter!(REQUESTS_TOTAL, "rpc" => rpc, "code" => code_name(code)).increment(1);
-    histogram!(REQUEST_DURATION, "rpc" => rpc).record(seconds);
+/// One answered call.
+pub fn request_done(
+    rpc: &'static str,
+    code: &'static str,
+    model: &str,
+    version: &str,
+    seconds: f64,
+) {
+    let (model, version) = (model.to_string(), version.to_string());
+    counter!(REQUESTS_TOTAL, "rpc" => rpc, "code" => code, "model" => model.clone(),
+        "version" => version.clone())
+    .increment(1);
+    histogram!(REQUEST_DURATION, "rpc" => rpc, "model" => model, "version" => version)
+        .record(seconds);
 }
 
-pub fn preprocess_duration(seconds: f64) {
-    histogram!(PREPROCESS_DURATION).record(seconds);
+/// A model version (or its model.toml) failed to load.
+pub fn model_load_failed(model: &str) {
+    counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).increment(1);
 }
 
-pub fn queue_duration(seconds: f64) {
-    histogram!(QUEUE_DURATION).record(seconds);
+/// Exports the load-failure counter of `model` at zero, so alerts see a series from the start.
+pub fn model_known(model: &str) {
+    counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).increment(0);
 }
 
-pub fn batch_done(size: usize, max_batch_size: usize, seconds: f64) {
-    histogram!(INFERENCE_DURATION).record(seconds);
-    histogram!(BATCH_SIZE).record(size as f64);
-    histogram!(BATCH_OCCUPANCY).record(size as f64 / max_batch_size as f64);
-}
-
-pub fn images_classified(n: usize) {
-    counter!(IMAGES_TOTAL).increment(n as u64);
-}
-
-pub fn set_queue_depth(depth: usize) {
-    gauge!(QUEUE_DEPTH).set(depth as f64);
-}
-
-pub fn dropped(reason: &'static str, n: usize) {
-    counter!(DROPPED_TOTAL, "reason" => reason).increment(n as u64);
-}
-
-pub fn model_info(name: &str, version: &str, sha256: &str, device: &str) {
+/// Marks a model version loaded (`true`) or unloaded.
+pub fn model_info(name: &str, version: &str, sha256: &str, device: &str, loaded: bool) {
     gauge!(MODEL_INFO, "name" => name.to_string(), "version" => version.to_string(),
         "sha256" => sha256.to_string(), "device" => device.to_string())
-    .set(1.0);
+    .set(if loaded { 1.0 } else { 0.0 });
 }
 
-/// gRPC status code as the canonical upper-case name (`OK`, `INVALID_ARGUMENT`, …).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
+/// The metric handles of one model version, made once when it loads.
+#[derive(Clone)]
+pub struct ModelMetrics {
+    queue_duration: [Histogram; 2],
+    queue_depth: [Gauge; 2],
+    dropped: [Counter; 3],
+    preprocess: Histogram,
+    inference: Histogram,
+    batch_size: Histogram,
+    occupancy: Histogram,
+    images: Counter,
 }
 
-/// Serves `/metrics`, `/healthz` (process up) and `/readyz` (model loaded and warm, not draining)
-/// on `listener` until the task is dropped.
-pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, ready: Arc<AtomicBool>) {
-    // Histograms are drained into their buckets by upkeep; run it regularly as well as on scrape.
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
-            continue;
+impl ModelMetrics {
+    pub fn new(model: &str, version: &str) -> Self {
+        let base = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
+        let with = |key: &'static str, value: &str| {
+            let mut labels = base.to_vec();
+            labels.push((key, value.to_string()));
+            labels
         };
-        let (handle, ready) = (handle.clone(), ready.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let (handle, ready) = (handle.clone(), ready.clone());
-                async move { Ok::<_, Infallible>(route(&req, &handle, &ready)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-fn route(
-    req: &Request<Incoming>,
-    handle: &PrometheusHandle,
-    ready: &AtomicBool,
-) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, content_type: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-            .expect("static header values are valid")
-    };
-    match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            handle.render(),
-        ),
-        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if ready.load(Ordering::SeqCst) => {
-            text(StatusCode::OK, "text/plain", "ready\n".into())
+        let metrics = ModelMetrics {
+            queue_duration: Priority::ALL
+                .map(|p| histogram!(QUEUE_DURATION, &with("priority", p.as_str()))),
+            queue_depth: Priority::ALL.map(|p| gauge!(QUEUE_DEPTH, &with("priority", p.as_str()))),
+            dropped: DROP_REASONS.map(|r| counter!(DROPPED_TOTAL, &with("reason", r))),
+            preprocess: histogram!(PREPROCESS_DURATION, &base),
+            inference: histogram!(INFERENCE_DURATION, &base),
+            batch_size: histogram!(BATCH_SIZE, &base),
+            occupancy: histogram!(BATCH_OCCUPANCY, &base),
+            images: counter!(IMAGES_TOTAL, &base),
+        };
+        // Export counters and gauges at zero from the start, so rate() and alerts see a series.
+        for c in &metrics.dropped {
+            c.increment(0);
         }
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".into(),
-        ),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics, /healthz or /readyz\n".into(),
-        ),
+        metrics.images.increment(0);
+        for g in &metrics.queue_depth {
+            g.set(0.0);
+        }
+        metrics
+    }
+
+    pub fn queue_duration(&self, priority: Priority, seconds: f64) {
+        self.queue_duration[priority.index()].record(seconds);
+    }
+
+    pub fn set_queue_depth(&self, priority: Priority, depth: usize) {
+        self.queue_depth[priority.index()].set(depth as f64);
+    }
+
+    /// `n` images dropped for `reason` (one of [`DROP_REASONS`]).
+    pub fn dropped(&self, reason: &'static str, n: usize) {
+        let i = DROP_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .expect("a known drop reason");
+        self.dropped[i].increment(n as u64);
+    }
+
+    pub fn preprocess_duration(&self, seconds: f64) {
+        self.preprocess.record(seconds);
+    }
+
+    pub fn batch_done(&self, size: usize, max_batch_size: usize, seconds: f64) {
+        self.inference.record(seconds);
+        self.batch_size.record(size as f64);
+        self.occupancy.record(size as f64 / max_batch_size as f64);
+    }
+
+    pub fn images_done(&self, n: usize) {
+        self.images.increment(n as u64);
     }
 }

@@ -1,9 +1,10 @@
-//! Wiring: loads the model, starts gRPC (classifier, health, reflection) and the metrics endpoint,
-//! warms the instances up before reporting SERVING, and drains on shutdown.
+//! Wiring: builds the registry and pipeline, binds the listeners, mounts every front end (gRPC
+//! classifier, health, reflection; HTTP metrics and probes), loads and warms up the models before
+//! reporting SERVING, reloads on request, and drains on shutdown.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,18 +14,25 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::batcher::{Batcher, BatcherConfig};
+use crate::api::grpc::ClassifierService;
+use crate::api::oversize::MessageLimitLayer;
+use crate::backend::ort::{self as ort_backend, OrtBackend, OrtOptions};
+use crate::backend::{Backend, BackendFactory, EngineError};
 use crate::config::ServeArgs;
-use crate::engine::{self, BackendFactory, EngineError, OrtBackend, OrtOptions};
-use crate::metrics as m;
-use crate::model::{ModelError, ModelSpec};
-use crate::pb;
-use crate::preprocess::{InputLimits, Preprocessor};
-use crate::service::{ClassifierService, Inflight, ServedModel, Shared};
-use crate::status_layer::MessageLimitLayer;
+use crate::input::InputLimits;
+use crate::pipeline::registry::{RegistryConfig, Source};
+use crate::pipeline::served::BatchingDefaults;
+use crate::pipeline::{Pipeline, Registry};
+use crate::state::{Phase, ServingState};
+use crate::{model, pb};
 
 /// Fully-qualified name of the classifier service, as health checks name it.
 pub const SERVICE_NAME: &str = "brainai.v1.TumorClassifier";
+
+/// The gRPC health service name of one model: SERVING while a version of it is ready.
+pub fn model_health_name(model: &str) -> String {
+    format!("model/{model}")
+}
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +40,9 @@ pub enum ServeError {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("{0}")]
+    Models(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -44,17 +52,18 @@ pub enum ServeError {
     Transport(String),
 }
 
-/// A started server. Health reports NOT_SERVING until the instances are warm.
+/// A started server. Health reports NOT_SERVING until every model is loaded and warm.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    pub shared: Arc<Shared>,
+    pub state: Arc<ServingState>,
+    pub registry: Arc<Registry>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl RunningServer {
-    /// Starts draining: health NOT_SERVING, new calls UNAVAILABLE, queued work finishes.
+    /// Starts draining: health NOT_SERVING, new calls UNAVAILABLE, work in progress finishes.
     pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -77,116 +86,109 @@ impl RunningServer {
     }
 }
 
-/// Loads the model spec, binds both listeners and starts serving. `factory` overrides the ONNX
-/// Runtime backend (tests use it to control warm-up); `None` serves the model with ONNX Runtime.
+/// The ONNX Runtime backend for every model (loads the library once per process).
+fn ort_factory(args: &ServeArgs) -> Result<BackendFactory, ServeError> {
+    let library = ort_backend::find_runtime_library(args.ort_library.as_deref())?;
+    ort_backend::init_runtime(&library)?;
+    tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+    let (device, threads, spinning) = (args.device, args.intra_op_threads, args.intra_op_spinning);
+    Ok(Arc::new(move |spec, batch_sizes, _instance| {
+        let options = OrtOptions {
+            device,
+            intra_op_threads: threads,
+            intra_op_spinning: spinning,
+            batch_sizes,
+        };
+        OrtBackend::open(spec, options).map(|b| Box::new(b) as Box<dyn Backend>)
+    }))
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let err = |source| ServeError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// Binds both listeners and starts serving; the models load and warm up in the background (health
+/// says NOT_SERVING until they are ready). `factory` overrides the ONNX Runtime backend (tests use
+/// it to control warm-up and runs); `None` serves with ONNX Runtime.
 pub async fn start(
     args: &ServeArgs,
     factory: Option<BackendFactory>,
 ) -> Result<RunningServer, ServeError> {
     args.validate().map_err(ServeError::Config)?;
-    let spec = ModelSpec::load(&args.model_dir, args.model_version)?;
-    let max_batch_size = args.max_batch_size.min(spec.max_batch_size);
-    if max_batch_size < args.max_batch_size {
-        tracing::warn!(
-            requested = args.max_batch_size,
-            model_max = spec.max_batch_size,
-            "max batch size capped at the model's max_batch_size"
-        );
-    }
-
     let factory = match factory {
         Some(f) => f,
-        None => {
-            let library = engine::find_runtime_library(args.ort_library.as_deref())?;
-            engine::init_runtime(&library)?;
-            tracing::info!(library = %library.display(), "ONNX Runtime loaded");
-            let spec = spec.clone();
-            let options = OrtOptions {
-                device: args.device,
-                intra_op_threads: args.intra_op_threads,
-                intra_op_spinning: args.intra_op_spinning,
-                max_batch_size,
-            };
-            Arc::new(move |_instance| {
-                OrtBackend::open(&spec, options).map(|b| Box::new(b) as Box<dyn engine::Backend>)
-            }) as BackendFactory
-        }
+        None => ort_factory(args)?,
     };
-
-    let batcher_config = BatcherConfig {
-        max_batch_size,
-        max_queue_delay: Duration::from_micros(args.max_queue_delay_us),
-        queue_capacity: args.queue_capacity,
-        instances: args.instances,
-        image_len: spec.input.image_len(),
-        num_labels: spec.labels.len(),
-        output_kind: spec.output_kind,
-    };
-    let limits = InputLimits {
-        max_image_bytes: args.max_image_bytes,
-        max_pixels: args.max_pixels,
-    };
-    let warnings = spec.warnings();
-    let shared = Arc::new(Shared {
-        model: ServedModel {
-            preprocessor: Preprocessor::new(spec.input.clone(), limits),
-            device: args.device,
-            warnings,
-            spec,
+    let source = match &args.model_repository {
+        Some(dir) => Source::Repository(dir.clone()),
+        None => Source::Single {
+            dir: args.model_dir.clone(),
+            version: args.model_version,
         },
-        batcher: OnceLock::new(),
-        draining: AtomicBool::new(false),
-        inflight: Arc::new(Inflight::default()),
-        max_images_per_request: args.max_images_per_request,
-    });
+    };
+    // Fail fast, before binding ports, when the models' location itself is wrong; everything else
+    // about the models is checked while they load.
+    match &source {
+        Source::Repository(dir) => model::repository::model_dirs(dir).map(drop),
+        Source::Single { dir, .. } => model::ModelConfig::load(dir).map(drop),
+    }
+    .map_err(|e| ServeError::Models(e.to_string()))?;
+    let state = Arc::new(ServingState::new());
+    let registry = Arc::new(Registry::new(
+        RegistryConfig {
+            source,
+            default_model: args.default_model.clone(),
+            defaults: BatchingDefaults {
+                max_batch_size: args.max_batch_size,
+                max_queue_delay_us: args.max_queue_delay_us,
+                queue_capacity: args.queue_capacity,
+                stat_queue_capacity: args.stat_queue_capacity,
+                instances: args.instances,
+                default_priority: args.default_priority,
+            },
+            overrides: args.overrides().map_err(ServeError::Config)?,
+            limits: InputLimits {
+                max_image_bytes: args.max_image_bytes,
+                max_pixels: args.max_pixels,
+            },
+            max_images_per_request: args.max_images_per_request,
+            device: args.device,
+        },
+        factory,
+        state.clone(),
+    ));
+    let pipeline = Pipeline::new(registry.clone(), state.clone(), args.max_images_per_request);
 
-    let grpc_listener =
-        TcpListener::bind(args.grpc_addr)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: args.grpc_addr,
-                source,
-            })?;
-    let metrics_listener = TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: args.metrics_addr,
-            source,
-        })?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            addr: args.grpc_addr,
-            source,
-        })?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            addr: args.metrics_addr,
-            source,
-        })?;
-
-    let ready = Arc::new(AtomicBool::new(false));
-    let metrics_task = tokio::spawn(m::serve_http(metrics_listener, m::install(), ready.clone()));
+    let (grpc_listener, grpc_addr) = bind(args.grpc_addr).await?;
+    let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
+    let metrics_task = tokio::spawn(crate::api::http::serve(
+        metrics_listener,
+        crate::metrics::install(),
+        state.clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    set_overall(&health, ServingStatus::NotServing).await;
+    let health_task = tokio::spawn(follow_health(state.clone(), health));
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+        builder
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
         .build_v1()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
-    let classifier = pb::tumor_classifier_server::TumorClassifierServer::new(
-        ClassifierService::new(shared.clone()),
-    )
-    .max_decoding_message_size(args.max_message_bytes)
-    .max_encoding_message_size(args.max_message_bytes);
+    let classifier =
+        pb::tumor_classifier_server::TumorClassifierServer::new(ClassifierService::new(pipeline))
+            .max_decoding_message_size(args.max_message_bytes)
+            .max_encoding_message_size(args.max_message_bytes);
 
     let mut builder = tonic::transport::Server::builder().layer(MessageLimitLayer);
     if args.max_connection_age_s > 0 {
@@ -209,91 +211,86 @@ pub async fn start(
                 },
             ),
     );
-    tracing::info!(%grpc_addr, %metrics_addr, "listening; loading and warming up the model");
+    tracing::info!(%grpc_addr, %metrics_addr, "listening; loading and warming up the models");
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let lifecycle = Lifecycle {
-        shared: shared.clone(),
-        health,
-        ready,
+        registry: registry.clone(),
+        state: state.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        poll: (args.repository_poll_s > 0).then(|| Duration::from_secs(args.repository_poll_s)),
     };
     let task = tokio::spawn(async move {
-        let result = lifecycle.run(batcher_config, factory, shutdown_rx).await;
+        let result = lifecycle.run(shutdown_rx).await;
         let _ = stop_grpc.send(());
         let served = grpc_task
             .await
             .map_err(|e| ServeError::Transport(e.to_string()))
             .and_then(|r| r.map_err(|e| ServeError::Transport(e.to_string())));
         metrics_task.abort();
+        health_task.abort();
         result.and(served)
     });
     Ok(RunningServer {
         grpc_addr,
         metrics_addr,
-        shared,
+        state,
+        registry,
         shutdown: Some(shutdown_tx),
         task,
     })
 }
 
 struct Lifecycle {
-    shared: Arc<Shared>,
-    health: HealthReporter,
-    ready: Arc<AtomicBool>,
+    registry: Arc<Registry>,
+    state: Arc<ServingState>,
     drain_timeout: Duration,
+    poll: Option<Duration>,
 }
 
 impl Lifecycle {
-    /// Warm up → SERVING → (shutdown) → NOT_SERVING → drain.
-    async fn run(
-        self,
-        config: BatcherConfig,
-        factory: BackendFactory,
-        mut shutdown: oneshot::Receiver<()>,
-    ) -> Result<(), ServeError> {
-        let batcher = tokio::select! {
-            started = Batcher::start(config, factory) => started?,
+    /// Load and warm up → SERVING (reloading on the poll) → (shutdown) → drain.
+    async fn run(self, mut shutdown: oneshot::Receiver<()>) -> Result<(), ServeError> {
+        tokio::select! {
+            loaded = self.registry.load_initial() => loaded.map_err(ServeError::Models)?,
             _ = &mut shutdown => {
                 tracing::info!("shutdown requested during warm-up");
                 return Ok(());
             }
-        };
-        let model = &self.shared.model;
-        m::model_info(
-            &model.spec.name,
-            &model.spec.version,
-            &model.spec.sha256,
-            &model.device.to_string(),
-        );
-        let max_batch = batcher.config().max_batch_size;
-        let _ = self.shared.batcher.set(batcher);
-        set_health(&self.health, ServingStatus::Serving).await;
-        self.ready.store(true, Ordering::SeqCst);
+        }
+        self.state.set_phase(Phase::Serving);
         tracing::info!(
-            model = %model.spec.name,
-            version = %model.spec.version,
-            sha256 = %model.spec.sha256,
-            device = %model.device,
-            max_batch,
-            clinically_trained = model.spec.clinically_trained,
-            "model warm; serving"
+            models = self.registry.served().len(),
+            "every model warm; serving"
         );
+        let poller = self.poll.map(|every| {
+            let registry = self.registry.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = registry.reload().await {
+                        tracing::error!(error = %e, "model repository poll failed");
+                    }
+                }
+            })
+        });
 
         let _ = shutdown.await;
-        tracing::info!(
-            inflight = self.shared.inflight.count(),
-            "shutting down: draining"
-        );
-        self.shared.draining.store(true, Ordering::SeqCst);
-        self.ready.store(false, Ordering::SeqCst);
-        set_health(&self.health, ServingStatus::NotServing).await;
-        if tokio::time::timeout(self.drain_timeout, self.shared.inflight.wait_idle())
+        if let Some(poller) = poller {
+            poller.abort();
+        }
+        let inflight = self.state.inflight();
+        tracing::info!(inflight = inflight.count(), "shutting down: draining");
+        self.state.set_phase(Phase::Draining);
+        if tokio::time::timeout(self.drain_timeout, inflight.wait_idle())
             .await
             .is_err()
         {
             tracing::warn!(
-                inflight = self.shared.inflight.count(),
+                inflight = inflight.count(),
                 "drain timeout reached; stopping with calls still in progress"
             );
         }
@@ -302,12 +299,47 @@ impl Lifecycle {
     }
 }
 
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
+async fn set_overall(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
 }
 
-/// Serves until SIGTERM or SIGINT, then drains and returns; a start-up failure returns its error.
+/// Keeps gRPC health in step with the serving state: the server as a whole (`""` and the
+/// classifier's name) and each model (`model/<name>`).
+async fn follow_health(state: Arc<ServingState>, mut health: HealthReporter) {
+    let mut rx = state.subscribe();
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let readiness = rx.borrow_and_update().clone();
+        let status = |ready| {
+            if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
+        };
+        set_overall(&health, status(readiness.server_ready())).await;
+        for model in readiness.models.keys() {
+            health
+                .set_service_status(
+                    &model_health_name(model),
+                    status(readiness.model_ready(model)),
+                )
+                .await;
+        }
+        let current: BTreeSet<String> = readiness.models.keys().cloned().collect();
+        for gone in known.difference(&current) {
+            health.clear_service_status(&model_health_name(gone)).await;
+        }
+        known = current;
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then drains and returns; reloads the model repository on SIGHUP.
+/// A start-up failure returns its error.
 pub async fn run_until_signal(args: &ServeArgs) -> Result<std::process::ExitCode, ServeError> {
     let mut server = start(args, None).await?;
     let trigger = server
@@ -318,6 +350,30 @@ pub async fn run_until_signal(args: &ServeArgs) -> Result<std::process::ExitCode
         shutdown_signal().await;
         let _ = trigger.send(());
     });
+    #[cfg(unix)]
+    {
+        let registry = server.registry.clone();
+        let state = server.state.clone();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        if state.phase() != Phase::Serving {
+                            tracing::info!("SIGHUP ignored: not serving yet, or draining");
+                            continue;
+                        }
+                        tracing::info!("SIGHUP received: reloading the model repository");
+                        if let Err(e) = registry.reload().await {
+                            tracing::error!(error = %e, "model repository reload failed");
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload by polling only")
+            }
+        }
+    }
     server.wait().await?;
     Ok(std::process::ExitCode::SUCCESS)
 }

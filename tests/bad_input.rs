@@ -108,10 +108,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "unknown model name",
-            request: pb::ClassifyRequest {
-                images: vec![good()],
-                model: "brain-tumor-unet".into(),
-            },
+            request: request_for("brain-tumor-unet", "", vec![good()]),
             code: Code::NotFound,
             message: "model \"brain-tumor-unet\" is not served here; this server serves \"tiny\"",
         },

@@ -33,9 +33,16 @@ impl Served {
 
 /// Starts `brainai serve` on ephemeral ports and reads the bound addresses from its log.
 fn spawn(model: &str, extra: &[&str]) -> Served {
+    spawn_serving(
+        &["--model-dir", &fixture_model(model).display().to_string()],
+        extra,
+    )
+}
+
+fn spawn_serving(source: &[&str], extra: &[&str]) -> Served {
     let mut child = Command::new(BIN)
-        .args(["serve", "--model-dir"])
-        .arg(fixture_model(model))
+        .arg("serve")
+        .args(source)
         .args([
             "--grpc-addr",
             "127.0.0.1:0",
@@ -127,8 +134,11 @@ async fn classify_cli_prints_one_line_per_file_and_json() {
     assert_eq!(lines.len(), 2, "{stdout}");
     for (line, file) in lines.iter().zip(&files) {
         assert!(line.starts_with(&file.display().to_string()), "{line}");
+        // Every label's probability ("[no_tumor=… tumor=…]"), each matched on its own.
         assert!(
-            line.contains("no_tumor=") && line.contains("tumor=") && line.contains("model=tiny v1"),
+            line.contains("[no_tumor=")
+                && line.contains(" tumor=")
+                && line.contains("model=tiny v1"),
             "{line}"
         );
     }
@@ -201,7 +211,24 @@ async fn sigterm_drains_in_flight_work_then_exits_zero() {
     .expect("the image reaches the queue");
 
     sigterm(&s.child);
-    let done = in_flight
+    // The service's own drain: health and /readyz go NOT_SERVING at once, and a new call on the
+    // open connection gets the service's UNAVAILABLE ("shutting down"), while the queued image is
+    // still waiting for its batch. (Without the drain, tonic would only close the connection.)
+    wait_for_health(&channel, ServingStatus::NotServing).await;
+    assert_eq!(http_get(metrics, "/readyz").await.0, 503);
+    let mut late =
+        brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel.clone());
+    let err = late
+        .classify(request(vec![image("late", data("flair_256_b.png"))]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("shutting down"), "{}", err.message());
+    assert!(
+        !in_flight.is_finished(),
+        "the queued call is still waiting for its batch"
+    );
+    let done = bounded("the queued call", in_flight)
         .await
         .unwrap()
         .expect("queued work finishes during the drain");
@@ -229,6 +256,54 @@ async fn sigterm_drains_in_flight_work_then_exits_zero() {
         "image id leaked into the log:\n{}",
         status.1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_loads_a_new_version() {
+    let root = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny", root.path(), "tiny");
+    let mut s = spawn_serving(
+        &["--model-repository", &root.path().display().to_string()],
+        &[],
+    );
+    let channel = connect(s.grpc).await;
+    wait_for_health(&channel, ServingStatus::Serving).await;
+    let version = |channel: tonic::transport::Channel| async move {
+        brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel)
+            .get_model(brainai::pb::GetModelRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .model
+            .unwrap()
+            .version
+    };
+    assert_eq!(version(channel.clone()).await, "1");
+    add_version(
+        &model,
+        2,
+        &std::fs::read(repo().join("tests/fixtures/graphs/tiny-v2.onnx")).unwrap(),
+    );
+    let hup = Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success(), "kill -HUP");
+    bounded("version 2 to be served after SIGHUP", async {
+        while version(channel.clone()).await != "2" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    sigterm(&s.child);
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut s.child);
+        (status, s.drain_log())
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("SIGHUP received"), "{log}");
 }
 
 #[test]

@@ -51,10 +51,13 @@ async fn classify_returns_one_result_per_image_with_model_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_merged_into_one_batch() {
     // A long queue delay: the batch can only go early by filling up, which 8 concurrent
-    // single-image calls do.
+    // single-image calls do. The model gets a name of its own, so the metrics below count this
+    // test's batches only (the registry is shared by every test of this binary).
+    let root = tempfile::tempdir().unwrap();
+    let dir = copy_model("tiny", root.path(), "merged");
     let t = serve(
         args(
-            &fixture_model("tiny"),
+            &dir,
             &["--max-batch-size", "8", "--max-queue-delay-us", "30000000"],
         ),
         None,
@@ -73,7 +76,7 @@ async fn concurrent_requests_are_merged_into_one_batch() {
                 .into_inner()
         }
     });
-    let responses = futures_util::future::join_all(calls).await;
+    let responses = bounded("the calls", futures_util::future::join_all(calls)).await;
     for (i, r) in responses.iter().enumerate() {
         assert_eq!(r.results[0].image_id, format!("c{i}"));
         assert_eq!(
@@ -82,7 +85,18 @@ async fn concurrent_requests_are_merged_into_one_batch() {
         );
     }
     let (_, metrics) = http_get(t.metrics_addr(), "/metrics").await;
-    assert!(metric_value(&metrics, "brainai_batch_size_bucket", &["le=\"8\""]) >= 1.0);
+    let bucket = |le: &str| {
+        metric_value(
+            &metrics,
+            "brainai_batch_size_bucket",
+            &["model=\"merged\"", &format!("le=\"{le}\"")],
+        )
+    };
+    assert_eq!(
+        (bucket("4"), bucket("8")),
+        (0.0, 1.0),
+        "exactly one batch, of 8 images"
+    );
     t.server.shutdown().await.unwrap();
 }
 
@@ -167,6 +181,7 @@ async fn get_model_describes_the_loaded_model() {
         .client
         .get_model(pb::GetModelRequest {
             model: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -194,7 +209,7 @@ async fn stream_answers_every_image_and_survives_a_bad_one() {
     {
         messages.push(pb::ClassifyStreamRequest {
             image: Some(image(&format!("s{i}"), data(name))),
-            model: String::new(),
+            ..Default::default()
         });
     }
     let outbound = futures_util::stream::iter(messages);

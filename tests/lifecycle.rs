@@ -1,102 +1,22 @@
 //! Server lifecycle against the real server: warm-up before ready, deadlines, queue full, drain on
-//! shutdown, refusing a model that disagrees with its model.toml. A gated wrapper around the real
-//! ONNX Runtime backend lets the tests hold an instance busy without timing guesses.
+//! shutdown, refusing a model that disagrees with its model.toml. The shared test probe around the
+//! real ONNX Runtime backend (`common::probed_ort`) lets the tests hold an instance busy without
+//! timing guesses.
 
 mod common;
 
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use brainai::engine::{self, Backend, BackendFactory, EngineError, OrtBackend, OrtOptions};
-use brainai::model::ModelSpec;
+use brainai::batcher::Priority;
 use brainai::pb;
 use common::*;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// Records batch sizes and, once `gated` is set, waits for a token before each run.
-struct Gated {
-    inner: OrtBackend,
-    sizes: Arc<Mutex<Vec<usize>>>,
-    gate: Arc<Mutex<mpsc::Receiver<()>>>,
-    gated: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Backend for Gated {
-    fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
-        self.sizes.lock().unwrap().push(batch);
-        if self.gated.load(std::sync::atomic::Ordering::SeqCst) {
-            let _ = self.gate.lock().unwrap().recv();
-        }
-        self.inner.run(input, batch)
-    }
-}
-
-struct Harness {
-    factory: BackendFactory,
-    sizes: Arc<Mutex<Vec<usize>>>,
-    open: mpsc::Sender<()>,
-    gated: Arc<std::sync::atomic::AtomicBool>,
-    /// Released to let the factory return (holds instance start-up).
-    release_start: mpsc::Sender<()>,
-}
-
-/// A factory of real tiny-model ORT backends whose start-up and runs the test controls.
-fn harness(model: &str, hold_start: bool) -> Harness {
-    let library = engine::find_runtime_library(None).expect("make setup installs onnxruntime");
-    engine::init_runtime(&library).expect("ONNX Runtime loads");
-    let spec = ModelSpec::load(&fixture_model(model), None).unwrap();
-    let (open, gate) = mpsc::channel();
-    let gate = Arc::new(Mutex::new(gate));
-    let (release_start, start_gate) = mpsc::channel::<()>();
-    let start_gate = Arc::new(Mutex::new(start_gate));
-    let sizes = Arc::new(Mutex::new(Vec::new()));
-    let gated = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (s, g, gd) = (sizes.clone(), gate.clone(), gated.clone());
-    let factory: BackendFactory = Arc::new(move |_| {
-        if hold_start {
-            let _ = start_gate.lock().unwrap().recv();
-        }
-        let inner = OrtBackend::open(
-            &spec,
-            OrtOptions {
-                device: engine::Device::Cpu,
-                intra_op_threads: 1,
-                intra_op_spinning: true,
-                max_batch_size: spec.max_batch_size,
-            },
-        )?;
-        Ok(Box::new(Gated {
-            inner,
-            sizes: s.clone(),
-            gate: g.clone(),
-            gated: gd.clone(),
-        }) as Box<dyn Backend>)
-    });
-    Harness {
-        factory,
-        sizes,
-        open,
-        gated,
-        release_start,
-    }
-}
-
-/// Waits until `cond` holds, yielding to the runtime in between (bounded by PATIENCE).
-async fn until(what: &str, cond: impl Fn() -> bool) {
-    let wait = async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .unwrap_or_else(|_| panic!("gave up waiting for {what}"));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_not_serving_until_every_batch_size_is_warm() {
-    let h = harness("tiny", true);
+    let h = probed_ort();
+    h.start.close();
     let server = brainai::server::start(
         &args(&fixture_model("tiny"), &["--max-batch-size", "8"]),
         Some(h.factory),
@@ -121,12 +41,12 @@ async fn health_is_not_serving_until_every_batch_size_is_warm() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("warming up"), "{}", err.message());
-    assert!(h.sizes.lock().unwrap().is_empty());
+    assert!(h.log.is_empty());
 
-    h.release_start.send(()).unwrap();
+    h.start.release(1);
     wait_for_health(&channel, ServingStatus::Serving).await;
     assert_eq!(
-        *h.sizes.lock().unwrap(),
+        h.log.sizes(),
         [1, 2, 4, 8],
         "warm-up ran every power-of-two size"
     );
@@ -140,17 +60,11 @@ async fn health_is_not_serving_until_every_batch_size_is_warm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_deadline_is_answered_and_the_image_never_runs() {
-    let h = harness("tiny", false);
-    let t = serve(
-        args(
-            &fixture_model("tiny"),
-            &["--max-batch-size", "4", "--max-queue-delay-us", "0"],
-        ),
-        Some(h.factory),
+    let (t, h) = serve_gated(
+        "tiny",
+        &["--max-batch-size", "4", "--max-queue-delay-us", "0"],
     )
     .await;
-    h.sizes.lock().unwrap().clear();
-    h.gated.store(true, std::sync::atomic::Ordering::SeqCst);
 
     // Call A occupies the only instance (held at the gate).
     let mut a_client = t.client.clone();
@@ -159,31 +73,35 @@ async fn expired_deadline_is_answered_and_the_image_never_runs() {
             .classify(request(vec![image("a", data("flair_256_a.png"))]))
             .await
     });
-    until("call A to reach the model", || {
-        h.sizes.lock().unwrap().len() == 1
-    })
-    .await;
+    until("call A to reach the model", || h.log.len() == 1).await;
 
     // Call B waits behind it with a 300 ms deadline.
     let mut b_req = tonic::Request::new(request(vec![image("b", data("flair_256_b.png"))]));
     b_req.set_timeout(Duration::from_millis(300));
     let mut b_client = t.client.clone();
-    let err = b_client.classify(b_req).await.unwrap_err();
+    let err = bounded("call B", b_client.classify(b_req))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
 
-    h.open.send(()).unwrap();
-    a.await.unwrap().expect("call A completes");
-    // The next call runs alone: B was dropped, not run.
-    h.open.send(()).unwrap();
-    let mut c_client = t.client.clone();
-    let c = c_client
-        .classify(request(vec![image("c", data("flair_256_c.png"))]))
+    h.gate.release(1);
+    bounded("call A", a)
         .await
         .unwrap()
-        .into_inner();
+        .expect("call A completes");
+    // The next call runs alone: B was dropped, not run.
+    h.gate.release(1);
+    let mut c_client = t.client.clone();
+    let c = bounded(
+        "call C",
+        c_client.classify(request(vec![image("c", data("flair_256_c.png"))])),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert_eq!(c.results[0].batch_size, 1);
     assert_eq!(
-        *h.sizes.lock().unwrap(),
+        h.log.sizes(),
         [1, 1],
         "B's image must never reach the model"
     );
@@ -197,62 +115,67 @@ async fn expired_deadline_is_answered_and_the_image_never_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_answers_resource_exhausted_at_once() {
-    let h = harness("tiny", false);
-    let t = serve(
-        args(
-            &fixture_model("tiny"),
-            &[
-                "--max-batch-size",
-                "2",
-                "--max-queue-delay-us",
-                "0",
-                "--queue-capacity",
-                "4",
-                "--max-images-per-request",
-                "4",
-            ],
-        ),
-        Some(h.factory),
+    let (t, h) = serve_gated(
+        "tiny",
+        &[
+            "--max-batch-size",
+            "2",
+            "--max-queue-delay-us",
+            "0",
+            "--queue-capacity",
+            "4",
+            "--max-images-per-request",
+            "4",
+        ],
     )
     .await;
-    h.sizes.lock().unwrap().clear();
-    h.gated.store(true, std::sync::atomic::Ordering::SeqCst);
     let img = || image("q", data("flair_256_a.png"));
 
     // Two images run (held at the gate); four more fill the queue.
     let mut c1 = t.client.clone();
     let running = tokio::spawn(async move { c1.classify(request(vec![img(), img()])).await });
-    until("the first batch to reach the model", || {
-        h.sizes.lock().unwrap().len() == 1
-    })
-    .await;
+    until("the first batch to reach the model", || h.log.len() == 1).await;
     let mut c2 = t.client.clone();
     let queued =
         tokio::spawn(async move { c2.classify(request(vec![img(), img(), img(), img()])).await });
-    let shared = t.server.shared.clone();
+    let model = t.server.registry.resolve("", "").unwrap();
     until("four images queued", || {
-        shared.batcher.get().is_some_and(|b| b.queue_depth() == 4)
+        model.batcher.queue_depth(Priority::Routine) == 4
     })
     .await;
 
     let mut c3 = t.client.clone();
-    let err = c3.classify(request(vec![img()])).await.unwrap_err();
+    let err = bounded("call 3", c3.classify(request(vec![img()])))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(
-        err.message()
-            .contains("queue is full: 4 images waiting, capacity 4"),
-        "{}",
-        err.message()
+    assert_eq!(
+        err.message(),
+        "queue is full: 4 images waiting, capacity 4 (routine priority); retry later",
+        "a whole-request error, not one about image 0"
     );
 
-    for _ in 0..3 {
-        h.open.send(()).unwrap();
-    }
+    h.gate.release(3);
     assert_eq!(
-        running.await.unwrap().unwrap().into_inner().results.len(),
+        bounded("call 1", running)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner()
+            .results
+            .len(),
         2
     );
-    assert_eq!(queued.await.unwrap().unwrap().into_inner().results.len(), 4);
+    assert_eq!(
+        bounded("call 2", queued)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner()
+            .results
+            .len(),
+        4
+    );
     let (_, metrics) = http_get(t.metrics_addr(), "/metrics").await;
     assert!(
         metric_value(
@@ -266,27 +189,18 @@ async fn full_queue_answers_resource_exhausted_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_refuses_new_calls_and_finishes_queued_work() {
-    let h = harness("tiny", false);
-    let mut t = serve(
-        args(
-            &fixture_model("tiny"),
-            &["--max-batch-size", "4", "--max-queue-delay-us", "0"],
-        ),
-        Some(h.factory),
+    let (mut t, h) = serve_gated(
+        "tiny",
+        &["--max-batch-size", "4", "--max-queue-delay-us", "0"],
     )
     .await;
-    h.sizes.lock().unwrap().clear();
-    h.gated.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let mut c1 = t.client.clone();
     let in_flight = tokio::spawn(async move {
         c1.classify(request(vec![image("inflight", data("flair_256_a.png"))]))
             .await
     });
-    until("the call to reach the model", || {
-        h.sizes.lock().unwrap().len() == 1
-    })
-    .await;
+    until("the call to reach the model", || h.log.len() == 1).await;
 
     t.server.begin_shutdown();
     wait_for_health(&t.channel, ServingStatus::NotServing).await;
@@ -299,8 +213,8 @@ async fn shutdown_refuses_new_calls_and_finishes_queued_work() {
     assert!(err.message().contains("shutting down"), "{}", err.message());
     assert_eq!(http_get(t.metrics_addr(), "/readyz").await.0, 503);
 
-    h.open.send(()).unwrap();
-    let done = in_flight
+    h.gate.release(1);
+    let done = bounded("the in-flight call", in_flight)
         .await
         .unwrap()
         .expect("in-flight call completes during drain");
@@ -345,7 +259,7 @@ fn missing_model_directory_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_instances_run_batches_at_the_same_time() {
-    let h = harness("tiny", false);
+    let h = probed_ort();
     let t = serve(
         args(
             &fixture_model("tiny"),
@@ -361,13 +275,9 @@ async fn several_instances_run_batches_at_the_same_time() {
         Some(h.factory),
     )
     .await;
-    assert_eq!(
-        h.sizes.lock().unwrap().len(),
-        2,
-        "each instance warmed up batch size 1"
-    );
-    h.sizes.lock().unwrap().clear();
-    h.gated.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(h.log.len(), 2, "each instance warmed up batch size 1");
+    h.log.clear();
+    h.gate.close();
     let calls: Vec<_> = (0..2)
         .map(|i| {
             let mut c = t.client.clone();
@@ -381,17 +291,164 @@ async fn several_instances_run_batches_at_the_same_time() {
         })
         .collect();
     // Both calls reach the model while neither has finished: two instances are running.
-    until("both instances to be running", || {
-        h.sizes.lock().unwrap().len() == 2
-    })
-    .await;
-    h.open.send(()).unwrap();
-    h.open.send(()).unwrap();
+    until("both instances to be running", || h.log.len() == 2).await;
+    h.gate.release(2);
     for c in calls {
         assert_eq!(
-            c.await.unwrap().unwrap().into_inner().results[0].batch_size,
+            bounded("a call", c)
+                .await
+                .unwrap()
+                .unwrap()
+                .into_inner()
+                .results[0]
+                .batch_size,
             1
         );
     }
     t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stat_request_is_served_in_the_next_batch_past_a_full_routine_queue() {
+    let (t, h) = serve_gated(
+        "tiny",
+        &[
+            "--max-batch-size",
+            "4",
+            "--max-queue-delay-us",
+            "0",
+            "--queue-capacity",
+            "8",
+            "--stat-queue-capacity",
+            "4",
+            "--max-images-per-request",
+            "4",
+        ],
+    )
+    .await;
+    let dark = |id: &str| flat_image(id, 32, 32, 3, 10);
+    let mut busy_client = t.client.clone();
+    let busy = tokio::spawn(async move { busy_client.classify(request(vec![dark("busy")])).await });
+    until("the first batch to reach the model", || h.log.len() == 1).await;
+
+    // The routine queue fills up (two full batches' worth)...
+    let routine: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = t.client.clone();
+            let images = (0..4).map(|j| dark(&format!("r{i}{j}"))).collect();
+            tokio::spawn(async move { c.classify(request(images)).await })
+        })
+        .collect();
+    let model = t.server.registry.resolve("", "").unwrap();
+    until("eight routine images queued", || {
+        model.batcher.queue_depth(Priority::Routine) == 8
+    })
+    .await;
+    let err = t
+        .client
+        .clone()
+        .classify(request(vec![dark("one too many")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+
+    // ...but a STAT read has places of its own and rides the very next batch.
+    let mut stat_client = t.client.clone();
+    let stat = tokio::spawn(async move {
+        stat_client
+            .classify(pb::ClassifyRequest {
+                priority: pb::Priority::Stat as i32,
+                ..request(vec![flat_image("stat", 32, 32, 3, 250)])
+            })
+            .await
+    });
+    until("the STAT image queued", || {
+        model.batcher.queue_depth(Priority::Stat) == 1
+    })
+    .await;
+    h.gate.release(4);
+    let stat = bounded("the STAT call", stat)
+        .await
+        .unwrap()
+        .expect("STAT call");
+    assert_eq!(stat.into_inner().results[0].batch_size, 4);
+    bounded("the busy call", busy).await.unwrap().unwrap();
+    for r in routine {
+        bounded("a routine call", r).await.unwrap().unwrap();
+    }
+    let batches = h.log.batches();
+    let routine_value = batches[0][0];
+    assert_eq!(batches[1].len(), 4);
+    assert_ne!(
+        batches[1][0], routine_value,
+        "the STAT image leads the next batch: {batches:?}"
+    );
+    assert!(batches[1][1..].iter().all(|v| *v == routine_value));
+    assert!(batches[2..].iter().flatten().all(|v| *v == routine_value));
+
+    let text = http_get(t.metrics_addr(), "/metrics").await.1;
+    assert!(
+        metric_value(
+            &text,
+            "brainai_queue_duration_seconds_count",
+            &["model=\"tiny\"", "priority=\"stat\""]
+        ) >= 1.0,
+        "queue time is split by priority"
+    );
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_does_not_hold_the_drain() {
+    // A drain timeout far beyond PATIENCE: if the open stream held the drain until the timeout,
+    // the bounded wait below would fail.
+    let (mut t, h) = serve_gated(
+        "tiny",
+        &["--max-queue-delay-us", "0", "--drain-timeout-s", "3600"],
+    )
+    .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let message = |i: u32| pb::ClassifyStreamRequest {
+        image: Some(flat_image(&format!("s{i}"), 32, 32, 3, 20)),
+        ..Default::default()
+    };
+    tx.send(message(0)).await.unwrap();
+    let mut client = t.client.clone();
+    let mut inbound = bounded(
+        "the stream to open",
+        client.classify_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    until("the first image to reach the model", || h.log.len() == 1).await;
+
+    t.server.begin_shutdown();
+    wait_for_health(&t.channel, ServingStatus::NotServing).await;
+    // The client has not half-closed; it even sends another image after the drain began.
+    tx.send(message(1)).await.unwrap();
+    h.gate.open();
+    let first = bounded("the in-flight image's answer", inbound.message())
+        .await
+        .expect("a response")
+        .expect("the in-flight image is answered");
+    assert_eq!((first.image_id.as_str(), first.sequence), ("s0", 0));
+    assert!(matches!(
+        first.outcome,
+        Some(pb::classify_stream_response::Outcome::Result(_))
+    ));
+    let end = bounded("the stream to end", inbound.message())
+        .await
+        .expect_err("the stream ends with a status");
+    assert_eq!(end.code(), Code::Unavailable);
+    assert!(end.message().contains("shutting down"), "{}", end.message());
+    bounded("the server to stop", t.server.wait())
+        .await
+        .expect("clean stop");
+    assert_eq!(
+        h.log.len(),
+        1,
+        "the message sent during the drain never ran"
+    );
+    drop(tx);
 }

@@ -5,8 +5,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use brainai::input::{Encoding, InputLimits};
 use brainai::model::ModelSpec;
-use brainai::preprocess::{Encoding, InputLimits, Preprocessor};
+use brainai::preprocess::Preprocessor;
 use common::*;
 
 const LIMITS: InputLimits = InputLimits {
@@ -44,7 +45,7 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// Max |rust - reference| over the images, preprocessed for the model in `model_dir`.
 fn max_preprocess_diff(model_dir: &Path, images: &[&str]) -> f32 {
     let spec = ModelSpec::load(model_dir, None).unwrap();
-    let pre = Preprocessor::new(spec.input.clone(), LIMITS);
+    let pre = Preprocessor::new(spec.config.input.clone(), LIMITS);
     let out = tempfile::NamedTempFile::new().unwrap();
     let paths: Vec<PathBuf> = images
         .iter()
@@ -59,7 +60,7 @@ fn max_preprocess_diff(model_dir: &Path, images: &[&str]) -> f32 {
     argv.extend(["--out".into(), out.path().display().to_string()]);
     reference(&argv.iter().map(String::as_str).collect::<Vec<_>>());
     let expected = read_f32(out.path());
-    let n = spec.input.image_len();
+    let n = spec.config.input.image_len();
     assert_eq!(expected.len(), n * images.len(), "reference tensor size");
     let mut worst = 0f32;
     for (i, name) in images.iter().enumerate() {

@@ -1,13 +1,17 @@
-//! Shared helpers of the integration tests: start the real server on 127.0.0.1:0, connect the
-//! generated client, wait for health, scrape metrics, read test images.
+//! Shared helpers of the integration tests (and of `benches/serving.rs`): start the real server on
+//! 127.0.0.1:0, connect the generated client, wait for health, scrape metrics, read test images,
+//! build model repositories, and wrap the real ONNX Runtime backend in the shared test probe.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use brainai::backend::ort::{OrtBackend, OrtOptions, find_runtime_library, init_runtime};
+use brainai::backend::testing::{BatchLog, Gate, Probe};
+use brainai::backend::{Backend, BackendFactory, Device};
 use brainai::config::{Cli, Command, ServeArgs};
-use brainai::engine::BackendFactory;
 use brainai::pb;
 use brainai::pb::tumor_classifier_client::TumorClassifierClient;
 use brainai::server::{self, RunningServer};
@@ -41,23 +45,33 @@ pub fn python() -> PathBuf {
 
 /// Serve arguments for `model_dir` on ephemeral loopback ports, plus `extra` flags.
 pub fn args(model_dir: &Path, extra: &[&str]) -> ServeArgs {
-    let mut argv: Vec<String> = vec![
-        "brainai".into(),
-        "serve".into(),
-        "--model-dir".into(),
-        model_dir.display().to_string(),
+    serve_args(&["--model-dir", &model_dir.display().to_string()], extra)
+}
+
+/// Serve arguments for every model of `repository`, plus `extra` flags.
+pub fn repository_args(repository: &Path, extra: &[&str]) -> ServeArgs {
+    serve_args(
+        &["--model-repository", &repository.display().to_string()],
+        extra,
+    )
+}
+
+fn serve_args(source: &[&str], extra: &[&str]) -> ServeArgs {
+    let mut argv: Vec<String> = vec!["brainai".into(), "serve".into()];
+    argv.extend(source.iter().map(|s| s.to_string()));
+    argv.extend([
         "--grpc-addr".into(),
         "127.0.0.1:0".into(),
         "--metrics-addr".into(),
         "127.0.0.1:0".into(),
-    ];
+    ]);
     if !extra.contains(&"--intra-op-threads") {
         // Tiny models: one thread each keeps parallel tests from oversubscribing the cores.
         argv.extend(["--intra-op-threads".into(), "1".into()]);
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
     match Cli::parse_from(argv).command {
-        Command::Serve(args) => args,
+        Command::Serve(args) => *args,
         Command::Classify(_) => unreachable!(),
     }
 }
@@ -79,11 +93,14 @@ impl TestServer {
 }
 
 pub async fn connect(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to the test server")
+    bounded(
+        "connect",
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .expect("connect to the test server")
 }
 
 /// Starts a server (optionally with a test backend factory) and waits until health says SERVING.
@@ -103,11 +120,16 @@ pub async fn serve(args: ServeArgs, factory: Option<BackendFactory>) -> TestServ
 
 /// Waits (through the health Watch stream, no polling) until `service` reports `status`.
 pub async fn wait_for_health(channel: &Channel, status: ServingStatus) {
+    wait_for_service_health(channel, server::SERVICE_NAME, status).await;
+}
+
+/// Waits until the health service `service` reports `status`.
+pub async fn wait_for_service_health(channel: &Channel, service: &str, status: ServingStatus) {
     let mut health = HealthClient::new(channel.clone());
     let watch = async {
         let mut stream = health
             .watch(tonic_health::pb::HealthCheckRequest {
-                service: server::SERVICE_NAME.into(),
+                service: service.into(),
             })
             .await
             .expect("health watch")
@@ -135,6 +157,13 @@ pub async fn health_status(channel: &Channel, service: &str) -> i32 {
         .status
 }
 
+/// Metric samples of `name` with all of `labels`, from one scrape.
+pub async fn scrape(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let (code, text) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200, "GET /metrics");
+    metric_value(&text, name, labels)
+}
+
 pub fn image(id: &str, data: Vec<u8>) -> pb::Image {
     pb::Image {
         id: id.into(),
@@ -147,19 +176,160 @@ pub fn image(id: &str, data: Vec<u8>) -> pb::Image {
 pub fn request(images: Vec<pb::Image>) -> pb::ClassifyRequest {
     pb::ClassifyRequest {
         images,
-        model: String::new(),
+        ..Default::default()
     }
+}
+
+/// A request for `model` (and `version`, empty: the highest).
+pub fn request_for(model: &str, version: &str, images: Vec<pb::Image>) -> pb::ClassifyRequest {
+    pb::ClassifyRequest {
+        images,
+        model: model.into(),
+        version: version.into(),
+        ..Default::default()
+    }
+}
+
+/// Raw 8-bit pixels with every value `value`.
+pub fn flat_image(id: &str, width: u32, height: u32, channels: u32, value: u8) -> pb::Image {
+    pb::Image {
+        id: id.into(),
+        data: vec![value; (width * height * channels) as usize],
+        format: pb::ImageFormat::Raw as i32,
+        raw: Some(pb::RawPixels {
+            width,
+            height,
+            channels,
+        }),
+    }
+}
+
+/// Copies the fixture model `fixture` into `repository/name` (model.toml and every version).
+pub fn copy_model(fixture: &str, repository: &Path, name: &str) -> PathBuf {
+    let src = fixture_model(fixture);
+    let dst = repository.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(src.join("model.toml"), dst.join("model.toml")).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().join("model.onnx").is_file() {
+            let version = dst.join(entry.file_name());
+            std::fs::create_dir_all(&version).unwrap();
+            std::fs::copy(entry.path().join("model.onnx"), version.join("model.onnx")).unwrap();
+        }
+    }
+    dst
+}
+
+/// Puts `onnx` in as version `version` of the model in `model_dir`, atomically (written aside,
+/// then renamed), as a deployment tool would.
+pub fn add_version(model_dir: &Path, version: u64, onnx: &[u8]) {
+    let staging = model_dir.join(format!(".staging-{version}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("model.onnx"), onnx).unwrap();
+    std::fs::rename(&staging, model_dir.join(version.to_string())).unwrap();
+}
+
+/// The models `ListModels` reports.
+pub async fn list_models(channel: &Channel) -> pb::ListModelsResponse {
+    TumorClassifierClient::new(channel.clone())
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect("ListModels")
+        .into_inner()
+}
+
+/// The real ONNX Runtime backend of every model, wrapped in the shared test probe: every batch is
+/// logged and passes `gate` (open unless the test closes it); each instance's start-up first
+/// passes `start` (open unless the test closes it).
+pub struct Probed {
+    pub factory: BackendFactory,
+    pub log: BatchLog,
+    pub gate: Gate,
+    pub start: Gate,
+}
+
+pub fn probed_ort() -> Probed {
+    let library = find_runtime_library(None).expect("make setup installs onnxruntime");
+    init_runtime(&library).expect("ONNX Runtime loads");
+    let (log, gate, start) = (BatchLog::default(), Gate::new(), Gate::new());
+    let (l, g, st) = (log.clone(), gate.clone(), start.clone());
+    let factory: BackendFactory = Arc::new(move |spec, batch_sizes, _instance| {
+        st.wait();
+        let inner = OrtBackend::open(
+            spec,
+            OrtOptions {
+                device: Device::Cpu,
+                intra_op_threads: 1,
+                intra_op_spinning: true,
+                batch_sizes,
+            },
+        )?;
+        Ok(Box::new(Probe {
+            inner,
+            log: l.clone(),
+            gate: g.clone(),
+            input_len: spec.config.input.image_len(),
+        }) as Box<dyn Backend>)
+    });
+    Probed {
+        factory,
+        log,
+        gate,
+        start,
+    }
+}
+
+/// The batches run, and the gate each run waits at, of a [`serve_gated`] server.
+pub struct Gated {
+    pub log: BatchLog,
+    pub gate: Gate,
+}
+
+/// Serves the fixture `model` over the probed ONNX Runtime backend; once it is warm, clears the
+/// batch log (warm-up runs) and closes the gate, so each run waits for `gate.release`.
+pub async fn serve_gated(model: &str, extra: &[&str]) -> (TestServer, Gated) {
+    let h = probed_ort();
+    let t = serve(args(&fixture_model(model), extra), Some(h.factory)).await;
+    h.log.clear();
+    h.gate.close();
+    let gated = Gated {
+        log: h.log,
+        gate: h.gate,
+    };
+    (t, gated)
+}
+
+/// Waits until `cond` holds, yielding to the runtime in between (bounded by PATIENCE).
+pub async fn until(what: &str, cond: impl Fn() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("gave up waiting for {what}"));
+}
+
+/// Awaits `future` for at most PATIENCE (a hang guard, not a timing assertion).
+pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish"))
 }
 
 /// Plain HTTP/1.1 GET on the metrics port; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let mut stream = bounded("connect", tokio::net::TcpStream::connect(addr))
         .await
         .expect("connect metrics port");
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await.unwrap();
+    bounded("HTTP response", stream.read_to_end(&mut buf))
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
     let code = text
         .split_whitespace()
@@ -206,9 +376,7 @@ pub fn reference(args: &[&str]) -> String {
 /// Classifies the named files of tests/data in one `Classify` call (image ids = file names).
 pub async fn classify_files(t: &mut TestServer, names: &[&str]) -> Vec<pb::Classification> {
     let images = names.iter().map(|n| image(n, data(n))).collect();
-    let results = t
-        .client
-        .classify(request(images))
+    let results = bounded("classify", t.client.classify(request(images)))
         .await
         .expect("classify")
         .into_inner()

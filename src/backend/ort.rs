@@ -1,74 +1,17 @@
-//! Inference engines: the `Backend` trait one model instance implements, and its ONNX Runtime
-//! implementation (one `ort::Session` per instance; the batcher gives each its own OS thread).
+//! ONNX Runtime backend (`ort`, loaded at run time from the pinned wheel's `libonnxruntime.so`):
+//! one session per model instance, checked against `model.toml` when it is opened.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ort::ep;
-use ort::session::Session;
-use ort::value::{TensorElementType, TensorRef, ValueType};
+use ::ort::ep;
+use ::ort::session::Session;
+use ::ort::value::{TensorElementType, TensorRef, ValueType};
 
+use super::{Backend, BatchSizes, Device, EngineError};
 use crate::model::{Layout, ModelSpec};
 
-/// Error of one model run or of loading a model. `Clone`, so one failed batch answers every waiter.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum EngineError {
-    #[error("ONNX Runtime library: {0}")]
-    Runtime(String),
-    #[error("model {model}: {message}")]
-    Load { model: String, message: String },
-    #[error("model {model} does not match its model.toml: {message}")]
-    Mismatch { model: String, message: String },
-    #[error("inference failed: {0}")]
-    Inference(String),
-    #[error("model instance {instance} panicked: {message}")]
-    Panic { instance: usize, message: String },
-}
-
-/// One model instance: runs a batch of preprocessed images and returns one row of scores per image.
-/// `run` takes `&mut self` (as `ort::Session::run` does); each instance lives on its own thread.
-pub trait Backend: Send + 'static {
-    /// `input` holds `batch` images in the model's layout; returns `batch × num_labels` scores.
-    fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError>;
-}
-
-/// Builds the backend of instance `i` (called on that instance's thread).
-pub type BackendFactory =
-    std::sync::Arc<dyn Fn(usize) -> Result<Box<dyn Backend>, EngineError> + Send + Sync>;
-
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    /// CUDA execution provider on this GPU ordinal.
-    Cuda(i32),
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| format!("unknown device {s:?}: use cpu, cuda or cuda:N")),
-        }
-    }
-}
-
-static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+static ORT_ENV: OnceLock<Result<::ort::environment::Environment, String>> = OnceLock::new();
 
 /// Loads the ONNX Runtime shared library once per process (ort allows one environment per process).
 pub fn init_runtime(library: &Path) -> Result<(), EngineError> {
@@ -81,7 +24,7 @@ pub fn init_runtime(library: &Path) -> Result<(), EngineError> {
                     library.display()
                 ));
             }
-            let builder = ort::init_from(library).map_err(|e| format!("cannot load {}: {e}", library.display()))?;
+            let builder = ::ort::init_from(library).map_err(|e| format!("cannot load {}: {e}", library.display()))?;
             builder
                 .with_name("brainai")
                 .with_telemetry(false)
@@ -143,8 +86,8 @@ pub struct OrtOptions {
     pub intra_op_threads: usize,
     /// Whether idle intra-op threads spin-wait.
     pub intra_op_spinning: bool,
-    /// Largest batch the batcher sends (and warms up).
-    pub max_batch_size: usize,
+    /// The batch sizes the batcher sends (and warms up); on CUDA batches are padded to them.
+    pub batch_sizes: BatchSizes,
 }
 
 /// An ONNX Runtime session serving one model instance.
@@ -153,17 +96,15 @@ pub struct OrtBackend {
     input_name: String,
     output_name: String,
     image_shape: [usize; 3],
-    num_labels: usize,
-    /// On CUDA, batches are padded to a warmed-up size (a power of two, or the maximum): cuDNN
-    /// searches convolution algorithms for every new input shape, which took 0.7 s on first use.
-    pad_to_warm_size: Option<usize>,
+    /// On CUDA, batches are padded to a warmed-up size (see [`BatchSizes`]).
+    pad_to: Option<BatchSizes>,
 }
 
 impl OrtBackend {
     /// Opens a session and checks the model against its `model.toml`; `init_runtime` must have run.
     pub fn open(spec: &ModelSpec, options: OrtOptions) -> Result<Self, EngineError> {
         let load_err = |message: String| EngineError::Load {
-            model: spec.name.clone(),
+            model: spec.config.name.clone(),
             message,
         };
         let env = match ORT_ENV.get() {
@@ -203,7 +144,7 @@ impl OrtBackend {
             .map_err(|e| load_err(format!("{}: {e}", spec.onnx_path.display())))?;
         let mut backend = Self::check(spec, session)?;
         if matches!(options.device, Device::Cuda(_)) {
-            backend.pad_to_warm_size = Some(options.max_batch_size);
+            backend.pad_to = Some(options.batch_sizes);
         }
         Ok(backend)
     }
@@ -211,10 +152,10 @@ impl OrtBackend {
     /// Verifies that the graph's declared input and output agree with `model.toml`.
     fn check(spec: &ModelSpec, session: Session) -> Result<Self, EngineError> {
         let mismatch = |message: String| EngineError::Mismatch {
-            model: spec.name.clone(),
+            model: spec.config.name.clone(),
             message,
         };
-        let names = |outlets: &[ort::value::Outlet]| {
+        let names = |outlets: &[::ort::value::Outlet]| {
             outlets
                 .iter()
                 .map(|o| o.name().to_string())
@@ -224,11 +165,11 @@ impl OrtBackend {
         let input = session
             .inputs()
             .iter()
-            .find(|o| o.name() == spec.input.tensor_name)
+            .find(|o| o.name() == spec.config.input.tensor_name)
             .ok_or_else(|| {
                 mismatch(format!(
                     "[input] name = {:?}, but the graph's inputs are [{}]",
-                    spec.input.tensor_name,
+                    spec.config.input.tensor_name,
                     names(session.inputs())
                 ))
             })?;
@@ -239,8 +180,11 @@ impl OrtBackend {
                 names(session.inputs())
             )));
         }
-        let (h, w) = (spec.input.height as i64, spec.input.width as i64);
-        let expected: [i64; 3] = match spec.input.layout {
+        let (h, w) = (
+            spec.config.input.height as i64,
+            spec.config.input.width as i64,
+        );
+        let expected: [i64; 3] = match spec.config.input.layout {
             Layout::Nchw => [3, h, w],
             Layout::Nhwc => [h, w, 3],
         };
@@ -266,7 +210,7 @@ impl OrtBackend {
                 "input {:?} has shape {:?}, but model.toml declares {} {}×{} with 3 channels, i.e. [batch, {}, {}, {}]",
                 input.name(),
                 &shape[..],
-                spec.input.layout.as_str(),
+                spec.config.input.layout.as_str(),
                 h,
                 w,
                 expected[0],
@@ -274,23 +218,23 @@ impl OrtBackend {
                 expected[2]
             )));
         }
-        if shape[0] > 0 && (shape[0] as usize) < spec.max_batch_size {
+        if shape[0] > 0 && (shape[0] as usize) < spec.config.max_batch_size {
             return Err(mismatch(format!(
                 "input {:?} has a fixed batch size {} but max_batch_size = {}; export with a dynamic batch axis",
                 input.name(),
                 shape[0],
-                spec.max_batch_size
+                spec.config.max_batch_size
             )));
         }
 
         let output = session
             .outputs()
             .iter()
-            .find(|o| o.name() == spec.output_name)
+            .find(|o| o.name() == spec.config.output_name)
             .ok_or_else(|| {
                 mismatch(format!(
                     "[output] name = {:?}, but the graph's outputs are [{}]",
-                    spec.output_name,
+                    spec.config.output_name,
                     names(session.outputs())
                 ))
             })?;
@@ -306,7 +250,7 @@ impl OrtBackend {
                 output.name()
             )));
         }
-        let labels = spec.labels.len() as i64;
+        let labels = spec.config.labels.len() as i64;
         if shape.len() != 2 || (shape[1] >= 0 && shape[1] != labels) {
             return Err(mismatch(format!(
                 "output {:?} has shape {:?}, but model.toml lists {labels} labels, i.e. [batch, {labels}]",
@@ -316,15 +260,14 @@ impl OrtBackend {
         }
 
         Ok(OrtBackend {
-            input_name: spec.input.tensor_name.clone(),
-            output_name: spec.output_name.clone(),
-            image_shape: match spec.input.layout {
+            input_name: spec.config.input.tensor_name.clone(),
+            output_name: spec.config.output_name.clone(),
+            image_shape: match spec.config.input.layout {
                 Layout::Nchw => [3, h as usize, w as usize],
                 Layout::Nhwc => [h as usize, w as usize, 3],
             },
-            num_labels: spec.labels.len(),
             session,
-            pad_to_warm_size: None,
+            pad_to: None,
         })
     }
 }
@@ -332,44 +275,32 @@ impl OrtBackend {
 impl Backend for OrtBackend {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
         let [a, b, c] = self.image_shape;
-        let padded_len = self.pad_to_warm_size.map(|max| padded_batch(batch, max));
+        let run_batch = self.pad_to.map_or(batch, |sizes| sizes.padded(batch));
         let padded;
-        let (input, run_batch) = match padded_len {
-            Some(n) if n > batch => {
-                let mut buf = vec![0f32; n * a * b * c];
-                buf[..input.len()].copy_from_slice(input);
-                padded = buf;
-                (&padded[..], n)
-            }
-            _ => (input, batch),
+        let input = if run_batch > batch {
+            let mut buf = vec![0f32; run_batch * a * b * c];
+            buf[..input.len()].copy_from_slice(input);
+            padded = buf;
+            &padded[..]
+        } else {
+            input
         };
         let tensor = TensorRef::from_array_view(([run_batch, a, b, c], input))
             .map_err(|e| EngineError::Inference(e.to_string()))?;
         let outputs = self
             .session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
+            .run(::ort::inputs![self.input_name.as_str() => tensor])
             .map_err(|e| EngineError::Inference(e.to_string()))?;
         let value = outputs.get(&self.output_name).ok_or_else(|| {
             EngineError::Inference(format!("output {:?} missing", self.output_name))
         })?;
-        let (shape, data) = value
+        let (_, data) = value
             .try_extract_tensor::<f32>()
             .map_err(|e| EngineError::Inference(e.to_string()))?;
-        if shape[..] != [run_batch as i64, self.num_labels as i64] {
-            return Err(EngineError::Inference(format!(
-                "output {:?} has shape {:?}, expected [{run_batch}, {}]",
-                self.output_name,
-                &shape[..],
-                self.num_labels
-            )));
-        }
-        Ok(data[..batch * self.num_labels].to_vec())
+        // Padding rows are cut off; the batcher checks the length of what is left.
+        let keep = data.len() / run_batch * batch;
+        Ok(data[..keep].to_vec())
     }
-}
-
-/// The warmed-up batch size a batch of `batch` images runs at: the next power of two, at most `max`.
-pub fn padded_batch(batch: usize, max: usize) -> usize {
-    batch.next_power_of_two().min(max).max(batch)
 }
 
 #[cfg(test)]
@@ -377,26 +308,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_devices() {
-        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
-        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
-        assert_eq!("cuda:1".parse::<Device>(), Ok(Device::Cuda(1)));
-        assert!("gpu".parse::<Device>().is_err());
-        assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
-    }
-
-    #[test]
-    fn batches_pad_to_warmed_sizes() {
-        assert_eq!(padded_batch(1, 32), 1);
-        assert_eq!(padded_batch(9, 32), 16);
-        assert_eq!(padded_batch(16, 32), 16);
-        assert_eq!(padded_batch(20, 24), 24);
-        assert_eq!(padded_batch(24, 24), 24);
-    }
-
-    #[test]
     fn explicit_library_path_is_used_as_given() {
-        let err = find_runtime_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap();
-        assert_eq!(err, PathBuf::from("/nonexistent/libonnxruntime.so"));
+        let path = find_runtime_library(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap();
+        assert_eq!(path, PathBuf::from("/nonexistent/libonnxruntime.so"));
     }
 }

@@ -1,10 +1,13 @@
-//! Convolution resampling that reproduces Pillow's `Image.resize` bit for bit (bilinear, bicubic,
-//! lanczos3 on 8-bit images), because the model was trained on images Pillow resized: a one-level
-//! difference in a pixel is 0.017 after ImageNet normalisation.
+//! Resampling that reproduces Pillow's `Image.resize` bit for bit on 8-bit images, because the
+//! model was trained on images Pillow resized: a one-level difference in a pixel is 0.017 after
+//! ImageNet normalisation, and one nearest-neighbour index off by one flipped a trained model's
+//! top-1 class.
 //!
-//! Same algorithm as Pillow's `libImaging/Resample.c`: separable, horizontal pass first into an
-//! 8-bit intermediate, filter support widened by the scale when downscaling, coefficients
-//! normalised in f64 then rounded to 22-bit fixed point, accumulation rounded half up and clipped.
+//! Convolution filters (bilinear, bicubic, lanczos3) use the algorithm of Pillow's
+//! `libImaging/Resample.c`: separable, horizontal pass first into an 8-bit intermediate, filter
+//! support widened by the scale when downscaling, coefficients normalised in f64 then rounded to
+//! 22-bit fixed point, accumulation rounded half up and clipped. Nearest neighbour is Pillow's
+//! affine scaling (`libImaging/Geometry.c`): source coordinates accumulated in f64, truncated.
 
 /// Fixed-point precision of the coefficients (Pillow's `PRECISION_BITS`).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -308,6 +311,53 @@ fn horizontal_row(in_row: &[u8], out_row: &mut [u8], channels: usize, c: &Coeffi
     }
 }
 
+/// Nearest-neighbour resize of interleaved 8-bit pixels, as Pillow's `Image.resize(NEAREST)`:
+/// the source coordinate starts at half a step and is advanced by repeated addition of the step
+/// `in / out` in f64, then truncated. (Computing `floor((i + 0.5) * in / out)` directly differs
+/// from Pillow where the accumulated sum rounds across an integer.)
+pub fn nearest(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
+    assert_eq!(
+        src.len(),
+        w * h * channels,
+        "buffer is width*height*channels: this is a bug"
+    );
+    let xs = nearest_indices(w, out_w);
+    let ys = nearest_indices(h, out_h);
+    let mut out = Vec::with_capacity(out_w * out_h * channels);
+    for &y in &ys {
+        let row = &src[y * w * channels..(y + 1) * w * channels];
+        if channels == 1 {
+            out.extend(xs.iter().map(|&x| row[x]));
+        } else {
+            for &x in &xs {
+                out.extend_from_slice(&row[x * channels..(x + 1) * channels]);
+            }
+        }
+    }
+    out
+}
+
+/// Source index of each output index, by Pillow's accumulation (`ImagingScaleAffine`).
+fn nearest_indices(in_size: usize, out_size: usize) -> Vec<usize> {
+    let step = in_size as f64 / out_size as f64;
+    let mut at = step * 0.5;
+    (0..out_size)
+        .map(|_| {
+            // `at` is never negative here; the `min` only guards against a bug.
+            let index = (at as usize).min(in_size - 1);
+            at += step;
+            index
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +421,29 @@ mod tests {
         for filter in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos3] {
             let out = resize(&src, 40, 30, 3, 17, 23, filter);
             assert!(out.iter().all(|&p| p == 77), "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn nearest_accumulates_like_pillow() {
+        // Where the accumulated f64 sum and the direct product truncate differently, Pillow
+        // follows the sum: find such a case and check that we do too.
+        let (w, out_w) = (512, 150);
+        let step = w as f64 / out_w as f64;
+        let direct: Vec<usize> = (0..out_w)
+            .map(|i| ((i as f64 + 0.5) * step) as usize)
+            .collect();
+        let ours = nearest_indices(w, out_w);
+        assert_eq!(ours.len(), out_w);
+        assert!(ours.iter().all(|&i| i < w));
+        assert!(
+            ours.iter().zip(&direct).all(|(a, b)| a.abs_diff(*b) <= 1),
+            "never more than one index apart"
+        );
+        let src: Vec<u8> = (0..w * 3).map(|i| (i % 251) as u8).collect();
+        let out = nearest(&src, w, 1, 3, out_w, 1);
+        for (o, &x) in out.chunks(3).zip(&ours) {
+            assert_eq!(o, &src[x * 3..x * 3 + 3]);
         }
     }
 

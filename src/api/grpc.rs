@@ -1,0 +1,479 @@
+//! The `brainai.v1.TumorClassifier` gRPC front end: protobuf ↔ pipeline types, and nothing else.
+//! The one place where [`InferError`] becomes a gRPC `Status`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::batcher::Priority;
+use crate::error::{self, ErrorKind, InferError};
+use crate::input::Encoding;
+use crate::metrics;
+use crate::model::Scaling;
+use crate::pb;
+use crate::pipeline::registry::{ModelStatus, VersionState};
+use crate::pipeline::{ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
+
+/// The one mapping from the transport-neutral error kind to a gRPC status code.
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Internal => Code::Internal,
+    }
+}
+
+impl From<InferError> for Status {
+    fn from(e: InferError) -> Status {
+        Status::new(code(e.kind), e.message)
+    }
+}
+
+/// The gRPC service; cheap to clone.
+#[derive(Clone)]
+pub struct ClassifierService {
+    pipeline: Pipeline,
+}
+
+impl ClassifierService {
+    pub fn new(pipeline: Pipeline) -> Self {
+        ClassifierService { pipeline }
+    }
+}
+
+/// Deadline from the `grpc-timeout` header (e.g. `100m`, `5S`), a little early: the transport
+/// cancels the call at the deadline itself (answering CANCELLED), so the service answers
+/// DEADLINE_EXCEEDED just before, by 10% of the timeout, at most 20 ms.
+pub fn request_deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let timeout = parse_grpc_timeout(value)?;
+    let margin = (timeout / 10).min(Duration::from_millis(20));
+    Some(Instant::now() + timeout - margin)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn priority(value: i32) -> Result<Option<Priority>, InferError> {
+    match pb::Priority::try_from(value) {
+        Ok(pb::Priority::Unspecified) => Ok(None),
+        Ok(pb::Priority::Stat) => Ok(Some(Priority::Stat)),
+        Ok(pb::Priority::Routine) => Ok(Some(Priority::Routine)),
+        Err(_) => Err(InferError::invalid(format!(
+            "unknown priority value {value}"
+        ))),
+    }
+}
+
+fn image_input(image: pb::Image, index: usize) -> Result<ImageInput, InferError> {
+    let encoding = match pb::ImageFormat::try_from(image.format) {
+        Ok(pb::ImageFormat::Unspecified) => Encoding::Detect,
+        Ok(pb::ImageFormat::Png) => Encoding::Png,
+        Ok(pb::ImageFormat::Jpeg) => Encoding::Jpeg,
+        Ok(pb::ImageFormat::Raw) => {
+            let raw = image.raw.ok_or_else(|| {
+                InferError::invalid(format!(
+                    "image {index}: format RAW needs the `raw` field (width, height, channels)"
+                ))
+            })?;
+            Encoding::Raw {
+                width: raw.width,
+                height: raw.height,
+                channels: raw.channels,
+            }
+        }
+        Err(_) => {
+            return Err(InferError::invalid(format!(
+                "image {index}: unknown image format value {}",
+                image.format
+            )));
+        }
+    };
+    Ok(ImageInput {
+        data: image.data,
+        encoding,
+    })
+}
+
+fn model_ref(model: &ServedModel) -> pb::ModelRef {
+    pb::ModelRef {
+        name: model.spec.config.name.clone(),
+        version: model.spec.version.clone(),
+        sha256: model.spec.sha256.clone(),
+        clinically_trained: model.spec.config.clinically_trained,
+    }
+}
+
+fn classification(model: &ServedModel, id: String, r: ImageResult) -> pb::Classification {
+    let labels = model.classifier.labels();
+    let c = r.classification;
+    pb::Classification {
+        image_id: id,
+        index: r.index as u32,
+        label: labels[c.best].clone(),
+        probability: c.probabilities[c.best],
+        probabilities: labels
+            .iter()
+            .zip(&c.probabilities)
+            .map(|(label, &probability)| pb::LabelProbability {
+                label: label.clone(),
+                probability,
+            })
+            .collect(),
+        model: Some(model_ref(model)),
+        timing: Some(pb::Timing {
+            queue_seconds: r.timing.queue.as_secs_f64(),
+            preprocess_seconds: r.timing.preprocess.as_secs_f64(),
+            inference_seconds: r.timing.inference.as_secs_f64(),
+        }),
+        batch_size: r.batch_size as u32,
+        warnings: model.warnings.clone(),
+    }
+}
+
+fn model_info(model: &ServedModel) -> pb::ModelInfo {
+    let input = &model.spec.config.input;
+    let (mean, std, scale, offset) = match input.scaling {
+        Scaling::MeanStd { mean, std } => (mean.to_vec(), std.to_vec(), 0.0, 0.0),
+        Scaling::ScaleOffset { scale, offset } => (vec![], vec![], scale, offset),
+    };
+    let s = &model.settings;
+    pb::ModelInfo {
+        model: Some(model_ref(model)),
+        labels: model.spec.config.labels.clone(),
+        input: Some(pb::InputSpec {
+            tensor_name: input.tensor_name.clone(),
+            layout: input.layout.as_str().into(),
+            height: input.height,
+            width: input.width,
+            color: input.color.as_str().into(),
+            resize_filter: input.resize_filter.as_str().into(),
+            mean,
+            std,
+            scale,
+            offset,
+        }),
+        device: model.device.to_string(),
+        max_batch_size: s.max_batch_size as u32,
+        description: model.spec.config.description.clone(),
+        output_tensor_name: model.spec.config.output_name.clone(),
+        output_kind: model.spec.config.output_kind.as_str().into(),
+        warnings: model.warnings.clone(),
+        batching: Some(pb::Batching {
+            max_batch_size: s.max_batch_size as u32,
+            max_queue_delay_us: s.max_queue_delay.as_micros() as u64,
+            queue_capacity: s.queue_capacity as u32,
+            stat_queue_capacity: s.stat_queue_capacity as u32,
+            instances: s.instances as u32,
+            default_priority: s.default_priority.as_str().into(),
+        }),
+    }
+}
+
+fn model_status(m: ModelStatus) -> pb::ModelStatus {
+    pb::ModelStatus {
+        name: m.name,
+        versions: m
+            .versions
+            .into_iter()
+            .map(|v| pb::VersionStatus {
+                version: v.version.to_string(),
+                state: match v.state {
+                    VersionState::Ready => pb::VersionState::Ready,
+                    VersionState::Loading => pb::VersionState::Loading,
+                    VersionState::Failed => pb::VersionState::Failed,
+                } as i32,
+                sha256: v.sha256,
+                error: v.error.unwrap_or_default(),
+            })
+            .collect(),
+        version_policy: m.policy,
+        is_default: m.is_default,
+        error: m.error.unwrap_or_default(),
+    }
+}
+
+/// Records the call's metrics and turns its result into a gRPC response.
+fn finish<T>(
+    rpc: &'static str,
+    started: Instant,
+    model: Option<&ServedModel>,
+    result: Result<T, InferError>,
+) -> Result<Response<T>, Status> {
+    let outcome = result
+        .as_ref()
+        .map_or_else(|e| e.kind.as_str(), |_| error::OK);
+    let (name, version) = model.map_or(("", ""), |m| (&m.spec.config.name, &m.spec.version));
+    metrics::request_done(rpc, outcome, name, version, started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        // Messages name the image index and the reason, never image ids or pixel data.
+        tracing::debug!(rpc, code = outcome, error = %e, "request rejected");
+    }
+    result.map(Response::new).map_err(Status::from)
+}
+
+type ResponseStream =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::ClassifyStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
+    async fn classify(
+        &self,
+        request: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let started = Instant::now();
+        let deadline = request_deadline(&request);
+        let mut served = None;
+        let result = async {
+            let _guard = self.pipeline.admit()?;
+            let request = request.into_inner();
+            let model = self.pipeline.resolve(&request.model, &request.version)?;
+            served = Some(model.clone());
+            let priority = priority(request.priority)?;
+            let mut ids = Vec::with_capacity(request.images.len());
+            let mut images = Vec::with_capacity(request.images.len());
+            for (index, image) in request.images.into_iter().enumerate() {
+                ids.push(image.id.clone());
+                images.push(image_input(image, index)?);
+            }
+            let infer = InferRequest {
+                images,
+                priority,
+                first_index: 0,
+                deadline,
+            };
+            let results = self.pipeline.classify(&model, infer).await?;
+            Ok(pb::ClassifyResponse {
+                results: results
+                    .into_iter()
+                    .zip(ids)
+                    .map(|(r, id)| classification(&model, id, r))
+                    .collect(),
+            })
+        }
+        .await;
+        finish("Classify", started, served.as_deref(), result)
+    }
+
+    type ClassifyStreamStream = ResponseStream;
+
+    async fn classify_stream(
+        &self,
+        request: Request<Streaming<pb::ClassifyStreamRequest>>,
+    ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
+        let started = Instant::now();
+        let guard = match self.pipeline.admit() {
+            Ok(guard) => guard,
+            Err(e) => return finish("ClassifyStream", started, None, Err(e)),
+        };
+        let mut incoming = request.into_inner();
+        let window = self.pipeline.max_images_per_request();
+        let (tx, rx) = mpsc::channel(window);
+        let pipeline = self.pipeline.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let state = pipeline.state().clone();
+            let draining = state.draining();
+            tokio::pin!(draining);
+            let mut running = FuturesUnordered::new();
+            let mut sequence: u64 = 0;
+            let mut open = true;
+            let mut drained = false;
+            let mut outcome = error::OK;
+            let mut first_model: Option<Arc<ServedModel>> = None;
+            while open || !running.is_empty() {
+                tokio::select! {
+                    biased;
+                    // At shutdown: read no more messages, finish those in flight, then end the
+                    // stream with UNAVAILABLE so the client sends the rest elsewhere.
+                    () = &mut draining, if open => {
+                        open = false;
+                        drained = true;
+                    }
+                    Some((response, model)) = running.next() => {
+                        if first_model.is_none() {
+                            first_model = model;
+                        }
+                        if tx.send(Ok(response)).await.is_err() {
+                            outcome = ErrorKind::Cancelled.as_str();
+                            break;
+                        }
+                    }
+                    message = incoming.next(), if open && running.len() < window => match message {
+                        Some(Ok(message)) => {
+                            let seq = sequence;
+                            sequence += 1;
+                            let pipeline = pipeline.clone();
+                            running.push(async move { classify_one(&pipeline, seq, message).await });
+                        }
+                        Some(Err(status)) => {
+                            outcome = crate::api::code_name(status.code());
+                            open = false;
+                        }
+                        None => open = false,
+                    },
+                }
+            }
+            if drained {
+                outcome = ErrorKind::Unavailable.as_str();
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "the server is shutting down: this stream was closed after {sequence} \
+                         messages, each answered; send the rest to another replica"
+                    ))))
+                    .await;
+            }
+            let (name, version) = first_model.as_deref().map_or(("", ""), |m| {
+                (m.spec.config.name.as_str(), m.spec.version.as_str())
+            });
+            metrics::request_done(
+                "ClassifyStream",
+                outcome,
+                name,
+                version,
+                started.elapsed().as_secs_f64(),
+            );
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let started = Instant::now();
+        let request = request.get_ref();
+        let model = self.pipeline.resolve(&request.model, &request.version);
+        let info = model.as_ref().map(|m| model_info(m)).map_err(Clone::clone);
+        finish("GetModel", started, model.as_deref().ok(), info)
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let started = Instant::now();
+        let registry = self.pipeline.registry();
+        let response = pb::ListModelsResponse {
+            models: registry.list().into_iter().map(model_status).collect(),
+            default_model: registry.default_model().unwrap_or_default(),
+        };
+        finish("ListModels", started, None, Ok(response))
+    }
+}
+
+/// One image of a stream: a result or an error response, never a broken stream. Also returns the
+/// model that served it (for the stream's metrics).
+async fn classify_one(
+    pipeline: &Pipeline,
+    sequence: u64,
+    message: pb::ClassifyStreamRequest,
+) -> (pb::ClassifyStreamResponse, Option<Arc<ServedModel>>) {
+    let image_id = message
+        .image
+        .as_ref()
+        .map(|i| i.id.clone())
+        .unwrap_or_default();
+    let index = sequence as usize;
+    let mut served = None;
+    let result = async {
+        if pipeline.state().is_draining() {
+            return Err(InferError::unavailable(
+                "the server is shutting down; retry on another replica",
+            ));
+        }
+        let model = pipeline.resolve(&message.model, &message.version)?;
+        served = Some(model.clone());
+        let image = message.image.ok_or_else(|| {
+            InferError::invalid(format!("stream message {sequence} has no image"))
+        })?;
+        let infer = InferRequest {
+            images: vec![image_input(image, index)?],
+            priority: priority(message.priority)?,
+            first_index: index,
+            // A stream has no per-message deadline; the call's own deadline cancels the stream.
+            deadline: None,
+        };
+        let mut results = pipeline.classify(&model, infer).await?;
+        Ok(classification(
+            &model,
+            image_id.clone(),
+            results.pop().expect("one image in, one result out"),
+        ))
+    }
+    .await;
+    let outcome = match result {
+        Ok(result) => pb::classify_stream_response::Outcome::Result(result),
+        Err(e) => pb::classify_stream_response::Outcome::Error(pb::ImageError {
+            code: code(e.kind) as i32,
+            message: e.message,
+        }),
+    };
+    let response = pb::ClassifyStreamResponse {
+        image_id,
+        sequence,
+        outcome: Some(outcome),
+    };
+    (response, served)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    #[test]
+    fn errors_map_to_grpc_codes() {
+        let bad = InferError::invalid("image data is empty").for_image(3);
+        let status = Status::from(bad);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "image 3: image data is empty");
+        for (kind, expected) in [
+            (ErrorKind::NotFound, Code::NotFound),
+            (ErrorKind::ResourceExhausted, Code::ResourceExhausted),
+            (ErrorKind::DeadlineExceeded, Code::DeadlineExceeded),
+            (ErrorKind::Unavailable, Code::Unavailable),
+            (ErrorKind::Cancelled, Code::Cancelled),
+            (ErrorKind::Internal, Code::Internal),
+        ] {
+            assert_eq!(code(kind), expected);
+            // The metric label is the status code's canonical name.
+            assert_eq!(kind.as_str(), crate::api::code_name(expected));
+        }
+    }
+}

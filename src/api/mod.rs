@@ -1,0 +1,31 @@
+//! Front ends: wire ↔ domain translation only. [`grpc`] serves `brainai.v1` over gRPC, [`oversize`]
+//! gives oversized gRPC messages the status the gRPC spec asks for, [`http`] serves `/metrics`,
+//! `/healthz` and `/readyz`. Every request path goes through [`crate::pipeline`].
+
+pub mod grpc;
+pub mod http;
+pub mod oversize;
+
+/// A gRPC status code as its canonical upper-case name (`OK`, `INVALID_ARGUMENT`, …).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,195 @@
+//! Model instances: each an OS thread owning one backend. It warms up every batch size, then tells
+//! the queue task it is idle, runs the batch it is given, answers every image, and repeats. A run
+//! that fails or panics fails its own batch only; the thread keeps serving.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::queue::Batch;
+use super::{BatchError, ImageOutput, Shared};
+use crate::backend::{Backend, EngineError, InstanceFactory};
+
+/// Starts every instance and waits until all are warm. Returns the instances' batch senders and
+/// the channel on which they announce that they are idle.
+pub(super) async fn start_all(
+    shared: Arc<Shared>,
+    factory: InstanceFactory,
+) -> Result<
+    (
+        Vec<mpsc::UnboundedSender<Batch>>,
+        mpsc::UnboundedReceiver<usize>,
+    ),
+    EngineError,
+> {
+    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+    let mut senders = Vec::with_capacity(shared.config.instances);
+    let mut warmups = Vec::with_capacity(shared.config.instances);
+    for instance in 0..shared.config.instances {
+        let (batch_tx, mut batch_rx) = mpsc::unbounded_channel();
+        let (warm_tx, warm_rx) = oneshot::channel();
+        let (shared, factory, ready_tx) = (shared.clone(), factory.clone(), ready_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("brainai-instance-{instance}"))
+            .spawn(move || {
+                let Some(mut backend) = warm_up(instance, &shared, &factory, warm_tx) else {
+                    return;
+                };
+                loop {
+                    if ready_tx.send(instance).is_err() {
+                        return;
+                    }
+                    let Some(batch) = batch_rx.blocking_recv() else {
+                        return;
+                    };
+                    run_batch(instance, &shared, backend.as_mut(), batch);
+                }
+            })
+            .map_err(|e| EngineError::Runtime(format!("cannot start instance thread: {e}")))?;
+        senders.push(batch_tx);
+        warmups.push(warm_rx);
+    }
+    for warm in warmups {
+        warm.await
+            .map_err(|_| EngineError::Runtime("instance thread ended during warm-up".into()))??;
+    }
+    Ok((senders, ready_rx))
+}
+
+/// Builds the backend and runs every warm-up batch size (through [`execute`], so warm-up checks
+/// the output exactly as serving does). Reports the outcome on `warm_tx`.
+fn warm_up(
+    instance: usize,
+    shared: &Shared,
+    factory: &InstanceFactory,
+    warm_tx: oneshot::Sender<Result<(), EngineError>>,
+) -> Option<Box<dyn Backend>> {
+    let config = &shared.config;
+    let warm = catch_unwind(AssertUnwindSafe(|| {
+        let mut backend = factory(instance)?;
+        for size in config.sizes.warmup() {
+            let input = vec![0f32; size * config.input_len];
+            execute(instance, backend.as_mut(), &input, size, config.output_len)?;
+        }
+        Ok(backend)
+    }))
+    .unwrap_or_else(|panic| {
+        Err(EngineError::Panic {
+            instance,
+            message: panic_message(panic.as_ref()),
+        })
+    });
+    match warm {
+        Ok(backend) => {
+            let _ = warm_tx.send(Ok(()));
+            tracing::info!(instance, "model instance warm");
+            Some(backend)
+        }
+        Err(e) => {
+            let _ = warm_tx.send(Err(e));
+            None
+        }
+    }
+}
+
+/// One model run: contains panics, and is the one place that checks the output's size.
+fn execute(
+    instance: usize,
+    backend: &mut dyn Backend,
+    input: &[f32],
+    batch: usize,
+    output_len: usize,
+) -> Result<Vec<f32>, EngineError> {
+    let outputs =
+        catch_unwind(AssertUnwindSafe(|| backend.run(input, batch))).unwrap_or_else(|panic| {
+            Err(EngineError::Panic {
+                instance,
+                message: panic_message(panic.as_ref()),
+            })
+        })?;
+    if outputs.len() != batch * output_len {
+        return Err(EngineError::Inference(format!(
+            "model returned {} values for {batch} images, expected {batch} × {output_len}",
+            outputs.len()
+        )));
+    }
+    Ok(outputs)
+}
+
+fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch: Batch) {
+    let config = &shared.config;
+    let n = batch.jobs.len();
+    let span = tracing::debug_span!("batch", instance, size = n);
+    for job in &batch.jobs {
+        span.follows_from(&job.span);
+    }
+    let _entered = span.enter();
+    let mut input = Vec::with_capacity(n * config.input_len);
+    let mut queue_times = Vec::with_capacity(n);
+    for job in &batch.jobs {
+        input.extend_from_slice(&job.tensor);
+        let waited = batch.dispatched - job.enqueued;
+        shared
+            .metrics
+            .queue_duration(job.priority, waited.as_secs_f64());
+        queue_times.push(waited);
+    }
+    let started = std::time::Instant::now();
+    let result = execute(instance, backend, &input, n, config.output_len);
+    let inference_time = started.elapsed();
+    shared
+        .metrics
+        .batch_done(n, config.sizes.max(), inference_time.as_secs_f64());
+
+    match result {
+        Ok(outputs) => {
+            for ((job, values), queue_time) in batch
+                .jobs
+                .into_iter()
+                .zip(outputs.chunks_exact(config.output_len))
+                .zip(queue_times)
+            {
+                job.span.in_scope(|| {
+                    tracing::debug!(
+                        instance,
+                        batch_size = n,
+                        queue_ms = ms(queue_time),
+                        inference_ms = ms(inference_time),
+                        "image ran"
+                    )
+                });
+                let _ = job.reply.send(Ok(ImageOutput {
+                    values: values.to_vec(),
+                    batch_size: n,
+                    queue_time,
+                    inference_time,
+                }));
+            }
+        }
+        Err(e) => {
+            if let EngineError::Panic { message, .. } = &e {
+                tracing::error!(instance, %message, "model instance panicked; it keeps serving");
+            }
+            for job in batch.jobs {
+                job.span.in_scope(
+                    || tracing::warn!(instance, batch_size = n, error = %e, "batch failed"),
+                );
+                let _ = job.reply.send(Err(BatchError::Engine(e.clone())));
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

@@ -1,0 +1,275 @@
+//! Dynamic batcher of one model version, model-agnostic: f32 tensors of `input_len` values in, one
+//! output of `output_len` values per image out. One queue task ([`queue`]) owns the queues and forms
+//! batches by the policy in [`policy`]; each model instance ([`instance`]) runs batches on its own
+//! OS thread. Callers hold a cloneable [`Batcher`]: they [`Batcher::reserve`] queue places (one
+//! semaphore permit per image, released on dispatch, expiry or cancel), then [`Batcher::submit`]
+//! the tensors and await each image's answer on a oneshot.
+
+mod instance;
+pub(crate) mod policy;
+mod queue;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::backend::{BatchSizes, EngineError, InstanceFactory};
+use crate::metrics::ModelMetrics;
+
+/// Urgency of a request. The batcher fills each batch from the highest waiting priority first, and
+/// each priority has its own queue limit, so routine floods cannot starve urgent reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Urgent ("stat") reads: served first.
+    Stat,
+    /// Everything else.
+    Routine,
+}
+
+impl Priority {
+    /// Highest first.
+    pub const ALL: [Priority; 2] = [Priority::Stat, Priority::Routine];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Stat => "stat",
+            Priority::Routine => "routine",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stat" => Ok(Priority::Stat),
+            "routine" => Ok(Priority::Routine),
+            _ => Err(format!("unknown priority {s:?}: use stat or routine")),
+        }
+    }
+}
+
+/// Batching knobs of one model version.
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    /// The batch sizes: the largest batch, and what warm-up runs.
+    pub sizes: BatchSizes,
+    /// How long the oldest queued image may wait for a batch to fill.
+    pub max_queue_delay: Duration,
+    /// Most images admitted per priority (indexed by [`Priority::ALL`] order); more are refused.
+    pub queue_capacity: [usize; 2],
+    /// Number of model instances (threads, each with its own backend).
+    pub instances: usize,
+    /// f32 values per input image.
+    pub input_len: usize,
+    /// f32 values per output.
+    pub output_len: usize,
+}
+
+/// The answer for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageOutput {
+    /// The model's output for this image (`output_len` values).
+    pub values: Vec<f32>,
+    /// Images in the batch this one ran in.
+    pub batch_size: usize,
+    /// Time from enqueue to the batch being handed to an instance.
+    pub queue_time: Duration,
+    /// Model run time of the batch.
+    pub inference_time: Duration,
+}
+
+/// Why an image (or a whole request) got no answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BatchError {
+    #[error(
+        "queue is full: {waiting} images waiting, capacity {capacity} ({} priority); retry later",
+        priority.as_str()
+    )]
+    QueueFull {
+        priority: Priority,
+        waiting: usize,
+        capacity: usize,
+    },
+    #[error("deadline exceeded after {waited_ms} ms in the queue")]
+    DeadlineExceeded { waited_ms: u64 },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the batcher has stopped")]
+    Stopped,
+}
+
+/// Receiver of one image's answer.
+pub type Pending = oneshot::Receiver<Result<ImageOutput, BatchError>>;
+
+/// Queue places for the images of one request, taken before they are decoded. Dropping it (a
+/// request that failed before submitting) gives the places back.
+pub struct Reservation {
+    permits: OwnedSemaphorePermit,
+    priority: Priority,
+}
+
+impl Reservation {
+    /// Images it holds places for.
+    pub fn len(&self) -> usize {
+        self.permits.num_permits()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+}
+
+/// What the work of one image carries through the queue into its batch.
+pub(crate) struct Job {
+    tensor: Vec<f32>,
+    priority: Priority,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<ImageOutput, BatchError>>,
+    /// The request's span: instance logs about this image are emitted inside it.
+    span: tracing::Span,
+}
+
+/// One queued image: its job, its deadline and its queue place.
+pub(crate) struct Entry {
+    job: Job,
+    deadline: Option<Instant>,
+    /// Released on dispatch, expiry or cancel (whenever the entry leaves the queue).
+    _place: OwnedSemaphorePermit,
+}
+
+/// State shared by the handles, the queue task and the instances.
+struct Shared {
+    config: BatcherConfig,
+    metrics: ModelMetrics,
+    /// Queue places per priority ([`Priority::ALL`] order).
+    places: [Arc<Semaphore>; 2],
+}
+
+impl Shared {
+    /// Images holding a place of `priority` now (being decoded, or queued).
+    fn waiting(&self, priority: Priority) -> usize {
+        let i = priority.index();
+        self.config.queue_capacity[i] - self.places[i].available_permits()
+    }
+
+    fn publish_depth(&self) {
+        for p in Priority::ALL {
+            self.metrics.set_queue_depth(p, self.waiting(p));
+        }
+    }
+}
+
+/// Cheap cloneable handle to the queue task; the task (and then the instances) ends once every
+/// handle is dropped and the queue is empty.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Entry>,
+    shared: Arc<Shared>,
+}
+
+impl Batcher {
+    /// Starts the instances (each builds its backend and runs every warm-up batch size) and the
+    /// queue task. Returns once every instance is warm, or with the first instance's error.
+    pub async fn start(
+        config: BatcherConfig,
+        factory: InstanceFactory,
+        metrics: ModelMetrics,
+    ) -> Result<Batcher, EngineError> {
+        assert!(config.instances > 0, "validated by the caller");
+        let shared = Arc::new(Shared {
+            places: config.queue_capacity.map(|c| Arc::new(Semaphore::new(c))),
+            config,
+            metrics,
+        });
+        let (instance_txs, ready_rx) = instance::start_all(shared.clone(), factory).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(queue::QueueTask::new(shared.clone(), rx, ready_rx, instance_txs).run());
+        Ok(Batcher { tx, shared })
+    }
+
+    /// Takes `n` queue places of `priority`, all or none, without waiting: a full queue is refused
+    /// at once, before any image is decoded.
+    pub fn reserve(&self, n: usize, priority: Priority) -> Result<Reservation, BatchError> {
+        let i = priority.index();
+        let capacity = self.shared.config.queue_capacity[i];
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        match self.shared.places[i].clone().try_acquire_many_owned(n32) {
+            Ok(permits) => {
+                self.shared.publish_depth();
+                Ok(Reservation { permits, priority })
+            }
+            Err(_) => {
+                self.shared.metrics.dropped("queue_full", n);
+                Err(BatchError::QueueFull {
+                    priority,
+                    waiting: self.shared.waiting(priority),
+                    capacity,
+                })
+            }
+        }
+    }
+
+    /// Queues one tensor per reserved place (`tensors.len()` must equal `reservation.len()`). Each
+    /// receiver yields that image's answer; `span` is the request's tracing span.
+    pub fn submit(
+        &self,
+        mut reservation: Reservation,
+        tensors: Vec<Vec<f32>>,
+        deadline: Option<Instant>,
+        span: &tracing::Span,
+    ) -> Result<Vec<Pending>, BatchError> {
+        assert_eq!(
+            tensors.len(),
+            reservation.len(),
+            "one tensor per reserved place: this is a bug"
+        );
+        let now = Instant::now();
+        let mut pending = Vec::with_capacity(tensors.len());
+        for tensor in tensors {
+            debug_assert_eq!(tensor.len(), self.shared.config.input_len);
+            let permit = reservation
+                .permits
+                .split(1)
+                .expect("a permit per tensor, checked above");
+            let (reply, rx) = oneshot::channel();
+            let entry = Entry {
+                job: Job {
+                    tensor,
+                    priority: reservation.priority,
+                    enqueued: now,
+                    reply,
+                    span: span.clone(),
+                },
+                deadline,
+                _place: permit,
+            };
+            self.tx.send(entry).map_err(|_| BatchError::Stopped)?;
+            pending.push(rx);
+        }
+        Ok(pending)
+    }
+
+    /// Images of `priority` holding a queue place now (being decoded, or queued).
+    pub fn queue_depth(&self, priority: Priority) -> usize {
+        self.shared.waiting(priority)
+    }
+
+    pub fn config(&self) -> &BatcherConfig {
+        &self.shared.config
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! The queue task: the one owner of the queued images (one FIFO per priority). It wakes on a new
+//! image, a free instance or its timer; drops images whose caller left or whose deadline passed;
+//! asks the policy whether to dispatch; and fills each batch from the highest priority first.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::policy::{BatchPolicy, Decision, QueueState};
+use super::{BatchError, Entry, Job, Priority, Shared};
+
+/// A batch handed to an instance.
+pub(super) struct Batch {
+    pub jobs: Vec<Job>,
+    pub dispatched: Instant,
+}
+
+pub(super) struct QueueTask {
+    shared: Arc<Shared>,
+    policy: BatchPolicy,
+    rx: mpsc::UnboundedReceiver<Entry>,
+    ready_rx: mpsc::UnboundedReceiver<usize>,
+    instance_txs: Vec<mpsc::UnboundedSender<Batch>>,
+    idle: Vec<usize>,
+    /// One FIFO per priority, [`Priority::ALL`] order.
+    queues: [VecDeque<Entry>; 2],
+}
+
+impl QueueTask {
+    pub fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::UnboundedReceiver<Entry>,
+        ready_rx: mpsc::UnboundedReceiver<usize>,
+        instance_txs: Vec<mpsc::UnboundedSender<Batch>>,
+    ) -> Self {
+        let policy = BatchPolicy {
+            max_batch_size: shared.config.sizes.max(),
+            max_queue_delay: shared.config.max_queue_delay,
+        };
+        QueueTask {
+            shared,
+            policy,
+            rx,
+            ready_rx,
+            instance_txs,
+            idle: Vec::new(),
+            queues: [VecDeque::new(), VecDeque::new()],
+        }
+    }
+
+    pub async fn run(mut self) {
+        let mut closing = false;
+        loop {
+            let now = Instant::now();
+            self.drop_dead(now);
+            let state = QueueState {
+                queued: self.queues.iter().map(VecDeque::len).sum(),
+                oldest: self
+                    .queues
+                    .iter()
+                    .filter_map(|q| q.front().map(|e| e.job.enqueued))
+                    .min(),
+                now,
+                instance_idle: !self.idle.is_empty(),
+                closing,
+            };
+            match self.policy.decide(&state) {
+                Decision::Dispatch => self.dispatch(),
+                Decision::Wait(_) if closing && state.queued == 0 => break,
+                Decision::Wait(until) => {
+                    let timer = async {
+                        match until {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        Some(instance) = self.ready_rx.recv() => self.idle.push(instance),
+                        entry = self.rx.recv(), if !closing => match entry {
+                            Some(entry) => {
+                                self.push(entry);
+                                // Take whatever else is already waiting, so a burst forms one batch.
+                                while let Ok(entry) = self.rx.try_recv() {
+                                    self.push(entry);
+                                }
+                            }
+                            None => closing = true,
+                        },
+                        () = timer => {}
+                    }
+                }
+            }
+            self.shared.publish_depth();
+        }
+        // Dropping the instance senders ends the instance threads once they finish their batch.
+    }
+
+    fn push(&mut self, entry: Entry) {
+        self.queues[entry.job.priority.index()].push_back(entry);
+    }
+
+    /// Answers and removes entries whose deadline passed or whose caller went away; their queue
+    /// places are released as the entries drop.
+    fn drop_dead(&mut self, now: Instant) {
+        let metrics = &self.shared.metrics;
+        for queue in &mut self.queues {
+            queue.retain_mut(|entry| {
+                if entry.deadline.is_some_and(|d| d <= now) {
+                    metrics.dropped("deadline", 1);
+                    let waited_ms = (now - entry.job.enqueued).as_millis() as u64;
+                    // Take the sender out of the entry to answer it.
+                    let (placeholder, _) = tokio::sync::oneshot::channel();
+                    let reply = std::mem::replace(&mut entry.job.reply, placeholder);
+                    let _ = reply.send(Err(BatchError::DeadlineExceeded { waited_ms }));
+                    return false;
+                }
+                if entry.job.reply.is_closed() {
+                    metrics.dropped("cancelled", 1);
+                    return false;
+                }
+                true
+            });
+        }
+    }
+
+    /// Hands up to `max_batch_size` images, highest priority first, to an idle instance.
+    fn dispatch(&mut self) {
+        let instance = self
+            .idle
+            .pop()
+            .expect("the policy dispatches only with an idle instance");
+        let mut jobs = Vec::with_capacity(self.policy.max_batch_size);
+        for p in Priority::ALL {
+            let queue = &mut self.queues[p.index()];
+            let take = queue.len().min(self.policy.max_batch_size - jobs.len());
+            // The entries' permits drop here: dispatched images no longer hold queue places.
+            jobs.extend(queue.drain(..take).map(|entry| entry.job));
+        }
+        let batch = Batch {
+            jobs,
+            dispatched: Instant::now(),
+        };
+        if let Err(mpsc::error::SendError(batch)) = self.instance_txs[instance].send(batch) {
+            // The instance thread is gone (it only ends when this task ends): answer, don't hang.
+            for job in batch.jobs {
+                let _ = job.reply.send(Err(BatchError::Stopped));
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Batcher behaviour with the shared test doubles (`backend::testing`; the real ONNX Runtime engine
+//! is covered by the integration tests) and tokio's paused clock for timers.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::policy::TIMER_SLACK;
+use super::*;
+use crate::backend::testing::{BatchLog, Echo, Gate, PANIC, POISON, Probe};
+
+const INPUT_LEN: usize = 2;
+const OUTPUT_LEN: usize = 2;
+
+fn config(max_batch_size: usize, delay_ms: u64, capacity: usize) -> BatcherConfig {
+    BatcherConfig {
+        sizes: BatchSizes::new(max_batch_size),
+        max_queue_delay: Duration::from_millis(delay_ms),
+        queue_capacity: [capacity, capacity],
+        instances: 1,
+        input_len: INPUT_LEN,
+        output_len: OUTPUT_LEN,
+    }
+}
+
+fn probe_factory(log: &BatchLog, gate: &Gate) -> InstanceFactory {
+    let (log, gate) = (log.clone(), gate.clone());
+    Arc::new(move |_| {
+        Ok(Box::new(Probe {
+            inner: Echo {
+                input_len: INPUT_LEN,
+                output_len: OUTPUT_LEN,
+            },
+            log: log.clone(),
+            gate: gate.clone(),
+            input_len: INPUT_LEN,
+        }) as Box<dyn crate::backend::Backend>)
+    })
+}
+
+fn metrics() -> ModelMetrics {
+    ModelMetrics::new("test", "1")
+}
+
+/// A batcher over an echo backend; returns the log of batches run after warm-up.
+async fn start(cfg: BatcherConfig) -> (Batcher, BatchLog) {
+    let log = BatchLog::default();
+    let batcher = Batcher::start(cfg, probe_factory(&log, &Gate::new()), metrics())
+        .await
+        .unwrap();
+    log.clear();
+    (batcher, log)
+}
+
+fn image(v: f32) -> Vec<f32> {
+    vec![v; INPUT_LEN]
+}
+
+/// Reserves and submits routine images.
+fn send(b: &Batcher, images: Vec<Vec<f32>>, deadline: Option<Instant>) -> Vec<Pending> {
+    send_at(b, images, deadline, Priority::Routine)
+}
+
+fn send_at(
+    b: &Batcher,
+    images: Vec<Vec<f32>>,
+    deadline: Option<Instant>,
+    priority: Priority,
+) -> Vec<Pending> {
+    let places = b.reserve(images.len(), priority).unwrap();
+    b.submit(places, images, deadline, &tracing::Span::none())
+        .unwrap()
+}
+
+/// Every answer, awaited for at most a minute of real time, so a lost answer fails instead of
+/// hanging. (A tokio timer would not do: the paused clock jumps straight to it whenever the
+/// runtime idles, as it does while an instance thread runs.)
+async fn answers(pending: Vec<Pending>) -> Vec<Result<ImageOutput, BatchError>> {
+    let (expired_tx, expired) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        let _ = expired_tx.send(());
+    });
+    let all = async {
+        let mut out = Vec::new();
+        for rx in pending {
+            out.push(rx.await.expect("the batcher answers every image"));
+        }
+        out
+    };
+    tokio::select! {
+        out = all => out,
+        _ = expired => panic!("no answer within a minute"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn warmup_runs_every_size_before_start_returns() {
+    let log = BatchLog::default();
+    let _batcher = Batcher::start(
+        config(8, 5, 64),
+        probe_factory(&log, &Gate::new()),
+        metrics(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(log.sizes(), [1, 2, 4, 8]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn warmup_failure_fails_start() {
+    let factory: InstanceFactory = Arc::new(|_| Err(EngineError::Inference("no model".into())));
+    let err = Batcher::start(config(4, 5, 64), factory, metrics())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err, EngineError::Inference("no model".into()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn warmup_checks_the_output_size_like_serving_does() {
+    // A backend whose output is one value short: the same check refuses it at warm-up.
+    let factory: InstanceFactory = Arc::new(|_| {
+        Ok(Box::new(Echo {
+            input_len: INPUT_LEN,
+            output_len: OUTPUT_LEN - 1,
+        }) as Box<dyn crate::backend::Backend>)
+    });
+    let err = Batcher::start(config(2, 5, 64), factory, metrics())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "inference failed: model returned 1 values for 1 images, expected 1 × 2"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_batch_runs_without_waiting_for_the_delay() {
+    let (batcher, log) = start(config(4, 10_000, 64)).await;
+    let t0 = Instant::now();
+    let out = answers(send(
+        &batcher,
+        (0..4).map(|i| image(i as f32)).collect(),
+        None,
+    ))
+    .await;
+    assert!(
+        Instant::now() - t0 < Duration::from_secs(10),
+        "waited for the queue delay"
+    );
+    assert_eq!(log.sizes(), [4]);
+    for (i, r) in out.into_iter().enumerate() {
+        let r = r.unwrap();
+        assert_eq!(r.batch_size, 4);
+        assert_eq!(r.values, [i as f32, -(i as f32)]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn partial_batch_waits_for_max_queue_delay_then_runs() {
+    let (batcher, log) = start(config(8, 50, 64)).await;
+    let t0 = Instant::now();
+    let out = answers(send(&batcher, vec![image(1.0), image(2.0)], None)).await;
+    assert!(Instant::now() - t0 >= Duration::from_millis(50) - TIMER_SLACK);
+    assert_eq!(log.sizes(), [2]);
+    assert!(out.iter().all(|r| r.as_ref().unwrap().batch_size == 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_within_the_window_are_merged() {
+    let (batcher, log) = start(config(8, 50, 64)).await;
+    let first = send(&batcher, vec![image(1.0)], None);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = send(&batcher, vec![image(2.0)], None);
+    let (a, b) = tokio::join!(answers(first), answers(second));
+    assert_eq!(log.sizes(), [2]);
+    assert_eq!(a[0].as_ref().unwrap().batch_size, 2);
+    assert_eq!(b[0].as_ref().unwrap().batch_size, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn large_request_is_split_and_reassembled_in_order() {
+    let (batcher, log) = start(config(4, 5, 64)).await;
+    let out = answers(send(
+        &batcher,
+        (0..10).map(|i| image(i as f32)).collect(),
+        None,
+    ))
+    .await;
+    assert_eq!(log.sizes(), [4, 4, 2]);
+    for (i, r) in out.into_iter().enumerate() {
+        assert_eq!(
+            r.unwrap().values,
+            [i as f32, -(i as f32)],
+            "image {i} out of order"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_queue_is_refused_at_once_and_frees_no_capacity() {
+    let (batcher, _log) = start(config(8, 60_000, 4)).await;
+    let held = send(&batcher, vec![image(1.0); 3], None);
+    let err = batcher.reserve(2, Priority::Routine).err().unwrap();
+    assert_eq!(
+        err,
+        BatchError::QueueFull {
+            priority: Priority::Routine,
+            waiting: 3,
+            capacity: 4
+        }
+    );
+    assert_eq!(batcher.queue_depth(Priority::Routine), 3);
+    // One more still fits.
+    let last = send(&batcher, vec![image(3.0)], None);
+    let (a, b) = tokio::join!(answers(held), answers(last));
+    assert!(a.iter().chain(&b).all(|r| r.is_ok()));
+    assert_eq!(batcher.queue_depth(Priority::Routine), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_that_is_never_submitted_gives_its_places_back() {
+    let (batcher, _log) = start(config(8, 5, 4)).await;
+    let places = batcher.reserve(4, Priority::Routine).unwrap();
+    assert!(batcher.reserve(1, Priority::Routine).is_err());
+    drop(places); // e.g. an image of the request failed to decode
+    assert_eq!(batcher.queue_depth(Priority::Routine), 0);
+    assert_eq!(
+        answers(send(&batcher, vec![image(1.0); 4], None))
+            .await
+            .len(),
+        4
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_and_cancelled_entries_are_dropped_before_running() {
+    let (batcher, log) = start(config(8, 100, 64)).await;
+    let expired = send(
+        &batcher,
+        vec![image(1.0)],
+        Some(Instant::now() + Duration::from_millis(10)),
+    );
+    let cancelled = send(&batcher, vec![image(2.0)], None);
+    drop(cancelled);
+    let kept = send(&batcher, vec![image(3.0)], None);
+    let (expired, kept) = tokio::join!(answers(expired), answers(kept));
+    assert!(
+        matches!(expired[0], Err(BatchError::DeadlineExceeded { .. })),
+        "{expired:?}"
+    );
+    assert_eq!(kept[0].as_ref().unwrap().batch_size, 1);
+    assert_eq!(log.batches(), [vec![3.0]], "dropped entries must not run");
+    assert_eq!(batcher.queue_depth(Priority::Routine), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn inference_error_fails_the_batch_and_the_instance_keeps_serving() {
+    let (batcher, _log) = start(config(2, 1_000, 64)).await;
+    let out = answers(send(&batcher, vec![image(POISON), image(1.0)], None)).await;
+    let expected = BatchError::Engine(EngineError::Inference("poisoned input".into()));
+    assert_eq!(out, vec![Err(expected.clone()), Err(expected)]);
+    let again = answers(send(&batcher, vec![image(1.0), image(2.0)], None)).await;
+    assert!(again.iter().all(|r| r.is_ok()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_in_an_instance_is_contained() {
+    let (batcher, _log) = start(config(1, 1, 64)).await;
+    let out = answers(send(&batcher, vec![image(PANIC)], None)).await;
+    match &out[0] {
+        Err(BatchError::Engine(EngineError::Panic {
+            instance: 0,
+            message,
+        })) => {
+            assert!(message.contains("test backend panic"), "{message}")
+        }
+        other => panic!("expected a contained panic, got {other:?}"),
+    }
+    let again = answers(send(&batcher, vec![image(1.0)], None)).await;
+    assert!(again[0].is_ok());
+}
+
+/// Waits (real time, bounded) until the backend has run `n` batches.
+async fn until_batches(log: &BatchLog, n: usize) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while log.len() < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the backend ran the batch");
+}
+
+/// While the only instance runs a batch, the next batch forms from everything that arrives.
+#[tokio::test]
+async fn next_batch_forms_while_the_instance_is_busy() {
+    let (log, gate) = (BatchLog::default(), Gate::new());
+    let batcher = Batcher::start(config(8, 0, 64), probe_factory(&log, &gate), metrics())
+        .await
+        .unwrap();
+    log.clear();
+    gate.close();
+    let first = send(&batcher, vec![image(1.0)], None);
+    until_batches(&log, 1).await;
+    let rest: Vec<Vec<Pending>> = (0..3)
+        .map(|i| send(&batcher, vec![image(i as f32)], None))
+        .collect();
+    gate.release(2);
+    answers(first).await;
+    for r in rest {
+        assert_eq!(answers(r).await[0].as_ref().unwrap().batch_size, 3);
+    }
+    assert_eq!(log.sizes(), [1, 3]);
+}
+
+/// With the queue full of routine work, a STAT image has its own places and rides the next batch.
+#[tokio::test]
+async fn stat_images_skip_a_full_routine_queue_into_the_next_batch() {
+    let (log, gate) = (BatchLog::default(), Gate::new());
+    let mut cfg = config(4, 0, 8);
+    cfg.queue_capacity = [2, 8];
+    let batcher = Batcher::start(cfg, probe_factory(&log, &gate), metrics())
+        .await
+        .unwrap();
+    log.clear();
+    gate.close();
+    let busy = send(&batcher, vec![image(1.0)], None);
+    until_batches(&log, 1).await;
+    // Eight routine images fill the routine queue: two batches' worth.
+    let routine = send(
+        &batcher,
+        (0..8).map(|i| image(10.0 + i as f32)).collect(),
+        None,
+    );
+    assert!(
+        batcher.reserve(1, Priority::Routine).is_err(),
+        "routine queue full"
+    );
+    let stat = send_at(&batcher, vec![image(99.0)], None, Priority::Stat);
+    gate.release(4);
+    let (_, routine, stat) = tokio::join!(answers(busy), answers(routine), answers(stat));
+    assert!(routine.iter().all(Result::is_ok));
+    assert!(stat[0].is_ok());
+    let batches = log.batches();
+    assert_eq!(
+        batches[1],
+        [99.0, 10.0, 11.0, 12.0],
+        "the STAT image leads the next batch: {batches:?}"
+    );
+    assert_eq!(batches[2], [13.0, 14.0, 15.0, 16.0]);
+    assert_eq!(batches[3], [17.0]);
+}

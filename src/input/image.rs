@@ -1,0 +1,325 @@
+//! PNG, JPEG and raw pixels → [`Pixels`]: size limits, format detection, a header-only dimension
+//! check before anything is allocated, and Pillow's conversions to 8 bits (alpha dropped, 16-bit
+//! samples as the model's [`SixteenBit`] policy says).
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat as CodecFormat, ImageReader};
+
+use super::{Encoding, InputError, InputLimits, Pixels};
+use crate::model::SixteenBit;
+
+/// Decodes one image into 8-bit gray or RGB pixels.
+pub fn decode(
+    data: &[u8],
+    encoding: Encoding,
+    limits: &InputLimits,
+    sixteen_bit: SixteenBit,
+) -> Result<Pixels, InputError> {
+    if data.is_empty() {
+        return Err(InputError::Empty);
+    }
+    if data.len() > limits.max_image_bytes {
+        return Err(InputError::TooLarge {
+            bytes: data.len(),
+            limit: limits.max_image_bytes,
+        });
+    }
+    let detected = detect(data);
+    let format = match (encoding, detected) {
+        (
+            Encoding::Raw {
+                width,
+                height,
+                channels,
+            },
+            _,
+        ) => return raw(data, width, height, channels, limits),
+        (Encoding::Detect, Some(f)) => f,
+        (Encoding::Detect, None) => {
+            return Err(InputError::UnknownFormat(format!(
+                "{} bytes without a PNG or JPEG signature",
+                data.len()
+            )));
+        }
+        (Encoding::Png, Some(CodecFormat::Png)) => CodecFormat::Png,
+        (Encoding::Jpeg, Some(CodecFormat::Jpeg)) => CodecFormat::Jpeg,
+        (declared, found) => {
+            return Err(InputError::FormatMismatch {
+                declared: if declared == Encoding::Png {
+                    "PNG"
+                } else {
+                    "JPEG"
+                },
+                detected: found.map_or("neither PNG nor JPEG", format_name),
+            });
+        }
+    };
+    let name = format_name(format);
+    let decode_err = |e: image::ImageError| InputError::Decode {
+        format: name,
+        message: e.to_string(),
+    };
+
+    if format == CodecFormat::Jpeg {
+        check_jpeg_complete(data)?;
+    }
+    // Read the header first, so a decompression bomb is refused before anything is allocated.
+    let (width, height) = ImageReader::with_format(Cursor::new(data), format)
+        .into_dimensions()
+        .map_err(decode_err)?;
+    check_pixels(width, height, limits)?;
+
+    let mut reader = ImageReader::with_format(Cursor::new(data), format);
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(width);
+    image_limits.max_image_height = Some(height);
+    image_limits.max_alloc = Some(limits.max_pixels.saturating_mul(16));
+    reader.limits(image_limits);
+    let image = reader.decode().map_err(decode_err)?;
+    Ok(to_pixels(image, sixteen_bit))
+}
+
+fn check_pixels(width: u32, height: u32, limits: &InputLimits) -> Result<(), InputError> {
+    let pixels = width as u64 * height as u64;
+    if pixels > limits.max_pixels {
+        return Err(InputError::TooManyPixels {
+            width,
+            height,
+            pixels,
+            limit: limits.max_pixels,
+        });
+    }
+    if pixels == 0 {
+        return Err(InputError::RawGeometry(format!(
+            "image is {width}×{height}: no pixels"
+        )));
+    }
+    Ok(())
+}
+
+fn raw(
+    data: &[u8],
+    width: u32,
+    height: u32,
+    channels: u32,
+    limits: &InputLimits,
+) -> Result<Pixels, InputError> {
+    if !matches!(channels, 1 | 3 | 4) {
+        return Err(InputError::RawGeometry(format!(
+            "channels must be 1, 3 or 4, got {channels}"
+        )));
+    }
+    check_pixels(width, height, limits)?;
+    let expected = width as u64 * height as u64 * channels as u64;
+    if data.len() as u64 != expected {
+        return Err(InputError::RawGeometry(format!(
+            "{} bytes do not match {width}×{height}×{channels} = {expected} bytes",
+            data.len()
+        )));
+    }
+    let data = if channels == 4 {
+        data.chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect()
+    } else {
+        data.to_vec()
+    };
+    Ok(Pixels {
+        width,
+        height,
+        channels: if channels == 4 { 3 } else { channels as usize },
+        data,
+    })
+}
+
+fn detect(data: &[u8]) -> Option<CodecFormat> {
+    if data.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(CodecFormat::Png)
+    } else if data.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(CodecFormat::Jpeg)
+    } else {
+        None
+    }
+}
+
+/// The JPEG decoder fills a truncated scan with grey and reports success; a cut-off image must not
+/// be classified. Entropy-coded data cannot contain FF D9, so the image is complete only if an
+/// end-of-image marker follows the last start-of-scan marker (an EXIF thumbnail's own markers
+/// come earlier in the file).
+fn check_jpeg_complete(data: &[u8]) -> Result<(), InputError> {
+    let last = |marker: u8| data.windows(2).rposition(|w| w == [0xFF, marker]);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) if eoi > sos => Ok(()),
+        (None, _) => Err(InputError::Decode {
+            format: "JPEG",
+            message: "no start-of-scan marker: the data holds no image".into(),
+        }),
+        _ => Err(InputError::Decode {
+            format: "JPEG",
+            message: format!(
+                "data ends early: no end-of-image marker after the image data (got {} bytes; truncated upload?)",
+                data.len()
+            ),
+        }),
+    }
+}
+
+fn format_name(format: CodecFormat) -> &'static str {
+    match format {
+        CodecFormat::Png => "PNG",
+        CodecFormat::Jpeg => "JPEG",
+        _ => "other",
+    }
+}
+
+/// 8-bit gray or RGB, as Pillow's `convert` gives them: alpha dropped; 16-bit samples by `policy`.
+fn to_pixels(image: DynamicImage, policy: SixteenBit) -> Pixels {
+    let (width, height) = (image.width(), image.height());
+    let gray = |data| Pixels {
+        width,
+        height,
+        channels: 1,
+        data,
+    };
+    let rgb = |data| Pixels {
+        width,
+        height,
+        channels: 3,
+        data,
+    };
+    // Pillow opens 16-bit gray as mode I;16 and clips it to 255 when converting; 16-bit colour and
+    // gray+alpha it opens as 8-bit RGB(A), keeping the high byte.
+    let scale = |v: u16| ((v as u32 * 255 + 32767) / 65535) as u8;
+    let high = |v: u16| (v >> 8) as u8;
+    let narrow: &dyn Fn(u16) -> u8 = match policy {
+        SixteenBit::Pillow => &high,
+        SixteenBit::Scale => &scale,
+    };
+    match image {
+        DynamicImage::ImageLuma8(buf) => gray(buf.into_raw()),
+        DynamicImage::ImageLumaA8(buf) => {
+            gray(buf.into_raw().chunks_exact(2).map(|p| p[0]).collect())
+        }
+        DynamicImage::ImageRgb8(buf) => rgb(buf.into_raw()),
+        DynamicImage::ImageRgba8(buf) => rgb(drop_alpha(&buf.into_raw(), 4)),
+        DynamicImage::ImageLuma16(buf) => gray(
+            buf.into_raw()
+                .into_iter()
+                .map(|v| match policy {
+                    SixteenBit::Pillow => v.min(255) as u8,
+                    SixteenBit::Scale => scale(v),
+                })
+                .collect(),
+        ),
+        DynamicImage::ImageLumaA16(buf) => gray(
+            buf.into_raw()
+                .chunks_exact(2)
+                .map(|p| narrow(p[0]))
+                .collect(),
+        ),
+        DynamicImage::ImageRgb16(buf) => rgb(buf.into_raw().into_iter().map(narrow).collect()),
+        DynamicImage::ImageRgba16(buf) => rgb(buf
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [narrow(p[0]), narrow(p[1]), narrow(p[2])])
+            .collect()),
+        other => rgb(other.to_rgb8().into_raw()),
+    }
+}
+
+fn drop_alpha(data: &[u8], stride: usize) -> Vec<u8> {
+    data.chunks_exact(stride)
+        .flat_map(|p| [p[0], p[1], p[2]])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: InputLimits = InputLimits {
+        max_image_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+
+    fn raw_enc(w: u32, h: u32, c: u32) -> Encoding {
+        Encoding::Raw {
+            width: w,
+            height: h,
+            channels: c,
+        }
+    }
+
+    fn decode_default(data: &[u8], encoding: Encoding) -> Result<Pixels, InputError> {
+        decode(data, encoding, &LIMITS, SixteenBit::Pillow)
+    }
+
+    #[test]
+    fn rejects_bad_input_with_reasons() {
+        assert_eq!(
+            decode_default(&[], Encoding::Detect),
+            Err(InputError::Empty)
+        );
+        let err = decode_default(b"hello world", Encoding::Detect).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "data is neither PNG nor JPEG (11 bytes without a PNG or JPEG signature)",
+            "no image bytes in the message"
+        );
+        let err = decode_default(&[0; 11], raw_enc(2, 2, 3)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "raw pixels: 11 bytes do not match 2×2×3 = 12 bytes"
+        );
+        assert!(matches!(
+            decode_default(&[0; 8], raw_enc(2, 2, 2)),
+            Err(InputError::RawGeometry(_))
+        ));
+        let big = vec![0u8; (1 << 20) + 1];
+        assert!(matches!(
+            decode_default(&big, Encoding::Detect),
+            Err(InputError::TooLarge { .. })
+        ));
+        let err = decode_default(&[0xFF, 0xD8, 0xFF, 0xE0], Encoding::Png).unwrap_err();
+        assert!(err.to_string().contains("declared format PNG"), "{err}");
+        let err = decode_default(&[0; 4096 * 4096 / 16], raw_enc(4096, 4096, 1)).unwrap_err();
+        assert!(matches!(err, InputError::TooManyPixels { .. }), "{err}");
+    }
+
+    fn png<P: image::PixelWithColorType>(w: u32, h: u32, data: Vec<P::Subpixel>) -> Vec<u8>
+    where
+        [P::Subpixel]: image::EncodableLayout,
+    {
+        let mut out = Vec::new();
+        image::ImageBuffer::<P, _>::from_raw(w, h, data)
+            .unwrap()
+            .write_to(&mut Cursor::new(&mut out), CodecFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn sixteen_bit_follows_the_policy() {
+        let gray16 = png::<image::Luma<u16>>(2, 1, vec![200, 40000]);
+        let pillow = decode(&gray16, Encoding::Detect, &LIMITS, SixteenBit::Pillow).unwrap();
+        assert_eq!(pillow.data, [200, 255], "Pillow clips 16-bit gray");
+        let scaled = decode(&gray16, Encoding::Detect, &LIMITS, SixteenBit::Scale).unwrap();
+        assert_eq!(scaled.data, [1, 156]);
+        let rgb16 = png::<image::Rgb<u16>>(1, 1, vec![31010, 33542, 49490]);
+        let pillow = decode(&rgb16, Encoding::Detect, &LIMITS, SixteenBit::Pillow).unwrap();
+        assert_eq!(pillow.data, [121, 131, 193], "Pillow keeps the high byte");
+    }
+
+    #[test]
+    fn decodes_png_roundtrip_and_drops_alpha() {
+        let gray = png::<image::Luma<u8>>(2, 2, vec![0, 85, 170, 255]);
+        assert_eq!(
+            decode_default(&gray, Encoding::Detect).unwrap().data,
+            [0, 85, 170, 255]
+        );
+        let rgba = png::<image::Rgba<u8>>(1, 1, vec![1, 2, 3, 4]);
+        let p = decode_default(&rgba, Encoding::Detect).unwrap();
+        assert_eq!((p.channels, p.data), (3, vec![1, 2, 3]));
+    }
+}

@@ -1,0 +1,70 @@
+//! Decoding of encoded inputs into 8-bit pixels, with limits against hostile data. [`image`]
+//! decodes PNG, JPEG and raw pixels the way the training pipeline's Pillow did; DICOM joins here.
+
+pub mod image;
+
+pub use self::image::decode;
+
+/// How the bytes of one image are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// PNG or JPEG, detected from the magic bytes.
+    Detect,
+    Png,
+    Jpeg,
+    /// Raw 8-bit interleaved pixels.
+    Raw {
+        width: u32,
+        height: u32,
+        channels: u32,
+    },
+}
+
+/// Limits against hostile input.
+#[derive(Debug, Clone, Copy)]
+pub struct InputLimits {
+    /// Largest accepted encoded (or raw) image, in bytes.
+    pub max_image_bytes: usize,
+    /// Largest accepted decoded image, in pixels (width × height).
+    pub max_pixels: u64,
+}
+
+/// Why one image was rejected. Messages say what was wrong with the data; the caller adds which
+/// image it was.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InputError {
+    #[error("image data is empty")]
+    Empty,
+    #[error("image is {bytes} bytes, over the limit of {limit} bytes")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("data is neither PNG nor JPEG ({0})")]
+    UnknownFormat(String),
+    #[error("declared format {declared} does not match the data, which looks like {detected}")]
+    FormatMismatch {
+        declared: &'static str,
+        detected: &'static str,
+    },
+    #[error("{format} data could not be decoded: {message}")]
+    Decode {
+        format: &'static str,
+        message: String,
+    },
+    #[error("image is {width}×{height} = {pixels} pixels, over the limit of {limit} pixels")]
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
+    #[error("raw pixels: {0}")]
+    RawGeometry(String),
+}
+
+/// 8-bit pixels with 1 (luma) or 3 (RGB) interleaved channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pixels {
+    pub width: u32,
+    pub height: u32,
+    pub channels: usize,
+    pub data: Vec<u8>,
+}

@@ -1,0 +1,329 @@
+//! `model.toml`: everything needed to serve a model faithfully (input, output, labels), how to batch
+//! it, and which versions to serve. Unknown keys are refused, so a typo cannot silently fall back
+//! to a default. Each error names the file and the problem.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{
+    ColorMode, InputSpec, Layout, ModelError, OutputKind, ResizeFilter, Scaling, SixteenBit,
+};
+use crate::batcher::Priority;
+
+/// Batching settings of one model; each one unset falls back to the server-wide flag. Also what a
+/// `--model-override NAME:KEY=VALUE` flag sets (it wins over `model.toml`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingOverrides {
+    /// Largest batch (capped at `[model] max_batch_size`).
+    pub max_batch_size: Option<usize>,
+    pub max_queue_delay_us: Option<u64>,
+    /// Most routine images admitted.
+    pub queue_capacity: Option<usize>,
+    /// Most STAT images admitted.
+    pub stat_queue_capacity: Option<usize>,
+    pub instances: Option<usize>,
+    /// Priority of requests that name none.
+    pub default_priority: Option<Priority>,
+}
+
+impl BatchingOverrides {
+    /// `self`, with unset keys taken from `other`.
+    pub fn or(&self, other: &BatchingOverrides) -> BatchingOverrides {
+        BatchingOverrides {
+            max_batch_size: self.max_batch_size.or(other.max_batch_size),
+            max_queue_delay_us: self.max_queue_delay_us.or(other.max_queue_delay_us),
+            queue_capacity: self.queue_capacity.or(other.queue_capacity),
+            stat_queue_capacity: self.stat_queue_capacity.or(other.stat_queue_capacity),
+            instances: self.instances.or(other.instances),
+            default_priority: self.default_priority.or(other.default_priority),
+        }
+    }
+
+    /// Sets one key from its text (`--model-override NAME:KEY=VALUE`).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{key} must be a non-negative integer, got {v:?}"))
+        };
+        match key {
+            "max_batch_size" => self.max_batch_size = Some(number(value)? as usize),
+            "max_queue_delay_us" => self.max_queue_delay_us = Some(number(value)?),
+            "queue_capacity" => self.queue_capacity = Some(number(value)? as usize),
+            "stat_queue_capacity" => self.stat_queue_capacity = Some(number(value)? as usize),
+            "instances" => self.instances = Some(number(value)? as usize),
+            "default_priority" => self.default_priority = Some(value.parse()?),
+            _ => {
+                return Err(format!(
+                    "unknown key {key:?}: use max_batch_size, max_queue_delay_us, queue_capacity, \
+                     stat_queue_capacity, instances or default_priority"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which versions of a model are served (Triton's `version_policy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The highest `n` versions.
+    Latest(usize),
+    /// Every version present.
+    All,
+    /// These versions (those present).
+    Specific(Vec<u64>),
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of `available` (ascending).
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        match self {
+            VersionPolicy::Latest(n) => available[available.len().saturating_sub(*n)..].to_vec(),
+            VersionPolicy::All => available.to_vec(),
+            VersionPolicy::Specific(wanted) => available
+                .iter()
+                .copied()
+                .filter(|v| wanted.contains(v))
+                .collect(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            VersionPolicy::Latest(n) => format!("latest {n}"),
+            VersionPolicy::All => "all".into(),
+            VersionPolicy::Specific(v) => format!("specific {v:?}"),
+        }
+    }
+}
+
+/// A parsed and validated `model.toml`, shared by all versions of the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Directory name under the model repository.
+    pub name: String,
+    pub dir: PathBuf,
+    pub description: String,
+    pub clinically_trained: bool,
+    /// Largest batch the model accepts.
+    pub max_batch_size: usize,
+    pub input: InputSpec,
+    pub output_name: String,
+    pub output_kind: OutputKind,
+    pub labels: Vec<String>,
+    pub batching: BatchingOverrides,
+    pub versions: VersionPolicy,
+    /// SHA-256 of the file's text: when it changes, every version is reloaded.
+    pub toml_sha256: String,
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/model.toml`; the model is named after `dir`.
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("model.toml");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let err = |message: String| ModelError::Config {
+            path: path.clone(),
+            message,
+        };
+        let file: ModelToml = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .ok_or_else(|| err("cannot take the model name from the directory name".into()))?;
+        let input = file.input.validate().map_err(err)?;
+        if file.output.labels.len() < 2 {
+            return Err(err("[output] labels must name at least two classes".into()));
+        }
+        if file.model.max_batch_size == 0 {
+            return Err(err("[model] max_batch_size must be at least 1".into()));
+        }
+        let versions = file.versions.unwrap_or_default().validate().map_err(err)?;
+        Ok(ModelConfig {
+            name,
+            dir: dir.to_path_buf(),
+            description: file.model.description.unwrap_or_default(),
+            clinically_trained: file.model.clinically_trained,
+            max_batch_size: file.model.max_batch_size,
+            input,
+            output_name: file.output.name,
+            output_kind: file.output.kind,
+            labels: file.output.labels,
+            batching: file.batching.unwrap_or_default(),
+            versions,
+            toml_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelToml {
+    model: ModelSection,
+    input: InputSection,
+    output: OutputSection,
+    batching: Option<BatchingOverrides>,
+    versions: Option<VersionsSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    description: Option<String>,
+    clinically_trained: bool,
+    max_batch_size: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputSection {
+    name: String,
+    layout: Layout,
+    height: u32,
+    width: u32,
+    color: ColorMode,
+    resize_filter: ResizeFilter,
+    mean: Option<[f32; 3]>,
+    std: Option<[f32; 3]>,
+    scale: Option<f32>,
+    offset: Option<f32>,
+    #[serde(default)]
+    sixteen_bit: SixteenBit,
+}
+
+impl InputSection {
+    fn validate(self) -> Result<InputSpec, String> {
+        let scaling = match (self.mean, self.std, self.scale) {
+            (Some(mean), Some(std), None) => {
+                if std.iter().any(|s| !s.is_finite() || *s == 0.0) {
+                    return Err("[input] std values must be finite and non-zero".into());
+                }
+                Scaling::MeanStd { mean, std }
+            }
+            (None, None, Some(scale)) => Scaling::ScaleOffset {
+                scale,
+                offset: self.offset.unwrap_or(0.0),
+            },
+            _ => {
+                return Err(
+                    "[input] needs exactly one scaling: `mean` and `std` (3 values each), or `scale` (and optional `offset`)"
+                        .into(),
+                );
+            }
+        };
+        if self.height == 0 || self.width == 0 {
+            return Err("[input] height and width must be positive".into());
+        }
+        Ok(InputSpec {
+            tensor_name: self.name,
+            layout: self.layout,
+            height: self.height,
+            width: self.width,
+            color: self.color,
+            resize_filter: self.resize_filter,
+            scaling,
+            sixteen_bit: self.sixteen_bit,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputSection {
+    name: String,
+    kind: OutputKind,
+    labels: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VersionsSection {
+    /// "latest" (default), "all" or "specific".
+    policy: Option<String>,
+    /// With "latest": how many (default 1).
+    latest: Option<usize>,
+    /// With "specific": which.
+    specific: Option<Vec<u64>>,
+}
+
+impl VersionsSection {
+    fn validate(self) -> Result<VersionPolicy, String> {
+        match (
+            self.policy.as_deref().unwrap_or("latest"),
+            self.latest,
+            self.specific,
+        ) {
+            ("latest", n, None) => match n.unwrap_or(1) {
+                0 => Err("[versions] latest must be at least 1".into()),
+                n => Ok(VersionPolicy::Latest(n)),
+            },
+            ("all", None, None) => Ok(VersionPolicy::All),
+            ("specific", None, Some(v)) if !v.is_empty() => Ok(VersionPolicy::Specific(v)),
+            ("specific", None, _) => {
+                Err("[versions] policy \"specific\" needs a non-empty `specific` list".into())
+            }
+            (p @ ("latest" | "all" | "specific"), _, _) => Err(format!(
+                "[versions] policy {p:?}: `latest` goes with \"latest\", `specific` with \"specific\""
+            )),
+            (p, _, _) => Err(format!(
+                "[versions] unknown policy {p:?}: use \"latest\", \"all\" or \"specific\""
+            )),
+        }
+    }
+}
+
+/// Reads `path` as SHA-256, lowercase hex.
+pub(super) fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_policies_select_from_what_is_present() {
+        let available = [1, 2, 5];
+        assert_eq!(VersionPolicy::Latest(1).select(&available), [5]);
+        assert_eq!(VersionPolicy::Latest(2).select(&available), [2, 5]);
+        assert_eq!(VersionPolicy::Latest(9).select(&available), [1, 2, 5]);
+        assert_eq!(VersionPolicy::All.select(&available), [1, 2, 5]);
+        assert_eq!(VersionPolicy::Specific(vec![1, 3]).select(&available), [1]);
+        assert!(VersionPolicy::Latest(1).select(&[]).is_empty());
+    }
+
+    #[test]
+    fn overrides_parse_and_layer() {
+        let mut cli = BatchingOverrides::default();
+        cli.set("max_batch_size", "4").unwrap();
+        cli.set("default_priority", "stat").unwrap();
+        assert!(cli.set("instances", "-1").is_err());
+        assert!(cli.set("batch", "4").unwrap_err().contains("unknown key"));
+        let file = BatchingOverrides {
+            max_batch_size: Some(16),
+            instances: Some(2),
+            ..Default::default()
+        };
+        let merged = cli.or(&file);
+        assert_eq!(merged.max_batch_size, Some(4), "the command line wins");
+        assert_eq!(merged.instances, Some(2), "model.toml fills the rest");
+        assert_eq!(merged.default_priority, Some(Priority::Stat));
+        assert_eq!(merged.queue_capacity, None);
+    }
+}

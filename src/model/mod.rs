@@ -1,0 +1,225 @@
+//! The model repository: `<repository>/<name>/model.toml` and `<name>/<version>/model.onnx`.
+//!
+//! [`config`] parses and validates `model.toml`; [`repository`] finds models and versions on disk
+//! and hashes them; [`task`] turns a model's output into a result (softmax, argmax). A
+//! [`ModelSpec`] is one version, ready to load.
+
+pub mod config;
+pub mod repository;
+pub mod task;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+pub use config::{BatchingOverrides, ModelConfig, VersionPolicy};
+
+/// Errors while reading a model directory. Each message names the file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid model.toml: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(
+        "{dir}: no version directory with a model.onnx (expected {dir}/<N>/model.onnx, N a positive integer)"
+    )]
+    NoVersion { dir: PathBuf },
+    #[error("{dir}: version {version} has no model.onnx")]
+    MissingVersion { dir: PathBuf, version: u64 },
+}
+
+/// Memory layout of the model's input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Layout {
+    #[serde(rename = "NCHW")]
+    Nchw,
+    #[serde(rename = "NHWC")]
+    Nhwc,
+}
+
+impl Layout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Nchw => "NCHW",
+            Layout::Nhwc => "NHWC",
+        }
+    }
+}
+
+/// Colour handling before resizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColorMode {
+    /// Convert to RGB (grayscale inputs are replicated, alpha dropped), as Pillow's `convert("RGB")`.
+    Rgb,
+    /// Convert to 8-bit luma (Pillow's ITU-R 601-2 formula), replicated to 3 channels.
+    Grayscale,
+}
+
+impl ColorMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColorMode::Rgb => "rgb",
+            ColorMode::Grayscale => "grayscale",
+        }
+    }
+}
+
+/// Resize filter; must be the one used in training (Pillow semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeFilter {
+    Nearest,
+    Bilinear,
+    Bicubic,
+    Lanczos3,
+}
+
+impl ResizeFilter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResizeFilter::Nearest => "nearest",
+            ResizeFilter::Bilinear => "bilinear",
+            ResizeFilter::Bicubic => "bicubic",
+            ResizeFilter::Lanczos3 => "lanczos3",
+        }
+    }
+}
+
+/// How 16-bit samples (16-bit PNG) become 8-bit ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SixteenBit {
+    /// As a training pipeline on Pillow 12 saw them: 16-bit grayscale is clipped to 255
+    /// (`convert("L")`/`("RGB")` of mode `I;16`), 16-bit colour and gray+alpha keep the high byte.
+    #[default]
+    Pillow,
+    /// Scaled to the full 8-bit range: `round(v × 255 / 65535)`.
+    Scale,
+}
+
+impl SixteenBit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SixteenBit::Pillow => "pillow",
+            SixteenBit::Scale => "scale",
+        }
+    }
+}
+
+/// Pixel scaling from 8-bit values to the model's input values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scaling {
+    /// `(pixel / 255 - mean[c]) / std[c]`.
+    MeanStd { mean: [f32; 3], std: [f32; 3] },
+    /// `pixel * scale + offset`.
+    ScaleOffset { scale: f32, offset: f32 },
+}
+
+/// Whether the model's output needs a softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    Logits,
+    Probabilities,
+}
+
+impl OutputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::Logits => "logits",
+            OutputKind::Probabilities => "probabilities",
+        }
+    }
+}
+
+/// How images become the model's input tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    pub tensor_name: String,
+    pub layout: Layout,
+    pub height: u32,
+    pub width: u32,
+    pub color: ColorMode,
+    pub resize_filter: ResizeFilter,
+    pub scaling: Scaling,
+    pub sixteen_bit: SixteenBit,
+}
+
+impl InputSpec {
+    /// Number of f32 values of one image in the model's layout (3 channels).
+    pub fn image_len(&self) -> usize {
+        3 * self.height as usize * self.width as usize
+    }
+}
+
+/// One version of a model, ready to load: the model's `model.toml` and this version's
+/// `model.onnx`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The model's `model.toml`, shared by its versions.
+    pub config: Arc<ModelConfig>,
+    /// Version directory name.
+    pub version: String,
+    /// Path of `model.onnx`.
+    pub onnx_path: PathBuf,
+    /// SHA-256 of `model.onnx`, lowercase hex.
+    pub sha256: String,
+}
+
+impl ModelSpec {
+    /// Version `version` of the model `config` describes, whose `model.onnx` hashes to `sha256`.
+    pub fn new(config: Arc<ModelConfig>, version: u64, sha256: String) -> Self {
+        ModelSpec {
+            onnx_path: repository::onnx_path(&config.dir, version),
+            config,
+            version: version.to_string(),
+            sha256,
+        }
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Reads `dir/model.toml` and the chosen version (`None`: the highest) of `dir/<N>/model.onnx`.
+    pub fn load(dir: &Path, version: Option<u64>) -> Result<Self, ModelError> {
+        let config = ModelConfig::load(dir)?;
+        let versions = repository::versions(dir)?;
+        let version = match version {
+            Some(v) if versions.contains(&v) => v,
+            Some(v) => {
+                return Err(ModelError::MissingVersion {
+                    dir: dir.to_path_buf(),
+                    version: v,
+                });
+            }
+            None => *versions.last().ok_or_else(|| ModelError::NoVersion {
+                dir: dir.to_path_buf(),
+            })?,
+        };
+        let sha256 = config::sha256_file(&repository::onnx_path(dir, version))?;
+        Ok(Self::new(Arc::new(config), version, sha256))
+    }
+
+    /// Warnings every result from this model carries.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if !self.config.clinically_trained {
+            warnings.push(format!(
+                "model {} v{} is not clinically trained: results are not for diagnostic use",
+                self.config.name, self.version
+            ));
+        }
+        warnings
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+//! One loaded model version: its spec, preprocessor, postprocessing, batcher and metrics, and the
+//! batching settings in effect for it (command line, `model.toml` and per-model overrides merged).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{BackendFactory, BatchSizes, Device, InstanceFactory};
+use crate::batcher::{Batcher, BatcherConfig, Priority};
+use crate::input::InputLimits;
+use crate::metrics::{self, ModelMetrics};
+use crate::model::task::Classifier;
+use crate::model::{BatchingOverrides, ModelSpec};
+use crate::preprocess::Preprocessor;
+
+/// Server-wide batching defaults (the command line's flags).
+#[derive(Debug, Clone)]
+pub struct BatchingDefaults {
+    pub max_batch_size: usize,
+    pub max_queue_delay_us: u64,
+    pub queue_capacity: usize,
+    pub stat_queue_capacity: usize,
+    pub instances: usize,
+    pub default_priority: Priority,
+}
+
+/// The batching settings in effect for one model version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSettings {
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+    /// Most routine images admitted.
+    pub queue_capacity: usize,
+    /// Most STAT images admitted.
+    pub stat_queue_capacity: usize,
+    pub instances: usize,
+    pub default_priority: Priority,
+}
+
+impl BatchSettings {
+    /// `overrides` (the command line's, per model) over `spec.config.batching` (model.toml) over
+    /// `defaults`; the batch size capped at the model's own `max_batch_size`. Every image of a
+    /// full-size request must fit in each queue.
+    pub fn resolve(
+        spec: &ModelSpec,
+        overrides: &BatchingOverrides,
+        defaults: &BatchingDefaults,
+        max_images_per_request: usize,
+    ) -> Result<Self, String> {
+        let b = overrides.or(&spec.config.batching);
+        let requested = b.max_batch_size.unwrap_or(defaults.max_batch_size);
+        let settings = BatchSettings {
+            max_batch_size: requested.min(spec.config.max_batch_size),
+            max_queue_delay: Duration::from_micros(
+                b.max_queue_delay_us.unwrap_or(defaults.max_queue_delay_us),
+            ),
+            queue_capacity: b.queue_capacity.unwrap_or(defaults.queue_capacity),
+            stat_queue_capacity: b
+                .stat_queue_capacity
+                .unwrap_or(defaults.stat_queue_capacity),
+            instances: b.instances.unwrap_or(defaults.instances),
+            default_priority: b.default_priority.unwrap_or(defaults.default_priority),
+        };
+        if requested > spec.config.max_batch_size {
+            tracing::info!(
+                model = %spec.config.name,
+                requested,
+                model_max = spec.config.max_batch_size,
+                "max batch size capped at the model's max_batch_size"
+            );
+        }
+        if settings.max_batch_size == 0 {
+            return Err("max_batch_size must be at least 1".into());
+        }
+        if settings.instances == 0 {
+            return Err("instances must be at least 1".into());
+        }
+        for (name, capacity) in [
+            ("queue_capacity", settings.queue_capacity),
+            ("stat_queue_capacity", settings.stat_queue_capacity),
+        ] {
+            if capacity < max_images_per_request {
+                return Err(format!(
+                    "{name} ({capacity}) must be at least --max-images-per-request \
+                     ({max_images_per_request}), or a full-size request could never be queued"
+                ));
+            }
+        }
+        Ok(settings)
+    }
+}
+
+/// A model version that is loaded, warm and serving. Requests hold an `Arc` of it, so a version
+/// that is swapped out or unloaded finishes the work it has; its batcher and instances stop when
+/// the last `Arc` goes.
+pub struct ServedModel {
+    pub spec: ModelSpec,
+    pub settings: BatchSettings,
+    pub device: Device,
+    /// Caveats every result carries (e.g. not clinically trained).
+    pub warnings: Vec<String>,
+    pub preprocessor: Preprocessor,
+    pub classifier: Classifier,
+    pub batcher: Batcher,
+    pub metrics: ModelMetrics,
+    /// SHA-256 of the `model.toml` it was loaded with.
+    pub toml_sha256: String,
+}
+
+impl ServedModel {
+    /// Starts the batcher of `spec` (every instance built by `factory` and warmed up).
+    pub async fn load(
+        spec: ModelSpec,
+        settings: BatchSettings,
+        factory: &BackendFactory,
+        device: Device,
+        limits: InputLimits,
+        toml_sha256: String,
+    ) -> Result<ServedModel, String> {
+        let classifier = Classifier::new(&spec);
+        let preprocessor = Preprocessor::new(spec.config.input.clone(), limits);
+        let sizes = BatchSizes::new(settings.max_batch_size);
+        let config = BatcherConfig {
+            sizes,
+            max_queue_delay: settings.max_queue_delay,
+            queue_capacity: [settings.stat_queue_capacity, settings.queue_capacity],
+            instances: settings.instances,
+            input_len: spec.config.input.image_len(),
+            output_len: classifier.output_len(),
+        };
+        let instance_factory: InstanceFactory = {
+            let (spec, factory) = (spec.clone(), factory.clone());
+            Arc::new(move |instance| factory(&spec, sizes, instance))
+        };
+        let model_metrics = ModelMetrics::new(&spec.config.name, &spec.version);
+        let batcher = Batcher::start(config, instance_factory, model_metrics.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        metrics::model_info(
+            &spec.config.name,
+            &spec.version,
+            &spec.sha256,
+            &device.to_string(),
+            true,
+        );
+        Ok(ServedModel {
+            warnings: spec.warnings(),
+            spec,
+            settings,
+            device,
+            preprocessor,
+            classifier,
+            batcher,
+            metrics: model_metrics,
+            toml_sha256,
+        })
+    }
+
+    /// Marks the version unloaded in `brainai_model_info`.
+    pub(crate) fn retire(&self) {
+        metrics::model_info(
+            &self.spec.config.name,
+            &self.spec.version,
+            &self.spec.sha256,
+            &self.device.to_string(),
+            false,
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! Image → model input tensor: decode ([`crate::input`]), colour, resize ([`resample`]), scale,
+//! written straight into the model's layout. Mirrors what training did with Pillow (filters, luma
+//! formula, rounding), which `tests/reference` checks across sizes, channels and formats.
+
+pub mod resample;
+
+use crate::input::{self, Encoding, InputError, InputLimits, Pixels};
+use crate::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling};
+use resample::Filter;
+
+/// Turns images into input tensors for one model.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    spec: InputSpec,
+    limits: InputLimits,
+    /// Value of an 8-bit pixel, per channel.
+    lut: [[f32; 256]; 3],
+}
+
+impl Preprocessor {
+    pub fn new(spec: InputSpec, limits: InputLimits) -> Self {
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (p, v) in table.iter_mut().enumerate() {
+                *v = match spec.scaling {
+                    // Same float32 operations, in the same order, as numpy's reference.
+                    Scaling::MeanStd { mean, std } => (p as f32 / 255.0 - mean[c]) / std[c],
+                    Scaling::ScaleOffset { scale, offset } => p as f32 * scale + offset,
+                };
+            }
+        }
+        Preprocessor { spec, limits, lut }
+    }
+
+    /// f32 values of one image's tensor.
+    pub fn image_len(&self) -> usize {
+        self.spec.image_len()
+    }
+
+    /// Decodes, converts, resizes and scales one image into `out` (`image_len()` values).
+    pub fn preprocess(
+        &self,
+        data: &[u8],
+        encoding: Encoding,
+        out: &mut [f32],
+    ) -> Result<(), InputError> {
+        assert_eq!(
+            out.len(),
+            self.spec.image_len(),
+            "output buffer has the wrong size: this is a bug"
+        );
+        let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
+        let pixels = self.resize(self.convert_color(pixels));
+        self.write_tensor(&pixels, out);
+        Ok(())
+    }
+
+    /// A freshly allocated tensor for one image.
+    pub fn preprocess_to_vec(
+        &self,
+        data: &[u8],
+        encoding: Encoding,
+    ) -> Result<Vec<f32>, InputError> {
+        let mut out = vec![0f32; self.spec.image_len()];
+        self.preprocess(data, encoding, &mut out)?;
+        Ok(out)
+    }
+
+    fn convert_color(&self, pixels: Pixels) -> Pixels {
+        match (self.spec.color, pixels.channels) {
+            // Pillow's convert("L"): ITU-R 601-2 luma in 16.16 fixed point, rounded.
+            (ColorMode::Grayscale, 3) => Pixels {
+                data: pixels
+                    .data
+                    .chunks_exact(3)
+                    .map(|p| {
+                        ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000)
+                            >> 16) as u8
+                    })
+                    .collect(),
+                channels: 1,
+                ..pixels
+            },
+            // Gray input for an RGB model stays one channel until written: replicating after the
+            // resize gives the same values as Pillow's convert("RGB") before it, at a third of the work.
+            _ => pixels,
+        }
+    }
+
+    fn resize(&self, pixels: Pixels) -> Pixels {
+        let (w, h) = (self.spec.width as usize, self.spec.height as usize);
+        let (in_w, in_h) = (pixels.width as usize, pixels.height as usize);
+        if (in_w, in_h) == (w, h) {
+            return pixels;
+        }
+        let c = pixels.channels;
+        let data = match self.spec.resize_filter {
+            ResizeFilter::Nearest => resample::nearest(&pixels.data, in_w, in_h, c, w, h),
+            ResizeFilter::Bilinear => {
+                resample::resize(&pixels.data, in_w, in_h, c, w, h, Filter::Bilinear)
+            }
+            ResizeFilter::Bicubic => {
+                resample::resize(&pixels.data, in_w, in_h, c, w, h, Filter::Bicubic)
+            }
+            ResizeFilter::Lanczos3 => {
+                resample::resize(&pixels.data, in_w, in_h, c, w, h, Filter::Lanczos3)
+            }
+        };
+        Pixels {
+            width: w as u32,
+            height: h as u32,
+            channels: c,
+            data,
+        }
+    }
+
+    fn write_tensor(&self, pixels: &Pixels, out: &mut [f32]) {
+        let plane = pixels.width as usize * pixels.height as usize;
+        let lut = &self.lut;
+        match (self.spec.layout, pixels.channels) {
+            (Layout::Nchw, 1) => {
+                for c in 0..3 {
+                    for (o, &p) in out[c * plane..(c + 1) * plane].iter_mut().zip(&pixels.data) {
+                        *o = lut[c][p as usize];
+                    }
+                }
+            }
+            (Layout::Nchw, _) => {
+                let (r, rest) = out.split_at_mut(plane);
+                let (g, b) = rest.split_at_mut(plane);
+                for (i, p) in pixels.data.chunks_exact(3).enumerate() {
+                    r[i] = lut[0][p[0] as usize];
+                    g[i] = lut[1][p[1] as usize];
+                    b[i] = lut[2][p[2] as usize];
+                }
+            }
+            (Layout::Nhwc, 1) => {
+                for (o, &p) in out.chunks_exact_mut(3).zip(&pixels.data) {
+                    o[0] = lut[0][p as usize];
+                    o[1] = lut[1][p as usize];
+                    o[2] = lut[2][p as usize];
+                }
+            }
+            (Layout::Nhwc, _) => {
+                for (o, p) in out.chunks_exact_mut(3).zip(pixels.data.chunks_exact(3)) {
+                    o[0] = lut[0][p[0] as usize];
+                    o[1] = lut[1][p[1] as usize];
+                    o[2] = lut[2][p[2] as usize];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SixteenBit;
+
+    fn spec(layout: Layout, color: ColorMode) -> InputSpec {
+        InputSpec {
+            tensor_name: "input".into(),
+            layout,
+            height: 2,
+            width: 2,
+            color,
+            resize_filter: ResizeFilter::Nearest,
+            scaling: Scaling::ScaleOffset {
+                scale: 1.0,
+                offset: 0.0,
+            },
+            sixteen_bit: SixteenBit::Pillow,
+        }
+    }
+
+    const LIMITS: InputLimits = InputLimits {
+        max_image_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+
+    fn raw(w: u32, h: u32, c: u32) -> Encoding {
+        Encoding::Raw {
+            width: w,
+            height: h,
+            channels: c,
+        }
+    }
+
+    #[test]
+    fn raw_rgb_is_written_in_both_layouts() {
+        let data = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let nchw = Preprocessor::new(spec(Layout::Nchw, ColorMode::Rgb), LIMITS)
+            .preprocess_to_vec(&data, raw(2, 2, 3))
+            .unwrap();
+        assert_eq!(nchw, [1., 4., 7., 10., 2., 5., 8., 11., 3., 6., 9., 12.]);
+        let nhwc = Preprocessor::new(spec(Layout::Nhwc, ColorMode::Rgb), LIMITS)
+            .preprocess_to_vec(&data, raw(2, 2, 3))
+            .unwrap();
+        assert_eq!(nhwc, data.map(f32::from));
+    }
+
+    #[test]
+    fn gray_is_replicated_and_rgb_uses_pillow_luma() {
+        let gray = Preprocessor::new(spec(Layout::Nchw, ColorMode::Rgb), LIMITS)
+            .preprocess_to_vec(&[10, 20, 30, 40], raw(2, 2, 1))
+            .unwrap();
+        assert_eq!(
+            gray,
+            [10., 20., 30., 40., 10., 20., 30., 40., 10., 20., 30., 40.]
+        );
+        // Pillow: L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16; (255,0,0) -> 76, (0,255,0) -> 150.
+        let luma = Preprocessor::new(spec(Layout::Nhwc, ColorMode::Grayscale), LIMITS)
+            .preprocess_to_vec(
+                &[255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255],
+                raw(2, 2, 3),
+            )
+            .unwrap();
+        assert_eq!(
+            luma,
+            [
+                76., 76., 76., 150., 150., 150., 29., 29., 29., 255., 255., 255.
+            ]
+        );
+    }
+
+    #[test]
+    fn mean_std_lut_matches_formula() {
+        let mut s = spec(Layout::Nchw, ColorMode::Rgb);
+        s.scaling = Scaling::MeanStd {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        let out = Preprocessor::new(s, LIMITS)
+            .preprocess_to_vec(&[255; 4], raw(2, 2, 1))
+            .unwrap();
+        assert_eq!(out[0], (1.0f32 - 0.485) / 0.229);
+        assert_eq!(out[11], (1.0f32 - 0.406) / 0.225);
+    }
+}
