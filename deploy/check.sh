@@ -5,8 +5,8 @@
 #      .tools/bin; kubernetes-validate, promql-parser, PyYAML into .venv from deploy/requirements.txt
 #   2. `kustomize build` of every overlay in deploy/k8s/overlays
 #   3. deploy/tools/validate.py: core objects strictly against the Kubernetes 1.30 schemas,
-#      ServiceMonitor/PrometheusRule strictly against the operator's types, PromQL parsing and
-#      metric names, cross-checks (ports, probes, grace period, queue capacity, HPA <-> adapter,
+#      ServiceMonitor/PrometheusRule strictly against the operator's types, PromQL parsing,
+#      metric names and labels, cross-checks (ports, probes, grace period, queue capacity, HPA <-> adapter,
 #      security context, runbook entries), the Grafana dashboard and the prometheus-adapter rule,
 #      then a self-test that broken copies are rejected
 #   4. deploy/docker/check_dockerfile.py: the Dockerfile's build steps are the Makefile's (what CI

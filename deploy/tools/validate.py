@@ -14,16 +14,25 @@ Per overlay:
     the suffixes their type needs (histograms: _bucket/_sum/_count), selects job="brainai-metrics"
     (the metrics Service's name, which the ServiceMonitor makes the job), and has severity,
     summary, description and a runbook anchor that exists in deploy/README.md;
-  * cross-checks: queue alert threshold = 0.8 x BRAINAI_QUEUE_CAPACITY; grace period >= preStop +
-    drain timeout + 5 s; liveness cannot trip during a drain; probes are native gRPC on the
-    numeric gRPC port; selectors match the pod labels; the HPA's custom metric is the one the
-    adapter rule serves; every BRAINAI_* variable is one the README documents (a typo would be
-    ignored silently by the binary); batch size within model.toml's cap; model.toml equals
-    models/brain-tumor-resnet50/model.toml; security context (non-root uid = the Dockerfile's
-    USER, read-only root, no capabilities, no privilege escalation, seccomp RuntimeDefault);
-    GPU request, node selector and toleration exactly in the GPU overlay.
+  * labels (README's metric table): label matchers, `by`/`on` clauses and `$labels.x` in
+    annotations use only labels the expression has there; enumerated values (rpc, priority,
+    reason, gRPC code names) are ones the service exports; an alert on a metric with a `model`
+    label keeps it and names it in an annotation; brainai_model_info is read as `== 1` (unloaded
+    versions stay exported at 0);
+  * cross-checks: queue alert thresholds = 0.8 x BRAINAI_QUEUE_CAPACITY (priority="routine") and
+    0.8 x BRAINAI_STAT_QUEUE_CAPACITY (priority="stat"), and no per-model capacity override that
+    those thresholds cannot follow ([batching] in model.toml, BRAINAI_MODEL_OVERRIDES); grace
+    period >= preStop + drain timeout + 5 s; liveness cannot trip during a drain; probes are
+    native gRPC on the numeric gRPC port; selectors match the pod labels; the HPA's custom metric
+    is the one the adapter rule serves; every BRAINAI_* variable is one the README documents (a
+    typo would be ignored silently by the binary); batch size within model.toml's cap;
+    model.toml equals models/brain-tumor-resnet50/model.toml; security context (non-root uid =
+    the Dockerfile's USER, read-only root, no capabilities, no privilege escalation, seccomp
+    RuntimeDefault); GPU request, node selector and toleration exactly in the GPU overlay.
 Once: the dashboard JSON (parses, every query parses with its variables substituted, metric
-names/suffixes as above) and the prometheus-adapter values (known keys, queries parse).
+names/suffixes/labels as above, a `model` variable, a panel for every metric of the README's
+table) and the prometheus-adapter values (known keys, queries parse, the per-pod value is the sum
+over the pod's series).
 
 --self-test breaks copies of the inputs in many ways and fails unless each break is caught.
 """
@@ -56,6 +65,15 @@ ADAPTER = "deploy/k8s/prometheus-adapter/values.yaml"
 DEPLOY_README = "deploy/README.md"
 MODEL_TOML = "models/brain-tumor-resnet50/model.toml"
 SEVERITIES = {"critical", "warning", "info"}
+# Labels Prometheus adds to every series it scrapes through the ServiceMonitor (target labels).
+TARGET_LABELS = {"job", "namespace", "pod", "instance", "service", "endpoint", "container"}
+# Values of brainai_requests_total's `code` label: gRPC status code names.
+GRPC_CODES = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+              "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+              "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
+# Queue capacities per priority: the env variable and the binary's default (when README's
+# configuration table does not document one).
+QUEUE_CAPACITY_ENV = {"routine": ("BRAINAI_QUEUE_CAPACITY", 256), "stat": ("BRAINAI_STAT_QUEUE_CAPACITY", 64)}
 NON_BRAINAI_METRICS = {  # kube-state-metrics and Prometheus series the rules and dashboard use
     "up", "kube_pod_status_ready", "kube_pod_status_phase", "kube_deployment_status_replicas_available",
     "kube_deployment_spec_replicas", "kube_pod_container_status_restarts_total",
@@ -91,7 +109,12 @@ class Context:
             m.group(1): m.group(2)
             for m in re.finditer(r"^\| `(brainai_\w+)` \| (\w+)", readme, re.M)
         }
+        self.metric_labels, self.label_values = metric_labels(readme)
         self.documented_env = set(re.findall(r"`((?:BRAINAI|ORT)_[A-Z0-9_]+)`", readme))
+        self.env_defaults = {
+            m.group(1): m.group(2)
+            for m in re.finditer(r"^\| `--[\w-]+` \| `((?:BRAINAI|ORT)_\w+)` \| `([^`]*)` \|", readme, re.M)
+        }
         self.deploy_readme = read(DEPLOY_README) if os.path.exists(os.path.join(ROOT, DEPLOY_README)) else ""
         self.anchors = {
             re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
@@ -102,6 +125,33 @@ class Context:
         self.model_toml = read(MODEL_TOML)
         self.adapter = yaml.safe_load(read(ADAPTER))
         self.dashboard_text = read(DASHBOARD)
+
+
+def metric_labels(readme: str):
+    """From README's metric table: {family: labels} and {family: {label: allowed values}} for the
+    labels documented with their values (`label` = `a` \\| `b`)."""
+    labels, values = {}, {}
+    for line in readme.splitlines():
+        m = re.match(r"^\| `(brainai_\w+)` \|", line)
+        if not m:
+            continue
+        cells = re.split(r"(?<!\\)\|", line)
+        cell = re.sub(r"\([^)]*\)", "", cells[3] if len(cells) > 3 else "")  # drop (notes)
+        family = m.group(1)
+        labels[family], values[family] = set(), {}
+        for lm in re.finditer(r"`(\w+)`(\s*=\s*`[^`]*`(?:\s*\\\|\s*`[^`]*`)*)?", cell):
+            labels[family].add(lm.group(1))
+            if lm.group(2):
+                values[family][lm.group(1)] = set(re.findall(r"`([^`]*)`", lm.group(2)))
+        if family == "brainai_requests_total" and "code" in labels[family]:
+            values[family].setdefault("code", GRPC_CODES)
+    # A label means the same on every metric (rpc of the request histogram = rpc of the counter).
+    for family in labels:
+        for other in values.values():
+            for label, allowed in other.items():
+                if label in labels[family]:
+                    values[family].setdefault(label, allowed)
+    return labels, values
 
 
 # ---- PromQL ------------------------------------------------------------------------------------
@@ -124,24 +174,181 @@ def selectors(expr):
     return found
 
 
-def check_promql(rep: Report, where: str, text: str, ctx: Context, namespace: str | None) -> None:
-    """Parses `text`; checks metric names, suffixes, the job matcher and ksm namespaces."""
+def children(node) -> list:
+    """The sub-expressions of a parsed PromQL node."""
+    if isinstance(node, promql_parser.BinaryExpr):
+        return [node.lhs, node.rhs]
+    if isinstance(node, promql_parser.AggregateExpr):
+        return [node.expr] + ([node.param] if node.param is not None else [])
+    if isinstance(node, promql_parser.Call):
+        return list(node.args)
+    if isinstance(node, (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)):
+        return [node.expr]
+    if isinstance(node, promql_parser.MatrixSelector):
+        return [node.vector_selector]
+    return []
+
+
+def nodes(node):
+    yield node
+    for c in children(node):
+        yield from nodes(c)
+
+
+def family_of(name: str, ctx: "Context") -> tuple[str, str]:
+    """(family, suffix) of a brainai_* series name (`x_bucket` -> (`x`, `_bucket`) for histograms)."""
+    for sfx in ("_bucket", "_sum", "_count"):
+        if name.endswith(sfx) and name[: -len(sfx)] in ctx.metric_types:
+            return name[: -len(sfx)], sfx
+    return name, ""
+
+
+SCALAR = "scalar"
+
+
+class Labels:
+    """Infers the labels each sub-expression's series carry (a set; SCALAR; None: unknown, e.g. a
+    kube-state-metrics series) and collects the places where a query uses a label its input does
+    not have: such a matcher selects nothing, and such a `by`/`on` silently merges or drops series."""
+
+    def __init__(self, ctx: "Context"):
+        self.ctx = ctx
+        self.problems: list[str] = []
+        self.info_selectors = 0  # brainai_model_info selectors ...
+        self.info_filtered = 0  # ... and those compared `== 1`
+
+    def selector(self, node):
+        name = node.name
+        if name == "up":
+            return set(TARGET_LABELS)
+        if not name or not name.startswith("brainai_"):
+            return None
+        family, suffix = family_of(name, self.ctx)
+        if family not in self.ctx.metric_labels:
+            return None  # reported by check_promql
+        if family == "brainai_model_info":
+            self.info_selectors += 1
+        have = self.ctx.metric_labels[family] | TARGET_LABELS | ({"le"} if suffix == "_bucket" else set())
+        allowed = self.ctx.label_values.get(family, {})
+        for m in node.matchers.matchers:
+            if m.name == "__name__":
+                continue
+            if m.name not in have:
+                self.problems.append(f"{name} has no label {m.name} (labels: {', '.join(sorted(self.ctx.metric_labels[family]))})")
+            elif m.name in allowed:
+                op = str(m.op)
+                if op.endswith(("Re", "NotRe")):
+                    vals = m.value.split("|") if re.fullmatch(r"\w+(\|\w+)*", m.value) else []
+                else:
+                    vals = [m.value] if m.value else []
+                bad = [v for v in vals if v not in allowed[m.name]]
+                if bad:
+                    self.problems.append(f"{name}{{{m.name}}}: {bad} not a value of {m.name} ({' | '.join(sorted(allowed[m.name]))})")
+        return have
+
+    def need(self, labels, have, where):
+        if isinstance(have, set):
+            missing = [lb for lb in labels if lb not in have]
+            if missing:
+                self.problems.append(f"{where} ({', '.join(labels)}): {missing} not a label of its input ({', '.join(sorted(have))})")
+
+    def of(self, node):
+        P = promql_parser
+        if isinstance(node, (P.NumberLiteral, P.StringLiteral)):
+            return SCALAR
+        if isinstance(node, P.VectorSelector):
+            return self.selector(node)
+        if isinstance(node, (P.MatrixSelector, P.ParenExpr, P.SubqueryExpr, P.UnaryExpr)):
+            return self.of(children(node)[0])
+        if isinstance(node, P.Call):
+            args = [self.of(a) for a in node.args]
+            fn = node.func.name
+            if fn == "label_replace" and isinstance(args[0], set):
+                return args[0] | {node.args[1].val}
+            if fn == "histogram_quantile":
+                self.need(["le"], args[1], "histogram_quantile")
+                return args[1] - {"le"} if isinstance(args[1], set) else args[1]
+            if fn in ("scalar", "time"):
+                return SCALAR
+            if fn in ("vector",):
+                return set()
+            if fn.startswith("absent"):
+                return None
+            return next((a for a in args if a is not SCALAR), SCALAR) if args else SCALAR
+        if isinstance(node, P.AggregateExpr):
+            inner = self.of(node.expr)
+            if node.param is not None:
+                self.of(node.param)
+            op = str(node.op)
+            mod = node.modifier
+            by = list(mod.labels) if mod is not None else []
+            without = mod is not None and str(mod.type).endswith("Without")
+            if by and not without:
+                self.need(by, inner, f"{op} by")
+            if op in ("topk", "bottomk", "limitk", "limit_ratio"):
+                return inner
+            out = (inner - set(by) if isinstance(inner, set) else None) if without else set(by)
+            if op == "count_values" and isinstance(out, set):
+                out.add(node.param.val)
+            return out
+        if isinstance(node, P.BinaryExpr):
+            lhs, rhs = self.of(node.lhs), self.of(node.rhs)
+            op = str(node.op)
+            if (op == "==" and rhs is SCALAR and isinstance(node.rhs, P.NumberLiteral) and node.rhs.val == 1
+                    and isinstance(node.lhs, P.VectorSelector) and node.lhs.name == "brainai_model_info"):
+                self.info_filtered += 1
+            if lhs is SCALAR or rhs is SCALAR:
+                return rhs if lhs is SCALAR else lhs
+            mod = node.modifier
+            matching = mod.matching if mod is not None else None
+            on = matching is not None and str(matching.type).endswith("Include")
+            if on:
+                self.need(list(matching.labels), lhs, f"{op} on")
+                self.need(list(matching.labels), rhs, f"{op} on")
+            if op == "or":
+                return lhs & rhs if isinstance(lhs, set) and isinstance(rhs, set) else None
+            if op in ("and", "unless"):
+                return lhs
+            card = str(mod.card) if mod is not None else ""
+            group = set(mod.group_labels or []) if mod is not None else set()
+            if card.endswith("ManyToOne"):
+                return lhs | group if isinstance(lhs, set) else None
+            if card.endswith("OneToMany"):
+                return rhs | group if isinstance(rhs, set) else None
+            if on:
+                return set(matching.labels)
+            if matching is not None and isinstance(lhs, set):
+                return lhs - set(matching.labels)
+            return lhs
+        return None
+
+
+class Query:
+    """What check_promql learnt about a query: its output labels (set, or None when unknown) and
+    the brainai_* families it selects."""
+
+    def __init__(self, labels, families):
+        self.labels, self.families = labels, families
+
+
+def check_promql(rep: Report, where: str, text: str, ctx: Context, namespace: str | None, info_as_set: bool = True) -> Query | None:
+    """Parses `text`; checks metric names, suffixes, labels, the job matcher and ksm namespaces.
+    `info_as_set`: brainai_model_info must be read as `== 1` (not in label_values() selectors)."""
     try:
         expr = promql_parser.parse(text)
     except Exception as e:  # the parser raises ValueError with the position
         rep.ok(False, f"{where}: PromQL does not parse: {e}")
-        return
+        return None
     problems = []
+    families = set()
     for name, labels in selectors(expr):
         if name is None:
             problems.append("a selector without a metric name")
             continue
         if name.startswith("brainai_"):
-            family, suffix = name, ""
-            for sfx in ("_bucket", "_sum", "_count"):
-                if name.endswith(sfx) and name[: -len(sfx)] in ctx.metric_types:
-                    family, suffix = name[: -len(sfx)], sfx
+            family, suffix = family_of(name, ctx)
             kind = ctx.metric_types.get(family)
+            families.add(family)
             if kind is None:
                 problems.append(f"{name} is not a metric in the README's table")
             elif kind == "histogram" and not suffix:
@@ -158,7 +365,13 @@ def check_promql(rep: Report, where: str, text: str, ctx: Context, namespace: st
                 problems.append(f"up without job=\"{METRICS_JOB}\"")
         elif namespace is not None and labels.get("namespace") != ("=", namespace):
             problems.append(f"{name} must select namespace=\"{namespace}\" (the overlay's namespace)")
-    rep.ok(not problems, f"{where}: PromQL parses; metrics and selectors consistent" + (f": {problems}" if problems else ""))
+    inference = Labels(ctx)
+    out = inference.of(expr)
+    problems += inference.problems
+    if info_as_set and inference.info_filtered < inference.info_selectors:
+        problems.append("brainai_model_info read without `== 1` (unloaded versions stay exported with value 0)")
+    rep.ok(not problems, f"{where}: PromQL parses; metrics, labels and selectors consistent" + (f": {problems}" if problems else ""))
+    return Query(out if isinstance(out, set) else None, families)
 
 
 # ---- per-overlay checks --------------------------------------------------------------------------
@@ -181,6 +394,34 @@ def matches(selector: dict, labels: dict) -> bool:
 def port_of(addr: str) -> int | None:
     m = re.search(r":(\d+)$", addr or "")
     return int(m.group(1)) if m else None
+
+
+def queue_thresholds(text: str) -> tuple[dict, list[str]]:
+    """{priority: (factor, capacity)} of the comparisons `<brainai_queue_depth{priority="p"} ...> >
+    factor * capacity` in a queue alert, and what does not fit that shape."""
+    try:
+        expr = promql_parser.parse(text)
+    except Exception:
+        return {}, ["does not parse"]
+    found, problems = {}, []
+    for node in nodes(expr):
+        if not (isinstance(node, promql_parser.BinaryExpr) and str(node.op) in (">", ">=")):
+            continue
+        depth = [s for s in selectors(node.lhs) if s[0] == "brainai_queue_depth"]
+        if not depth:
+            continue
+        prios = {s[1].get("priority") for s in depth}
+        rhs = node.rhs
+        if (len(prios) == 1 and None not in prios and next(iter(prios))[0] == "="
+                and isinstance(rhs, promql_parser.BinaryExpr) and str(rhs.op) == "*"
+                and isinstance(rhs.lhs, promql_parser.NumberLiteral) and isinstance(rhs.rhs, promql_parser.NumberLiteral)):
+            prio = next(iter(prios))[1]
+            if prio in found:
+                problems.append(f"two thresholds for priority {prio}")
+            found[prio] = (rhs.lhs.val, rhs.rhs.val)
+        else:
+            problems.append("each threshold must be `brainai_queue_depth{priority=\"<p>\"} ... > 0.8 * <capacity>`")
+    return found, problems
 
 
 def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) -> None:
@@ -242,13 +483,16 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
         rep.ok(not e["name"].startswith("BRAINAI_") or e["name"] in ctx.documented_env, f"{overlay}: env {e['name']} is documented")
 
     def env_int(key, default=None):
+        # The binary's default: README's configuration table when it documents one, else `default`.
+        default = ctx.env_defaults.get(key, default)
         try:
             return int(env.get(key, default))
         except (TypeError, ValueError):
-            rep.ok(False, f"{overlay}: {key}={env.get(key)!r} is not an integer")
+            rep.ok(False, f"{overlay}: {key}={env.get(key, default)!r} is not an integer")
             return None
 
-    capacity = env_int("BRAINAI_QUEUE_CAPACITY", 256)
+    capacities = {prio: env_int(key, default) for prio, (key, default) in QUEUE_CAPACITY_ENV.items()}
+    capacity = capacities["routine"]
     drain = env_int("BRAINAI_DRAIN_TIMEOUT_S", 30)
     batch = env_int("BRAINAI_MAX_BATCH_SIZE", 8)
     threads = env_int("BRAINAI_INTRA_OP_THREADS", 0)
@@ -263,12 +507,22 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     toml_text = next((cms[n]["data"].get("model.toml") for n in model_cm if n in cms and "model.toml" in cms[n].get("data", {})), None)
     rep.ok(toml_text == ctx.model_toml, f"{overlay}: ConfigMap model.toml is identical to {MODEL_TOML}")
     if not toml_text:
-        cap = 0
+        cap, batching = 0, {}
     elif tomllib is not None:
-        cap = tomllib.loads(toml_text)["model"]["max_batch_size"]
+        parsed = tomllib.loads(toml_text)
+        cap, batching = parsed["model"]["max_batch_size"], parsed.get("batching", {})
     else:
-        cap = int(re.search(r"^max_batch_size\s*=\s*(\d+)", toml_text, re.M).group(1))
+        sections = dict(re.findall(r"^\[(\w+)\]\s*$\n((?:^(?!\[).*$\n?)*)", toml_text, re.M))
+        cap = int(re.search(r"^max_batch_size\s*=\s*(\d+)", sections.get("model", ""), re.M).group(1))
+        batching = dict(re.findall(r"^(\w+)\s*=\s*(.+?)\s*$", sections.get("batching", ""), re.M))
     rep.ok(batch is not None and 1 <= batch <= cap, f"{overlay}: BRAINAI_MAX_BATCH_SIZE={batch} within model.toml max_batch_size={cap}")
+    # The queue alert's thresholds follow the server-wide capacities; a per-model capacity
+    # ([batching] in model.toml, BRAINAI_MODEL_OVERRIDES NAME:KEY=VALUE) would leave them wrong.
+    overrides = [o.strip() for o in env.get("BRAINAI_MODEL_OVERRIDES", "").split(",") if o.strip()]
+    per_model = [f"model.toml [batching] {k}" for k in batching if k in ("queue_capacity", "stat_queue_capacity")]
+    per_model += [f"BRAINAI_MODEL_OVERRIDES {o}" for o in overrides
+                  if o.partition(":")[2].partition("=")[0].strip() in ("queue_capacity", "stat_queue_capacity")]
+    rep.ok(not per_model, f"{overlay}: no per-model queue capacity, which the queue alert's thresholds cannot follow {per_model or ''}")
     model_dir = env.get("BRAINAI_MODEL_DIR", "")
     init = inits.get("model", {})
     init_script = " ".join(init.get("command", []))
@@ -380,21 +634,35 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     rep.ok(len(alerts) >= 7, f"{overlay}: {len(alerts)} alerts")
     for r in alerts:
         name = r["alert"]
-        check_promql(rep, f"{overlay}: alert {name}", r["expr"], ctx, namespace)
+        q = check_promql(rep, f"{overlay}: alert {name}", r["expr"], ctx, namespace)
         ann, labels = r.get("annotations", {}), r.get("labels", {})
         rep.ok(labels.get("severity") in SEVERITIES and {"summary", "description", "runbook"} <= set(ann),
                f"{overlay}: alert {name} has severity, summary, description, runbook")
         anchor = ann.get("runbook", "").partition("#")[2]
         rep.ok(ann.get("runbook", "").startswith(DEPLOY_README + "#") and anchor == name.lower() and anchor in ctx.anchors,
                f"{overlay}: alert {name}: runbook {ann.get('runbook')} is a heading of {DEPLOY_README}")
+        if q is None:
+            continue
+        used = set(re.findall(r"\$labels\.(\w+)", " ".join(str(v) for v in ann.values())))
+        if q.labels is not None:
+            rep.ok(used <= q.labels, f"{overlay}: alert {name}: annotations name only labels the alert has {sorted(used - q.labels) or ''} (has {sorted(q.labels)})")
+        per_model = sorted(f for f in q.families if {"model", "name"} & ctx.metric_labels.get(f, set()))
+        if per_model:
+            rep.ok((q.labels is None or "model" in q.labels) and "model" in used,
+                   f"{overlay}: alert {name} on per-model metrics {per_model} keeps the model label and names it ({{{{ $labels.model }}}})")
     names = {r["alert"] for r in alerts}
     required = {"BrainAILatencyP99High", "BrainAIErrorRatioHigh", "BrainAIQueueNearCapacity", "BrainAIDeadlineDrops",
-                "BrainAILowBatchOccupancyUnderLoad", "BrainAIInstanceNotReady", "BrainAIPodRestarting"}
+                "BrainAILowBatchOccupancyUnderLoad", "BrainAIInstanceNotReady", "BrainAIPodRestarting",
+                "BrainAIModelLoadFailures"}
     rep.ok(required <= names, f"{overlay}: the required alerts exist {sorted(required - names) or ''}")
     q = next((r["expr"] for r in alerts if r["alert"] == "BrainAIQueueNearCapacity"), "")
-    m = re.search(r">\s*0\.8\s*\*\s*(\d+)", q)
-    rep.ok(bool(m) and int(m.group(1)) == capacity,
-           f"{overlay}: queue alert threshold 0.8 x {m.group(1) if m else '?'} uses BRAINAI_QUEUE_CAPACITY={capacity}")
+    thresholds, problems = queue_thresholds(q)
+    for prio, cap_ in capacities.items():
+        key = QUEUE_CAPACITY_ENV[prio][0]
+        got = thresholds.get(prio)
+        rep.ok(got == (0.8, cap_) and not problems,
+               f"{overlay}: queue alert threshold for priority=\"{prio}\" is 0.8 x {key}={cap_} "
+               f"({'%g x %g' % got if got else 'none'}{'; ' + '; '.join(problems) if problems else ''})")
     # runbook entries that no alert uses are stale
     runbook_section = ctx.deploy_readme.partition("## Runbook")[2]
     documented = set(re.findall(r"^### (BrainAI\w+)", runbook_section, re.M))
@@ -406,7 +674,7 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
 
 def grafana_vars(expr: str) -> str:
     subs = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "${datasource}": "x",
-            "$namespace": "brainai", "$pod": ".*"}
+            "$namespace": "brainai", "$pod": ".*", "$model": ".*"}
     for k, v in subs.items():
         expr = expr.replace(k, v)
     return expr
@@ -426,21 +694,28 @@ def validate_dashboard(ctx: Context, rep: Report, text: str | None = None) -> No
     ids = [p.get("id") for p in panels]
     rep.ok(len(ids) == len(set(ids)) and all("gridPos" in p for p in panels), f"{DASHBOARD}: {len(panels)} panels with unique ids and positions")
     variables = {v["name"] for v in dash.get("templating", {}).get("list", [])}
-    rep.ok({"datasource", "namespace", "pod"} <= variables, f"{DASHBOARD}: variables datasource, namespace, pod")
+    rep.ok({"datasource", "namespace", "model", "pod"} <= variables, f"{DASHBOARD}: variables datasource, namespace, model, pod")
     n = 0
+    shown = set()
     for p in panels:
         for t in p.get("targets", []):
             n += 1
-            check_promql(rep, f"{DASHBOARD}: panel {p.get('title')!r} {t.get('refId')}", grafana_vars(t.get("expr", "")), ctx, "brainai")
+            q = check_promql(rep, f"{DASHBOARD}: panel {p.get('title')!r} {t.get('refId')}", grafana_vars(t.get("expr", "")), ctx, "brainai")
+            shown |= q.families if q else set()
             rep.ok(t.get("datasource", p.get("datasource", {})).get("uid") == "${datasource}", f"{DASHBOARD}: panel {p.get('title')!r} uses the datasource variable")
     for v in dash.get("templating", {}).get("list", []):
         q = v.get("query")
         if isinstance(q, dict) and q.get("query", "").startswith("label_values("):
-            inner = re.match(r"label_values\((.*),\s*\w+\)$", q["query"])
+            inner = re.match(r"label_values\((.*),\s*(\w+)\)$", q["query"])
             if rep.ok(bool(inner), f"{DASHBOARD}: variable {v['name']} is label_values(selector, label)"):
-                check_promql(rep, f"{DASHBOARD}: variable {v['name']}", grafana_vars(inner.group(1)), ctx, "brainai")
+                sel = check_promql(rep, f"{DASHBOARD}: variable {v['name']}", grafana_vars(inner.group(1)), ctx, "brainai", info_as_set=False)
+                if sel is not None and sel.labels is not None:
+                    rep.ok(inner.group(2) in sel.labels, f"{DASHBOARD}: variable {v['name']}: the selector has label {inner.group(2)} ({sorted(sel.labels)})")
+    not_shown = sorted(set(ctx.metric_types) - shown)
+    rep.ok(not not_shown, f"{DASHBOARD}: a panel for every metric of README's table {not_shown or ''}")
     titles = " ".join(p.get("title", "").lower() for p in panels)
-    for topic in ("calls/s", "images/s", "latency", "queue", "preprocess", "inference", "batch size", "occupancy", "status code", "dropped"):
+    for topic in ("calls/s", "images/s", "latency", "queue", "preprocess", "inference", "batch size", "occupancy", "status code", "dropped",
+                  "versions", "load failures"):
         rep.ok(topic in titles, f"{DASHBOARD}: a panel about {topic}")
     rep.ok(n >= 10, f"{DASHBOARD}: {n} queries")
 
@@ -467,6 +742,15 @@ def validate_adapter(ctx: Context, rep: Report, values=None) -> None:
         mq = r.get("metricsQuery", "")
         mq = mq.replace("<<.Series>>", name).replace("<<.LabelMatchers>>", f'job="{METRICS_JOB}", namespace="brainai", pod=~"brainai-.*"').replace("<<.GroupBy>>", "pod")
         check_promql(rep, f"{where}.metricsQuery", mq, ctx, None)
+        # A pod exports several series of the metric (per model, version, priority): the HPA's
+        # per-pod value must add them up, not pick one (max) or average them.
+        try:
+            top = promql_parser.parse(mq)
+        except Exception:
+            top = None
+        rep.ok(isinstance(top, promql_parser.AggregateExpr) and str(top.op) == "sum" and top.modifier is not None
+               and not str(top.modifier.type).endswith("Without") and "pod" in top.modifier.labels,
+               f"{where}.metricsQuery is `sum by (<<.GroupBy>>) (...)`: the per-pod value is the sum over the pod's series")
         rep.ok(re.fullmatch(r.get("name", {}).get("matches", "^$"), name) is not None and r.get("name", {}).get("as") == name,
                f"{where}: serves {name} under its own name")
 
@@ -489,10 +773,26 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
     def rules(d):
         return by_kind(d, "PrometheusRule")[0]["spec"]["groups"][0]["rules"]
 
-    def set_(fn):
+    def alert(d, name):
+        return next(r for g in by_kind(d, "PrometheusRule")[0]["spec"]["groups"] for r in g["rules"] if r.get("alert") == name)
+
+    def edit(name, old, new, key="expr"):
         def apply(d):
-            fn(d)
+            r = alert(d, name)
+            assert old in r[key] if key == "expr" else old in r["annotations"][key], f"self-test: {old!r} not in {name}.{key}"
+            if key == "expr":
+                r["expr"] = r["expr"].replace(old, new)
+            else:
+                r["annotations"][key] = r["annotations"][key].replace(old, new)
         return apply
+
+    def drop_alert(name):
+        def apply(d):
+            for g in by_kind(d, "PrometheusRule")[0]["spec"]["groups"]:
+                g["rules"] = [r for r in g["rules"] if r.get("alert") != name]
+        return apply
+
+    info_as_model = 'label_replace(brainai_model_info{job="brainai-metrics"} == 1, "model", "$1", "name", "(.*)")'
 
     mutations = {
         "typo'd container field (strict schema)": (lambda d: main_c(d).__setitem__("imagePullPolicyy", "Always"), "invalid against Kubernetes"),
@@ -512,6 +812,18 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         "alert without a runbook entry": (lambda d: rules(d)[1].__setitem__("alert", "BrainAIErrorsEverywhere"), "runbook"),
         "Service selecting other pods": (lambda d: by_kind(d, "Service")[0]["spec"]["selector"].__setitem__("app.kubernetes.io/name", "brainaii"), "selects the pods"),
         "HPA on a metric the adapter does not serve": (lambda d: by_kind(d, "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]["pods"]["metric"].__setitem__("name", "brainai_queue_len"), "prometheus-adapter"),
+        "STAT queue capacity changed without the alert": (lambda d: env_cm(d)["data"].__setitem__("BRAINAI_STAT_QUEUE_CAPACITY", "128"), "queue alert threshold"),
+        "queue alert with one threshold for both priorities": (lambda d: alert(d, "BrainAIQueueNearCapacity").__setitem__(
+            "expr", 'max by (namespace, pod, model, version, priority) (brainai_queue_depth{job="brainai-metrics"}) > 0.8 * 256'), "queue alert threshold"),
+        "per-model queue capacity the alert cannot follow": (lambda d: env_cm(d)["data"].__setitem__("BRAINAI_MODEL_OVERRIDES", "brain-tumor-resnet50:queue_capacity=512"), "per-model queue capacity"),
+        "matcher on a label the metric does not have": (edit("BrainAIQueueFullRejections", 'reason="queue_full"', 'priority="stat"'), "has no label priority"),
+        "label value the service never exports": (edit("BrainAIDeadlineDrops", 'reason="deadline"', 'reason="deadline_exceeded"'), "not a value of reason"),
+        "typo'd gRPC code in the error ratio": (edit("BrainAIErrorRatioHigh", "INVALID_ARGUMENT|", "INVALID_ARG|"), "not a value of code"),
+        "grouping by a label the metric lacks (model_info has name)": (edit("BrainAIModelVersionSkew", info_as_model, 'brainai_model_info{job="brainai-metrics"} == 1'), "not a label of its input"),
+        "model versions counted with unloaded ones": (edit("BrainAIModelVersionSkew", " == 1", ""), "== 1"),
+        "per-model alert aggregating the model away": (edit("BrainAIDeadlineDrops", "by (namespace, model)", "by (namespace)"), "keeps the model label"),
+        "annotation naming a label the alert drops": (edit("BrainAIQueueFullRejections", "in {{ $labels.namespace }}", "on {{ $labels.pod }}", key="summary"), "annotations name only labels"),
+        "no model load failure alert": (drop_alert("BrainAIModelLoadFailures"), "required alerts"),
     }
     missed = []
     for what, (mutate, expect) in mutations.items():
@@ -524,20 +836,47 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         if not caught:
             missed.append(what)
     # dashboard and adapter
-    dash = json.loads(ctx.dashboard_text)
-    dash["panels"][1]["targets"][0]["expr"] = "sum(rate(brainai_requests_total{job=\"brainai-metrics\"}[5m])"
-    rep = Report(quiet=True)
-    validate_dashboard(ctx, rep, json.dumps(dash))
-    caught = any("does not parse" in f for f in rep.failures)
-    print(f"  {'ok  ' if caught else 'FAIL'} self-test: caught a dashboard query that does not parse")
-    missed += [] if caught else ["dashboard"]
-    bad = copy.deepcopy(ctx.adapter)
-    bad["rules"]["custom"][0]["metricQuery"] = bad["rules"]["custom"][0].pop("metricsQuery")
-    rep = Report(quiet=True)
-    validate_adapter(ctx, rep, bad)
-    caught = any("known keys" in f for f in rep.failures)
-    print(f"  {'ok  ' if caught else 'FAIL'} self-test: caught a typo'd prometheus-adapter key")
-    missed += [] if caught else ["adapter"]
+    def dash_edit(fn):
+        def apply():
+            dash = json.loads(ctx.dashboard_text)
+            fn(dash)
+            rep = Report(quiet=True)
+            validate_dashboard(ctx, rep, json.dumps(dash))
+            return rep
+        return apply
+
+    def exprs(dash, old, new):
+        for p in dash["panels"]:
+            for t in p.get("targets", []):
+                t["expr"] = t["expr"].replace(old, new)
+
+    def adapter_edit(fn):
+        def apply():
+            bad = copy.deepcopy(ctx.adapter)
+            fn(bad["rules"]["custom"][0])
+            rep = Report(quiet=True)
+            validate_adapter(ctx, rep, bad)
+            return rep
+        return apply
+
+    model_var = lambda dash: next(v for v in dash["templating"]["list"] if v["name"] == "model")  # noqa: E731
+    others = {
+        "a dashboard query that does not parse": (dash_edit(lambda dash: dash["panels"][1]["targets"][0].__setitem__(
+            "expr", "sum(rate(brainai_requests_total{job=\"brainai-metrics\"}[5m])")), "does not parse"),
+        "a metric without a dashboard panel": (dash_edit(lambda dash: dash.__setitem__("panels", [
+            p for p in dash["panels"] if "brainai_model_load_failures_total" not in json.dumps(p.get("targets", []))])), "a panel for every metric"),
+        "dashboard filtering brainai_model_info by model (it has name)": (dash_edit(lambda dash: exprs(dash, 'name=~"$model"', 'model=~"$model"')), "has no label model"),
+        "model variable over a metric without a model label": (dash_edit(lambda dash: model_var(dash)["query"].__setitem__(
+            "query", 'label_values(brainai_model_info{job="brainai-metrics", namespace="$namespace"}, model)')), "the selector has label model"),
+        "a typo'd prometheus-adapter key": (adapter_edit(lambda r: r.__setitem__("metricQuery", r.pop("metricsQuery"))), "known keys"),
+        "an adapter rule taking the max of a pod's queues": (adapter_edit(lambda r: r.__setitem__("metricsQuery", r["metricsQuery"].replace("sum by", "max by"))), "sum over the pod's series"),
+    }
+    for what, (run, expect) in others.items():
+        rep = run()
+        caught = any(expect in f for f in rep.failures)
+        print(f"  {'ok  ' if caught else 'FAIL'} self-test: caught {what}" + ("" if caught else f" (failures: {rep.failures[:3]})"))
+        if not caught:
+            missed.append(what)
     return 1 if missed else 0
 
 

@@ -192,8 +192,14 @@ class Delta:
         self.before, self.after = before, after
 
     def get(self, name, **labels):
-        key = (name, frozenset(labels.items()))
-        return self.after.get(key, 0.0) - self.before.get(key, 0.0)
+        """Δ of the sum of every series of `name` whose labels include `labels` (per-model series
+        such as {model, version, priority} add up)."""
+        want = set(labels.items())
+        total = 0.0
+        for (n, series), v in self.after.items():
+            if n == name and want <= series:
+                total += v - self.before.get((n, series), 0.0)
+        return total
 
     def by_label(self, name, label, **fixed):
         out = {}
