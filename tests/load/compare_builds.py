@@ -7,7 +7,9 @@ change cost serving speed?
 
 Each round measures, alternating which build goes first:
 - serving overhead: the tiny fixture model (microseconds of model time), one 256x256 PNG per call,
-  ghz at concurrency 16, queue delay 0, one ORT thread: single-image calls/s of each build;
+  ghz at concurrency 16, queue delay 0, one ORT thread: single-image calls/s of each build, and
+  the server process's own CPU time per call (/proc/<pid>/stat), which the shared cores disturb
+  far less than throughput;
 - the default ResNet-50: the bare ONNX Runtime loop (the `serving` bench binary, --bare-only,
   batches of 8) and each build under ghz saturation (concurrency 16, --max-batch-size 8):
   served/bare of each build.
@@ -58,6 +60,7 @@ def main() -> None:
     a = p.parse_args()
     builds = {"before": a.before, "after": a.after}
     tiny = {k: [] for k in builds}
+    cpu = {k: [] for k in builds}
     ratio = {k: [] for k in builds}
     for r in range(a.rounds):
         order = list(builds) if r % 2 == 0 else list(reversed(builds))
@@ -65,17 +68,20 @@ def main() -> None:
             s = ghz_run(builds[name], "tests/fixtures/models/tiny", a.tiny_seconds, ROOT / a.out / f"r{r}-{name}-tiny",
                         ["--intra-op-threads=1", "--max-queue-delay-us=0"], "flair_256_a.png")
             tiny[name].append(s["requests_per_s"])
+            cpu[name].append(s["server_cpu_us_per_call"])
         b = bare(a.seconds)
         for name in order:
             s = ghz_run(builds[name], "models/brain-tumor-resnet50", a.seconds, ROOT / a.out / f"r{r}-{name}-resnet",
                         ["--max-batch-size=8"], None)
             ratio[name].append(s["images_per_s"] / b)
-        print(f"round {r + 1}: tiny calls/s before {tiny['before'][-1]:.0f}, after {tiny['after'][-1]:.0f}; "
+        print(f"round {r + 1}: tiny calls/s before {tiny['before'][-1]:.0f}, after {tiny['after'][-1]:.0f} "
+              f"(server CPU per call {cpu['before'][-1]:.0f} / {cpu['after'][-1]:.0f} µs); "
               f"ResNet-50 bare {b:.2f} img/s, served/bare before {ratio['before'][-1]:.3f}, "
               f"after {ratio['after'][-1]:.3f}", flush=True)
-    med = {k: (statistics.median(tiny[k]), statistics.median(ratio[k])) for k in builds}
+    med = {k: (statistics.median(tiny[k]), statistics.median(ratio[k]), statistics.median(cpu[k])) for k in builds}
     print(f"median: tiny single-image calls/s before {med['before'][0]:.0f}, after {med['after'][0]:.0f} "
-          f"(after/before {med['after'][0] / med['before'][0]:.3f}); ResNet-50 served/bare before "
+          f"(after/before {med['after'][0] / med['before'][0]:.3f}); server CPU per call before "
+          f"{med['before'][2]:.0f} µs, after {med['after'][2]:.0f} µs; ResNet-50 served/bare before "
           f"{med['before'][1]:.3f}, after {med['after'][1]:.3f}")
 
 

@@ -322,6 +322,8 @@ def cmd_summarize(a):
         "mean_preprocess_ms": pre_mean * 1e3,
         "mean_inference_ms_per_batch": inf_mean * 1e3,
         "dropped": dropped,
+        "server_cpu_s": a.server_cpu_s,
+        "server_cpu_us_per_call": (1e6 * a.server_cpu_s / calls) if a.server_cpu_s is not None and calls else None,
         "ghz_end_reason": report.get("endReason"),
         "report": a.report,
     }
@@ -342,6 +344,8 @@ def cmd_summarize(a):
         f"  errors        {err_txt}   (server {a.rpc}: {srv_txt})",
         f"  batching      mean batch size {fmt_num(batch_mean, 2)}, mean occupancy {fmt_num(occ_mean, 3)}"
         f"   ({int(batches)} batches, {int(multi)} larger than 1{pct})",
+        *([f"  server CPU    {s['server_cpu_us_per_call']:.0f} µs per call ({a.server_cpu_s:.2f} s of CPU, /proc/<pid>/stat)"]
+          if s["server_cpu_us_per_call"] is not None else []),
         f"  server time   queue {fmt_ms(s['mean_queue_ms'])} per image, preprocess {fmt_ms(s['mean_preprocess_ms'])} per image,"
         f" inference {fmt_ms(s['mean_inference_ms_per_batch'])} per batch; dropped: {drop_txt}",
         f"  report        {a.report}",
@@ -420,6 +424,7 @@ def main():
     z.add_argument("--port", type=int, help="metrics port, to re-scrape until the server has counted every call")
     z.add_argument("--summary-json")
     z.add_argument("--summary-text", help="append the printed summary to this file")
+    z.add_argument("--server-cpu-s", type=float, help="CPU seconds the server process used during the run")
     z.add_argument("--check-no-errors", action="store_true")
     z.add_argument("--check-batching", action="store_true")
     z.add_argument("--check-stream-images", type=int, default=0, metavar="N",

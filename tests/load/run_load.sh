@@ -180,6 +180,9 @@ pick_ports() {
 SERVER_PID=
 SERVER_LOG=$LOAD_OUT/server.log
 
+# CPU time the server process has used so far, in clock ticks (utime + stime of /proc/PID/stat).
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
 # State of a child process: R/S/D/... while it runs, Z once it exited (before `wait`), empty when gone.
 proc_state() { [[ -r /proc/$1/stat ]] && awk '{ sub(/.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null || true; }
 running() { local s; s=$(proc_state "$1"); [[ -n $s && $s != Z ]]; }
@@ -258,6 +261,8 @@ run() {
     [[ $rpc == ClassifyStream ]] && data=$DATA/classify_stream.json
 
     $TOOL scrape --port "$METRICS_PORT" --out "$before"
+    local cpu_before
+    cpu_before=$(cpu_ticks "$SERVER_PID")
     # -z bounds the run; duration-stop=wait (in the config) lets in-flight calls finish instead of
     # cutting them off as errors. The outer timeout is a hang guard only.
     # In the background + `wait`, so that SIGINT/SIGTERM are handled at once (see on_signal).
@@ -273,9 +278,11 @@ run() {
         FAILED+=("$name")
         return
     fi
+    local cpu_used=$(( $(cpu_ticks "$SERVER_PID") - cpu_before ))
     $TOOL scrape --port "$METRICS_PORT" --out "$after"
     if ! $TOOL summarize --name "$name" --rpc "$rpc" --description "$desc" --report "$report" \
         --before "$before" --after "$after" --port "$METRICS_PORT" \
+        --server-cpu-s "$(awk -v t="$cpu_used" -v hz="$(getconf CLK_TCK)" 'BEGIN { print t / hz }')" \
         --summary-json "$LOAD_OUT/$name.summary.json" --summary-text "$SUMMARY" "${checks[@]}"; then
         FAILED+=("$name")
     fi
