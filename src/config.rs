@@ -105,6 +105,13 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_MAX_QUEUE_DELAY_US", default_value_t = 2000)]
     pub max_queue_delay_us: u64,
 
+    /// Longest a request may expect to wait for its answer, in milliseconds (estimated from the
+    /// measured batch times): a request that would wait longer is refused RESOURCE_EXHAUSTED at
+    /// once, whatever its deadline (0: no limit). Requests with a deadline are also refused when
+    /// they cannot be answered before it.
+    #[arg(long, env = "BRAINAI_MAX_QUEUE_WAIT_MS", default_value_t = 10_000)]
+    pub max_queue_wait_ms: u64,
+
     /// Most routine images admitted per model (being decoded or queued); beyond it requests get
     /// RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "BRAINAI_QUEUE_CAPACITY", default_value_t = 256)]
@@ -126,6 +133,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_MAX_IMAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_image_bytes: usize,
 
+    /// Most bytes one request's images may decode to (read from their headers, before decoding);
+    /// a larger request is refused RESOURCE_EXHAUSTED, in MiB.
+    #[arg(long, env = "BRAINAI_MAX_REQUEST_DECODE_MIB", default_value_t = 256)]
+    pub max_request_decode_mib: u64,
+
+    /// Most bytes being decoded at once over all requests, in MiB; an image waits for room.
+    #[arg(long, env = "BRAINAI_MAX_DECODE_IN_FLIGHT_MIB", default_value_t = 1024)]
+    pub max_decode_in_flight_mib: u64,
+
     /// Largest decoded image, in pixels (guards against decompression bombs).
     #[arg(long, env = "BRAINAI_MAX_PIXELS", default_value_t = 8192 * 8192)]
     pub max_pixels: u64,
@@ -138,9 +154,54 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
 
-    /// Connections are closed after this many seconds so clients re-resolve (0: never).
+    /// Connections are asked to go away (HTTP/2 GOAWAY; calls in flight finish) after this many
+    /// seconds, so clients re-resolve and spread over replicas (0: never).
     #[arg(long, env = "BRAINAI_MAX_CONNECTION_AGE_S", default_value_t = 300)]
     pub max_connection_age_s: u64,
+
+    /// After a GOAWAY (connection age, eviction), how long calls in flight get before the
+    /// connection is closed regardless, in seconds.
+    #[arg(long, env = "BRAINAI_CONNECTION_GRACE_S", default_value_t = 30)]
+    pub connection_grace_s: u64,
+
+    /// Most open gRPC connections (each is a file descriptor). At the cap the longest-idle
+    /// connection is closed to make room; with none idle, new connections are refused.
+    #[arg(long, env = "BRAINAI_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Most open connections to the metrics/health port.
+    #[arg(long, env = "BRAINAI_MAX_HTTP_CONNECTIONS", default_value_t = 128)]
+    pub max_http_connections: usize,
+
+    /// A new connection that has not started a request within this many seconds is closed.
+    #[arg(long, env = "BRAINAI_FIRST_REQUEST_TIMEOUT_S", default_value_t = 10)]
+    pub first_request_timeout_s: u64,
+
+    /// A connection with no call in flight for this many seconds is closed (GOAWAY).
+    #[arg(long, env = "BRAINAI_IDLE_TIMEOUT_S", default_value_t = 300)]
+    pub idle_timeout_s: u64,
+
+    /// HTTP/1 (metrics port): seconds to receive a request's headers.
+    #[arg(long, env = "BRAINAI_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
+    pub header_read_timeout_s: u64,
+
+    /// HTTP/2 keepalive PING interval in seconds (0: off); a peer that does not answer within
+    /// --keepalive-timeout-s is dropped.
+    #[arg(long, env = "BRAINAI_KEEPALIVE_INTERVAL_S", default_value_t = 60)]
+    pub keepalive_interval_s: u64,
+
+    /// Seconds to wait for a keepalive PING's answer.
+    #[arg(long, env = "BRAINAI_KEEPALIVE_TIMEOUT_S", default_value_t = 20)]
+    pub keepalive_timeout_s: u64,
+
+    /// Most concurrent calls (HTTP/2 streams) per connection.
+    #[arg(long, env = "BRAINAI_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// Largest request metadata (headers) of one call; a larger one is refused RESOURCE_EXHAUSTED
+    /// alone, without disturbing the other calls on its connection.
+    #[arg(long, env = "BRAINAI_MAX_METADATA_BYTES", default_value_t = 16384)]
+    pub max_metadata_bytes: usize,
 
     /// Log format: text or json.
     #[arg(long, env = "BRAINAI_LOG_FORMAT", default_value = "text")]
@@ -206,6 +267,26 @@ impl ServeArgs {
                     self.max_images_per_request
                 ));
             }
+        }
+        if self.max_request_decode_mib == 0
+            || self.max_request_decode_mib > self.max_decode_in_flight_mib
+        {
+            return Err(format!(
+                "--max-request-decode-mib ({}) must be at least 1 and at most --max-decode-in-flight-mib ({})",
+                self.max_request_decode_mib, self.max_decode_in_flight_mib
+            ));
+        }
+        if self.max_connections == 0 || self.max_http_connections == 0 {
+            return Err("--max-connections and --max-http-connections must be at least 1".into());
+        }
+        if self.first_request_timeout_s == 0
+            || self.idle_timeout_s == 0
+            || self.header_read_timeout_s == 0
+        {
+            return Err(
+                "--first-request-timeout-s, --idle-timeout-s and --header-read-timeout-s must be at least 1"
+                    .into(),
+            );
         }
         self.overrides().map(|_| ())
     }

@@ -47,6 +47,9 @@ pub const OK: &str = "OK";
 pub struct InferError {
     pub kind: ErrorKind,
     pub message: String,
+    /// The message quotes text the caller sent (a model name, a version): the caller may see it,
+    /// logs may not (a client could put anything there).
+    pub quotes_caller: bool,
 }
 
 impl InferError {
@@ -54,6 +57,22 @@ impl InferError {
         InferError {
             kind,
             message: message.into(),
+            quotes_caller: false,
+        }
+    }
+
+    /// Marks the message as quoting the caller's text (see [`InferError::log_message`]).
+    pub fn quoting_caller(mut self) -> Self {
+        self.quotes_caller = true;
+        self
+    }
+
+    /// The message for logs: the caller's message unless it quotes the caller's text.
+    pub fn log_message(&self) -> &str {
+        if self.quotes_caller {
+            "(the message quotes the caller's request; not logged)"
+        } else {
+            &self.message
         }
     }
 
@@ -76,8 +95,8 @@ impl InferError {
     /// The same error about image `index` ("image 3: …").
     pub fn for_image(self, index: usize) -> Self {
         InferError {
-            kind: self.kind,
             message: format!("image {index}: {}", self.message),
+            ..self
         }
     }
 }

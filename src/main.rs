@@ -30,6 +30,9 @@ fn main() -> ExitCode {
             Command::Classify(args) => brainai::client::run(&args).await,
         }
     });
+    // Whatever is still running (a connection's last bytes, a blocking file read) does not get
+    // to hold the exit: the drain already had its time.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(code) => code,
         Err(message) => {

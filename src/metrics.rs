@@ -27,9 +27,23 @@ pub const IMAGES_TOTAL: &str = "brainai_images_total";
 pub const DROPPED_TOTAL: &str = "brainai_dropped_total";
 pub const MODEL_INFO: &str = "brainai_model_info";
 pub const MODEL_LOAD_FAILURES: &str = "brainai_model_load_failures_total";
+pub const CONNECTIONS_OPEN: &str = "brainai_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "brainai_connections_refused_total";
+pub const CONNECTIONS_CLOSED: &str = "brainai_connections_closed_total";
 
-/// Why an image was dropped before it ran (the `reason` label).
-pub const DROP_REASONS: [&str; 3] = ["deadline", "cancelled", "queue_full"];
+/// Why the server closed a connection (the `reason` label of [`CONNECTIONS_CLOSED`]).
+pub const CLOSE_REASONS: [&str; 5] = [
+    "idle",
+    "first_request_timeout",
+    "age",
+    "evicted",
+    "shutdown",
+];
+
+/// Why an image was dropped before it ran (the `reason` label): its deadline passed or would pass
+/// before its batch ran; its caller left; the queue was full; the model was too busy to answer it
+/// in time (refused at admission).
+pub const DROP_REASONS: [&str; 4] = ["deadline", "cancelled", "queue_full", "overload"];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -107,12 +121,27 @@ fn describe() {
     describe_counter!(
         DROPPED_TOTAL,
         Unit::Count,
-        "Images dropped before running, by model, version and reason (deadline, cancelled, queue_full)."
+        "Images dropped before running, by model, version and reason (deadline, cancelled, queue_full, overload)."
     );
     describe_gauge!(
         MODEL_INFO,
         Unit::Count,
         "1 for each loaded model version (0 once unloaded). Labels: name, version, sha256, device."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        Unit::Count,
+        "Client connections open, by listener (grpc, http)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        Unit::Count,
+        "Connections refused at the connection cap because none open was idle, by listener."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        Unit::Count,
+        "Connections the server closed, by listener and reason (idle, first_request_timeout, age, evicted, shutdown)."
     );
     describe_counter!(
         MODEL_LOAD_FAILURES,
@@ -137,6 +166,27 @@ pub fn request_done(
         .record(seconds);
 }
 
+/// Exports the connection metrics of `listener` at zero.
+pub fn connections_known(listener: &'static str) {
+    gauge!(CONNECTIONS_OPEN, "listener" => listener).set(0.0);
+    counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(0);
+    for reason in CLOSE_REASONS {
+        counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(0);
+    }
+}
+
+pub fn connections_open(listener: &'static str, open: usize) {
+    gauge!(CONNECTIONS_OPEN, "listener" => listener).set(open as f64);
+}
+
+pub fn connection_refused(listener: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "listener" => listener).increment(1);
+}
+
+pub fn connection_closed(listener: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
 /// A model version (or its model.toml) failed to load.
 pub fn model_load_failed(model: &str) {
     counter!(MODEL_LOAD_FAILURES, "model" => model.to_string()).increment(1);
@@ -159,7 +209,7 @@ pub fn model_info(name: &str, version: &str, sha256: &str, device: &str, loaded:
 pub struct ModelMetrics {
     queue_duration: [Histogram; 2],
     queue_depth: [Gauge; 2],
-    dropped: [Counter; 3],
+    dropped: [Counter; 4],
     preprocess: Histogram,
     inference: Histogram,
     batch_size: Histogram,

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::api::grpc::ClassifierService;
-use crate::api::oversize::MessageLimitLayer;
+use crate::api::status::StatusLayer;
+use crate::api::transport::{self, ConnectionPolicy, Connections, Stop};
 use crate::backend::ort::{self as ort_backend, OrtBackend, OrtOptions};
 use crate::backend::{Backend, BackendFactory, EngineError};
 use crate::config::ServeArgs;
@@ -144,6 +144,7 @@ pub async fn start(
             defaults: BatchingDefaults {
                 max_batch_size: args.max_batch_size,
                 max_queue_delay_us: args.max_queue_delay_us,
+                max_queue_wait_ms: args.max_queue_wait_ms,
                 queue_capacity: args.queue_capacity,
                 stat_queue_capacity: args.stat_queue_capacity,
                 instances: args.instances,
@@ -160,14 +161,57 @@ pub async fn start(
         factory,
         state.clone(),
     ));
-    let pipeline = Pipeline::new(registry.clone(), state.clone(), args.max_images_per_request);
+    let pipeline = Pipeline::new(
+        registry.clone(),
+        state.clone(),
+        crate::pipeline::Limits {
+            max_images_per_request: args.max_images_per_request,
+            max_request_decode_bytes: args.max_request_decode_mib << 20,
+            max_decode_in_flight_bytes: args.max_decode_in_flight_mib << 20,
+        },
+    );
 
+    if let Some(limit) = transport::raise_fd_limit() {
+        let wanted = (args.max_connections + args.max_http_connections) as u64 + 256;
+        if limit < wanted {
+            tracing::warn!(
+                open_file_limit = limit,
+                wanted,
+                "the open-file limit is low for --max-connections; raise it (ulimit -n) or lower the cap"
+            );
+        }
+    }
     let (grpc_listener, grpc_addr) = bind(args.grpc_addr).await?;
     let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
-    let metrics_task = tokio::spawn(crate::api::http::serve(
+    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+    let policy = |listener, max_connections| ConnectionPolicy {
+        listener,
+        max_connections,
+        first_request_timeout: Duration::from_secs(args.first_request_timeout_s),
+        idle_timeout: Duration::from_secs(args.idle_timeout_s),
+        max_age: (args.max_connection_age_s > 0)
+            .then(|| Duration::from_secs(args.max_connection_age_s)),
+        grace: Duration::from_secs(args.connection_grace_s),
+        keepalive: (args.keepalive_interval_s > 0).then(|| {
+            (
+                Duration::from_secs(args.keepalive_interval_s),
+                Duration::from_secs(args.keepalive_timeout_s),
+            )
+        }),
+        max_concurrent_streams: args.max_concurrent_streams,
+        // Far above --max-metadata-bytes: an oversized call is refused alone by StatusLayer
+        // instead of HTTP/2 closing the whole connection.
+        max_header_list_size: (args.max_metadata_bytes as u32)
+            .saturating_mul(4)
+            .max(1 << 20),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_s),
+    };
+    let http_connections = Connections::new(policy("http", args.max_http_connections));
+    let metrics_task = tokio::spawn(transport::serve_h1(
         metrics_listener,
-        crate::metrics::install(),
-        state.clone(),
+        http_connections.clone(),
+        crate::api::http::service(crate::metrics::install(), state.clone()),
+        stop_rx.clone(),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -189,28 +233,23 @@ pub async fn start(
         pb::tumor_classifier_server::TumorClassifierServer::new(ClassifierService::new(pipeline))
             .max_decoding_message_size(args.max_message_bytes)
             .max_encoding_message_size(args.max_message_bytes);
-
-    let mut builder = tonic::transport::Server::builder().layer(MessageLimitLayer);
-    if args.max_connection_age_s > 0 {
-        builder = builder
-            .max_connection_age(Duration::from_secs(args.max_connection_age_s))
-            .max_connection_age_grace(Duration::from_secs(args.drain_timeout_s));
-    }
-    let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-    let grpc_task = tokio::spawn(
-        builder
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(classifier)
-            // TCP_NODELAY: without it small responses wait for the peer's delayed ACK (~40 ms).
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-                async {
-                    let _ = grpc_stopped.await;
-                },
-            ),
-    );
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(classifier)
+        .prepare();
+    let grpc_service = tower::ServiceBuilder::new()
+        .layer(StatusLayer {
+            max_metadata_bytes: args.max_metadata_bytes,
+        })
+        .service(routes);
+    let grpc_connections = Connections::new(policy("grpc", args.max_connections));
+    let grpc_task = tokio::spawn(transport::serve_h2(
+        grpc_listener,
+        grpc_connections.clone(),
+        grpc_service,
+        stop_rx,
+    ));
     tracing::info!(%grpc_addr, %metrics_addr, "listening; loading and warming up the models");
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
@@ -222,14 +261,28 @@ pub async fn start(
     };
     let task = tokio::spawn(async move {
         let result = lifecycle.run(shutdown_rx).await;
-        let _ = stop_grpc.send(());
-        let served = grpc_task
-            .await
-            .map_err(|e| ServeError::Transport(e.to_string()))
-            .and_then(|r| r.map_err(|e| ServeError::Transport(e.to_string())));
-        metrics_task.abort();
-        health_task.abort();
-        result.and(served)
+        // Stop accepting, GOAWAY to every connection; what has not closed after a second (calls
+        // the drain timeout cut off) is closed for good, so the drain timeout bounds the exit.
+        let _ = stop_tx.send(Stop::Graceful);
+        let closed = tokio::time::timeout(Duration::from_secs(1), async {
+            while grpc_connections.count() + http_connections.count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if closed.is_err() {
+            tracing::warn!(
+                open = grpc_connections.count() + http_connections.count(),
+                "connections still open after the drain: closing them"
+            );
+        }
+        let _ = stop_tx.send(Stop::Now);
+        for task in [grpc_task, metrics_task, health_task] {
+            task.abort();
+            let _ = task.await;
+        }
+        tracing::info!("stopped");
+        result
     });
     Ok(RunningServer {
         grpc_addr,
@@ -349,6 +402,10 @@ pub async fn run_until_signal(args: &ServeArgs) -> Result<std::process::ExitCode
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = trigger.send(());
+        // A second SIGTERM/SIGINT during the drain: stop waiting.
+        shutdown_signal().await;
+        tracing::warn!("second shutdown signal: exiting without finishing the drain");
+        std::process::exit(1);
     });
     #[cfg(unix)]
     {

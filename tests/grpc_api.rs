@@ -58,7 +58,14 @@ async fn concurrent_requests_are_merged_into_one_batch() {
     let t = serve(
         args(
             &dir,
-            &["--max-batch-size", "8", "--max-queue-delay-us", "30000000"],
+            &[
+                "--max-batch-size",
+                "8",
+                "--max-queue-delay-us",
+                "30000000",
+                "--max-queue-wait-ms",
+                "0",
+            ],
         ),
         None,
     )

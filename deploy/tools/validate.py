@@ -16,13 +16,16 @@ Per overlay:
     summary, description and a runbook anchor that exists in deploy/README.md;
   * labels (README's metric table): label matchers, `by`/`on` clauses and `$labels.x` in
     annotations use only labels the expression has there; enumerated values (rpc, priority,
-    reason, gRPC code names) are ones the service exports; an alert on a metric with a `model`
-    label keeps it and names it in an annotation; brainai_model_info is read as `== 1` (unloaded
-    versions stay exported at 0);
+    reason, listener, gRPC code names; per metric: brainai_dropped_total and
+    brainai_connections_closed_total have different reasons) are ones the service exports; an
+    alert on a metric with a `model` label keeps it and names it in an annotation;
+    brainai_model_info is read as `== 1` (unloaded versions stay exported at 0);
   * cross-checks: queue alert thresholds = 0.8 x BRAINAI_QUEUE_CAPACITY (priority="routine") and
     0.8 x BRAINAI_STAT_QUEUE_CAPACITY (priority="stat"), and no per-model capacity override that
     those thresholds cannot follow ([batching] in model.toml, BRAINAI_MODEL_OVERRIDES); grace
-    period >= preStop + drain timeout + 5 s; liveness cannot trip during a drain; probes are
+    period >= preStop + drain timeout + 1 s (the server closes what is left of its connections
+    1 s after the drain, then exits) + 4 s of slack; liveness cannot trip during the drain and
+    that last second; probes are
     native gRPC on the numeric gRPC port; selectors match the pod labels; the HPA's custom metric
     is the one the adapter rule serves; every BRAINAI_* variable is one the README documents (a
     typo would be ignored silently by the binary); batch size within model.toml's cap;
@@ -31,7 +34,9 @@ Per overlay:
     RuntimeDefault); GPU request, node selector and toleration exactly in the GPU overlay.
 Once: the dashboard JSON (parses, every query parses with its variables substituted, metric
 names/suffixes/labels as above, a `model` variable, a panel for every metric of the README's
-table) and the prometheus-adapter values (known keys, queries parse, the per-pod value is the sum
+table, every documented value of an enumerated label (a drop reason, a connection close reason,
+a listener, ...) shown on some panel: kept by the query's `by` or selected by a matcher) and the
+prometheus-adapter values (known keys, queries parse, the per-pod value is the sum
 over the pod's series).
 
 --self-test breaks copies of the inputs in many ways and fails unless each break is caught.
@@ -74,6 +79,11 @@ GRPC_CODES = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEED
 # Queue capacities per priority: the env variable and the binary's default (when README's
 # configuration table does not document one).
 QUEUE_CAPACITY_ENV = {"routine": ("BRAINAI_QUEUE_CAPACITY", 256), "stat": ("BRAINAI_STAT_QUEUE_CAPACITY", 64)}
+# After the drain (BRAINAI_DRAIN_TIMEOUT_S at most) the server stops accepting, sends every
+# connection a GOAWAY and closes what is still open 1 s later, then exits.
+CLOSE_AFTER_DRAIN_S = 1
+# Enumerated labels whose values are gRPC's, not the service's: the dashboard need not show each.
+NOT_SHOWN_ONE_BY_ONE = {"code"}
 NON_BRAINAI_METRICS = {  # kube-state-metrics and Prometheus series the rules and dashboard use
     "up", "kube_pod_status_ready", "kube_pod_status_phase", "kube_deployment_status_replicas_available",
     "kube_deployment_spec_replicas", "kube_pod_container_status_restarts_total",
@@ -145,12 +155,18 @@ def metric_labels(readme: str):
                 values[family][lm.group(1)] = set(re.findall(r"`([^`]*)`", lm.group(2)))
         if family == "brainai_requests_total" and "code" in labels[family]:
             values[family].setdefault("code", GRPC_CODES)
-    # A label means the same on every metric (rpc of the request histogram = rpc of the counter).
+    # A label documented with its values on one metric and without on another means the same on
+    # both (rpc of the request histogram = rpc of the counter), unless the metrics that document
+    # it disagree: `reason` of brainai_dropped_total is not `reason` of
+    # brainai_connections_closed_total, so a metric that lists none gets neither.
+    documented: dict[str, list[frozenset]] = {}
+    for fam_values in values.values():
+        for label, allowed in fam_values.items():
+            documented.setdefault(label, []).append(frozenset(allowed))
     for family in labels:
-        for other in values.values():
-            for label, allowed in other.items():
-                if label in labels[family]:
-                    values[family].setdefault(label, allowed)
+        for label, sets in documented.items():
+            if label in labels[family] and len(set(sets)) == 1:
+                values[family].setdefault(label, set(sets[0]))
     return labels, values
 
 
@@ -548,12 +564,14 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     pre = main.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
     rep.ok(isinstance(pre, int) and pre >= 1, f"{overlay}: preStop sleeps ({pre} s) before SIGTERM")
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    rep.ok(pre is not None and drain is not None and grace >= pre + drain + 5,
-           f"{overlay}: terminationGracePeriodSeconds {grace} >= preStop {pre} + BRAINAI_DRAIN_TIMEOUT_S {drain} + 5")
+    rep.ok(pre is not None and drain is not None and grace >= pre + drain + CLOSE_AFTER_DRAIN_S + 4,
+           f"{overlay}: terminationGracePeriodSeconds {grace} >= preStop {pre} + BRAINAI_DRAIN_TIMEOUT_S {drain}"
+           f" + {CLOSE_AFTER_DRAIN_S} (connections closed after the drain) + 4 (slack)")
     lp = main.get("livenessProbe", {})
     live_s = lp.get("periodSeconds", 10) * lp.get("failureThreshold", 3)
-    rep.ok(pre is not None and drain is not None and live_s > pre + drain,
-           f"{overlay}: liveness needs {live_s} s of failures, more than preStop + drain ({(pre or 0) + (drain or 0)} s)")
+    busy_s = (pre or 0) + (drain or 0) + CLOSE_AFTER_DRAIN_S
+    rep.ok(pre is not None and drain is not None and live_s > busy_s,
+           f"{overlay}: liveness needs {live_s} s of failures, more than preStop + drain + {CLOSE_AFTER_DRAIN_S} s ({busy_s} s)")
     rep.ok(pod.get("enableServiceLinks") is False, f"{overlay}: enableServiceLinks is false (no injected BRAINAI_* service variables)")
     rep.ok("replicas" not in dep["spec"], f"{overlay}: the Deployment leaves replicas to the HPA")
     rs = dep["spec"].get("strategy", {}).get("rollingUpdate", {})
@@ -653,7 +671,7 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     names = {r["alert"] for r in alerts}
     required = {"BrainAILatencyP99High", "BrainAIErrorRatioHigh", "BrainAIQueueNearCapacity", "BrainAIDeadlineDrops",
                 "BrainAILowBatchOccupancyUnderLoad", "BrainAIInstanceNotReady", "BrainAIPodRestarting",
-                "BrainAIModelLoadFailures"}
+                "BrainAIModelLoadFailures", "BrainAIOverloadShedding", "BrainAIConnectionsRefused"}
     rep.ok(required <= names, f"{overlay}: the required alerts exist {sorted(required - names) or ''}")
     q = next((r["expr"] for r in alerts if r["alert"] == "BrainAIQueueNearCapacity"), "")
     thresholds, problems = queue_thresholds(q)
@@ -670,6 +688,88 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
 
 
 # ---- dashboard and adapter -----------------------------------------------------------------------
+
+
+def shown_values(node, ctx: Context, kept=None, out=None) -> dict:
+    """{(family, label): values} of the enumerated labels a query tells apart: a value shows when
+    a selector picks it alone (`reason="overload"`), or when the selector's label survives every
+    aggregation and vector match up to the result (`sum by (reason)`). `kept`: the labels that
+    reach the result from this node (None: all)."""
+    P = promql_parser
+    out = {} if out is None else out
+    if isinstance(node, P.VectorSelector):
+        family, _ = family_of(node.name or "", ctx)
+        matchers = {m.name: (str(m.op), m.value) for m in node.matchers.matchers}
+        for label, allowed in ctx.label_values.get(family, {}).items():
+            passes = kept is None or label in kept
+            op, value = matchers.get(label, ("", ""))
+            if op.endswith("NotEqual") or op.endswith("NotRe"):
+                bad = set(value.split("|")) if op.endswith("NotRe") else {value}
+                vals = allowed - bad if passes else set()
+            elif op.endswith("Equal") or op.endswith("Re"):
+                picked = set(value.split("|")) if op.endswith("Re") else {value}
+                vals = picked & allowed if passes or len(picked) == 1 else set()
+            else:
+                vals = set(allowed) if passes else set()
+            out.setdefault((family, label), set()).update(vals)
+        return out
+    if isinstance(node, P.AggregateExpr):
+        mod = node.modifier
+        ls = set(mod.labels) if mod is not None else set()
+        if str(node.op) in ("topk", "bottomk", "limitk", "limit_ratio"):
+            inner = kept
+        elif mod is not None and str(mod.type).endswith("Without"):
+            inner = _without(kept, ls)
+        else:
+            inner = _only(kept, ls)
+        shown_values(node.expr, ctx, inner, out)
+        return out
+    if isinstance(node, P.BinaryExpr):
+        mod = node.modifier
+        matching = mod.matching if mod is not None else None
+        op = str(node.op)
+        if op in ("and", "unless"):
+            shown_values(node.lhs, ctx, kept, out)
+            shown_values(node.rhs, ctx, set(), out)
+            return out
+        if matching is not None:
+            card = str(mod.card)
+            if str(matching.type).endswith("Include"):  # on (...): the matched side gives these
+                narrow = _only(kept, set(matching.labels) | set(mod.group_labels or []))
+            else:  # ignoring (...)
+                narrow = _without(kept, set(matching.labels))
+            lhs_kept = kept if card.endswith("ManyToOne") else narrow
+            rhs_kept = kept if card.endswith("OneToMany") else narrow
+            shown_values(node.lhs, ctx, lhs_kept, out)
+            shown_values(node.rhs, ctx, rhs_kept, out)
+            return out
+        for c in (node.lhs, node.rhs):
+            shown_values(c, ctx, kept, out)
+        return out
+    for c in children(node):
+        shown_values(c, ctx, kept, out)
+    return out
+
+
+class _AllBut(frozenset):
+    """Every label except these (what `without (...)` keeps)."""
+
+    def __contains__(self, label):
+        return not frozenset.__contains__(self, label)
+
+
+def _only(kept, labels) -> set:
+    """Those of `labels` that `kept` lets through (None: all)."""
+    return {lb for lb in labels if kept is None or lb in kept}
+
+
+def _without(kept, labels):
+    """What `kept` lets through, less `labels`."""
+    if kept is None:
+        return _AllBut(labels)
+    if isinstance(kept, _AllBut):
+        return _AllBut(frozenset(kept) | set(labels))
+    return set(kept) - set(labels)
 
 
 def grafana_vars(expr: str) -> str:
@@ -697,11 +797,15 @@ def validate_dashboard(ctx: Context, rep: Report, text: str | None = None) -> No
     rep.ok({"datasource", "namespace", "model", "pod"} <= variables, f"{DASHBOARD}: variables datasource, namespace, model, pod")
     n = 0
     shown = set()
+    values_shown: dict = {}
     for p in panels:
         for t in p.get("targets", []):
             n += 1
-            q = check_promql(rep, f"{DASHBOARD}: panel {p.get('title')!r} {t.get('refId')}", grafana_vars(t.get("expr", "")), ctx, "brainai")
+            expr = grafana_vars(t.get("expr", ""))
+            q = check_promql(rep, f"{DASHBOARD}: panel {p.get('title')!r} {t.get('refId')}", expr, ctx, "brainai")
             shown |= q.families if q else set()
+            if q is not None:
+                shown_values(promql_parser.parse(expr), ctx, None, values_shown)
             rep.ok(t.get("datasource", p.get("datasource", {})).get("uid") == "${datasource}", f"{DASHBOARD}: panel {p.get('title')!r} uses the datasource variable")
     for v in dash.get("templating", {}).get("list", []):
         q = v.get("query")
@@ -713,9 +817,17 @@ def validate_dashboard(ctx: Context, rep: Report, text: str | None = None) -> No
                     rep.ok(inner.group(2) in sel.labels, f"{DASHBOARD}: variable {v['name']}: the selector has label {inner.group(2)} ({sorted(sel.labels)})")
     not_shown = sorted(set(ctx.metric_types) - shown)
     rep.ok(not not_shown, f"{DASHBOARD}: a panel for every metric of README's table {not_shown or ''}")
+    # A value the README documents (a new drop reason, a new close reason) must be told apart on
+    # some panel, not only summed into a total.
+    for family in sorted(set(ctx.metric_types) - set(not_shown)):
+        for label, allowed in sorted(ctx.label_values.get(family, {}).items()):
+            if label in NOT_SHOWN_ONE_BY_ONE:
+                continue
+            missing = sorted(allowed - values_shown.get((family, label), set()))
+            rep.ok(not missing, f"{DASHBOARD}: every value of {family}{{{label}}} is shown on some panel {missing or ''}")
     titles = " ".join(p.get("title", "").lower() for p in panels)
     for topic in ("calls/s", "images/s", "latency", "queue", "preprocess", "inference", "batch size", "occupancy", "status code", "dropped",
-                  "versions", "load failures"):
+                  "versions", "load failures", "connections"):
         rep.ok(topic in titles, f"{DASHBOARD}: a panel about {topic}")
     rep.ok(n >= 10, f"{DASHBOARD}: {n} queries")
 
@@ -824,6 +936,15 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         "per-model alert aggregating the model away": (edit("BrainAIDeadlineDrops", "by (namespace, model)", "by (namespace)"), "keeps the model label"),
         "annotation naming a label the alert drops": (edit("BrainAIQueueFullRejections", "in {{ $labels.namespace }}", "on {{ $labels.pod }}", key="summary"), "annotations name only labels"),
         "no model load failure alert": (drop_alert("BrainAIModelLoadFailures"), "required alerts"),
+        "no load shedding alert": (drop_alert("BrainAIOverloadShedding"), "required alerts"),
+        "no refused connections alert": (drop_alert("BrainAIConnectionsRefused"), "required alerts"),
+        "connection alert on a listener the service does not have": (edit(
+            "BrainAIConnectionsRefused", 'brainai_connections_refused_total{job="brainai-metrics"}',
+            'brainai_connections_refused_total{job="brainai-metrics", listener="metrics"}'), "not a value of listener"),
+        "shedding alert on a connection close reason (reasons are per metric)": (
+            edit("BrainAIOverloadShedding", 'reason="overload"', 'reason="idle"'), "not a value of reason"),
+        "liveness that trips in the second after the drain": (
+            lambda d: main_c(d)["livenessProbe"].update(periodSeconds=6, failureThreshold=6), "liveness needs"),
     }
     missed = []
     for what, (mutate, expect) in mutations.items():
@@ -868,6 +989,15 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         "dashboard filtering brainai_model_info by model (it has name)": (dash_edit(lambda dash: exprs(dash, 'name=~"$model"', 'model=~"$model"')), "has no label model"),
         "model variable over a metric without a model label": (dash_edit(lambda dash: model_var(dash)["query"].__setitem__(
             "query", 'label_values(brainai_model_info{job="brainai-metrics", namespace="$namespace"}, model)')), "the selector has label model"),
+        "a connection metric without a dashboard panel": (dash_edit(lambda dash: dash.__setitem__("panels", [
+            p for p in dash["panels"] if "brainai_connections_closed_total" not in json.dumps(p.get("targets", []))])), "a panel for every metric"),
+        "a dashboard that never shows the overload drop reason": (dash_edit(lambda dash: (
+            exprs(dash, 'reason=~"overload|queue_full"', 'reason="queue_full"'),
+            exprs(dash, 'sum by (model, reason) (rate(brainai_dropped_total{job="brainai-metrics", namespace="$namespace", pod=~"$pod", model=~"$model"}',
+                  'sum by (model, reason) (rate(brainai_dropped_total{job="brainai-metrics", namespace="$namespace", pod=~"$pod", model=~"$model", reason!="overload"}'))),
+            "every value of brainai_dropped_total{reason}"),
+        "drop reasons summed away on every panel": (dash_edit(lambda dash: exprs(dash, "sum by (model, reason) (rate(brainai_dropped_total", "sum by (model) (rate(brainai_dropped_total")),
+                                                   "every value of brainai_dropped_total{reason}"),
         "a typo'd prometheus-adapter key": (adapter_edit(lambda r: r.__setitem__("metricQuery", r.pop("metricsQuery"))), "known keys"),
         "an adapter rule taking the max of a pod's queues": (adapter_edit(lambda r: r.__setitem__("metricsQuery", r["metricsQuery"].replace("sum by", "max by"))), "sum over the pod's series"),
     }

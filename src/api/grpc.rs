@@ -232,7 +232,12 @@ fn finish<T>(
     metrics::request_done(rpc, outcome, name, version, started.elapsed().as_secs_f64());
     if let Err(e) = &result {
         // Messages name the image index and the reason, never image ids or pixel data.
-        tracing::debug!(rpc, code = outcome, error = %e, "request rejected");
+        tracing::debug!(
+            rpc,
+            code = outcome,
+            error = e.log_message(),
+            "request rejected"
+        );
     }
     result.map(Response::new).map_err(Status::from)
 }
@@ -306,6 +311,7 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
             let mut drained = false;
             let mut outcome = error::OK;
             let mut first_model: Option<Arc<ServedModel>> = None;
+            let mut request_error: Option<Status> = None;
             while open || !running.is_empty() {
                 tokio::select! {
                     biased;
@@ -332,14 +338,20 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                             running.push(async move { classify_one(&pipeline, seq, message).await });
                         }
                         Some(Err(status)) => {
+                            // A message that could not be read (not protobuf, too large): answer
+                            // what was read, then end the call with that error.
+                            let status = crate::api::status::fix(status);
                             outcome = crate::api::code_name(status.code());
+                            request_error = Some(status);
                             open = false;
                         }
                         None => open = false,
                     },
                 }
             }
-            if drained {
+            if let Some(status) = request_error {
+                let _ = tx.send(Err(status)).await;
+            } else if drained {
                 outcome = ErrorKind::Unavailable.as_str();
                 let _ = tx
                     .send(Err(Status::unavailable(format!(

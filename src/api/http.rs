@@ -8,16 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, StatusCode, body::Incoming};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 
 use crate::state::ServingState;
 
-/// Serves the routes on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, state: Arc<ServingState>) {
-    // Histograms are drained into their buckets by upkeep; run it regularly as well as on scrape.
+/// The routes as a service for [`crate::api::transport::serve_h1`]; also runs the exporter's
+/// upkeep every few seconds (histograms are drained into their buckets by it).
+pub fn service(handle: PrometheusHandle, state: Arc<ServingState>) -> HttpService {
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -26,20 +24,30 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, state: Arc<S
             upkeep.run_upkeep();
         }
     });
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else {
-            continue;
-        };
-        let (handle, state) = (handle.clone(), state.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let (handle, state) = (handle.clone(), state.clone());
-                async move { Ok::<_, Infallible>(route(&req, &handle, &state)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+    HttpService { handle, state }
+}
+
+/// The routes of the metrics port.
+#[derive(Clone)]
+pub struct HttpService {
+    handle: PrometheusHandle,
+    state: Arc<ServingState>,
+}
+
+impl tower::Service<Request<Incoming>> for HttpService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        std::future::ready(Ok(route(&req, &self.handle, &self.state)))
     }
 }
 

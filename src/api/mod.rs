@@ -1,10 +1,12 @@
-//! Front ends: wire ↔ domain translation only. [`grpc`] serves `brainai.v1` over gRPC, [`oversize`]
-//! gives oversized gRPC messages the status the gRPC spec asks for, [`http`] serves `/metrics`,
-//! `/healthz` and `/readyz`. Every request path goes through [`crate::pipeline`].
+//! Front ends: wire ↔ domain translation only. [`grpc`] serves `brainai.v1` over gRPC, [`status`]
+//! corrects the statuses the transport gets wrong, [`http`] serves `/metrics`, `/healthz` and
+//! `/readyz`, [`transport`] owns the connections of both ports. Every request path goes through
+//! [`crate::pipeline`].
 
 pub mod grpc;
 pub mod http;
-pub mod oversize;
+pub mod status;
+pub mod transport;
 
 /// A gRPC status code as its canonical upper-case name (`OK`, `INVALID_ARGUMENT`, …).
 pub fn code_name(code: tonic::Code) -> &'static str {

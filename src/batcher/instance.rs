@@ -4,6 +4,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -71,7 +72,10 @@ fn warm_up(
         let mut backend = factory(instance)?;
         for size in config.sizes.warmup() {
             let input = vec![0f32; size * config.input_len];
+            let started = std::time::Instant::now();
             execute(instance, backend.as_mut(), &input, size, config.output_len)?;
+            // Seeds the batch-time estimates admission relies on.
+            shared.times.record(size, started.elapsed());
         }
         Ok(backend)
     }))
@@ -121,7 +125,8 @@ fn execute(
 fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch: Batch) {
     let config = &shared.config;
     let n = batch.jobs.len();
-    let span = tracing::debug_span!("batch", instance, size = n);
+    let number = shared.next_batch.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!("batch", batch = number, instance, size = n);
     for job in &batch.jobs {
         span.follows_from(&job.span);
     }
@@ -136,9 +141,14 @@ fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch:
             .queue_duration(job.priority, waited.as_secs_f64());
         queue_times.push(waited);
     }
+    shared.busy.fetch_add(1, Ordering::SeqCst);
     let started = std::time::Instant::now();
     let result = execute(instance, backend, &input, n, config.output_len);
     let inference_time = started.elapsed();
+    shared.busy.fetch_sub(1, Ordering::SeqCst);
+    if result.is_ok() {
+        shared.times.record(n, inference_time);
+    }
     shared
         .metrics
         .batch_done(n, config.sizes.max(), inference_time.as_secs_f64());
@@ -170,13 +180,16 @@ fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch:
         }
         Err(e) => {
             if let EngineError::Panic { message, .. } = &e {
-                tracing::error!(instance, %message, "model instance panicked; it keeps serving");
+                tracing::error!(instance, batch = number, %message, "model instance panicked; it keeps serving");
             }
             for job in batch.jobs {
-                job.span.in_scope(
-                    || tracing::warn!(instance, batch_size = n, error = %e, "batch failed"),
-                );
-                let _ = job.reply.send(Err(BatchError::Engine(e.clone())));
+                job.span.in_scope(|| {
+                    tracing::warn!(instance, batch = number, batch_size = n, error = %e, "batch failed")
+                });
+                let _ = job.reply.send(Err(BatchError::Engine {
+                    batch: number,
+                    error: e.clone(),
+                }));
             }
         }
     }

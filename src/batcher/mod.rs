@@ -5,11 +5,13 @@
 //! semaphore permit per image, released on dispatch, expiry or cancel), then [`Batcher::submit`]
 //! the tensors and await each image's answer on a oneshot.
 
+mod estimate;
 mod instance;
 pub(crate) mod policy;
 mod queue;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -67,6 +69,9 @@ pub struct BatcherConfig {
     pub queue_capacity: [usize; 2],
     /// Number of model instances (threads, each with its own backend).
     pub instances: usize,
+    /// Longest a request may expect to wait for its answer: one that would wait longer (by the
+    /// measured batch times) is refused at admission, deadline or not. `None`: no limit.
+    pub max_queue_wait: Option<Duration>,
     /// f32 values per input image.
     pub input_len: usize,
     /// f32 values per output.
@@ -100,10 +105,45 @@ pub enum BatchError {
     },
     #[error("deadline exceeded after {waited_ms} ms in the queue")]
     DeadlineExceeded { waited_ms: u64 },
-    #[error(transparent)]
-    Engine(#[from] EngineError),
+    #[error(
+        "the model cannot answer before the deadline: about {need_ms} ms of work is ahead of this \
+         request and {left_ms} ms are left; retry later or on another replica"
+    )]
+    WontFinish { need_ms: u64, left_ms: u64 },
+    #[error(
+        "the model is overloaded: about {need_ms} ms of work is ahead of this request, over the \
+         {limit_ms} ms limit; retry later or on another replica"
+    )]
+    QueueTooLong { need_ms: u64, limit_ms: u64 },
+    #[error(
+        "deadline would pass before the image's batch ran: {left_ms} ms left, a batch takes about \
+         {run_ms} ms"
+    )]
+    WouldMissDeadline { left_ms: u64, run_ms: u64 },
+    /// The model run of batch `batch` failed. The error's text is for the server log; callers get
+    /// [`BatchError::public_message`].
+    #[error("batch {batch}: {error}")]
+    Engine { batch: u64, error: EngineError },
     #[error("the batcher has stopped")]
     Stopped,
+}
+
+impl BatchError {
+    /// The message for callers: the same as `Display`, except that a failed model run says only
+    /// that it failed and which batch the server log describes (ONNX Runtime's messages carry
+    /// source paths, C++ signatures and node names, which callers have no use for).
+    pub fn public_message(&self) -> String {
+        match self {
+            BatchError::Engine { batch, error } => {
+                let what = match error {
+                    EngineError::Panic { .. } => "the model instance panicked",
+                    _ => "the model run failed",
+                };
+                format!("inference failed: {what} (batch {batch}; the server log has the details)")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Receiver of one image's answer.
@@ -155,6 +195,12 @@ struct Shared {
     metrics: ModelMetrics,
     /// Queue places per priority ([`Priority::ALL`] order).
     places: [Arc<Semaphore>; 2],
+    /// Measured run time of each batch size.
+    times: estimate::ServiceTimes,
+    /// Instances running a batch now.
+    busy: AtomicUsize,
+    /// Number of the next batch (for logs, and errors that point to them).
+    next_batch: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -190,6 +236,9 @@ impl Batcher {
         assert!(config.instances > 0, "validated by the caller");
         let shared = Arc::new(Shared {
             places: config.queue_capacity.map(|c| Arc::new(Semaphore::new(c))),
+            times: estimate::ServiceTimes::new(config.sizes.max()),
+            busy: AtomicUsize::new(0),
+            next_batch: std::sync::atomic::AtomicU64::new(1),
             config,
             metrics,
         });
@@ -199,26 +248,77 @@ impl Batcher {
         Ok(Batcher { tx, shared })
     }
 
-    /// Takes `n` queue places of `priority`, all or none, without waiting: a full queue is refused
-    /// at once, before any image is decoded.
-    pub fn reserve(&self, n: usize, priority: Priority) -> Result<Reservation, BatchError> {
+    /// Takes `n` queue places of `priority`, all or none, without waiting, before any image is
+    /// decoded. Refused at once: a full queue; work that by the measured batch times cannot be
+    /// answered before `deadline`; work that would wait longer than `max_queue_wait`.
+    pub fn reserve(
+        &self,
+        n: usize,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<Reservation, BatchError> {
+        let shared = &self.shared;
+        let config = &shared.config;
+        let need = self.time_to_finish(n, priority);
+        let need_ms = need.as_millis() as u64;
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                shared.metrics.dropped("deadline", n);
+                return Err(BatchError::DeadlineExceeded { waited_ms: 0 });
+            }
+            if need > left {
+                shared.metrics.dropped("overload", n);
+                return Err(BatchError::WontFinish {
+                    need_ms,
+                    left_ms: left.as_millis() as u64,
+                });
+            }
+        }
+        if let Some(limit) = config.max_queue_wait
+            && need > limit
+        {
+            shared.metrics.dropped("overload", n);
+            return Err(BatchError::QueueTooLong {
+                need_ms,
+                limit_ms: limit.as_millis() as u64,
+            });
+        }
         let i = priority.index();
-        let capacity = self.shared.config.queue_capacity[i];
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
-        match self.shared.places[i].clone().try_acquire_many_owned(n32) {
+        match shared.places[i].clone().try_acquire_many_owned(n32) {
             Ok(permits) => {
-                self.shared.publish_depth();
+                shared.publish_depth();
                 Ok(Reservation { permits, priority })
             }
             Err(_) => {
-                self.shared.metrics.dropped("queue_full", n);
+                shared.metrics.dropped("queue_full", n);
                 Err(BatchError::QueueFull {
                     priority,
-                    waiting: self.shared.waiting(priority),
-                    capacity,
+                    waiting: shared.waiting(priority),
+                    capacity: config.queue_capacity[i],
                 })
             }
         }
+    }
+
+    /// Expected time until `n` new images of `priority` would be answered.
+    pub fn time_to_finish(&self, n: usize, priority: Priority) -> Duration {
+        let shared = &self.shared;
+        let ahead: usize = Priority::ALL
+            .iter()
+            .filter(|p| **p <= priority)
+            .map(|p| shared.waiting(*p))
+            .sum();
+        let backlog = estimate::Backlog {
+            ahead,
+            new: n,
+            max_batch: shared.config.sizes.max(),
+            instances: shared.config.instances,
+            all_busy: shared.busy.load(Ordering::SeqCst) >= shared.config.instances,
+            max_queue_delay: shared.config.max_queue_delay,
+        };
+        estimate::time_to_finish(&backlog, |size| shared.times.of(size))
     }
 
     /// Queues one tensor per reserved place (`tensors.len()` must equal `reservation.len()`). Each

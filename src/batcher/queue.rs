@@ -102,19 +102,35 @@ impl QueueTask {
         self.queues[entry.job.priority.index()].push_back(entry);
     }
 
-    /// Answers and removes entries whose deadline passed or whose caller went away; their queue
-    /// places are released as the entries drop.
+    /// Answers and removes entries whose caller went away, whose deadline passed, or whose
+    /// deadline would pass before the next batch finished (by the measured run time of a batch of
+    /// that size): running them would be work nobody waits for. Their queue places are released
+    /// as the entries drop.
     fn drop_dead(&mut self, now: Instant) {
         let metrics = &self.shared.metrics;
+        let queued: usize = self.queues.iter().map(VecDeque::len).sum();
+        let run = self
+            .shared
+            .times
+            .of(queued.clamp(1, self.policy.max_batch_size));
         for queue in &mut self.queues {
             queue.retain_mut(|entry| {
-                if entry.deadline.is_some_and(|d| d <= now) {
+                let error = match entry.deadline {
+                    Some(d) if d <= now => Some(BatchError::DeadlineExceeded {
+                        waited_ms: (now - entry.job.enqueued).as_millis() as u64,
+                    }),
+                    Some(d) if d <= now + run => Some(BatchError::WouldMissDeadline {
+                        left_ms: (d - now).as_millis() as u64,
+                        run_ms: run.as_millis() as u64,
+                    }),
+                    _ => None,
+                };
+                if let Some(error) = error {
                     metrics.dropped("deadline", 1);
-                    let waited_ms = (now - entry.job.enqueued).as_millis() as u64;
                     // Take the sender out of the entry to answer it.
                     let (placeholder, _) = tokio::sync::oneshot::channel();
                     let reply = std::mem::replace(&mut entry.job.reply, placeholder);
-                    let _ = reply.send(Err(BatchError::DeadlineExceeded { waited_ms }));
+                    let _ = reply.send(Err(error));
                     return false;
                 }
                 if entry.job.reply.is_closed() {

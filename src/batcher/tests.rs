@@ -18,6 +18,7 @@ fn config(max_batch_size: usize, delay_ms: u64, capacity: usize) -> BatcherConfi
         max_queue_delay: Duration::from_millis(delay_ms),
         queue_capacity: [capacity, capacity],
         instances: 1,
+        max_queue_wait: None,
         input_len: INPUT_LEN,
         output_len: OUTPUT_LEN,
     }
@@ -67,7 +68,7 @@ fn send_at(
     deadline: Option<Instant>,
     priority: Priority,
 ) -> Vec<Pending> {
-    let places = b.reserve(images.len(), priority).unwrap();
+    let places = b.reserve(images.len(), priority, deadline).unwrap();
     b.submit(places, images, deadline, &tracing::Span::none())
         .unwrap()
 }
@@ -203,7 +204,7 @@ async fn large_request_is_split_and_reassembled_in_order() {
 async fn full_queue_is_refused_at_once_and_frees_no_capacity() {
     let (batcher, _log) = start(config(8, 60_000, 4)).await;
     let held = send(&batcher, vec![image(1.0); 3], None);
-    let err = batcher.reserve(2, Priority::Routine).err().unwrap();
+    let err = batcher.reserve(2, Priority::Routine, None).err().unwrap();
     assert_eq!(
         err,
         BatchError::QueueFull {
@@ -223,8 +224,8 @@ async fn full_queue_is_refused_at_once_and_frees_no_capacity() {
 #[tokio::test(start_paused = true)]
 async fn a_reservation_that_is_never_submitted_gives_its_places_back() {
     let (batcher, _log) = start(config(8, 5, 4)).await;
-    let places = batcher.reserve(4, Priority::Routine).unwrap();
-    assert!(batcher.reserve(1, Priority::Routine).is_err());
+    let places = batcher.reserve(4, Priority::Routine, None).unwrap();
+    assert!(batcher.reserve(1, Priority::Routine, None).is_err());
     drop(places); // e.g. an image of the request failed to decode
     assert_eq!(batcher.queue_depth(Priority::Routine), 0);
     assert_eq!(
@@ -235,33 +236,131 @@ async fn a_reservation_that_is_never_submitted_gives_its_places_back() {
     );
 }
 
-#[tokio::test(start_paused = true)]
+/// While the only instance is held, a queued image's deadline passes and another's caller
+/// leaves: neither runs, the expired one is answered DEADLINE_EXCEEDED, the places come back.
+#[tokio::test]
 async fn expired_and_cancelled_entries_are_dropped_before_running() {
-    let (batcher, log) = start(config(8, 100, 64)).await;
+    let (log, gate) = (BatchLog::default(), Gate::new());
+    let batcher = Batcher::start(config(8, 0, 64), probe_factory(&log, &gate), metrics())
+        .await
+        .unwrap();
+    log.clear();
+    gate.close();
+    let busy = send(&batcher, vec![image(0.0)], None);
+    until_batches(&log, 1).await;
     let expired = send(
         &batcher,
         vec![image(1.0)],
-        Some(Instant::now() + Duration::from_millis(10)),
+        Some(Instant::now() + Duration::from_millis(50)),
     );
     let cancelled = send(&batcher, vec![image(2.0)], None);
     drop(cancelled);
     let kept = send(&batcher, vec![image(3.0)], None);
-    let (expired, kept) = tokio::join!(answers(expired), answers(kept));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.release(2);
+    let (_, expired, kept) = tokio::join!(answers(busy), answers(expired), answers(kept));
     assert!(
         matches!(expired[0], Err(BatchError::DeadlineExceeded { .. })),
         "{expired:?}"
     );
     assert_eq!(kept[0].as_ref().unwrap().batch_size, 1);
-    assert_eq!(log.batches(), [vec![3.0]], "dropped entries must not run");
+    assert_eq!(
+        log.batches(),
+        [vec![0.0], vec![3.0]],
+        "dropped entries must not run"
+    );
     assert_eq!(batcher.queue_depth(Priority::Routine), 0);
+}
+
+/// A batcher whose batches take 400 ms by its estimates, whatever their size.
+async fn slow_on_paper(mut cfg: BatcherConfig) -> (Batcher, BatchLog, Gate) {
+    let (log, gate) = (BatchLog::default(), Gate::new());
+    cfg.max_queue_delay = Duration::from_millis(2);
+    let batcher = Batcher::start(cfg, probe_factory(&log, &gate), metrics())
+        .await
+        .unwrap();
+    for size in 1..=batcher.config().sizes.max() {
+        batcher.shared.times.set(size, Duration::from_millis(400));
+    }
+    log.clear();
+    (batcher, log, gate)
+}
+
+#[tokio::test]
+async fn admission_refuses_what_cannot_finish_in_time() {
+    let mut cfg = config(8, 2, 64);
+    cfg.max_queue_wait = Some(Duration::from_secs(1));
+    let (batcher, _log, _gate) = slow_on_paper(cfg).await;
+    let soon = Some(Instant::now() + Duration::from_millis(100));
+    match batcher.reserve(1, Priority::Routine, soon) {
+        Err(BatchError::WontFinish { need_ms, left_ms }) => {
+            assert_eq!(need_ms, 402, "one batch of 400 ms and the 2 ms fill delay");
+            assert!(left_ms <= 100);
+        }
+        other => panic!("expected WontFinish, got {:?}", other.map(|r| r.len())),
+    }
+    match batcher.reserve(24, Priority::Routine, None) {
+        Err(BatchError::QueueTooLong { need_ms, limit_ms }) => {
+            assert_eq!((need_ms, limit_ms), (1200, 1000), "three batches of 8");
+        }
+        other => panic!("expected QueueTooLong, got {:?}", other.map(|r| r.len())),
+    }
+    // Sixteen routine images (two batches) are accepted and hold their places...
+    let held = batcher.reserve(16, Priority::Routine, None).unwrap();
+    let half_second = || Some(Instant::now() + Duration::from_millis(500));
+    // ...so one more routine image cannot make a 500 ms deadline, but a STAT one can: it waits
+    // behind STAT images only.
+    assert!(matches!(
+        batcher.reserve(1, Priority::Routine, half_second()),
+        Err(BatchError::WontFinish { need_ms: 1202, .. })
+    ));
+    assert!(batcher.reserve(1, Priority::Stat, half_second()).is_ok());
+    drop(held);
+}
+
+#[tokio::test]
+async fn an_image_that_would_miss_its_deadline_is_dropped_instead_of_run() {
+    let (batcher, log, gate) = slow_on_paper(config(8, 2, 64)).await;
+    gate.close();
+    let busy = send(&batcher, vec![image(0.0)], None);
+    until_batches(&log, 1).await;
+    // Admitted: the running batch (400 ms) and its own (400 ms) fit in one second...
+    let late = send(
+        &batcher,
+        vec![image(1.0)],
+        Some(Instant::now() + Duration::from_millis(1000)),
+    );
+    // ...but the running batch takes longer than expected: with 300 ms left when an instance is
+    // free, a 400 ms batch would answer too late.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    gate.open();
+    let (_, late) = tokio::join!(answers(busy), answers(late));
+    assert!(
+        matches!(late[0], Err(BatchError::WouldMissDeadline { left_ms, run_ms } ) if left_ms < run_ms),
+        "{late:?}"
+    );
+    assert_eq!(log.batches(), [vec![0.0]], "the doomed image never ran");
 }
 
 #[tokio::test(start_paused = true)]
 async fn inference_error_fails_the_batch_and_the_instance_keeps_serving() {
     let (batcher, _log) = start(config(2, 1_000, 64)).await;
     let out = answers(send(&batcher, vec![image(POISON), image(1.0)], None)).await;
-    let expected = BatchError::Engine(EngineError::Inference("poisoned input".into()));
-    assert_eq!(out, vec![Err(expected.clone()), Err(expected)]);
+    let expected = EngineError::Inference("poisoned input".into());
+    for answer in &out {
+        match answer {
+            Err(e @ BatchError::Engine { error, .. }) => {
+                assert_eq!(error, &expected);
+                assert!(
+                    !e.public_message().contains("poisoned"),
+                    "callers do not see engine internals: {}",
+                    e.public_message()
+                );
+            }
+            other => panic!("expected the batch's engine error, got {other:?}"),
+        }
+    }
+    assert_eq!(out[0], out[1], "one batch, one error");
     let again = answers(send(&batcher, vec![image(1.0), image(2.0)], None)).await;
     assert!(again.iter().all(|r| r.is_ok()));
 }
@@ -271,10 +370,14 @@ async fn panic_in_an_instance_is_contained() {
     let (batcher, _log) = start(config(1, 1, 64)).await;
     let out = answers(send(&batcher, vec![image(PANIC)], None)).await;
     match &out[0] {
-        Err(BatchError::Engine(EngineError::Panic {
-            instance: 0,
-            message,
-        })) => {
+        Err(BatchError::Engine {
+            error:
+                EngineError::Panic {
+                    instance: 0,
+                    message,
+                },
+            ..
+        }) => {
             assert!(message.contains("test backend panic"), "{message}")
         }
         other => panic!("expected a contained panic, got {other:?}"),
@@ -336,7 +439,7 @@ async fn stat_images_skip_a_full_routine_queue_into_the_next_batch() {
         None,
     );
     assert!(
-        batcher.reserve(1, Priority::Routine).is_err(),
+        batcher.reserve(1, Priority::Routine, None).is_err(),
         "routine queue full"
     );
     let stat = send_at(&batcher, vec![image(99.0)], None, Priority::Stat);

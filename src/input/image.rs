@@ -9,6 +9,63 @@ use image::{DynamicImage, ImageFormat as CodecFormat, ImageReader};
 use super::{Encoding, InputError, InputLimits, Pixels};
 use crate::model::SixteenBit;
 
+/// Bytes the decoder will allocate for one image's pixels, read from its header alone (PNG IHDR,
+/// JPEG frame header, raw geometry), after the same size, format and pixel-count checks as
+/// [`decode`]: the basis of the decoding budgets, checked before anything is decoded.
+pub fn decoded_size(
+    data: &[u8],
+    encoding: Encoding,
+    limits: &InputLimits,
+) -> Result<u64, InputError> {
+    if data.is_empty() {
+        return Err(InputError::Empty);
+    }
+    if data.len() > limits.max_image_bytes {
+        return Err(InputError::TooLarge {
+            bytes: data.len(),
+            limit: limits.max_image_bytes,
+        });
+    }
+    let header_err = |format: &'static str| InputError::Decode {
+        format,
+        message: "the header is cut short or invalid".into(),
+    };
+    let (width, height, bytes_per_pixel) = match (encoding, detect(data)) {
+        (
+            Encoding::Raw {
+                width,
+                height,
+                channels,
+            },
+            _,
+        ) => (width, height, u64::from(channels)),
+        (Encoding::Png | Encoding::Detect, Some(CodecFormat::Png)) => {
+            // IHDR is the first chunk: width, height, bit depth, colour type.
+            let ihdr = data.get(16..26).ok_or_else(|| header_err("PNG"))?;
+            let width = u32::from_be_bytes([ihdr[0], ihdr[1], ihdr[2], ihdr[3]]);
+            let height = u32::from_be_bytes([ihdr[4], ihdr[5], ihdr[6], ihdr[7]]);
+            let sample_bytes = if ihdr[8] == 16 { 2 } else { 1 };
+            let channels = match ihdr[9] {
+                0 => 1,
+                2 => 3,
+                3 => 4, // palette, expanded to RGB(A)
+                4 => 2,
+                6 => 4,
+                _ => return Err(header_err("PNG")),
+            };
+            (width, height, channels * sample_bytes)
+        }
+        (Encoding::Jpeg | Encoding::Detect, Some(CodecFormat::Jpeg)) => {
+            let (width, height, components) = jpeg_frame(data).ok_or_else(|| header_err("JPEG"))?;
+            (width, height, if components == 1 { 1 } else { 3 })
+        }
+        // Wrong or unknown formats: `decode` says what is wrong.
+        _ => return decode(data, encoding, limits, SixteenBit::Pillow).map(|_| 0),
+    };
+    check_pixels(width, height, limits)?;
+    Ok(u64::from(width) * u64::from(height) * bytes_per_pixel)
+}
+
 /// Decodes one image into 8-bit gray or RGB pixels.
 pub fn decode(
     data: &[u8],
@@ -58,11 +115,12 @@ pub fn decode(
     let name = format_name(format);
     let decode_err = |e: image::ImageError| InputError::Decode {
         format: name,
-        message: e.to_string(),
+        message: clean_message(&e.to_string()),
     };
 
     if format == CodecFormat::Jpeg {
         check_jpeg_complete(data)?;
+        return decode_jpeg(data, limits);
     }
     // Read the header first, so a decompression bomb is refused before anything is allocated.
     let (width, height) = ImageReader::with_format(Cursor::new(data), format)
@@ -78,6 +136,119 @@ pub fn decode(
     reader.limits(image_limits);
     let image = reader.decode().map_err(decode_err)?;
     Ok(to_pixels(image, sixteen_bit))
+}
+
+/// JPEG through zune-jpeg in strict mode: gray stays gray, everything else (YCbCr, CMYK, Adobe)
+/// becomes RGB, as the image crate and Pillow's `convert` do.
+///
+/// A baseline file cut short and given an end-of-image marker again would otherwise decode
+/// "successfully": decoders (zune-jpeg, and libjpeg behind Pillow) treat a marker inside the
+/// entropy-coded data as the end and fill the rest of the image with flat blocks. So a baseline
+/// (sequential) JPEG is decoded *without* its final end-of-image marker: a complete image needs
+/// none, while a cut-off one runs out of data before its last row, which strict mode reports.
+/// (A progressive JPEG's later scans only refine an image its first scans already cover, and its
+/// decoder needs the marker; it is decoded as it comes.)
+fn decode_jpeg(data: &[u8], limits: &InputLimits) -> Result<Pixels, InputError> {
+    let data = match data.windows(2).rposition(|w| w == [0xFF, 0xD9]) {
+        Some(eoi) if !jpeg_is_progressive(data) => &data[..eoi],
+        _ => data,
+    };
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let err = |e: zune_jpeg::errors::DecodeErrors| InputError::Decode {
+        format: "JPEG",
+        message: clean_message(&e.to_string()),
+    };
+    let options = DecoderOptions::default()
+        .set_strict_mode(true)
+        .set_max_width(usize::from(u16::MAX))
+        .set_max_height(usize::from(u16::MAX));
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(data), options);
+    decoder.decode_headers().map_err(err)?;
+    let info = decoder.info().ok_or_else(|| InputError::Decode {
+        format: "JPEG",
+        message: "no image header".into(),
+    })?;
+    let (width, height) = (u32::from(info.width), u32::from(info.height));
+    check_pixels(width, height, limits)?;
+    let gray = matches!(
+        decoder.input_colorspace(),
+        Some(ColorSpace::Luma | ColorSpace::LumaA)
+    );
+    let out = if gray {
+        ColorSpace::Luma
+    } else {
+        ColorSpace::RGB
+    };
+    decoder.set_options(decoder.options().jpeg_set_out_colorspace(out));
+    let data = decoder.decode().map_err(err)?;
+    let channels = if gray { 1 } else { 3 };
+    if data.len() != width as usize * height as usize * channels {
+        return Err(InputError::Decode {
+            format: "JPEG",
+            message: "decoded size does not match the header".into(),
+        });
+    }
+    Ok(Pixels {
+        width,
+        height,
+        channels,
+        data,
+    })
+}
+
+/// The frame header (SOFn) of a JPEG: (width, height, components), read by walking the marker
+/// segments up to it.
+fn jpeg_frame(data: &[u8]) -> Option<(u32, u32, u8)> {
+    let (at, _) = jpeg_sof(data)?;
+    let sof = data.get(at + 4..at + 10)?;
+    let height = u16::from_be_bytes([sof[1], sof[2]]);
+    let width = u16::from_be_bytes([sof[3], sof[4]]);
+    Some((u32::from(width), u32::from(height), sof[5]))
+}
+
+/// Whether the frame is progressive or hierarchical (SOF2, SOF6, SOF10, SOF14).
+fn jpeg_is_progressive(data: &[u8]) -> bool {
+    jpeg_sof(data).is_some_and(|(_, marker)| matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE))
+}
+
+/// Position and marker byte of the first SOFn segment.
+fn jpeg_sof(data: &[u8]) -> Option<(usize, u8)> {
+    let mut at = 2; // after SOI
+    while at + 4 <= data.len() {
+        if data[at] != 0xFF {
+            return None;
+        }
+        let marker = data[at + 1];
+        match marker {
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => return Some((at, marker)),
+            0xDA | 0xD9 => return None,
+            0xFF => at += 1, // fill byte
+            _ => {
+                let len = u16::from_be_bytes([data[at + 2], data[at + 3]]) as usize;
+                at += 2 + len;
+            }
+        }
+    }
+    None
+}
+
+/// A decoder's message made fit for callers and logs: one line, no internal structure dumps
+/// (`Debug` output such as `ChunkType { type: [73, 68, …] }`), bounded in length.
+pub fn clean_message(message: &str) -> String {
+    let first_line = message.lines().next().unwrap_or_default();
+    let cut = first_line.find(['{', '[']).unwrap_or(first_line.len());
+    let text: String = first_line[..cut]
+        .trim_end_matches([' ', ':', '(', ','])
+        .chars()
+        .take(160)
+        .collect();
+    if text.is_empty() {
+        "invalid data".into()
+    } else {
+        text
+    }
 }
 
 fn check_pixels(width: u32, height: u32, limits: &InputLimits) -> Result<(), InputError> {
@@ -309,6 +480,69 @@ mod tests {
         let rgb16 = png::<image::Rgb<u16>>(1, 1, vec![31010, 33542, 49490]);
         let pillow = decode(&rgb16, Encoding::Detect, &LIMITS, SixteenBit::Pillow).unwrap();
         assert_eq!(pillow.data, [121, 131, 193], "Pillow keeps the high byte");
+    }
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let mut x = 7u32;
+        let pixels: Vec<u8> = (0..w * h * 3)
+            .map(|_| {
+                x = x.wrapping_mul(1103515245).wrapping_add(12345);
+                (x >> 16) as u8
+            })
+            .collect();
+        let mut out = Vec::new();
+        image::RgbImage::from_raw(w, h, pixels)
+            .unwrap()
+            .write_to(&mut Cursor::new(&mut out), CodecFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_refused_even_with_an_end_marker_appended() {
+        let whole = jpeg(64, 64);
+        assert!(decode_default(&whole, Encoding::Detect).is_ok());
+        let mut cut = whole[..whole.len() / 2].to_vec();
+        let err = decode_default(&cut, Encoding::Detect).unwrap_err();
+        assert!(err.to_string().contains("data ends early"), "{err}");
+        // The cheap marker check is fooled by an appended end-of-image marker; strict decoding is not.
+        cut.extend_from_slice(&[0xFF, 0xD9]);
+        match decode_default(&cut, Encoding::Detect) {
+            Err(InputError::Decode { format: "JPEG", .. }) => {}
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("a grey-padded image must not be classified"),
+        }
+    }
+
+    #[test]
+    fn a_real_jpeg_cut_anywhere_and_re_terminated_is_refused() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/flair_512_a.jpg");
+        let whole = std::fs::read(path).unwrap();
+        let limits = InputLimits {
+            max_image_bytes: 1 << 24,
+            max_pixels: 1 << 24,
+        };
+        assert!(decode(&whole, Encoding::Detect, &limits, SixteenBit::Pillow).is_ok());
+        for percent in (10..=95).step_by(5) {
+            let mut cut = whole[..whole.len() * percent / 100].to_vec();
+            cut.extend_from_slice(&[0xFF, 0xD9]);
+            assert!(
+                decode(&cut, Encoding::Detect, &limits, SixteenBit::Pillow).is_err(),
+                "cut at {percent} % and re-terminated: decoded as if whole"
+            );
+        }
+    }
+
+    #[test]
+    fn decoder_messages_carry_no_debug_dumps() {
+        assert_eq!(
+            clean_message(
+                "Format error decoding Png: CRC error: expected 0x1 have 0x2 while decoding ChunkType { type: [73, 72, 68, 82] } chunk"
+            ),
+            "Format error decoding Png: CRC error: expected 0x1 have 0x2 while decoding ChunkType"
+        );
+        assert_eq!(clean_message("{}"), "invalid data");
+        assert!(clean_message(&"x".repeat(1000)).len() <= 160);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 pub mod image;
 
-pub use self::image::decode;
+pub use self::image::{decode, decoded_size};
 
 /// How the bytes of one image are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,6 +20,8 @@ pub struct BatchingOverrides {
     /// Largest batch (capped at `[model] max_batch_size`).
     pub max_batch_size: Option<usize>,
     pub max_queue_delay_us: Option<u64>,
+    /// Longest expected wait for an answer before a request is refused (0: no limit).
+    pub max_queue_wait_ms: Option<u64>,
     /// Most routine images admitted.
     pub queue_capacity: Option<usize>,
     /// Most STAT images admitted.
@@ -35,6 +37,7 @@ impl BatchingOverrides {
         BatchingOverrides {
             max_batch_size: self.max_batch_size.or(other.max_batch_size),
             max_queue_delay_us: self.max_queue_delay_us.or(other.max_queue_delay_us),
+            max_queue_wait_ms: self.max_queue_wait_ms.or(other.max_queue_wait_ms),
             queue_capacity: self.queue_capacity.or(other.queue_capacity),
             stat_queue_capacity: self.stat_queue_capacity.or(other.stat_queue_capacity),
             instances: self.instances.or(other.instances),
@@ -51,14 +54,15 @@ impl BatchingOverrides {
         match key {
             "max_batch_size" => self.max_batch_size = Some(number(value)? as usize),
             "max_queue_delay_us" => self.max_queue_delay_us = Some(number(value)?),
+            "max_queue_wait_ms" => self.max_queue_wait_ms = Some(number(value)?),
             "queue_capacity" => self.queue_capacity = Some(number(value)? as usize),
             "stat_queue_capacity" => self.stat_queue_capacity = Some(number(value)? as usize),
             "instances" => self.instances = Some(number(value)? as usize),
             "default_priority" => self.default_priority = Some(value.parse()?),
             _ => {
                 return Err(format!(
-                    "unknown key {key:?}: use max_batch_size, max_queue_delay_us, queue_capacity, \
-                     stat_queue_capacity, instances or default_priority"
+                    "unknown key {key:?}: use max_batch_size, max_queue_delay_us, max_queue_wait_ms, \
+                     queue_capacity, stat_queue_capacity, instances or default_priority"
                 ));
             }
         }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::batcher::{BatchError, Priority};
@@ -58,25 +59,41 @@ pub struct ImageResult {
     pub batch_size: usize,
 }
 
+/// Limits of the request path.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_images_per_request: usize,
+    /// Most bytes one request's images may decode to (read from their headers before decoding).
+    pub max_request_decode_bytes: u64,
+    /// Most bytes being decoded at once, over all requests; an image waits for room.
+    pub max_decode_in_flight_bytes: u64,
+}
+
+/// An image this large (decoded) takes the one "large image" lane, so at most one such decode
+/// runs at a time and the other preprocessing threads stay free for ordinary images.
+const LARGE_IMAGE_BYTES: u64 = 32 << 20;
+
 /// The shared pipeline; cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
     registry: Arc<Registry>,
     state: Arc<ServingState>,
-    max_images_per_request: usize,
+    limits: Limits,
+    /// Decoding budget in KiB (semaphore permits are u32).
+    decoding: Arc<Semaphore>,
+    large_lane: Arc<Semaphore>,
     next_request: Arc<AtomicU64>,
 }
 
 impl Pipeline {
-    pub fn new(
-        registry: Arc<Registry>,
-        state: Arc<ServingState>,
-        max_images_per_request: usize,
-    ) -> Self {
+    pub fn new(registry: Arc<Registry>, state: Arc<ServingState>, limits: Limits) -> Self {
+        let kib = (limits.max_decode_in_flight_bytes.div_ceil(1024)).min(u64::from(u32::MAX >> 3));
         Pipeline {
             registry,
             state,
-            max_images_per_request,
+            limits,
+            decoding: Arc::new(Semaphore::new(kib as usize)),
+            large_lane: Arc::new(Semaphore::new(1)),
             next_request: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -90,7 +107,7 @@ impl Pipeline {
     }
 
     pub fn max_images_per_request(&self) -> usize {
-        self.max_images_per_request
+        self.limits.max_images_per_request
     }
 
     /// Lets a call in (counted until the guard drops) unless the server is warming up or draining.
@@ -141,18 +158,23 @@ impl Pipeline {
         if n == 0 {
             return Err(InferError::invalid("request has no images"));
         }
-        if n > self.max_images_per_request {
+        if n > self.limits.max_images_per_request {
             return Err(InferError::invalid(format!(
                 "request has {n} images, over the limit of {} per request",
-                self.max_images_per_request
+                self.limits.max_images_per_request
             )));
         }
         let priority = request.priority.unwrap_or(model.settings.default_priority);
         // Queue places first: a full queue is refused before anything is decoded.
         let places = model
             .batcher
-            .reserve(n, priority)
-            .map_err(|e| InferError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
+            .reserve(n, priority, request.deadline)
+            .map_err(|e| match e {
+                BatchError::DeadlineExceeded { .. } => {
+                    InferError::deadline("deadline exceeded before the request could be queued")
+                }
+                e => InferError::new(ErrorKind::ResourceExhausted, e.to_string()),
+            })?;
         let span = tracing::info_span!(
             "classify",
             request = self.next_request.fetch_add(1, Ordering::Relaxed),
@@ -162,7 +184,7 @@ impl Pipeline {
             priority = priority.as_str(),
         );
         let first = request.first_index;
-        let prepared = preprocess(model.clone(), request.images, first).await?;
+        let prepared = self.preprocess(model, request.images, first).await?;
         let (tensors, preprocess_times): (Vec<Vec<f32>>, Vec<Duration>) =
             prepared.into_iter().unzip();
         let pending = model
@@ -195,40 +217,90 @@ impl Pipeline {
 /// The error of image `index` from the batcher.
 fn batch_error(error: BatchError, index: usize) -> InferError {
     let kind = match &error {
-        BatchError::QueueFull { .. } => ErrorKind::ResourceExhausted,
-        BatchError::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
-        BatchError::Engine(_) => ErrorKind::Internal,
+        BatchError::QueueFull { .. }
+        | BatchError::WontFinish { .. }
+        | BatchError::QueueTooLong { .. } => ErrorKind::ResourceExhausted,
+        BatchError::DeadlineExceeded { .. } | BatchError::WouldMissDeadline { .. } => {
+            ErrorKind::DeadlineExceeded
+        }
+        BatchError::Engine { .. } => ErrorKind::Internal,
         BatchError::Stopped => ErrorKind::Unavailable,
     };
-    InferError::new(kind, error.to_string()).for_image(index)
+    InferError::new(kind, error.public_message()).for_image(index)
 }
 
-/// Decodes and preprocesses every image in parallel on the rayon pool, off the async runtime.
-/// The first bad image (by index) fails the request.
-async fn preprocess(
-    model: Arc<ServedModel>,
-    images: Vec<ImageInput>,
-    first: usize,
-) -> Result<Vec<(Vec<f32>, Duration)>, InferError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    rayon::spawn(move || {
-        use rayon::prelude::*;
-        let results: Vec<Result<(Vec<f32>, Duration), InferError>> = images
-            .into_par_iter()
-            .enumerate()
-            .map(|(offset, image)| {
-                let started = std::time::Instant::now();
-                let tensor = model
-                    .preprocessor
-                    .preprocess_to_vec(&image.data, image.encoding)
-                    .map_err(|e| InferError::invalid(e.to_string()).for_image(first + offset))?;
-                let took = started.elapsed();
-                model.metrics.preprocess_duration(took.as_secs_f64());
-                Ok((tensor, took))
+impl Pipeline {
+    /// Decodes and preprocesses the images on the rayon pool, off the async runtime, in order and
+    /// as many at once as the pool has threads. What decoding may cost is bounded before it
+    /// starts: each image's decoded size is read from its header; a request over its budget is
+    /// refused; each image waits for room in the budget shared by all requests; large images take
+    /// turns in one lane. When the caller leaves or its deadline passes, this future is dropped and
+    /// no further image starts. The first bad image (by index) fails the request.
+    async fn preprocess(
+        &self,
+        model: &Arc<ServedModel>,
+        images: Vec<ImageInput>,
+        first: usize,
+    ) -> Result<Vec<(Vec<f32>, Duration)>, InferError> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let limits = model.preprocessor.input_limits();
+        let mut sizes = Vec::with_capacity(images.len());
+        for (offset, image) in images.iter().enumerate() {
+            let size = crate::input::decoded_size(&image.data, image.encoding, &limits)
+                .map_err(|e| InferError::invalid(e.to_string()).for_image(first + offset))?;
+            sizes.push(size);
+        }
+        let total: u64 = sizes.iter().sum();
+        if total > self.limits.max_request_decode_bytes {
+            return Err(InferError::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "the request's images would decode to {} MiB, over the limit of {} MiB per \
+                     request; send fewer or smaller images per call",
+                    total.div_ceil(1 << 20),
+                    self.limits.max_request_decode_bytes >> 20
+                ),
+            ));
+        }
+        let parallel = rayon::current_num_threads().max(1);
+        futures_util::stream::iter(images.into_iter().zip(sizes).enumerate())
+            .map(|(offset, (image, size))| {
+                let (model, decoding, large_lane) = (
+                    model.clone(),
+                    self.decoding.clone(),
+                    self.large_lane.clone(),
+                );
+                async move {
+                    let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
+                    let room = decoding
+                        .acquire_many_owned(kib)
+                        .await
+                        .expect("the decoding budget is never closed");
+                    let lane = if size >= LARGE_IMAGE_BYTES {
+                        Some(large_lane.acquire_owned().await.expect("never closed"))
+                    } else {
+                        None
+                    };
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    rayon::spawn(move || {
+                        let started = std::time::Instant::now();
+                        let result = model
+                            .preprocessor
+                            .preprocess_to_vec(&image.data, image.encoding)
+                            .map(|tensor| (tensor, started.elapsed()));
+                        drop((room, lane));
+                        if let Ok((_, took)) = &result {
+                            model.metrics.preprocess_duration(took.as_secs_f64());
+                        }
+                        let _ = tx.send(result);
+                    });
+                    rx.await
+                        .expect("the preprocessing job always answers")
+                        .map_err(|e| InferError::invalid(e.to_string()).for_image(first + offset))
+                }
             })
-            .collect();
-        let _ = tx.send(results);
-    });
-    let results = rx.await.expect("the preprocessing job always answers");
-    results.into_iter().collect()
+            .buffered(parallel)
+            .try_collect()
+            .await
+    }
 }

@@ -406,7 +406,8 @@ impl Registry {
                 "model {} is not served here; this server serves {}",
                 echo(&name),
                 names(models.keys())
-            )));
+            ))
+            .quoting_caller());
         };
         let served = || {
             slot.versions
@@ -437,6 +438,7 @@ impl Registry {
                     echo(version),
                     served()
                 ))
+                .quoting_caller()
             })
     }
 

@@ -17,6 +17,7 @@ use crate::preprocess::Preprocessor;
 pub struct BatchingDefaults {
     pub max_batch_size: usize,
     pub max_queue_delay_us: u64,
+    pub max_queue_wait_ms: u64,
     pub queue_capacity: usize,
     pub stat_queue_capacity: usize,
     pub instances: usize,
@@ -28,6 +29,8 @@ pub struct BatchingDefaults {
 pub struct BatchSettings {
     pub max_batch_size: usize,
     pub max_queue_delay: Duration,
+    /// Longest expected wait for an answer before a request is refused (`None`: no limit).
+    pub max_queue_wait: Option<Duration>,
     /// Most routine images admitted.
     pub queue_capacity: usize,
     /// Most STAT images admitted.
@@ -53,6 +56,10 @@ impl BatchSettings {
             max_queue_delay: Duration::from_micros(
                 b.max_queue_delay_us.unwrap_or(defaults.max_queue_delay_us),
             ),
+            max_queue_wait: match b.max_queue_wait_ms.unwrap_or(defaults.max_queue_wait_ms) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
             queue_capacity: b.queue_capacity.unwrap_or(defaults.queue_capacity),
             stat_queue_capacity: b
                 .stat_queue_capacity
@@ -67,6 +74,16 @@ impl BatchSettings {
                 model_max = spec.config.max_batch_size,
                 "max batch size capped at the model's max_batch_size"
             );
+        }
+        if let Some(wait) = settings.max_queue_wait
+            && settings.max_queue_delay >= wait
+        {
+            return Err(format!(
+                "max_queue_delay_us ({} µs) must be below max_queue_wait_ms ({} ms), or every \
+                 partial batch would be refused",
+                settings.max_queue_delay.as_micros(),
+                wait.as_millis()
+            ));
         }
         if settings.max_batch_size == 0 {
             return Err("max_batch_size must be at least 1".into());
@@ -124,6 +141,7 @@ impl ServedModel {
             max_queue_delay: settings.max_queue_delay,
             queue_capacity: [settings.stat_queue_capacity, settings.queue_capacity],
             instances: settings.instances,
+            max_queue_wait: settings.max_queue_wait,
             input_len: spec.config.input.image_len(),
             output_len: classifier.output_len(),
         };

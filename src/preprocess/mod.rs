@@ -32,6 +32,11 @@ impl Preprocessor {
         Preprocessor { spec, limits, lut }
     }
 
+    /// The limits it decodes under.
+    pub fn input_limits(&self) -> InputLimits {
+        self.limits
+    }
+
     /// f32 values of one image's tensor.
     pub fn image_len(&self) -> usize {
         self.spec.image_len()

@@ -300,6 +300,57 @@ pub async fn serve_gated(model: &str, extra: &[&str]) -> (TestServer, Gated) {
     (t, gated)
 }
 
+/// A gRPC channel straight over one HTTP/2 connection, without tonic's client-side deadline
+/// enforcement: a call with a `grpc-timeout` header gets the *server's* answer to its deadline.
+#[derive(Clone)]
+pub struct RawH2(
+    hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+    SocketAddr,
+);
+
+impl tower::Service<hyper::Request<tonic::body::Body>> for RawH2 {
+    type Response = hyper::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: hyper::Request<tonic::body::Body>) -> Self::Future {
+        // HTTP/2 requests carry scheme and authority (tonic's channel adds them).
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *request.uri_mut() = format!("http://{}{path}", self.1)
+            .parse()
+            .expect("a valid URI");
+        let mut sender = self.0.clone();
+        Box::pin(async move { sender.send_request(request).await })
+    }
+}
+
+pub async fn raw_h2(addr: SocketAddr) -> RawH2 {
+    let stream = bounded("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    RawH2(sender, addr)
+}
+
 /// Waits until `cond` holds, yielding to the runtime in between (bounded by PATIENCE).
 pub async fn until(what: &str, cond: impl Fn() -> bool) {
     let wait = async {
