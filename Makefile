@@ -44,6 +44,7 @@ test: setup model
 	cargo test $(CARGO_FLAGS)
 	deploy/check.sh
 	$(MAKE) --no-print-directory load-smoke
+	$(MAKE) --no-print-directory resilience-smoke
 	$(MAKE) --no-print-directory lint
 
 ## lint: formatting and clippy (skipped with a note where the toolchain lacks the component)
@@ -73,6 +74,23 @@ bench-curve: build model ghz
 ## load: ghz load test of the default model: fixed concurrency, then fixed rate (tests/load/README.md)
 ##       options: make load ARGS="--duration 60s --concurrency 16 --rps 15 --model-dir DIR"
 ## load-smoke: CI smoke load test (tiny model, ~10 s of load); fails on any error response or no batching
+## resilience: overload at 3x saturation, SIGTERM under load, connection age, idle and slow floods,
+##             decode amplification, a 10-minute soak; targets checked, figures in target/resilience
+## resilience-smoke: the short form (part of make test): speed targets printed, not enforced
+.PHONY: resilience resilience-smoke
+resilience: build model ghz
+	$(PY) tests/resilience/resilience.py $(ARGS)
+
+resilience-smoke: build model ghz
+	$(PY) tests/resilience/resilience.py --short $(ARGS)
+
+## fuzz: coverage-guided fuzzing (AFL++ via the pinned cargo-afl, stable Rust) of every parser of
+##       untrusted input, 12 min per target (1 CPU-hour); results: target/afl/summary.txt, corpus
+##       and regressions under fuzz/ (make test replays them: tests/fuzz.rs)
+.PHONY: fuzz
+fuzz: setup
+	fuzz/run_afl.sh $(ARGS)
+
 .PHONY: ghz load load-smoke
 ghz:
 	@tests/load/install_ghz.sh >/dev/null

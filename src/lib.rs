@@ -14,6 +14,7 @@ pub mod batcher;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod input;
 pub mod metrics;
 pub mod model;

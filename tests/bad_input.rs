@@ -669,6 +669,19 @@ async fn inference_error_fails_its_batch_and_the_instance_keeps_serving() {
         "{}",
         a.message()
     );
+    // ONNX Runtime's message (source paths, node names, shapes) stays in the server log.
+    for internal in ["onnxruntime", "Reshape", "poison", ".h:", "shape"] {
+        assert!(
+            !a.message().contains(internal),
+            "an internal detail ({internal}) reached the caller: {}",
+            a.message()
+        );
+    }
+    assert!(
+        a.message().contains("the server log has the details"),
+        "{}",
+        a.message()
+    );
 
     // The instance keeps serving: a full batch of good images succeeds.
     let ok = t

@@ -259,6 +259,99 @@ async fn sigterm_drains_in_flight_work_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_text_in_errors_never_reaches_the_debug_log() {
+    let mut s = spawn("tiny", &[]);
+    let channel = connect(s.grpc).await;
+    wait_for_health(&channel, ServingStatus::Serving).await;
+    let mut client = brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel);
+    let err = client
+        .classify(request_for(
+            "PATIENT^JANE^ROE-19520101",
+            "",
+            vec![image("x", data("flair_256_a.png"))],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(
+        err.message().contains("PATIENT^JANE"),
+        "the caller sees its own text"
+    );
+    let err = client
+        .classify(request_for(
+            "",
+            "PATIENT^JANE^ROE",
+            vec![image("x", data("flair_256_a.png"))],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    sigterm(&s.child);
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut s.child);
+        (status, s.drain_log())
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    assert!(
+        log.contains("request rejected"),
+        "the rejections are logged: {log}"
+    );
+    assert!(!log.contains("JANE"), "caller text reached the log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_the_drain_at_once() {
+    // A drain timeout far beyond the test's patience and a call queued for 10 minutes: only the
+    // second signal can end the process in time.
+    let mut s = spawn(
+        "tiny",
+        &[
+            "--max-queue-delay-us",
+            "600000000",
+            "--max-queue-wait-ms",
+            "0",
+            "--drain-timeout-s",
+            "3600",
+        ],
+    );
+    let channel = connect(s.grpc).await;
+    wait_for_health(&channel, ServingStatus::Serving).await;
+    let mut client =
+        brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel.clone());
+    let queued = tokio::spawn(async move {
+        client
+            .classify(request(vec![image("q", data("flair_256_a.png"))]))
+            .await
+    });
+    let metrics = s.metrics;
+    bounded("the image to be queued", async {
+        while metric_value(
+            &http_get(metrics, "/metrics").await.1,
+            "brainai_queue_depth",
+            &[],
+        ) < 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    sigterm(&s.child);
+    wait_for_health(&channel, ServingStatus::NotServing).await;
+    sigterm(&s.child);
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut s.child);
+        (status, s.drain_log())
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("second shutdown signal"), "{log}");
+    let _ = queued.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_loads_a_new_version() {
     let root = tempfile::tempdir().unwrap();
     let model = copy_model("tiny", root.path(), "tiny");

@@ -62,8 +62,10 @@ pub fn request_deadline<T>(request: &Request<T>) -> Option<Instant> {
     Some(Instant::now() + timeout - margin)
 }
 
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    // ASCII only (a header value that is not ASCII never gets here, but a multi-byte last
+    // character must not split a char: found by fuzzing).
+    if value.len() < 2 || value.len() > 9 || !value.is_ascii() {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
@@ -79,7 +81,7 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-fn priority(value: i32) -> Result<Option<Priority>, InferError> {
+pub(crate) fn priority(value: i32) -> Result<Option<Priority>, InferError> {
     match pb::Priority::try_from(value) {
         Ok(pb::Priority::Unspecified) => Ok(None),
         Ok(pb::Priority::Stat) => Ok(Some(Priority::Stat)),
@@ -90,7 +92,7 @@ fn priority(value: i32) -> Result<Option<Priority>, InferError> {
     }
 }
 
-fn image_input(image: pb::Image, index: usize) -> Result<ImageInput, InferError> {
+pub(crate) fn image_input(image: pb::Image, index: usize) -> Result<ImageInput, InferError> {
     let encoding = match pb::ImageFormat::try_from(image.format) {
         Ok(pb::ImageFormat::Unspecified) => Encoding::Detect,
         Ok(pb::ImageFormat::Png) => Encoding::Png,
@@ -467,6 +469,11 @@ mod tests {
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
+        assert_eq!(
+            parse_grpc_timeout("3\u{7aa}"),
+            None,
+            "fuzz/regressions/grpc_timeout"
+        );
     }
 
     #[test]

@@ -132,16 +132,26 @@ impl ModelConfig {
             path: path.clone(),
             source,
         })?;
-        let err = |message: String| ModelError::Config {
-            path: path.clone(),
-            message,
-        };
-        let file: ModelToml = toml::from_str(&text).map_err(|e| err(e.message().to_string()))?;
         let name = dir
             .canonicalize()
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .ok_or_else(|| err("cannot take the model name from the directory name".into()))?;
+            .ok_or_else(|| ModelError::Config {
+                path: path.clone(),
+                message: "cannot take the model name from the directory name".into(),
+            })?;
+        Self::parse(&name, dir, &text)
+    }
+
+    /// Validates the text of a `model.toml` of model `name` in `dir`.
+    pub fn parse(name: &str, dir: &Path, text: &str) -> Result<Self, ModelError> {
+        let path = dir.join("model.toml");
+        let err = |message: String| ModelError::Config {
+            path: path.clone(),
+            message,
+        };
+        let file: ModelToml = toml::from_str(text).map_err(|e| err(e.message().to_string()))?;
+        let name = name.to_string();
         let input = file.input.validate().map_err(err)?;
         if file.output.labels.len() < 2 {
             return Err(err("[output] labels must name at least two classes".into()));

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the fuzz targets (src/fuzzing.rs) into fuzz/corpus/<target>/.
+
+    .venv/bin/python fuzz/make_corpus.py
+
+Deterministic. Seeds: small images in every encoding the service takes (from
+tests/reference/sweep.py formats, plus raw pixels), each behind the target's two selector bytes;
+the repository's model.toml files and variants; protobuf-encoded requests; grpc-timeout strings.
+`make fuzz` adds what AFL++ finds (fuzz/corpus/<target>/afl-*); crashes it finds go to
+fuzz/regressions/<target>/, which tests/fuzz.rs replays in every `make test`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "fuzz" / "corpus"
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def field(number: int, value: bytes | int) -> bytes:
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def image_msg(id_: bytes, data: bytes, fmt: int = 0, raw: tuple[int, int, int] | None = None) -> bytes:
+    msg = field(1, id_) + field(2, data) + (field(3, fmt) if fmt else b"")
+    if raw:
+        msg += field(4, field(1, raw[0]) + field(2, raw[1]) + field(3, raw[2]))
+    return msg
+
+
+def write(target: str, name: str, data: bytes) -> None:
+    d = CORPUS / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+
+
+def main() -> int:
+    for d in CORPUS.glob("*"):
+        for f in d.glob("seed-*"):
+            f.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, str(ROOT / "tests/reference/sweep.py"), "formats", "--out", tmp],
+                       check=True, stdout=subprocess.DEVNULL)
+        images = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.suffix in (".png", ".jpg")}
+    # Selector byte 0: layout, colour, filter, size, 16-bit policy; byte 1: encoding (0 detect).
+    selectors = [0x21, 0x16, 0x3B, 0x4C, 0x05]
+    for i, (name, data) in enumerate(images.items()):
+        write("image", f"seed-{name}", bytes([selectors[i % len(selectors)], 0]) + data)
+    write("image", "seed-declared-png", bytes([0x20, 1]) + images["gray8.png"])
+    write("image", "seed-declared-jpeg", bytes([0x20, 2]) + images["gray.jpg"])
+    for w, h, c in [(3, 2, 1), (5, 4, 3), (2, 2, 4)]:
+        write("image", f"seed-raw-{w}x{h}x{c}", bytes([0x10, 3]) + w.to_bytes(2, "little")
+              + h.to_bytes(2, "little") + bytes([c]) + bytes(range(w * h * c)))
+
+    tomls = sorted(ROOT.glob("tests/fixtures/models/*/model.toml")) + [ROOT / "models/brain-tumor-resnet50/model.toml"]
+    for p in tomls:
+        write("model_toml", f"seed-{p.parent.name}.toml", p.read_bytes())
+    base = (ROOT / "tests/fixtures/models/tiny/model.toml").read_text()
+    write("model_toml", "seed-batching-versions.toml", (base + "\n[batching]\nmax_batch_size = 4\ninstances = 2\n"
+          "default_priority = \"stat\"\nmax_queue_wait_ms = 500\n\n[versions]\npolicy = \"latest\"\nlatest = 2\n").encode())
+    write("model_toml", "seed-specific.toml", (base + "\n[versions]\npolicy = \"specific\"\nspecific = [1, 3]\n").encode())
+    write("model_toml", "seed-sixteen-bit.toml", base.replace('resize_filter = "bilinear"',
+          'resize_filter = "bilinear"\nsixteen_bit = "scale"').encode())
+
+    small = images["gray8.png"]
+    write("classify_request", "seed-one-png", field(1, image_msg(b"a", small)))
+    write("classify_request", "seed-two-and-model", field(1, image_msg(b"a", small)) +
+          field(1, image_msg(b"b", images["gray.jpg"], 2)) + field(2, b"tiny") + field(3, b"1") + field(4, 1))
+    write("classify_request", "seed-raw", field(1, image_msg(b"r", bytes(12), 3, (2, 2, 3))))
+    write("stream_request", "seed-message", field(1, image_msg(b"s", small)) + field(2, b"tiny") + field(4, 2))
+    write("stream_request", "seed-get-model", field(1, b"tiny") + field(2, b"2"))
+
+    for i, t in enumerate(["100m", "5S", "2M", "1H", "7u", "3n", "99999999S", "0m", "1x", ""]):
+        write("grpc_timeout", f"seed-{i}", t.encode())
+    count = sum(1 for _ in CORPUS.rglob("seed-*"))
+    size = sum(p.stat().st_size for p in CORPUS.rglob("seed-*"))
+    print(f"{count} seeds, {size / 1024:.0f} KiB, in {CORPUS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+//! Fuzz targets: each parser of untrusted input as a function of arbitrary bytes that must not
+//! panic, hang or allocate without bound. Driven by AFL++ (`fuzz/`, `make fuzz`, coverage-guided,
+//! stable Rust) and by a deterministic mutation runner in `make test` (`tests/fuzz.rs`), which
+//! also replays the committed corpus and every past crash.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use prost::Message;
+
+use crate::api::grpc::{image_input, parse_grpc_timeout, priority};
+use crate::input::{self, Encoding, InputLimits};
+use crate::model::{ColorMode, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling, SixteenBit};
+use crate::pb;
+use crate::preprocess::Preprocessor;
+
+/// Small limits, so one input costs milliseconds (a 4 Mpx image is still allowed).
+const LIMITS: InputLimits = InputLimits {
+    max_image_bytes: 1 << 20,
+    max_pixels: 1 << 22,
+};
+
+/// A fuzz target: arbitrary bytes in, no panic.
+pub type Target = fn(&[u8]);
+
+/// The targets by name.
+pub const TARGETS: [(&str, Target); 5] = [
+    ("image", image),
+    ("model_toml", model_toml),
+    ("classify_request", classify_request),
+    ("stream_request", stream_request),
+    ("grpc_timeout", grpc_timeout),
+];
+
+/// Decoding and preprocessing, as the pipeline runs them: byte 0 picks the model input (layout,
+/// colour, filter, size, 16-bit policy), byte 1 the declared encoding (with raw geometry from the
+/// next 5 bytes); the rest is the image.
+pub fn image(data: &[u8]) {
+    let [b0, b1, rest @ ..] = data else { return };
+    let (width, height) = [(1, 1), (7, 5), (32, 32), (64, 48)][usize::from(b0 >> 4 & 3)];
+    let spec = InputSpec {
+        tensor_name: "input".into(),
+        layout: if b0 & 1 == 0 {
+            Layout::Nchw
+        } else {
+            Layout::Nhwc
+        },
+        height,
+        width,
+        color: if b0 & 2 == 0 {
+            ColorMode::Rgb
+        } else {
+            ColorMode::Grayscale
+        },
+        resize_filter: [
+            ResizeFilter::Nearest,
+            ResizeFilter::Bilinear,
+            ResizeFilter::Bicubic,
+            ResizeFilter::Lanczos3,
+        ][usize::from(b0 >> 2 & 3)],
+        scaling: Scaling::MeanStd {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        },
+        sixteen_bit: if b0 & 0x40 == 0 {
+            SixteenBit::Pillow
+        } else {
+            SixteenBit::Scale
+        },
+    };
+    let (encoding, image) = match b1 % 4 {
+        0 => (Encoding::Detect, rest),
+        1 => (Encoding::Png, rest),
+        2 => (Encoding::Jpeg, rest),
+        _ => {
+            let [w0, w1, h0, h1, c, image @ ..] = rest else {
+                return;
+            };
+            let encoding = Encoding::Raw {
+                width: u32::from(u16::from_le_bytes([*w0, *w1])),
+                height: u32::from(u16::from_le_bytes([*h0, *h1])),
+                channels: u32::from(*c),
+            };
+            (encoding, image)
+        }
+    };
+    // As the pipeline: the header-derived size first, then the decode.
+    if input::decoded_size(image, encoding, &LIMITS).is_err() {
+        return;
+    }
+    let preprocessor = Preprocessor::new(spec, LIMITS);
+    if let Ok(tensor) = preprocessor.preprocess_to_vec(image, encoding) {
+        assert_eq!(tensor.len(), preprocessor.image_len());
+        assert!(
+            tensor.iter().all(|v| v.is_finite()),
+            "a non-finite input value"
+        );
+    }
+}
+
+/// `model.toml` validation.
+pub fn model_toml(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = ModelConfig::parse("fuzz", Path::new("fuzz"), text);
+    }
+}
+
+/// A `Classify` request as the gRPC front end reads it: protobuf, then each image's format and
+/// the priority.
+pub fn classify_request(data: &[u8]) {
+    let Ok(request) = pb::ClassifyRequest::decode(Cursor::new(data)) else {
+        return;
+    };
+    let _ = priority(request.priority);
+    for (index, image) in request.images.into_iter().enumerate() {
+        if let Ok(input) = image_input(image, index) {
+            let _ = input::decoded_size(&input.data, input.encoding, &LIMITS);
+        }
+    }
+}
+
+/// A `ClassifyStream` message and a `GetModel` request.
+pub fn stream_request(data: &[u8]) {
+    if let Ok(message) = pb::ClassifyStreamRequest::decode(Cursor::new(data))
+        && let Some(image) = message.image
+    {
+        let _ = image_input(image, 0);
+    }
+    let _ = pb::GetModelRequest::decode(Cursor::new(data));
+}
+
+/// The `grpc-timeout` header: never panics; what it accepts is at most 8 digits and a unit.
+pub fn grpc_timeout(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data)
+        && parse_grpc_timeout(text).is_some()
+    {
+        assert!((2..=9).contains(&text.len()), "accepted {text:?}");
+    }
+}
