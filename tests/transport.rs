@@ -233,42 +233,69 @@ async fn oversized_metadata_fails_that_call_alone() {
     t.server.shutdown().await.unwrap();
 }
 
-/// Callers in a closed loop on one tonic channel until stopped; returns (ok, failures).
-async fn load(addr: SocketAddr, callers: usize, stop: Arc<AtomicBool>) -> (usize, Vec<String>) {
+/// What a closed-loop load saw.
+struct Load {
+    ok: usize,
+    failed: Vec<String>,
+    /// Calls tonic cancelled before sending them, because their connection was going away (it
+    /// has no transparent retry, unlike grpc-go): sent again, as such a client's retry would.
+    unsent: usize,
+}
+
+/// Callers in a closed loop on one tonic channel until stopped.
+async fn load(addr: SocketAddr, callers: usize, stop: Arc<AtomicBool>) -> Load {
     let channel = connect(addr).await;
     let tasks: Vec<_> = (0..callers)
         .map(|i| {
             let mut c = pb::tumor_classifier_client::TumorClassifierClient::new(channel.clone());
             let stop = stop.clone();
             tokio::spawn(async move {
-                let (mut ok, mut failed) = (0, Vec::new());
+                let mut seen = Load {
+                    ok: 0,
+                    failed: Vec::new(),
+                    unsent: 0,
+                };
                 while !stop.load(Ordering::Relaxed) {
                     match c
                         .classify(request(vec![flat_image(&format!("l{i}"), 32, 32, 3, 9)]))
                         .await
                     {
-                        Ok(_) => ok += 1,
-                        Err(s) => failed.push(format!("{:?}: {}", s.code(), s.message())),
+                        Ok(_) => seen.ok += 1,
+                        Err(s)
+                            if s.code() == Code::Cancelled
+                                && s.message() == "operation was canceled" =>
+                        {
+                            seen.unsent += 1
+                        }
+                        Err(s) => seen.failed.push(format!("{:?}: {}", s.code(), s.message())),
                     }
                 }
-                (ok, failed)
+                seen
             })
         })
         .collect();
-    let (mut ok, mut failed) = (0, Vec::new());
+    let mut all = Load {
+        ok: 0,
+        failed: Vec::new(),
+        unsent: 0,
+    };
     for task in tasks {
-        let (o, f) = bounded("a caller", task).await.unwrap();
-        ok += o;
-        failed.extend(f);
+        let seen = bounded("a caller", task).await.unwrap();
+        all.ok += seen.ok;
+        all.unsent += seen.unsent;
+        all.failed.extend(seen.failed);
     }
-    (ok, failed)
+    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_their_age_go_away_without_failing_a_call() {
+    // A model of its own, so the server's count of its calls is this test's alone.
+    let root = tempfile::tempdir().unwrap();
+    let model = copy_model("tiny", root.path(), "aged");
     let t = serve(
         args(
-            &fixture_model("tiny"),
+            &model,
             &[
                 "--max-connection-age-s",
                 "1",
@@ -292,7 +319,7 @@ async fn connections_past_their_age_go_away_without_failing_a_call() {
     })
     .await;
     stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = bounded("the load", running).await.unwrap();
+    let Load { ok, failed, unsent } = bounded("the load", running).await.unwrap();
     assert!(ok > 100, "only {ok} calls");
     assert!(
         failed.is_empty(),
@@ -300,6 +327,18 @@ async fn connections_past_their_age_go_away_without_failing_a_call() {
         failed.len(),
         ok + failed.len(),
         &failed[..failed.len().min(5)]
+    );
+    // Every call the server took in was answered, and the answer reached the client: the calls
+    // tonic cancelled never left it (the server counted exactly the client's successes).
+    let served = scrape(
+        t.metrics_addr(),
+        "brainai_requests_total",
+        &["rpc=\"Classify\"", "model=\"aged\""],
+    )
+    .await;
+    assert_eq!(
+        served, ok as f64,
+        "the server answered {served} calls, the client got {ok} ({unsent} cancelled unsent)"
     );
     t.server.shutdown().await.unwrap();
 }
@@ -338,7 +377,7 @@ async fn short_deadlines_under_load_are_never_answered_cancelled() {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let (_, failed) = bounded("the background load", background).await.unwrap();
+    let Load { failed, .. } = bounded("the background load", background).await.unwrap();
     assert!(failed.is_empty(), "{failed:?}");
     assert!(!codes.contains_key("Cancelled"), "{codes:?}");
     let allowed = ["Ok", "DeadlineExceeded", "ResourceExhausted"];
