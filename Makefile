@@ -34,18 +34,38 @@ $(MODEL): models/make_resnet50.py | $(STAMP)
 build: setup
 	cargo build $(CARGO_FLAGS) --bin brainai
 
-## run: serve the default model (gRPC :50051, metrics :9090); options via flags or BRAINAI_* variables
+## run: serve the default model (gRPC :50051, HTTP API and upload page :8000, metrics :9090);
+##      options via flags or BRAINAI_* variables
 run: build model
 	./target/release/brainai serve --model-dir $(MODEL_DIR) $(ARGS)
 
 ## test: every test: Rust unit + integration tests against the real ONNX Runtime (with the Python
-##       reference checks), deploy/ validation, a ghz smoke load on the real server, lint
+##       reference checks), deploy/ validation, tritonclient interop, the upload page in chromium,
+##       a ghz smoke load and the short resilience run on the real server, lint
 test: setup model
 	cargo test $(CARGO_FLAGS)
 	deploy/check.sh
+	$(MAKE) --no-print-directory interop
+	$(MAKE) --no-print-directory browser
 	$(MAKE) --no-print-directory load-smoke
 	$(MAKE) --no-print-directory resilience-smoke
 	$(MAKE) --no-print-directory lint
+
+## interop: NVIDIA's tritonclient (pinned, tests/interop/requirements.txt) over the Open Inference
+##          Protocol's gRPC and HTTP against the release binary; answers must equal Classify's
+INTEROP_STAMP := $(VENV)/.interop-$(shell sha256sum tests/interop/requirements.txt | cut -c1-12)
+.PHONY: interop browser
+interop: build $(INTEROP_STAMP)
+	$(PY) tests/interop/oip_interop.py
+$(INTEROP_STAMP): tests/interop/requirements.txt | $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+	rm -f $(VENV)/.interop-*
+	touch $@
+
+## browser: the upload page (GET /) in Debian's chromium driven by playwright-core (pinned,
+##          tests/browser/package-lock.json): labels shown = the gRPC API's; screenshots in target/browser
+browser: build
+	tests/browser/run.sh
 
 ## lint: formatting and clippy (skipped with a note where the toolchain lacks the component)
 lint:
@@ -64,6 +84,13 @@ clean:
 bench: setup model
 	cargo bench --locked --bench serving -- $(ARGS)
 	cargo bench --locked --bench preprocess
+
+## bench-front-ends: call rate, latency and server CPU per call of every front end (gRPC Classify and
+##        ModelInfer with ghz, HTTP /v1/classify and /v2 infer with hey), interleaved rounds, ratios
+##        to Classify; target ModelInfer >= 0.95 x Classify (docs/PERFORMANCE.md)
+.PHONY: bench-front-ends
+bench-front-ends: build ghz
+	$(PY) benches/front_ends.py $(ARGS)
 
 ## bench-curve: latency versus load with ghz (p50/p99 at 25-100 % of saturation, two queue delays) → PNG
 bench-curve: build model ghz

@@ -17,8 +17,16 @@ fn main() {
     }
 
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // brainai.v1 and the Open Inference Protocol (KServe v2, vendored under proto/kserve/), with
+    // one descriptor set for server reflection.
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("brainai_descriptor.bin"))
-        .compile_protos(&["proto/brainai/v1/classifier.proto"], &["proto"])
-        .unwrap_or_else(|e| panic!("compiling proto/brainai/v1/classifier.proto failed: {e}"));
+        .compile_protos(
+            &[
+                "proto/brainai/v1/classifier.proto",
+                "proto/kserve/grpc_predict_v2.proto",
+            ],
+            &["proto"],
+        )
+        .unwrap_or_else(|e| panic!("compiling the protos under proto/ failed: {e}"));
 }

@@ -40,7 +40,7 @@ PY
 # Serve on each device, classify the same images, keep the answers and the metrics.
 for device in cuda cpu; do
   "$G/brainai" serve --device "$device" --ort-library "$LIB" --model-dir models/brain-tumor-resnet50 \
-    --grpc-addr 127.0.0.1:50061 --metrics-addr 127.0.0.1:9191 --max-batch-size 32 \
+    --grpc-addr 127.0.0.1:50061 --metrics-addr 127.0.0.1:9191 --http-addr 127.0.0.1:8091 --max-batch-size 32 \
     > "$OUT/serve_$device.log" 2>&1 &
   pid=$!
   wait_ready 9191
@@ -67,7 +67,7 @@ PY
 sed -i 's/^max_batch_size = .*/max_batch_size = 128/' models/brain-tumor-resnet50/model.toml
 for b in ${MEMORY_BATCHES-1 8 16 32 64 128}; do
   "$G/brainai" serve --device cuda --ort-library "$LIB" --model-dir models/brain-tumor-resnet50 \
-    --grpc-addr 127.0.0.1:50062 --metrics-addr 127.0.0.1:9192 --max-batch-size "$b" --queue-capacity 256 \
+    --grpc-addr 127.0.0.1:50062 --metrics-addr 127.0.0.1:9192 --http-addr 127.0.0.1:8092 --max-batch-size "$b" --queue-capacity 256 \
     > "$OUT/serve_mem_$b.log" 2>&1 &
   pid=$!
   wait_ready 9192

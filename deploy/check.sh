@@ -9,7 +9,12 @@
 #      metric names and labels, cross-checks (ports, probes, grace period, queue capacity, HPA <-> adapter,
 #      security context, runbook entries), the Grafana dashboard and the prometheus-adapter rule,
 #      then a self-test that broken copies are rejected
-#   4. deploy/docker/check_dockerfile.py: the Dockerfile's build steps are the Makefile's (what CI
+#   4. deploy/tools/kserve_check.py on `kustomize build deploy/kserve` and deploy/kserve/model-repository:
+#      the ServingRuntime and InferenceService strictly against KServe v0.20.0's own CRD schemas
+#      (vendored in deploy/kserve/crds), the rest against Kubernetes 1.30, and cross-checks with the
+#      binary (flags, variables, ports, probes, protocols), the InferenceService <-> the
+#      ServingRuntime, the model repository; then its self-test
+#   5. deploy/docker/check_dockerfile.py: the Dockerfile's build steps are the Makefile's (what CI
 #      runs), COPY sources exist, non-root numeric USER, ...; with its self-test; and the self-test
 #      of deploy/docker/cuda_archs.py (the GPU image's sm_61 check)
 # Needs only Go (>= 1.26) and Python (>= 3.10) with network access to the Go module proxy and PyPI
@@ -81,6 +86,25 @@ step "manifests, alerts, dashboard, adapter rule (deploy/tools/validate.py)"
 if [ ${#rendered[@]} -gt 0 ]; then
   .venv/bin/python deploy/tools/validate.py --crdcheck "$BIN/crdcheck" --self-test "${rendered[@]}" \
     || fail "deploy/tools/validate.py"
+fi
+
+step "KServe ServingRuntime, InferenceService, model repository (deploy/tools/kserve_check.py)"
+kserve_ok=1
+for dir in deploy/kserve deploy/kserve/model-repository; do
+  name=$(echo "${dir#deploy/}" | tr / -)
+  out="$RENDERED/$name.yaml"
+  if "$BIN/kustomize" build "$dir" > "$out" 2> "$out.err"; then
+    echo "  ok   $dir: $(grep -c '^kind:' "$out") objects -> $out"
+  else
+    cat "$out.err"
+    fail "kustomize build $dir"
+    kserve_ok=0
+  fi
+done
+if [ $kserve_ok = 1 ]; then
+  .venv/bin/python deploy/tools/kserve_check.py --self-test \
+    --runtime "$RENDERED/kserve.yaml" --repository "$RENDERED/kserve-model-repository.yaml" \
+    || fail "deploy/tools/kserve_check.py"
 fi
 
 step "Dockerfile (static; no Docker engine here)"

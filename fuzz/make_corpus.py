@@ -45,6 +45,60 @@ def image_msg(id_: bytes, data: bytes, fmt: int = 0, raw: tuple[int, int, int] |
     return msg
 
 
+def packed(values: list[int]) -> bytes:
+    return b"".join(varint(v & 0xFFFFFFFFFFFFFFFF) for v in values)
+
+
+def param(key: bytes, choice: int, value: bytes | int) -> bytes:
+    """A map<string, InferParameter> entry: 1 bool, 2 int64, 3 string."""
+    return field(1, key) + field(2, field(choice, value))
+
+
+def oip_seeds(png: bytes, jpeg: bytes) -> None:
+    """ModelInferRequest protobufs, v2 JSON (+ binary) bodies and /v1/classify bodies."""
+    import base64
+    import json
+    import struct
+
+    def tensor(name: bytes, dtype: bytes, shape: list[int], contents: bytes = b"", params: bytes = b"") -> bytes:
+        t = field(1, name) + field(2, dtype) + field(3, packed(shape)) + params
+        return t + (field(5, contents) if contents else b"")
+
+    typed = tensor(b"IMAGE", b"BYTES", [2], field(8, png) + field(8, jpeg))
+    write("oip_grpc_request", "seed-bytes-typed", field(1, b"tiny") + field(3, b"id") + field(5, typed)
+          + field(6, field(1, b"probabilities") + field(2, param(b"classification", 2, 2)))
+          + field(4, param(b"timeout", 2, 100000)) + field(4, param(b"priority", 2, 1)))
+    raw = struct.pack("<I", len(png)) + png
+    write("oip_grpc_request", "seed-bytes-raw", field(1, b"tiny") + field(5, tensor(b"IMAGE", b"BYTES", [1, 1]))
+          + field(7, raw) + field(6, field(1, b"label")))
+    floats = struct.pack("<3072f", *([0.25] * 3072))
+    write("oip_grpc_request", "seed-fp32-raw", field(5, tensor(b"input", b"FP32", [1, 3, 32, 32])) + field(7, floats))
+    write("oip_grpc_request", "seed-fp32-typed", field(5, tensor(b"input", b"FP32", [1, 3, 32, 32], field(6, floats))))
+    write("oip_grpc_request", "seed-int8", field(5, tensor(b"input", b"INT8", [1], field(2, packed([1])))))
+
+    def body(doc: dict, binary: bytes = b"") -> bytes:
+        text = json.dumps(doc).encode()
+        if not binary:
+            return bytes([0, 0, 0]) + text
+        return bytes([1]) + struct.pack("<H", len(text)) + text + binary
+
+    b64 = base64.b64encode(png).decode()
+    write("oip_http_request", "seed-json-bytes", body({"id": "x", "parameters": {"timeout": 1000, "priority": 2},
+          "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [b64]}],
+          "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}))
+    write("oip_http_request", "seed-json-fp32", body({"inputs": [{"name": "input", "datatype": "FP32",
+          "shape": [1, 3, 2, 2], "data": [[[0.5, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9], [10, 11]]]}]}))
+    write("oip_http_request", "seed-binary-bytes", body({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1],
+          "parameters": {"binary_data_size": len(raw)}}], "parameters": {"binary_data_output": True}}, raw))
+    write("oip_http_request", "seed-binary-fp32", body({"inputs": [{"name": "input", "datatype": "FP32",
+          "shape": [1, 3, 32, 32], "parameters": {"binary_data_size": len(floats)}}],
+          "outputs": [{"name": "label", "parameters": {"binary_data": True}}]}, floats))
+
+    part = lambda name, data: b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"" + name + b"\"\r\n\r\n" + data + b"\r\n"
+    write("upload", "seed-multipart", bytes([1]) + part(b"a.png", png) + part(b"b.jpg", jpeg) + b"--b--\r\n")
+    write("upload", "seed-raw", bytes([0]) + png)
+
+
 def write(target: str, name: str, data: bytes) -> None:
     d = CORPUS / target
     d.mkdir(parents=True, exist_ok=True)
@@ -86,6 +140,8 @@ def main() -> int:
     write("classify_request", "seed-raw", field(1, image_msg(b"r", bytes(12), 3, (2, 2, 3))))
     write("stream_request", "seed-message", field(1, image_msg(b"s", small)) + field(2, b"tiny") + field(4, 2))
     write("stream_request", "seed-get-model", field(1, b"tiny") + field(2, b"2"))
+
+    oip_seeds(small, images["gray.jpg"])
 
     for i, t in enumerate(["100m", "5S", "2M", "1H", "7u", "3n", "99999999S", "0m", "1x", ""]):
         write("grpc_timeout", f"seed-{i}", t.encode())

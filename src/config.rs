@@ -72,6 +72,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// HTTP API listen address: the Open Inference Protocol's REST routes (/v2/...), the JSON
+    /// endpoint /v1/classify and the upload page at /.
+    #[arg(long, env = "BRAINAI_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub http_addr: SocketAddr,
+
+    /// Largest HTTP API request body, in bytes (413 beyond).
+    #[arg(long, env = "BRAINAI_MAX_HTTP_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_http_body_bytes: usize,
+
     /// Prometheus metrics, /healthz and /readyz listen address.
     #[arg(long, env = "BRAINAI_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,

@@ -24,12 +24,15 @@ const LIMITS: InputLimits = InputLimits {
 pub type Target = fn(&[u8]);
 
 /// The targets by name.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("image", image),
     ("model_toml", model_toml),
     ("classify_request", classify_request),
     ("stream_request", stream_request),
     ("grpc_timeout", grpc_timeout),
+    ("oip_grpc_request", oip_grpc_request),
+    ("oip_http_request", oip_http_request),
+    ("upload", upload),
 ];
 
 /// Decoding and preprocessing, as the pipeline runs them: byte 0 picks the model input (layout,
@@ -113,8 +116,10 @@ pub fn classify_request(data: &[u8]) {
     };
     let _ = priority(request.priority);
     for (index, image) in request.images.into_iter().enumerate() {
-        if let Ok(input) = image_input(image, index) {
-            let _ = input::decoded_size(&input.data, input.encoding, &LIMITS);
+        if let Ok(crate::pipeline::ImageInput::Encoded { data, encoding }) =
+            image_input(image, index)
+        {
+            let _ = input::decoded_size(&data, encoding, &LIMITS);
         }
     }
 }
@@ -135,5 +140,97 @@ pub fn grpc_timeout(data: &[u8]) {
         && parse_grpc_timeout(text).is_some()
     {
         assert!((2..=9).contains(&text.len()), "accepted {text:?}");
+    }
+}
+
+/// The model an Open Inference Protocol request is checked against (the tiny test model's
+/// config: NCHW, 3x32x32, two labels).
+fn oip_model() -> &'static ModelConfig {
+    static CONFIG: std::sync::OnceLock<ModelConfig> = std::sync::OnceLock::new();
+    CONFIG.get_or_init(|| {
+        ModelConfig::parse(
+            "fuzz",
+            Path::new("fuzz"),
+            include_str!("../tests/fixtures/models/tiny/model.toml"),
+        )
+        .expect("the tiny model's config is valid")
+    })
+}
+
+/// What the OIP front ends do with a decoded request before the pipeline: its one input as
+/// images (shapes and datatypes checked), its outputs checked, each image's size read.
+fn oip_checks(request: crate::api::oip::OipRequest) {
+    let config = oip_model();
+    let _ = crate::api::oip::check_outputs(config, &request.outputs);
+    if let Ok(images) = crate::api::oip::images(config, request.inputs) {
+        for image in images {
+            match image {
+                crate::pipeline::ImageInput::Encoded { data, encoding } => {
+                    let _ = input::decoded_size(&data, encoding, &LIMITS);
+                }
+                crate::pipeline::ImageInput::Tensor(values) => {
+                    assert_eq!(
+                        values.len(),
+                        config.input.image_len(),
+                        "a tensor of the wrong size"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A `ModelInfer` request as `inference.GRPCInferenceService` reads it: protobuf, typed or raw
+/// contents, parameters, then the model checks.
+pub fn oip_grpc_request(data: &[u8]) {
+    let Ok(request) = crate::kserve_pb::ModelInferRequest::decode(Cursor::new(data)) else {
+        return;
+    };
+    if let Ok(request) = crate::api::oip::grpc::decode(request, None, 64) {
+        oip_checks(request);
+    }
+}
+
+/// A `POST /v2/models/{m}/infer` body: byte 0 odd means the binary-data extension, with the JSON's
+/// length in bytes 1-2 (little-endian) as the `Inference-Header-Content-Length` header; the rest
+/// is the body.
+pub fn oip_http_request(data: &[u8]) {
+    let [flag, l0, l1, body @ ..] = data else {
+        return;
+    };
+    let mut headers = axum::http::HeaderMap::new();
+    if flag & 1 == 1 {
+        headers.insert(
+            crate::api::oip::http::HEADER_LENGTH,
+            axum::http::HeaderValue::from(u16::from_le_bytes([*l0, *l1])),
+        );
+    }
+    if let Ok((request, _)) = crate::api::oip::http::decode("tiny", "", &headers, body, 64) {
+        oip_checks(request);
+    }
+}
+
+/// A `POST /v1/classify` body: byte 0 odd means multipart/form-data with the boundary `b`, else
+/// a raw image body; each file's size is read as the pipeline would.
+pub fn upload(data: &[u8]) {
+    let [flag, body @ ..] = data else { return };
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a current-thread runtime")
+    });
+    let mut headers = axum::http::HeaderMap::new();
+    if flag & 1 == 1 {
+        headers.insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("multipart/form-data; boundary=b"),
+        );
+    }
+    let body = bytes::Bytes::copy_from_slice(body);
+    if let Ok(files) = runtime.block_on(crate::api::rest::uploads(&headers, body, 64)) {
+        for file in files {
+            let _ = input::decoded_size(&file.data, Encoding::Detect, &LIMITS);
+        }
     }
 }

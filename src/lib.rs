@@ -1,6 +1,7 @@
 //! BrainAI Serve: brain-MRI tumour classification over gRPC with a dynamic batcher on ONNX Runtime.
 //!
-//! The path of one request, top to bottom: [`api`] (wire ↔ domain: gRPC `brainai.v1`) →
+//! The path of one request, top to bottom: [`api`] (wire ↔ domain: gRPC `brainai.v1`, the Open
+//! Inference Protocol over gRPC and HTTP, the JSON API and upload page) →
 //! [`pipeline`] (admit, resolve the model in the [`pipeline::registry`], reserve queue places,
 //! preprocess, submit, await, postprocess) → [`input`] (decode) and [`preprocess`] (colour,
 //! resize, scaling, layout) → [`batcher`] (queue per model version, batch policy, instance threads)
@@ -22,6 +23,12 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod server;
 pub mod state;
+
+/// Generated protobuf and gRPC types of the Open Inference Protocol (KServe v2),
+/// `proto/kserve/grpc_predict_v2.proto` (package `inference`).
+pub mod kserve_pb {
+    tonic::include_proto!("inference");
+}
 
 /// Generated protobuf and gRPC types of `proto/brainai/v1/classifier.proto`.
 pub mod pb {

@@ -131,7 +131,7 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         Unit::Count,
-        "Client connections open, by listener (grpc, http)."
+        "Client connections open, by listener (grpc, rest: the HTTP API, http: the metrics port)."
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

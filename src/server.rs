@@ -14,6 +14,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::api::grpc::ClassifierService;
+use crate::api::oip::grpc::InferenceService;
+use crate::api::prescan::PrescanLayer;
 use crate::api::status::StatusLayer;
 use crate::api::transport::{self, ConnectionPolicy, Connections, Stop};
 use crate::backend::ort::{self as ort_backend, OrtBackend, OrtOptions};
@@ -28,6 +30,9 @@ use crate::{model, pb};
 
 /// Fully-qualified name of the classifier service, as health checks name it.
 pub const SERVICE_NAME: &str = "brainai.v1.TumorClassifier";
+
+/// Fully-qualified name of the Open Inference Protocol service, as health checks name it.
+pub const OIP_SERVICE_NAME: &str = "inference.GRPCInferenceService";
 
 /// The gRPC health service name of one model: SERVING while a version of it is ready.
 pub fn model_health_name(model: &str) -> String {
@@ -55,6 +60,7 @@ pub enum ServeError {
 /// A started server. Health reports NOT_SERVING until every model is loaded and warm.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub state: Arc<ServingState>,
     pub registry: Arc<Registry>,
@@ -172,7 +178,8 @@ pub async fn start(
     );
 
     if let Some(limit) = transport::raise_fd_limit() {
-        let wanted = (args.max_connections + args.max_http_connections) as u64 + 256;
+        // The gRPC and HTTP API ports each have --max-connections, the metrics port its own cap.
+        let wanted = (2 * args.max_connections + args.max_http_connections) as u64 + 256;
         if limit < wanted {
             tracing::warn!(
                 open_file_limit = limit,
@@ -183,7 +190,11 @@ pub async fn start(
     }
     let (grpc_listener, grpc_addr) = bind(args.grpc_addr).await?;
     let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
+    let (http_listener, http_addr) = bind(args.http_addr).await?;
+    // Two stops: the inference ports (gRPC, REST) get their GOAWAY the moment the drain starts, so
+    // clients stop opening calls here at once; /metrics and the probes answer until the end.
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+    let (serve_stop_tx, serve_stop_rx) = watch::channel(Stop::Running);
     let policy = |listener, max_connections| ConnectionPolicy {
         listener,
         max_connections,
@@ -229,18 +240,30 @@ pub async fn start(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
-    let classifier =
-        pb::tumor_classifier_server::TumorClassifierServer::new(ClassifierService::new(pipeline))
-            .max_decoding_message_size(args.max_message_bytes)
-            .max_encoding_message_size(args.max_message_bytes);
+    let classifier = pb::tumor_classifier_server::TumorClassifierServer::new(
+        ClassifierService::new(pipeline.clone()),
+    )
+    .max_decoding_message_size(args.max_message_bytes)
+    .max_encoding_message_size(args.max_message_bytes);
+    let inference =
+        crate::kserve_pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+            InferenceService::new(pipeline.clone()),
+        )
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier)
+        .add_service(inference)
         .prepare();
     let grpc_service = tower::ServiceBuilder::new()
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
+        })
+        .layer(PrescanLayer {
+            max_message_bytes: args.max_message_bytes,
+            max_images: args.max_images_per_request,
         })
         .service(routes);
     let grpc_connections = Connections::new(policy("grpc", args.max_connections));
@@ -248,9 +271,16 @@ pub async fn start(
         grpc_listener,
         grpc_connections.clone(),
         grpc_service,
-        stop_rx,
+        serve_stop_rx,
     ));
-    tracing::info!(%grpc_addr, %metrics_addr, "listening; loading and warming up the models");
+    let rest_connections = Connections::new(policy("rest", args.max_connections));
+    let rest_task = tokio::spawn(transport::serve_h1(
+        http_listener,
+        rest_connections.clone(),
+        crate::api::rest::router(pipeline, args.max_http_body_bytes),
+        serve_stop_tx.subscribe(),
+    ));
+    tracing::info!(%grpc_addr, %http_addr, %metrics_addr, "listening; loading and warming up the models");
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let lifecycle = Lifecycle {
@@ -258,26 +288,32 @@ pub async fn start(
         state: state.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         poll: (args.repository_poll_s > 0).then(|| Duration::from_secs(args.repository_poll_s)),
+        serve_stop: serve_stop_tx.clone(),
     };
     let task = tokio::spawn(async move {
         let result = lifecycle.run(shutdown_rx).await;
-        // Stop accepting, GOAWAY to every connection; what has not closed after a second (calls
-        // the drain timeout cut off) is closed for good, so the drain timeout bounds the exit.
+        // Stop accepting on the metrics port too, GOAWAY to every connection; what has not closed
+        // after a second (calls the drain timeout cut off) is closed for good, so the drain
+        // timeout bounds the exit.
+        let _ = serve_stop_tx.send(Stop::Graceful);
         let _ = stop_tx.send(Stop::Graceful);
         let closed = tokio::time::timeout(Duration::from_secs(1), async {
-            while grpc_connections.count() + http_connections.count() > 0 {
+            while grpc_connections.count() + http_connections.count() + rest_connections.count() > 0
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
         if closed.is_err() {
             tracing::warn!(
-                open = grpc_connections.count() + http_connections.count(),
+                open =
+                    grpc_connections.count() + http_connections.count() + rest_connections.count(),
                 "connections still open after the drain: closing them"
             );
         }
+        let _ = serve_stop_tx.send(Stop::Now);
         let _ = stop_tx.send(Stop::Now);
-        for task in [grpc_task, metrics_task, health_task] {
+        for task in [grpc_task, metrics_task, rest_task, health_task] {
             task.abort();
             let _ = task.await;
         }
@@ -286,6 +322,7 @@ pub async fn start(
     });
     Ok(RunningServer {
         grpc_addr,
+        http_addr,
         metrics_addr,
         state,
         registry,
@@ -299,6 +336,8 @@ struct Lifecycle {
     state: Arc<ServingState>,
     drain_timeout: Duration,
     poll: Option<Duration>,
+    /// The inference ports' stop: `Graceful` when the drain starts.
+    serve_stop: watch::Sender<Stop>,
 }
 
 impl Lifecycle {
@@ -338,6 +377,11 @@ impl Lifecycle {
         let inflight = self.state.inflight();
         tracing::info!(inflight = inflight.count(), "shutting down: draining");
         self.state.set_phase(Phase::Draining);
+        // GOAWAY now rather than after the drain: a client told to go away opens its next calls
+        // on another replica instead of having each refused here. (Refusing them one by one
+        // made HTTP/2 reset every early-answered stream; past 1024 such resets h2 closes the
+        // connection with ENHANCE_YOUR_CALM, taking the streams still in flight with it.)
+        let _ = self.serve_stop.send(Stop::Graceful);
         if tokio::time::timeout(self.drain_timeout, inflight.wait_idle())
             .await
             .is_err()
@@ -355,6 +399,7 @@ impl Lifecycle {
 async fn set_overall(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
+    health.set_service_status(OIP_SERVICE_NAME, status).await;
 }
 
 /// Keeps gRPC health in step with the serving state: the server as a whole (`""` and the

@@ -16,6 +16,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_brainai");
 struct Served {
     child: Child,
     grpc: std::net::SocketAddr,
+    http: std::net::SocketAddr,
     metrics: std::net::SocketAddr,
     /// Every stderr line, as the process writes them.
     log: mpsc::Receiver<String>,
@@ -46,6 +47,8 @@ fn spawn_serving(source: &[&str], extra: &[&str]) -> Served {
         .args([
             "--grpc-addr",
             "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
             "--intra-op-threads",
@@ -68,7 +71,7 @@ fn spawn_serving(source: &[&str], extra: &[&str]) -> Served {
         }
     });
     let mut lines = Vec::new();
-    let (grpc, metrics) = loop {
+    let (grpc, http, metrics) = loop {
         let line = log
             .recv_timeout(PATIENCE)
             .expect("server logs its addresses");
@@ -78,13 +81,18 @@ fn spawn_serving(source: &[&str], extra: &[&str]) -> Served {
                 .find_map(|w| w.strip_prefix(name))
                 .and_then(|v| v.parse().ok())
         };
-        if let (Some(g), Some(m)) = (field("grpc_addr="), field("metrics_addr=")) {
-            break (g, m);
+        if let (Some(g), Some(h), Some(m)) = (
+            field("grpc_addr="),
+            field("http_addr="),
+            field("metrics_addr="),
+        ) {
+            break (g, h, m);
         }
     };
     Served {
         child,
         grpc,
+        http,
         metrics,
         log,
         lines,
@@ -210,20 +218,36 @@ async fn sigterm_drains_in_flight_work_then_exits_zero() {
     .await
     .expect("the image reaches the queue");
 
+    // Health watchers (the PACS clients' client-side health checks) see NOT_SERVING on the
+    // stream they hold open.
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
     sigterm(&s.child);
-    // The service's own drain: health and /readyz go NOT_SERVING at once, and a new call on the
-    // open connection gets the service's UNAVAILABLE ("shutting down"), while the queued image is
-    // still waiting for its batch. (Without the drain, tonic would only close the connection.)
-    wait_for_health(&channel, ServingStatus::NotServing).await;
-    assert_eq!(http_get(metrics, "/readyz").await.0, 503);
+    bounded("NOT_SERVING on the open health watch", async {
+        while let Some(update) = watch.message().await.expect("health watch") {
+            if update.status == ServingStatus::NotServing as i32 {
+                return;
+            }
+        }
+        panic!("the health watch ended before NOT_SERVING");
+    })
+    .await;
+    // The drain: /readyz says 503, the gRPC port refuses new connections and every open one got
+    // a GOAWAY, so a new call goes elsewhere (here: nowhere, UNAVAILABLE) while the queued image
+    // still waits for its batch.
+    until_draining(s.metrics, &[s.grpc, s.http]).await;
     let mut late =
         brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel.clone());
     let err = late
         .classify(request(vec![image("late", data("flair_256_b.png"))]))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert!(err.message().contains("shutting down"), "{}", err.message());
+    assert_unsent(&err);
     assert!(
         !in_flight.is_finished(),
         "the queued call is still waiting for its batch"
@@ -338,7 +362,7 @@ async fn a_second_signal_ends_the_drain_at_once() {
     })
     .await;
     sigterm(&s.child);
-    wait_for_health(&channel, ServingStatus::NotServing).await;
+    until_draining(s.metrics, &[s.grpc]).await;
     sigterm(&s.child);
     let (status, log) = tokio::task::spawn_blocking(move || {
         let status = wait_exit(&mut s.child);
@@ -424,4 +448,160 @@ fn missing_onnx_runtime_fails_with_one_clear_line() {
         last.starts_with("error: ONNX Runtime library:") && last.contains("make setup"),
         "{err}"
     );
+}
+
+/// Peak resident memory of a process so far (VmHWM), in bytes.
+fn peak_rss(child: &Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kb * 1024
+}
+
+/// Sends `message` as one gRPC frame to `path` over a raw HTTP/2 connection; returns grpc-status
+/// and grpc-message.
+async fn raw_grpc_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    message: Vec<u8>,
+) -> (String, String) {
+    use http_body_util::BodyExt;
+    use tower::Service;
+    let mut frame = vec![0u8];
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    let request = hyper::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(
+            http_body_util::Full::new(bytes::Bytes::from(frame)).map_err(|never| match never {}),
+        ))
+        .unwrap();
+    let mut h2 = raw_h2(addr).await;
+    let response = bounded("the call", h2.call(request))
+        .await
+        .expect("a response");
+    let headers = response.headers().clone();
+    let collected = bounded("the response body", response.into_body().collect())
+        .await
+        .expect("the body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let get = |k: &str| {
+        trailers
+            .get(k)
+            .or(headers.get(k))
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_tiny_repeated_fields_are_refused_before_decoding() {
+    // 63 MiB of empty images (2 bytes each on the wire, ~70 decoded: 4.3 GB resident before this
+    // was bounded), and the same of empty BYTES elements and of raw contents for ModelInfer.
+    let mut s = spawn("tiny", &[]);
+    wait_for_health(&connect(s.grpc).await, ServingStatus::Serving).await;
+    let before = peak_rss(&s.child);
+    let n = 33_000_000;
+    let cases = [
+        (
+            "/brainai.v1.TumorClassifier/Classify",
+            [0x0A, 0x00].repeat(n),
+            "request has 33000000 images, over the limit of 64 per request",
+        ),
+        (
+            "/inference.GRPCInferenceService/ModelInfer",
+            {
+                // inputs { contents { bytes_contents: "" x n } }
+                let contents = [0x42, 0x00].repeat(n);
+                let mut tensor = vec![0x2A];
+                tensor.extend(varint(contents.len()));
+                tensor.extend(contents);
+                let mut input = vec![0x2A];
+                input.extend(varint(tensor.len()));
+                input.extend(tensor);
+                input
+            },
+            "input 0 has 33000000 BYTES elements, over the limit of 64 images per request",
+        ),
+        (
+            "/inference.GRPCInferenceService/ModelInfer",
+            [0x3A, 0x00].repeat(n),
+            "at most 16 inputs, outputs and raw_input_contents",
+        ),
+    ];
+    for (path, message, expected) in cases {
+        let (status, text) = raw_grpc_call(s.grpc, path, message).await;
+        assert_eq!(status, "3", "{path}: {text}");
+        let text = percent_decode(&text);
+        assert!(text.contains(expected), "{path}: {text}");
+    }
+    // HTTP JSON: 33 million numbers as FP32 data (66 MB). Read straight into floats (132 MB), not
+    // into a JSON tree (~1 GB); refused for its size.
+    let mut body =
+        br#"{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": ["#
+            .to_vec();
+    body.extend(b"0,".repeat(n - 1));
+    body.extend(b"0]}]}");
+    let r = http(s.http, "POST", "/v2/models/tiny/infer", &[], &body).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("got shape [1, 3, 32, 32] and 33000000 values"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let grown = peak_rss(&s.child).saturating_sub(before);
+    assert!(
+        grown < 512 << 20,
+        "peak resident memory grew by {} MiB",
+        grown >> 20
+    );
+    // Still serving.
+    let channel = connect(s.grpc).await;
+    let mut client = brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel);
+    client
+        .classify(request(vec![image("after", data("flair_256_a.png"))]))
+        .await
+        .expect("a good call after the large ones");
+    sigterm(&s.child);
+    assert!(wait_exit(&mut s.child).success());
+}
+
+fn varint(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (n & 0x7F) as u8;
+        n >>= 7;
+        out.push(b | if n > 0 { 0x80 } else { 0 });
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

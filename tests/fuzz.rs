@@ -229,6 +229,21 @@ fn grpc_timeout() {
 }
 
 #[test]
+fn oip_grpc_request() {
+    fuzz("oip_grpc_request");
+}
+
+#[test]
+fn oip_http_request() {
+    fuzz("oip_http_request");
+}
+
+#[test]
+fn upload() {
+    fuzz("upload");
+}
+
+#[test]
 fn every_target_has_a_test_here() {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(
@@ -238,7 +253,10 @@ fn every_target_has_a_test_here() {
             "model_toml",
             "classify_request",
             "stream_request",
-            "grpc_timeout"
+            "grpc_timeout",
+            "oip_grpc_request",
+            "oip_http_request",
+            "upload"
         ]
     );
 }

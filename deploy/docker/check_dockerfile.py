@@ -16,7 +16,8 @@ Checked:
   * every COPY source exists in the repository (or is made by a Makefile target) and is not
     excluded by deploy/docker/Dockerfile.dockerignore;
   * the stages cpu, gpu and model exist; runtime stages end as a numeric non-root USER, have an
-    exec-form ENTRYPOINT, EXPOSE the README's gRPC and metrics ports, and set ORT_DYLIB_PATH to a
+    exec-form ENTRYPOINT, EXPOSE the default port of every listen address in README's configuration
+    table (`--grpc-addr`, `--http-addr`, `--metrics-addr`), and set ORT_DYLIB_PATH to a
     directory they copy in; base images have an explicit tag (not latest) or digest; the Rust
     image is not older than Cargo.toml's rust-version.
 
@@ -371,9 +372,9 @@ def check(inp: Inputs, report=print) -> list[str]:
            f"Rust image {rust.group(0)} >= Cargo.toml rust-version {need.group(1)}.{need.group(2)}")
 
     # runtime stages
-    grpc_port = re.search(r"`--grpc-addr`.*?`[\d.]+:(\d+)`", inp.readme)
-    metrics_port = re.search(r"`--metrics-addr`.*?`[\d.]+:(\d+)`", inp.readme)
-    ok(bool(grpc_port and metrics_port), "README states the default gRPC and metrics ports")
+    # every listen address of README's configuration table: `--grpc-addr`, `--http-addr`, `--metrics-addr`
+    listen = dict(re.findall(r"^\| `--([\w-]+-addr)` \|[^|\n]*\| `[\d.]+:(\d+)`", inp.readme, re.M))
+    ok({"grpc-addr", "metrics-addr"} <= set(listen), f"README states the default gRPC and metrics ports (listen addresses: {listen})")
     for name in ("cpu", "gpu", "model"):
         st = by_name[name]
         users = [i for i in st.instrs if i.cmd == "USER"]
@@ -390,9 +391,9 @@ def check(inp: Inputs, report=print) -> list[str]:
             exec_form = False
         ok(exec_form, f"stage {name} has an exec-form ENTRYPOINT")
         exposed = {p for i in st.instrs if i.cmd == "EXPOSE" for p in i.args.split()}
-        if grpc_port and metrics_port:
-            ok({grpc_port.group(1), metrics_port.group(1)} <= exposed,
-               f"stage {name} exposes the README's ports {grpc_port.group(1)} and {metrics_port.group(1)} ({sorted(exposed)})")
+        if listen:
+            ok(set(listen.values()) <= exposed,
+               f"stage {name} exposes the README's listen ports {sorted(listen.values())} ({sorted(exposed)})")
         env = " ".join(i.args for i in st.instrs if i.cmd == "ENV")
         dylib = re.search(r"ORT_DYLIB_PATH=(\S+)", env)
         copied = [shlex.split(i.args)[-1] for i in st.instrs if i.cmd == "COPY"]
@@ -419,7 +420,7 @@ def self_test() -> int:
     cases = {
         "cargo build without --locked": mutate("dockerfile", "cargo build --release --locked", "cargo build --release"),
         "pip install of another requirements file": mutate("dockerfile", "-r models/requirements.txt", "-r requirements.txt"),
-        "runtime as root": mutate("dockerfile", "USER 65532:65532\nEXPOSE 50051 9090\nENTRYPOINT", "USER root\nEXPOSE 50051 9090\nENTRYPOINT"),
+        "runtime as root": mutate("dockerfile", "USER 65532:65532\nEXPOSE 50051 8000 9090\nENTRYPOINT", "USER root\nEXPOSE 50051 8000 9090\nENTRYPOINT"),
         "COPY of a missing path": mutate("dockerfile", "COPY benches benches", "COPY benchmarks benchmarks"),
         "COPY source excluded by .dockerignore": mutate("dockerignore", "!proto/\n", ""),
         "CUDA 13 onnxruntime-gpu": mutate("gpu_requirements", "onnxruntime-gpu==1.26.0", "onnxruntime-gpu==1.27.0"),
@@ -427,7 +428,8 @@ def self_test() -> int:
         "unpinned GPU library": mutate("gpu_requirements", "nvidia-cublas-cu12==12.8.4.1", "nvidia-cublas-cu12>=12.8"),
         "no sm_61 check": mutate("dockerfile", "--require 61", "--require 75"),
         "latest base image": mutate("dockerfile", "ARG GPU_RUNTIME_IMAGE=debian:bookworm-slim", "ARG GPU_RUNTIME_IMAGE=debian:latest"),
-        "wrong metrics port": mutate("dockerfile", "EXPOSE 50051 9090\nENTRYPOINT", "EXPOSE 50051 9091\nENTRYPOINT"),
+        "wrong metrics port": mutate("dockerfile", "EXPOSE 50051 8000 9090\nENTRYPOINT", "EXPOSE 50051 8000 9091\nENTRYPOINT"),
+        "HTTP API port not exposed": mutate("dockerfile", "EXPOSE 50051 8000 9090\nENTRYPOINT", "EXPOSE 50051 9090\nENTRYPOINT"),
         "Makefile build flags changed": mutate("makefile", "CARGO_FLAGS := --release --locked", "CARGO_FLAGS := --release --locked --features foo"),
     }
     missed = [name for name, inp in cases.items() if not check(inp, quiet)]

@@ -6,8 +6,9 @@
 #   - runs the Deployment's init container script (from the rendered YAML) against it;
 #   - starts target/release/brainai as uid 65532 on a read-only root filesystem (a private mount
 #     namespace; only a tmpfs /tmp is writable) with exactly the rendered brainai-env ConfigMap
-#     (addresses moved to 127.0.0.1 ports), waits for /readyz, classifies one image, sends SIGTERM
-#     and expects a drain and exit status 0.
+#     (addresses moved to 127.0.0.1 ports), waits for /readyz, classifies one image over gRPC and
+#     one over the HTTP API (/v2/health/ready, POST /v1/classify), sends SIGTERM and expects a
+#     drain and exit status 0.
 # Needs root (unshare, setpriv), `make build model` and deploy/check.sh's rendered output
 # (.tools/rendered/cpu.yaml).
 #
@@ -55,8 +56,9 @@ with open(f"{root}/env", "w") as f:
     for k, v in cms[env_cm]["data"].items():
         if k == "BRAINAI_MODEL_DIR":
             v = root + v
-        if k in ("BRAINAI_GRPC_ADDR", "BRAINAI_METRICS_ADDR"):
-            v = "127.0.0.1:" + {"BRAINAI_GRPC_ADDR": "50091", "BRAINAI_METRICS_ADDR": "9191"}[k]
+        ports = {"BRAINAI_GRPC_ADDR": "50091", "BRAINAI_HTTP_ADDR": "8091", "BRAINAI_METRICS_ADDR": "9191"}
+        if k in ports:
+            v = "127.0.0.1:" + ports[k]
         f.write(f"export {k}={shlex.quote(v)}\n")
 PY
 echo "== init container script (rendered)"
@@ -83,6 +85,14 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 "$BIN" classify --server http://127.0.0.1:50091 tests/data/flair_256_a.png
+.venv/bin/python - <<'PY'
+import json, urllib.request
+base = "http://127.0.0.1:8091"
+assert urllib.request.urlopen(base + "/v2/health/ready", timeout=5).status == 200, "HTTP API not ready"
+req = urllib.request.Request(base + "/v1/classify", data=open("tests/data/flair_256_a.png", "rb").read(),
+                             headers={"Content-Type": "image/png"})
+print("HTTP API POST /v1/classify:", json.dumps(json.load(urllib.request.urlopen(req, timeout=60)))[:300])
+PY
 kill -TERM "$server"
 rc=0; wait "$server" || rc=$?
 server=""

@@ -16,7 +16,8 @@ Per overlay:
     summary, description and a runbook anchor that exists in deploy/README.md;
   * labels (README's metric table): label matchers, `by`/`on` clauses and `$labels.x` in
     annotations use only labels the expression has there; enumerated values (rpc, priority,
-    reason, listener, gRPC code names; per metric: brainai_dropped_total and
+    reason, listener, gRPC code names; in regex matchers too, when the regex is an alternation of
+    values such as `Classify|v2\\.infer`; per metric: brainai_dropped_total and
     brainai_connections_closed_total have different reasons) are ones the service exports; an
     alert on a metric with a `model` label keeps it and names it in an annotation;
     brainai_model_info is read as `== 1` (unloaded versions stay exported at 0);
@@ -28,7 +29,13 @@ Per overlay:
     that last second; probes are
     native gRPC on the numeric gRPC port; selectors match the pod labels; the HPA's custom metric
     is the one the adapter rule serves; every BRAINAI_* variable is one the README documents (a
-    typo would be ignored silently by the binary); batch size within model.toml's cap;
+    typo would be ignored silently by the binary); the listeners: BRAINAI_GRPC_ADDR,
+    BRAINAI_HTTP_ADDR and BRAINAI_METRICS_ADDR (or the binary's defaults) are exactly the container
+    ports grpc, http and metrics, on distinct ports, which are the port and target of the Services
+    brainai-grpc (headless, appProtocol kubernetes.io/h2c), brainai-http and brainai-metrics
+    (ClusterIP, appProtocol http; the ServiceMonitor selects only brainai-metrics) and exactly the
+    ports the NetworkPolicy admits (every rule names its ports and peers), and README's `listener`
+    values (grpc, rest, http) are the pod's listeners; batch size within model.toml's cap;
     model.toml equals models/brain-tumor-resnet50/model.toml; security context (non-root uid =
     the Dockerfile's USER, read-only root, no capabilities, no privilege escalation, seccomp
     RuntimeDefault); GPU request, node selector and toleration exactly in the GPU overlay.
@@ -82,6 +89,19 @@ QUEUE_CAPACITY_ENV = {"routine": ("BRAINAI_QUEUE_CAPACITY", 256), "stat": ("BRAI
 # After the drain (BRAINAI_DRAIN_TIMEOUT_S at most) the server stops accepting, sends every
 # connection a GOAWAY and closes what is still open 1 s later, then exits.
 CLOSE_AFTER_DRAIN_S = 1
+# The server's listeners: container port name -> (the address variable, the binary's default when
+# README's configuration table gives none, the `listener` label value of brainai_connections_*).
+LISTENERS = {
+    "grpc": ("BRAINAI_GRPC_ADDR", "0.0.0.0:50051", "grpc"),
+    "http": ("BRAINAI_HTTP_ADDR", "0.0.0.0:8000", "rest"),
+    "metrics": ("BRAINAI_METRICS_ADDR", "0.0.0.0:9090", "http"),
+}
+# The Services in front of them: name -> (the container port it targets, its appProtocol).
+SERVICES = {
+    "brainai-grpc": ("grpc", "kubernetes.io/h2c"),
+    "brainai-http": ("http", "http"),
+    METRICS_JOB: ("metrics", "http"),
+}
 # Enumerated labels whose values are gRPC's, not the service's: the dashboard need not show each.
 NOT_SHOWN_ONE_BY_ONE = {"code"}
 NON_BRAINAI_METRICS = {  # kube-state-metrics and Prometheus series the rules and dashboard use
@@ -219,6 +239,15 @@ def family_of(name: str, ctx: "Context") -> tuple[str, str]:
     return name, ""
 
 
+def regex_literals(value: str) -> list[str] | None:
+    """The alternatives of a regex matcher that is only an alternation of literal values
+    (`a|b`; dots escaped or not: `v2\\.infer|v1.classify`), unescaped; None for any other regex
+    (`.*`, character classes, ...), whose values cannot be listed."""
+    if not re.fullmatch(r"(?:\w|\\\.|\.)+(?:\|(?:\w|\\\.|\.)+)*", value):
+        return None
+    return [alt.replace("\\.", ".") for alt in value.split("|")]
+
+
 SCALAR = "scalar"
 
 
@@ -254,7 +283,7 @@ class Labels:
             elif m.name in allowed:
                 op = str(m.op)
                 if op.endswith(("Re", "NotRe")):
-                    vals = m.value.split("|") if re.fullmatch(r"\w+(\|\w+)*", m.value) else []
+                    vals = regex_literals(m.value) or []
                 else:
                     vals = [m.value] if m.value else []
                 bad = [v for v in vals if v not in allowed[m.name]]
@@ -512,11 +541,21 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     drain = env_int("BRAINAI_DRAIN_TIMEOUT_S", 30)
     batch = env_int("BRAINAI_MAX_BATCH_SIZE", 8)
     threads = env_int("BRAINAI_INTRA_OP_THREADS", 0)
-    grpc_port = port_of(env.get("BRAINAI_GRPC_ADDR", "0.0.0.0:50051"))
-    metrics_port = port_of(env.get("BRAINAI_METRICS_ADDR", "0.0.0.0:9090"))
-    ports = {p["name"]: p["containerPort"] for p in main.get("ports", [])}
-    rep.ok(ports.get("grpc") == grpc_port and ports.get("metrics") == metrics_port,
-           f"{overlay}: container ports grpc={ports.get('grpc')} metrics={ports.get('metrics')} match BRAINAI_GRPC_ADDR / BRAINAI_METRICS_ADDR")
+    # listeners: BRAINAI_*_ADDR (or the binary's default) = the container port of that name
+    listen = {name: port_of(env.get(var, ctx.env_defaults.get(var, default))) for name, (var, default, _) in LISTENERS.items()}
+    grpc_port = listen["grpc"]
+    ports = {p.get("name"): p.get("containerPort") for p in main.get("ports", [])}
+    rep.ok(ports == listen,
+           f"{overlay}: container ports {ports} are exactly the listeners {listen} of "
+           + " / ".join(var for var, _, _ in LISTENERS.values()))
+    rep.ok(None not in listen.values() and len(set(listen.values())) == len(listen),
+           f"{overlay}: the listeners have distinct ports {listen}")
+    # README's metric table must know every listener (brainai_connections_*{listener}): the
+    # dashboard and the connection alert are checked against its values.
+    documented_listeners = ctx.label_values.get("brainai_connections_open", {}).get("listener", set())
+    wanted_listeners = {LISTENERS[n][2] for n in ports if n in LISTENERS}
+    rep.ok(documented_listeners == wanted_listeners,
+           f"{overlay}: README's brainai_connections_open{{listener}} values {sorted(documented_listeners)} are the pod's listeners {sorted(wanted_listeners)}")
 
     # model: toml, dir, init container
     model_cm = [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
@@ -609,23 +648,43 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
 
     # services, selectors, monitoring
     grpc_svc = services.get("brainai-grpc", {})
+    http_svc = services.get("brainai-http", {})
     met_svc = services.get(METRICS_JOB, {})
+    rep.ok(sorted(services) == sorted(SERVICES), f"{overlay}: the Services are {sorted(SERVICES)} ({sorted(services)})")
     rep.ok(grpc_svc.get("spec", {}).get("clusterIP") == "None", f"{overlay}: brainai-grpc is headless")
-    rep.ok(met_svc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP" and met_svc.get("spec", {}).get("clusterIP") != "None",
-           f"{overlay}: {METRICS_JOB} is a ClusterIP Service")
-    for svc in (grpc_svc, met_svc):
+    for svc in (http_svc, met_svc):
+        rep.ok(svc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP" and svc.get("spec", {}).get("clusterIP") != "None",
+               f"{overlay}: {svc.get('metadata', {}).get('name')} is a ClusterIP Service")
+    by_number = {v: k for k, v in ports.items()}
+    for svc_name, (port_name, app_protocol) in SERVICES.items():
+        svc = services.get(svc_name, {})
         sp_ = svc.get("spec", {})
-        rep.ok(matches(sp_.get("selector", {}), pod_labels), f"{overlay}: Service {svc.get('metadata', {}).get('name')} selects the pods")
+        rep.ok(matches(sp_.get("selector", {}), pod_labels), f"{overlay}: Service {svc_name} selects the pods")
+        rep.ok(len(sp_.get("ports", [])) == 1, f"{overlay}: Service {svc_name} has one port ({len(sp_.get('ports', []))})")
         for p in sp_.get("ports", []):
-            rep.ok(p.get("targetPort") in ports, f"{overlay}: Service port {p.get('name')} targets container port {p.get('targetPort')}")
+            target = p.get("targetPort", p.get("port"))
+            target_name = target if isinstance(target, str) else by_number.get(target)
+            rep.ok(target_name == port_name and p.get("port") == listen[port_name] and p.get("appProtocol") == app_protocol,
+                   f"{overlay}: Service {svc_name} port {p.get('name')} {p.get('port')} targets container port {port_name} "
+                   f"({target} -> {ports.get(target_name)}; {LISTENERS[port_name][0]} {listen[port_name]}) with appProtocol {app_protocol} ({p.get('appProtocol')})")
     rep.ok(matches(dep["spec"]["selector"]["matchLabels"], pod_labels), f"{overlay}: Deployment selector matches its pod labels")
     rep.ok(matches(pdb.get("spec", {}).get("selector", {}).get("matchLabels", {}), pod_labels), f"{overlay}: PodDisruptionBudget selects the pods")
     rep.ok(matches(netpol.get("spec", {}).get("podSelector", {}).get("matchLabels", {}), pod_labels), f"{overlay}: NetworkPolicy selects the pods")
-    ingress_ports = sorted(p["port"] for r in netpol.get("spec", {}).get("ingress", []) for p in r.get("ports", []))
-    rep.ok(ingress_ports == sorted([grpc_port, metrics_port]), f"{overlay}: NetworkPolicy admits exactly the gRPC and metrics ports {ingress_ports}")
+    # A rule without `ports` admits every port, one without `from` every peer; a named port is
+    # the container port of that name.
+    ingress = netpol.get("spec", {}).get("ingress", [])
+    for i, r in enumerate(ingress):
+        rep.ok(bool(r.get("ports")) and all(p.get("protocol", "TCP") == "TCP" for p in r.get("ports", [])),
+               f"{overlay}: NetworkPolicy ingress rule {i} names its (TCP) ports")
+        rep.ok(bool(r.get("from")), f"{overlay}: NetworkPolicy ingress rule {i} names its peers (from)")
+    admitted = {ports.get(p.get("port"), p.get("port")) if isinstance(p.get("port"), str) else p.get("port")
+                for r in ingress for p in r.get("ports", [])}
+    rep.ok(admitted == set(listen.values()),
+           f"{overlay}: NetworkPolicy admits exactly the listeners' ports {sorted(map(str, admitted))} = {sorted(listen.values(), key=str)}")
     sel = sm.get("spec", {}).get("selector", {}).get("matchLabels", {})
-    rep.ok(matches(sel, met_svc.get("metadata", {}).get("labels", {})) and not matches(sel, grpc_svc.get("metadata", {}).get("labels", {})),
-           f"{overlay}: ServiceMonitor selects {METRICS_JOB} only (so job=\"{METRICS_JOB}\")")
+    others = [n for n, svc in services.items() if n != METRICS_JOB and matches(sel, svc.get("metadata", {}).get("labels", {}))]
+    rep.ok(matches(sel, met_svc.get("metadata", {}).get("labels", {})) and not others,
+           f"{overlay}: ServiceMonitor selects {METRICS_JOB} only (so job=\"{METRICS_JOB}\") {others or ''}")
     sm_ports = [e.get("port") for e in sm.get("spec", {}).get("endpoints", [])]
     rep.ok(sm_ports and all(p in {x["name"] for x in met_svc.get("spec", {}).get("ports", [])} for p in sm_ports) and "jobLabel" not in sm.get("spec", {}),
            f"{overlay}: ServiceMonitor scrapes port {sm_ports} of {METRICS_JOB}")
@@ -704,10 +763,10 @@ def shown_values(node, ctx: Context, kept=None, out=None) -> dict:
             passes = kept is None or label in kept
             op, value = matchers.get(label, ("", ""))
             if op.endswith("NotEqual") or op.endswith("NotRe"):
-                bad = set(value.split("|")) if op.endswith("NotRe") else {value}
+                bad = set(regex_literals(value) or value.split("|")) if op.endswith("NotRe") else {value}
                 vals = allowed - bad if passes else set()
             elif op.endswith("Equal") or op.endswith("Re"):
-                picked = set(value.split("|")) if op.endswith("Re") else {value}
+                picked = set(regex_literals(value) or value.split("|")) if op.endswith("Re") else {value}
                 vals = picked & allowed if passes or len(picked) == 1 else set()
             else:
                 vals = set(allowed) if passes else set()
@@ -906,6 +965,26 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
 
     info_as_model = 'label_replace(brainai_model_info{job="brainai-metrics"} == 1, "model", "$1", "name", "(.*)")'
 
+    def svc(d, name):
+        return next(x for x in by_kind(d, "Service") if x["metadata"]["name"] == name)
+
+    def netpol_rules(d):
+        return by_kind(d, "NetworkPolicy")[0]["spec"]["ingress"]
+
+    def drop_port(d, number):
+        for r in netpol_rules(d):
+            r["ports"] = [p for p in r["ports"] if p["port"] != number]
+        by_kind(d, "NetworkPolicy")[0]["spec"]["ingress"] = [r for r in netpol_rules(d) if r["ports"]]
+
+    def without_listener(value):
+        # a README whose metric table does not know one listener value
+        def apply(c):
+            c.label_values = copy.deepcopy(c.label_values)
+            for fam in c.label_values.values():
+                if "listener" in fam:
+                    fam["listener"] = fam["listener"] - {value}
+        return apply
+
     mutations = {
         "typo'd container field (strict schema)": (lambda d: main_c(d).__setitem__("imagePullPolicyy", "Always"), "invalid against Kubernetes"),
         "string where an integer belongs": (lambda d: main_c(d)["ports"][0].__setitem__("containerPort", "50051"), "invalid against Kubernetes"),
@@ -945,13 +1024,45 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
             edit("BrainAIOverloadShedding", 'reason="overload"', 'reason="idle"'), "not a value of reason"),
         "liveness that trips in the second after the drain": (
             lambda d: main_c(d)["livenessProbe"].update(periodSeconds=6, failureThreshold=6), "liveness needs"),
+        # the HTTP API listener: BRAINAI_HTTP_ADDR, container port, Service, NetworkPolicy, README
+        "HTTP API address moved without its container port": (
+            lambda d: env_cm(d)["data"].__setitem__("BRAINAI_HTTP_ADDR", "0.0.0.0:8080"), "are exactly the listeners"),
+        "container without the http port": (
+            lambda d: main_c(d).__setitem__("ports", [p for p in main_c(d)["ports"] if p["name"] != "http"]), "are exactly the listeners"),
+        "two listeners on one port": (
+            lambda d: (env_cm(d)["data"].__setitem__("BRAINAI_HTTP_ADDR", "0.0.0.0:9090"),
+                       next(p for p in main_c(d)["ports"] if p["name"] == "http").__setitem__("containerPort", 9090)), "distinct ports"),
+        "no brainai-http Service": (
+            lambda d: d.remove(svc(d, "brainai-http")), "the Services are"),
+        "brainai-http targeting a port the container does not have": (
+            lambda d: svc(d, "brainai-http")["spec"]["ports"][0].__setitem__("targetPort", "web"), "Service brainai-http port http 8000 targets container port http"),
+        "brainai-http targeting the metrics port": (
+            lambda d: svc(d, "brainai-http")["spec"]["ports"][0].__setitem__("targetPort", 9090), "Service brainai-http port http 8000 targets container port http"),
+        "brainai-grpc without appProtocol h2c": (
+            lambda d: svc(d, "brainai-grpc")["spec"]["ports"][0].__setitem__("appProtocol", "http"), "with appProtocol kubernetes.io/h2c"),
+        "brainai-http headless": (
+            lambda d: svc(d, "brainai-http")["spec"].__setitem__("clusterIP", "None"), "brainai-http is a ClusterIP Service"),
+        "ServiceMonitor also scraping brainai-http": (
+            lambda d: svc(d, "brainai-http")["metadata"]["labels"].__setitem__("brainai.io/metrics", "true"), "ServiceMonitor selects brainai-metrics only"),
+        "NetworkPolicy without the HTTP API port": (lambda d: drop_port(d, 8000), "NetworkPolicy admits exactly the listeners' ports"),
+        "NetworkPolicy admitting a port nothing listens on": (
+            lambda d: netpol_rules(d)[1]["ports"].append({"protocol": "TCP", "port": 8080}), "NetworkPolicy admits exactly the listeners' ports"),
+        "NetworkPolicy rule without ports (admits every port)": (
+            lambda d: netpol_rules(d)[1].pop("ports"), "names its (TCP) ports"),
+        "NetworkPolicy rule without peers (admits everyone)": (
+            lambda d: netpol_rules(d)[2].pop("from"), "names its peers"),
+        "README's metric table missing the rest listener": (lambda d: None, "README's brainai_connections_open{listener} values", without_listener("rest")),
     }
     missed = []
-    for what, (mutate, expect) in mutations.items():
+    for what, (mutate, expect, *ctx_edit) in mutations.items():
         broken = copy.deepcopy(docs)
         mutate(broken)
         rep = Report(quiet=True)
-        validate_overlay(name, broken, ctx, rep)
+        broken_ctx = ctx
+        if ctx_edit:
+            broken_ctx = copy.copy(ctx)
+            ctx_edit[0](broken_ctx)
+        validate_overlay(name, broken, broken_ctx, rep)
         caught = any(expect in f for f in rep.failures)
         print(f"  {'ok  ' if caught else 'FAIL'} self-test: caught {what}" + ("" if caught else f" (failures: {rep.failures[:3]})"))
         if not caught:
@@ -998,6 +1109,12 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
             "every value of brainai_dropped_total{reason}"),
         "drop reasons summed away on every panel": (dash_edit(lambda dash: exprs(dash, "sum by (model, reason) (rate(brainai_dropped_total", "sum by (model) (rate(brainai_dropped_total")),
                                                    "every value of brainai_dropped_total{reason}"),
+        "a misspelt (dotted) rpc value in a regex matcher": (dash_edit(lambda dash: exprs(dash, "v2\\\\.infer", "v2\\\\.infr")), "not a value of rpc"),
+        "latency panels that never show the Open Inference Protocol's RPCs": (dash_edit(lambda dash: exprs(
+            dash, 'rpc=~"Classify|ModelInfer|v2\\\\.infer|v1\\\\.classify"', 'rpc="Classify"')), "every value of brainai_request_duration_seconds{rpc}"),
+        "connection panels without the HTTP API listener": (dash_edit(lambda dash: exprs(
+            dash, 'brainai_connections_open{job="brainai-metrics"', 'brainai_connections_open{listener=~"grpc|http", job="brainai-metrics"')),
+            "every value of brainai_connections_open{listener}"),
         "a typo'd prometheus-adapter key": (adapter_edit(lambda r: r.__setitem__("metricQuery", r.pop("metricsQuery"))), "known keys"),
         "an adapter rule taking the max of a pod's queues": (adapter_edit(lambda r: r.__setitem__("metricsQuery", r["metricsQuery"].replace("sum by", "max by"))), "sum over the pod's series"),
     }

@@ -116,7 +116,7 @@ pub(crate) fn image_input(image: pb::Image, index: usize) -> Result<ImageInput, 
             )));
         }
     };
-    Ok(ImageInput {
+    Ok(ImageInput::Encoded {
         data: image.data,
         encoding,
     })

@@ -12,28 +12,50 @@ use super::{Backend, EngineError};
 /// Longest a gated run or a held start waits for the test to let it go.
 pub const GATE_PATIENCE: Duration = Duration::from_secs(120);
 
-/// The batches a backend ran: for each batch, the first value of each image's tensor.
+/// The batches a backend ran: for each batch, the first value of each image's tensor (and, once
+/// [`BatchLog::keep_inputs`] was called, each batch's whole input).
 #[derive(Clone, Default)]
-pub struct BatchLog(Arc<Mutex<Vec<Vec<f32>>>>);
+pub struct BatchLog(Arc<Mutex<LogState>>);
+
+#[derive(Default)]
+struct LogState {
+    firsts: Vec<Vec<f32>>,
+    inputs: Option<Vec<Vec<f32>>>,
+}
 
 impl BatchLog {
-    fn push(&self, batch: Vec<f32>) {
-        self.0.lock().unwrap().push(batch);
+    fn push(&self, input: &[f32], batch: usize, input_len: usize) {
+        let mut log = self.0.lock().unwrap();
+        log.firsts
+            .push(input.chunks(input_len).take(batch).map(|c| c[0]).collect());
+        if let Some(inputs) = log.inputs.as_mut() {
+            inputs.push(input[..batch * input_len].to_vec());
+        }
     }
 
     /// Every batch so far (first value of each image).
     pub fn batches(&self) -> Vec<Vec<f32>> {
-        self.0.lock().unwrap().clone()
+        self.0.lock().unwrap().firsts.clone()
+    }
+
+    /// From now on, also keep every batch's whole input (off by default: large models).
+    pub fn keep_inputs(&self) {
+        self.0.lock().unwrap().inputs.get_or_insert_with(Vec::new);
+    }
+
+    /// The whole input of every batch since [`BatchLog::keep_inputs`].
+    pub fn inputs(&self) -> Vec<Vec<f32>> {
+        self.0.lock().unwrap().inputs.clone().unwrap_or_default()
     }
 
     /// The size of every batch so far.
     pub fn sizes(&self) -> Vec<usize> {
-        self.0.lock().unwrap().iter().map(Vec::len).collect()
+        self.0.lock().unwrap().firsts.iter().map(Vec::len).collect()
     }
 
     /// Number of batches so far.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.0.lock().unwrap().firsts.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -41,7 +63,11 @@ impl BatchLog {
     }
 
     pub fn clear(&self) {
-        self.0.lock().unwrap().clear();
+        let mut log = self.0.lock().unwrap();
+        log.firsts.clear();
+        if let Some(inputs) = log.inputs.as_mut() {
+            inputs.clear();
+        }
     }
 }
 
@@ -111,13 +137,7 @@ pub struct Probe<B> {
 
 impl<B: Backend> Backend for Probe<B> {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
-        self.log.push(
-            input
-                .chunks(self.input_len)
-                .take(batch)
-                .map(|c| c[0])
-                .collect(),
-        );
+        self.log.push(input, batch, self.input_len);
         self.gate.wait();
         self.inner.run(input, batch)
     }

@@ -21,11 +21,15 @@ use crate::state::{InflightGuard, Phase, ServingState};
 pub use registry::Registry;
 pub use served::ServedModel;
 
-/// One encoded image of a request.
+/// One image of a request.
 #[derive(Debug, Clone)]
-pub struct ImageInput {
-    pub data: Vec<u8>,
-    pub encoding: Encoding,
+pub enum ImageInput {
+    /// Encoded (or raw 8-bit) image bytes: decoded and preprocessed as the model's `model.toml`
+    /// says.
+    Encoded { data: Vec<u8>, encoding: Encoding },
+    /// A tensor already in the model's layout and size (e.g. an Open Inference Protocol FP32
+    /// input): used as it is.
+    Tensor(Vec<f32>),
 }
 
 /// A classification request, transport-neutral.
@@ -214,6 +218,26 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// The image as the model sees it (after colour conversion and resizing, before scaling), as
+    /// a PNG: what the upload page shows next to a result.
+    pub async fn preview(
+        &self,
+        model: &Arc<ServedModel>,
+        data: Vec<u8>,
+        encoding: Encoding,
+    ) -> Result<Vec<u8>, InferError> {
+        let model = model.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rayon::spawn(move || {
+            let _ = tx.send(model.preprocessor.preview_png(&data, encoding));
+        });
+        rx.await
+            .expect("the preview job always answers")
+            .map_err(|e| InferError::invalid(e.to_string()))
+    }
+}
+
 /// The error of image `index` from the batcher.
 fn batch_error(error: BatchError, index: usize) -> InferError {
     let kind = match &error {
@@ -244,10 +268,28 @@ impl Pipeline {
     ) -> Result<Vec<(Vec<f32>, Duration)>, InferError> {
         use futures_util::{StreamExt, TryStreamExt};
         let limits = model.preprocessor.input_limits();
+        let tensor_len = model.preprocessor.image_len();
         let mut sizes = Vec::with_capacity(images.len());
         for (offset, image) in images.iter().enumerate() {
-            let size = crate::input::decoded_size(&image.data, image.encoding, &limits)
-                .map_err(|e| InferError::invalid(e.to_string()).for_image(first + offset))?;
+            let size = match image {
+                ImageInput::Encoded { data, encoding } => {
+                    crate::input::decoded_size(data, *encoding, &limits)
+                        .map_err(|e| InferError::invalid(e.to_string()).for_image(first + offset))?
+                }
+                ImageInput::Tensor(values) if values.len() != tensor_len => {
+                    let input = &model.spec.config.input;
+                    return Err(InferError::invalid(format!(
+                        "the tensor has {} values; model {} takes {} {}×{} with 3 channels = {tensor_len}",
+                        values.len(),
+                        model.spec.config.name,
+                        input.layout.as_str(),
+                        input.height,
+                        input.width
+                    ))
+                    .for_image(first + offset));
+                }
+                ImageInput::Tensor(_) => 0,
+            };
             sizes.push(size);
         }
         let total: u64 = sizes.iter().sum();
@@ -271,6 +313,10 @@ impl Pipeline {
                     self.large_lane.clone(),
                 );
                 async move {
+                    let (data, encoding) = match image {
+                        ImageInput::Tensor(values) => return Ok((values, Duration::ZERO)),
+                        ImageInput::Encoded { data, encoding } => (data, encoding),
+                    };
                     let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
                     let room = decoding
                         .acquire_many_owned(kib)
@@ -286,7 +332,7 @@ impl Pipeline {
                         let started = std::time::Instant::now();
                         let result = model
                             .preprocessor
-                            .preprocess_to_vec(&image.data, image.encoding)
+                            .preprocess_to_vec(&data, encoding)
                             .map(|tensor| (tensor, started.elapsed()));
                         drop((room, lane));
                         if let Ok((_, took)) = &result {

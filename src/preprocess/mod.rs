@@ -60,6 +60,31 @@ impl Preprocessor {
         Ok(())
     }
 
+    /// The image as the model sees it, as a PNG: decoded, converted and resized, before scaling
+    /// (gray for `grayscale` models, RGB otherwise).
+    pub fn preview_png(&self, data: &[u8], encoding: Encoding) -> Result<Vec<u8>, InputError> {
+        let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
+        let pixels = self.resize(self.convert_color(pixels));
+        let color = if pixels.channels == 1 {
+            image::ExtendedColorType::L8
+        } else {
+            image::ExtendedColorType::Rgb8
+        };
+        let mut png = Vec::new();
+        image::ImageEncoder::write_image(
+            image::codecs::png::PngEncoder::new(&mut png),
+            &pixels.data,
+            pixels.width,
+            pixels.height,
+            color,
+        )
+        .map_err(|e| InputError::Decode {
+            format: "PNG",
+            message: format!("cannot encode the preview: {e}"),
+        })?;
+        Ok(png)
+    }
+
     /// A freshly allocated tensor for one image.
     pub fn preprocess_to_vec(
         &self,

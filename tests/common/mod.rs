@@ -60,6 +60,8 @@ fn serve_args(source: &[&str], extra: &[&str]) -> ServeArgs {
     let mut argv: Vec<String> = vec!["brainai".into(), "serve".into()];
     argv.extend(source.iter().map(|s| s.to_string()));
     argv.extend([
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
         "--grpc-addr".into(),
         "127.0.0.1:0".into(),
         "--metrics-addr".into(),
@@ -370,6 +372,41 @@ pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output
         .unwrap_or_else(|_| panic!("{what} did not finish"))
 }
 
+/// Waits until the drain has begun: `/readyz` on the metrics port (which answers to the end)
+/// says 503, and the inference port `closed` refuses new connections (its listener is dropped
+/// and every connection sent a GOAWAY when the drain starts).
+pub async fn until_draining(metrics: SocketAddr, closed: &[SocketAddr]) {
+    bounded("/readyz to say 503", async {
+        while http_get(metrics, "/readyz").await.0 != 503 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    for &addr in closed {
+        bounded("the port to refuse connections", async {
+            while tokio::net::TcpStream::connect(addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// A call made on a channel whose connection got the drain's GOAWAY, with the port closed: it
+/// was never sent. tonic reports that as UNAVAILABLE (could not connect) or, when the request had
+/// already been handed to the connection the GOAWAY closed, as CANCELLED "operation was canceled"
+/// (hyper's pool gives the request back unsent); either way the caller may retry elsewhere.
+pub fn assert_unsent(err: &tonic::Status) {
+    assert!(
+        err.code() == tonic::Code::Unavailable
+            || (err.code() == tonic::Code::Cancelled
+                && err.message().contains("operation was canceled")),
+        "{:?}: {}",
+        err.code(),
+        err.message()
+    );
+}
+
 /// Plain HTTP/1.1 GET on the metrics port; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = bounded("connect", tokio::net::TcpStream::connect(addr))
@@ -392,6 +429,123 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (code, body)
+}
+
+/// An HTTP/1.1 response: status, headers (lower-case names), body.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// One HTTP/1.1 request on its own connection (`Connection: close`).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut stream = bounded("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut buf = Vec::new();
+    bounded("HTTP response", stream.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response head");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("an HTTP status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&data[..eol])
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .expect("a chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+}
+
+/// A multipart/form-data body of files (field `image`); returns (content type, body).
+pub fn multipart(files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "brainai-test-boundary-7d41";
+    let mut body = Vec::new();
+    for (name, data) in files {
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
 /// Sum of every sample of `name` whose labels contain all of `labels` (e.g. `reason="deadline"`).

@@ -87,9 +87,26 @@ def cmd_make_data(a):
     # ClassifyStream: for a client/bidi stream ghz sends the whole array on each call.
     messages = [{"image": image(i)} for i in range(a.stream_messages)]
     write_json(os.path.join(a.out, "classify_stream.json"), messages)
+    # ModelInfer (Open Inference Protocol): the same images as one BYTES input tensor per call, for
+    # the default model (empty name).
+    infer = [
+        {
+            "inputs": [
+                {
+                    "name": "IMAGE",
+                    "datatype": "BYTES",
+                    "shape": [k],
+                    "contents": {"bytes_contents": [images[(r + j) % len(images)][2] for j in range(k)]},
+                }
+            ]
+        }
+        for r in range(len(images))
+    ]
+    write_json(os.path.join(a.out, "modelinfer.json"), infer)
     print(
         f"call data in {a.out}: classify.json ({len(requests)} requests x {k} image(s)), "
-        f"classify_stream.json ({len(messages)} messages per stream call); images: {', '.join(names)}"
+        f"classify_stream.json ({len(messages)} messages per stream call), modelinfer.json; "
+        f"images: {', '.join(names)}"
     )
 
 

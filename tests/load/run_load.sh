@@ -18,16 +18,18 @@ usage() {
     cat <<'EOF'
 usage: tests/load/run_load.sh [--smoke] [options]
 
-  --smoke                  CI mode: tiny test model, concurrency 16 for 6 s, a 2 s reflection-only
-                           run and a 2 s ClassifyStream run; fails on any error response or when no
-                           batch larger than 1 was formed
+  --smoke                  CI mode: tiny test model, concurrency 16 for 6 s, 2 s runs of Classify
+                           via reflection, of ModelInfer (Open Inference Protocol) via reflection and
+                           of ClassifyStream; fails on any error response or when no batch larger
+                           than 1 was formed
   --model-dir DIR          model to serve (env MODEL_DIR; default models/brain-tumor-resnet50,
                            smoke: tests/fixtures/models/tiny)
-  --runs "R1 R2 ..."       runs, in order, from: concurrency rate reflection stream
-                           (env LOAD_RUNS; default "concurrency rate", smoke "concurrency reflection stream")
+  --runs "R1 R2 ..."       runs, in order, from: concurrency rate reflection oip stream
+                           (env LOAD_RUNS; default "concurrency rate oip", smoke "concurrency
+                           reflection oip stream"; oip: inference.GRPCInferenceService/ModelInfer)
   --duration D             length of the concurrency and rate runs, e.g. 30s, 2m (env LOAD_DURATION; 30s, smoke 6s)
-  --short-duration D       length of the reflection and stream runs (env LOAD_SHORT_DURATION; 10s, smoke 2s)
-  --concurrency N          ghz workers of the concurrency and reflection runs (env LOAD_CONCURRENCY; 8, smoke 16)
+  --short-duration D       length of the reflection, oip and stream runs (env LOAD_SHORT_DURATION; 10s, smoke 2s)
+  --concurrency N          ghz workers of the concurrency, reflection and oip runs (env LOAD_CONCURRENCY; 8, smoke 16)
   --rps N                  request rate of the rate run (env LOAD_RPS; 10, smoke 100)
   --rps-concurrency N      ghz workers of the rate run, the most calls in flight (env LOAD_RPS_CONCURRENCY; 32)
   --stream-concurrency N   concurrent ClassifyStream calls (env LOAD_STREAM_CONCURRENCY; 4)
@@ -92,7 +94,7 @@ done
 if [[ $SMOKE == 1 ]]; then
     CHECK=1
     MODEL_DIR=${MODEL_DIR:-tests/fixtures/models/tiny}
-    LOAD_RUNS=${LOAD_RUNS:-concurrency reflection stream}
+    LOAD_RUNS=${LOAD_RUNS:-concurrency reflection oip stream}
     LOAD_DURATION=${LOAD_DURATION:-6s}
     LOAD_SHORT_DURATION=${LOAD_SHORT_DURATION:-2s}
     LOAD_CONCURRENCY=${LOAD_CONCURRENCY:-16}
@@ -103,7 +105,7 @@ if [[ $SMOKE == 1 ]]; then
     SERVER_ARGS_ALL=(--max-queue-delay-us 5000 --intra-op-threads 1)
 else
     MODEL_DIR=${MODEL_DIR:-models/brain-tumor-resnet50}
-    LOAD_RUNS=${LOAD_RUNS:-concurrency rate}
+    LOAD_RUNS=${LOAD_RUNS:-concurrency rate oip}
     LOAD_DURATION=${LOAD_DURATION:-30s}
     LOAD_SHORT_DURATION=${LOAD_SHORT_DURATION:-10s}
     LOAD_CONCURRENCY=${LOAD_CONCURRENCY:-8}
@@ -140,7 +142,7 @@ positive --stream-concurrency "$LOAD_STREAM_CONCURRENCY"
 positive --stream-messages "$LOAD_STREAM_MESSAGES"
 positive --images-per-request "$LOAD_IMAGES_PER_REQUEST"
 for run in $LOAD_RUNS; do
-    case $run in concurrency|rate|reflection|stream) ;; *) die "unknown run '$run' (concurrency rate reflection stream)" ;; esac
+    case $run in concurrency|rate|reflection|oip|stream) ;; *) die "unknown run '$run' (concurrency rate reflection oip stream)" ;; esac
 done
 
 # ---- prerequisites -----------------------------------------------------------------------
@@ -173,6 +175,8 @@ pick_ports() {
     GRPC_PORT=${GRPC_PORT:-$($TOOL free-port)}
     METRICS_PORT=${METRICS_PORT:-$($TOOL free-port)}
     [[ $GRPC_PORT != "$METRICS_PORT" ]] || METRICS_PORT=$($TOOL free-port)
+    HTTP_PORT=${HTTP_PORT:-$($TOOL free-port)}
+    while [[ $HTTP_PORT == "$GRPC_PORT" || $HTTP_PORT == "$METRICS_PORT" ]]; do HTTP_PORT=$($TOOL free-port); done
     HOST=127.0.0.1:$GRPC_PORT
 }
 
@@ -223,9 +227,9 @@ START_S=$(date +%s)
 # start again on new ports (at most 3 tries; not with GRPC_PORT/METRICS_PORT given).
 for attempt in 1 2 3; do
     pick_ports
-    echo "server: $BRAINAI_BIN serve --model-dir $MODEL_DIR --grpc-addr $HOST --metrics-addr 127.0.0.1:$METRICS_PORT ${SERVER_ARGS_ALL[*]}"
+    echo "server: $BRAINAI_BIN serve --model-dir $MODEL_DIR --grpc-addr $HOST --http-addr 127.0.0.1:$HTTP_PORT --metrics-addr 127.0.0.1:$METRICS_PORT ${SERVER_ARGS_ALL[*]}"
     "$BRAINAI_BIN" serve --model-dir "$MODEL_DIR" --grpc-addr "$HOST" \
-        --metrics-addr "127.0.0.1:$METRICS_PORT" "${SERVER_ARGS_ALL[@]}" >"$SERVER_LOG" 2>&1 &
+        --http-addr "127.0.0.1:$HTTP_PORT" --metrics-addr "127.0.0.1:$METRICS_PORT" "${SERVER_ARGS_ALL[@]}" >"$SERVER_LOG" 2>&1 &
     SERVER_PID=$!
     if $TOOL wait-ready --port "$METRICS_PORT" --pid "$SERVER_PID" --timeout "$READY_TIMEOUT_S"; then
         break
@@ -234,7 +238,7 @@ for attempt in 1 2 3; do
     SERVER_PID=
     if [[ $FIXED_PORTS == 0 && $attempt -lt 3 ]] && grep -q "Address already in use" "$SERVER_LOG"; then
         echo "a port was taken meanwhile: retrying on other ports" >&2
-        unset GRPC_PORT METRICS_PORT
+        unset GRPC_PORT METRICS_PORT HTTP_PORT
         continue
     fi
     echo "load test FAILED: the server did not become ready; last lines of $SERVER_LOG:" >&2
@@ -259,6 +263,7 @@ run() {
     local report=$LOAD_OUT/$name.json before=$LOAD_OUT/$name.metrics-before.txt after=$LOAD_OUT/$name.metrics-after.txt
     local data=$DATA/classify.json
     [[ $rpc == ClassifyStream ]] && data=$DATA/classify_stream.json
+    [[ $rpc == ModelInfer ]] && data=$DATA/modelinfer.json
 
     $TOOL scrape --port "$METRICS_PORT" --out "$before"
     local cpu_before
@@ -307,6 +312,10 @@ for r in $LOAD_RUNS; do
         reflection)
             run reflection Classify classify-reflection.ghz.json "$SHORT_S" \
                 "Classify via server reflection (no proto file), $LOAD_CONCURRENCY workers, ${SHORT_S} s" \
+                "${NO_ERRORS[@]}" -- --concurrency "$LOAD_CONCURRENCY" ;;
+        oip)
+            run oip ModelInfer modelinfer-reflection.ghz.json "$SHORT_S" \
+                "ModelInfer (Open Inference Protocol) via server reflection, $LOAD_CONCURRENCY workers, ${SHORT_S} s" \
                 "${NO_ERRORS[@]}" -- --concurrency "$LOAD_CONCURRENCY" ;;
         stream)
             STREAM_CHECK=()

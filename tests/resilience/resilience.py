@@ -84,11 +84,11 @@ class Server:
     """The release binary on free loopback ports; stderr to a log file."""
 
     def __init__(self, model: str, *flags: str, log: Path):
-        self.grpc, self.http = free_port(), free_port()
+        self.grpc, self.http, self.rest = free_port(), free_port(), free_port()
         self.log = log
         self.proc = subprocess.Popen(
             [BIN, "serve", "--model-dir", model, "--grpc-addr", f"127.0.0.1:{self.grpc}",
-             "--metrics-addr", f"127.0.0.1:{self.http}", *flags],
+             "--metrics-addr", f"127.0.0.1:{self.http}", "--http-addr", f"127.0.0.1:{self.rest}", *flags],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -236,9 +236,14 @@ def lost_calls(details: list[dict]) -> tuple[int, int, dict[str, int]]:
         err = d.get("error") or ""
         if d["status"] == "OK":
             ok += 1
-        elif d["status"] == "Unavailable" and ("shutting down" in err or "connection refused" in err
-                                                or "error while dialing" in err):
-            refused += 1  # refused by the drain, or the server was already gone: never accepted
+        elif (d["status"] == "Unavailable" and ("shutting down" in err or "connection refused" in err
+                                                 or "error while dialing" in err
+                                                 or err.endswith("the connection is draining"))
+              or d["status"] == "ResourceExhausted" and "overloaded" in err):
+            # Never accepted: refused by the drain or by admission (the queue was full before the
+            # signal), sent after the GOAWAY (grpc-go's "the connection is draining": HTTP/2 says
+            # the server did not process it), or the server was already gone.
+            refused += 1
         else:
             key = f"{d['status']}: {err[:80]}"
             lost[key] = lost.get(key, 0) + 1
@@ -291,7 +296,15 @@ def scenario_age(a, work: Path) -> dict:
     code, _ = server.stop()
     counts = statuses(rep)
     failed = sum(v for k, v in counts.items() if k != "OK")
-    fig = {"calls": sum(counts.values()), "statuses": counts, "connections_aged_out": aged}
+    errors: dict[str, int] = {}
+    for d in rep.get("details", []):
+        if d["status"] != "OK" and not client_cut(d):
+            key = f"{d['status']}: {(d.get('error') or '')[:160]}"
+            errors[key] = errors.get(key, 0) + 1
+    fig = {"calls": sum(counts.values()), "statuses": counts, "errors": errors,
+           "connections_aged_out": aged}
+    if errors:
+        print(f"  failed calls: {errors}", flush=True)
     check("age", f"{sum(counts.values())} calls, {aged:.0f} connections sent away for their age, {failed} failed",
           failed == 0 and aged >= 2)
     check("age", "exit 0 after SIGTERM", code == 0)

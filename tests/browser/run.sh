@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Browser test of the upload page (make browser; part of make test):
+#   1. Debian's chromium (apt, when missing and this runs as root) and the pinned playwright-core
+#      (npm ci from tests/browser/package-lock.json) into tests/browser/node_modules;
+#   2. the release binary on free loopback ports with the tiny test model;
+#   3. `brainai classify --json` of the test images: the gRPC API's answers;
+#   4. tests/browser/upload.test.mjs loads GET / in chromium, uploads the images, compares what the
+#      page shows with those answers; screenshots in target/browser/.
+# Exit status non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+BIN=${BRAINAI_BIN:-target/release/brainai}
+CHROMIUM=${CHROMIUM:-$(command -v chromium || true)}
+OUT=target/browser
+mkdir -p "$OUT"
+
+if [[ -z $CHROMIUM ]]; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        echo "installing Debian's chromium (apt-get)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y --no-install-recommends chromium >"$OUT/apt.log" 2>&1 \
+            || { apt-get update >>"$OUT/apt.log" 2>&1 && apt-get install -y --no-install-recommends chromium >>"$OUT/apt.log" 2>&1; } \
+            || { echo "error: apt-get install chromium failed (see $OUT/apt.log)"; exit 1; }
+        CHROMIUM=$(command -v chromium)
+    else
+        echo "error: chromium not found: install Debian's chromium (apt-get install chromium) or set CHROMIUM"
+        exit 1
+    fi
+fi
+command -v node >/dev/null || { echo "error: node not found: install Node.js 20"; exit 1; }
+lock_stamp=tests/browser/node_modules/.stamp-$(sha256sum tests/browser/package-lock.json | cut -c1-12)
+if [[ ! -f $lock_stamp ]]; then
+    echo "installing playwright-core (npm ci, pinned by tests/browser/package-lock.json)"
+    (cd tests/browser && npm ci --no-audit --no-fund --ignore-scripts >/dev/null)
+    touch "$lock_stamp"
+fi
+[[ -x $BIN ]] || { echo "error: $BIN missing: run make build"; exit 1; }
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+GRPC=$(free_port); HTTP=$(free_port); METRICS=$(free_port)
+"$BIN" serve --model-dir tests/fixtures/models/tiny --grpc-addr "127.0.0.1:$GRPC" \
+    --http-addr "127.0.0.1:$HTTP" --metrics-addr "127.0.0.1:$METRICS" --intra-op-threads 1 \
+    >"$OUT/server.log" 2>&1 &
+SERVER=$!
+cleanup() {
+    kill -TERM "$SERVER" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$SERVER" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$SERVER" 2>/dev/null || true
+}
+trap cleanup EXIT
+for i in $(seq 600); do
+    curl -fsS "http://127.0.0.1:$HTTP/v2/health/ready" >/dev/null 2>&1 && break
+    kill -0 "$SERVER" 2>/dev/null || { echo "error: the server exited:"; tail -20 "$OUT/server.log"; exit 1; }
+    [[ $i == 600 ]] && { echo "error: the server was not ready within 60 s"; tail -20 "$OUT/server.log"; exit 1; }
+    sleep 0.1
+done
+
+IMAGES=()
+for f in flair_256_a.png flair_512_a.jpg flair_300x220.png flair_256_tumor.png; do IMAGES+=("$PWD/tests/data/$f"); done
+"$BIN" classify --json --server "http://127.0.0.1:$GRPC" "${IMAGES[@]}" >"$OUT/expected.json"
+
+BRAINAI_URL=http://127.0.0.1:$HTTP BRAINAI_EXPECTED=$OUT/expected.json \
+BRAINAI_BAD=$PWD/tests/data/bad/not_an_image.bin CHROMIUM=$CHROMIUM SCREENSHOTS=$OUT \
+    timeout 300 node tests/browser/upload.test.mjs
