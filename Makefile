@@ -112,7 +112,7 @@ resilience-smoke: build model ghz
 	$(PY) tests/resilience/resilience.py --short $(ARGS)
 
 ## fuzz: coverage-guided fuzzing (AFL++ via the pinned cargo-afl, stable Rust) of every parser of
-##       untrusted input, 12 min per target (1 CPU-hour); results: target/afl/summary.txt, corpus
+##       untrusted input, 12 min per target (8 targets: 1.6 CPU-hours); results: target/afl/summary.txt, corpus
 ##       and regressions under fuzz/ (make test replays them: tests/fuzz.rs)
 .PHONY: fuzz
 fuzz: setup

@@ -547,6 +547,14 @@ async fn grpc_bad_requests_name_the_input_and_the_reason() {
             "100 values",
         ),
         (
+            // (2^54 + 1) x 3 x 32 x 32 wraps to 3,072 in 64 bits: one image's worth of values
+            // (found by fuzzing; a release build used to accept it).
+            "FP32 shape whose product overflows",
+            infer_request("tiny", vec![fp32(vec![(1 << 54) + 1, 3, 32, 32], 3072)]),
+            Code::InvalidArgument,
+            "3072 values",
+        ),
+        (
             "a datatype the model does not take",
             infer_request(
                 "tiny",

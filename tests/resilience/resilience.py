@@ -19,7 +19,7 @@ Scenarios (the hostile-input battery itself is tests/bad_input.rs):
   slow         500 half-sent HTTP requests to the metrics port and 500 half-opened HTTP/2
                connections. Targets: all closed by the header-read / first-request timeouts;
                /metrics answers meanwhile.
-  decode       one call of 32 valid 8192x8192 RGBA 16-bit PNGs (16.7 MB) next to single-image calls.
+  decode       one call of 32 valid 8192x8192 RGBA 16-bit PNGs (~25 MB) next to single-image calls.
                Target: the single-image calls are not delayed by more than 100 ms.
   soak         (long form only) half of saturation for --soak-minutes (10): RSS and open files
                sampled; no error.

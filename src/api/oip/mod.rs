@@ -214,7 +214,12 @@ pub(crate) fn images(
     })?;
     let name = crate::error::echo(&input.name);
     let datatype = crate::error::echo(&input.datatype);
-    let count: i64 = input.shape.iter().product();
+    // Checked: a product that wrapped could equal the number of values sent (fuzzing found the
+    // overflow; in a release build it would have wrapped silently).
+    let count = input
+        .shape
+        .iter()
+        .try_fold(1i64, |product, d| product.checked_mul(*d));
     if input.shape.is_empty() || input.shape.iter().any(|d| *d < 0) {
         return Err(InferError::invalid(format!(
             "input {name} has shape {:?}: give every dimension, the batch first",
@@ -255,7 +260,7 @@ pub(crate) fn images(
             };
             let ok = input.shape.len() == expected.len()
                 && input.shape[1..] == expected[1..]
-                && values.len() as i64 == count;
+                && count == Some(values.len() as i64);
             if !ok {
                 return Err(InferError::invalid(format!(
                     "input {name}: an FP32 input must be the model's tensor, shape {:?} ({}); got \
