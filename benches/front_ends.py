@@ -17,6 +17,7 @@ median printed. Target (issue 10): ModelInfer >= 0.95 x Classify's call rate. Th
 and the exit status is non-zero only with --check.
 
 Usage: benches/front_ends.py [--rounds 5] [--seconds 5] [--concurrency 8] [--image NAME] [--check]
+                             [--only "grpc ModelInfer,..."] [--no-pin]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import base64
 import json
 import os
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -56,12 +58,27 @@ def tool(script: str) -> str:
                           text=True).stdout.strip().splitlines()[-1]
 
 
+def client_cpu() -> float:
+    """User + system CPU time of every finished child process so far (the load clients)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def pinned(cpus: set[int] | None):
+    """preexec_fn for subprocess: run the child on `cpus` (None: anywhere)."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+CLIENT_CPUS: set[int] | None = None
+
+
 def ghz(ghz_bin: str, host: str, call: str, data: Path, seconds: int, concurrency: int) -> dict:
     out = subprocess.run(
         [ghz_bin, "--insecure", "--call", call, "--data-file", str(data), "--duration", f"{seconds}s",
          "--duration-stop", "wait", "--concurrency", str(concurrency), "--connections", "1",
          "--timeout", "20s", "--format", "json", "--disable-template-functions", "--disable-template-data", host],
-        check=True, capture_output=True, text=True, timeout=seconds + 120).stdout
+        check=True, capture_output=True, text=True, timeout=seconds + 120,
+        preexec_fn=pinned(CLIENT_CPUS)).stdout
     r = json.loads(out)
     errors = sum(v for k, v in (r.get("statusCodeDistribution") or {}).items() if k != "OK")
     lat = {d["percentage"]: d["latency"] / 1e6 for d in r.get("latencyDistribution") or []}
@@ -74,7 +91,8 @@ def hey(hey_bin: str, url: str, body: Path, content_type: str, seconds: int, con
             "-D", str(body)]
     for h in headers:
         args += ["-H", h]
-    out = subprocess.run(args + [url], check=True, capture_output=True, text=True, timeout=seconds + 120).stdout
+    out = subprocess.run(args + [url], check=True, capture_output=True, text=True, timeout=seconds + 120,
+                         preexec_fn=pinned(CLIENT_CPUS)).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
     errors = sum(int(n) for c, n in codes.items() if c != "200")
@@ -93,7 +111,16 @@ def main() -> int:
     ap.add_argument("--bin", default=str(ROOT / "target/release/brainai"))
     ap.add_argument("--out", default=str(ROOT / "target/bench/front_ends.json"))
     ap.add_argument("--check", action="store_true", help="exit 1 when ModelInfer misses its target")
+    ap.add_argument("--only", help="comma-separated front ends to run (grpc Classify is always run: the base)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let the scheduler place the server and the clients (default: server on CPU 0, "
+                         "clients on the others, so a client's own cost does not take CPU from the server)")
     a = ap.parse_args()
+    global CLIENT_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus = None
+    if not a.no_pin and len(cpus) >= 2:
+        server_cpus, CLIENT_CPUS = {cpus[0]}, set(cpus[1:])
 
     ghz_bin, hey_bin = tool("install_ghz.sh"), tool("install_hey.sh")
     image = (ROOT / "tests/data" / a.image).read_bytes()
@@ -114,7 +141,7 @@ def main() -> int:
     server = subprocess.Popen(
         [a.bin, "serve", "--model-dir", str(ROOT / "tests/fixtures/models/tiny"), "--grpc-addr", f"127.0.0.1:{grpc}",
          "--http-addr", f"127.0.0.1:{http}", "--metrics-addr", f"127.0.0.1:{metrics}", "--intra-op-threads", "1"],
-        stdout=subprocess.DEVNULL, stderr=log)
+        stdout=subprocess.DEVNULL, stderr=log, preexec_fn=pinned(server_cpus))
     deadline = time.time() + 120
     while True:
         try:
@@ -137,7 +164,7 @@ def main() -> int:
         "http v2.infer binary": lambda: hey(hey_bin, f"{base}/v2/models/tiny/infer", tmp / "v2.bin", "application/octet-stream", s, c,
                                             [f"Inference-Header-Content-Length: {len(header)}"]),
     }
-    names = list(runs)
+    names = [n for n in runs if not a.only or n == "grpc Classify" or n in a.only.split(",")]
     results: dict[str, list[dict]] = {n: [] for n in names}
     try:
         # Warm-up: every path once, not recorded.
@@ -146,10 +173,11 @@ def main() -> int:
         for r in range(a.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
-                before = cpu_seconds(server.pid)
+                before, client_before = cpu_seconds(server.pid), client_cpu()
                 row = runs[n]()
                 calls = row["rps"] * s
                 row["server_cpu_us_per_call"] = (cpu_seconds(server.pid) - before) / calls * 1e6 if calls else None
+                row["client_cpu_us_per_call"] = (client_cpu() - client_before) / calls * 1e6 if calls else None
                 results[n].append(row)
                 print(f"round {r + 1}/{a.rounds} {n:22s} {results[n][-1]['rps']:8.0f} calls/s", flush=True)
     finally:
@@ -158,9 +186,11 @@ def main() -> int:
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"\nfront ends, one {a.image} per call, concurrency {c}, {a.rounds} rounds x {s} s, tiny model, "
-          f"{os.cpu_count()} cores ({cpu})")
+          f"{os.cpu_count()} cores ({cpu}); "
+          + (f"server pinned to CPU {sorted(server_cpus)}, clients to {sorted(CLIENT_CPUS)}" if server_cpus
+             else "not pinned"))
     print(f"{'front end':22s} {'calls/s (median)':>17s} {'x Classify':>11s} {'p50 ms':>8s} {'p99 ms':>8s} "
-          f"{'server CPU/call':>16s} {'errors':>7s}")
+          f"{'server CPU/call':>16s} {'client CPU/call':>16s} {'errors':>7s}")
     summary = {}
     for n in names:
         rows = results[n]
@@ -168,15 +198,18 @@ def main() -> int:
         med = lambda k: statistics.median(x[k] for x in rows if x[k] is not None)
         summary[n] = {"rps": med("rps"), "ratio_to_classify": ratio, "p50_ms": med("p50_ms"),
                       "p99_ms": med("p99_ms"), "server_cpu_us_per_call": med("server_cpu_us_per_call"),
-                      "errors": sum(x["errors"] for x in rows), "rounds": rows}
+                      "client_cpu_us_per_call": med("client_cpu_us_per_call"), "errors": sum(x["errors"] for x in rows), "rounds": rows}
         print(f"{n:22s} {summary[n]['rps']:17.0f} {ratio:11.3f} {summary[n]['p50_ms']:8.2f} "
-              f"{summary[n]['p99_ms']:8.2f} {summary[n]['server_cpu_us_per_call']:13.0f} µs {summary[n]['errors']:7d}")
+              f"{summary[n]['p99_ms']:8.2f} {summary[n]['server_cpu_us_per_call']:13.0f} µs "
+              f"{summary[n]['client_cpu_us_per_call']:13.0f} µs {summary[n]['errors']:7d}")
     ok = summary["grpc ModelInfer"]["ratio_to_classify"] >= TARGET
     errors = sum(v["errors"] for v in summary.values())
     print(f"\nModelInfer / Classify = {summary['grpc ModelInfer']['ratio_to_classify']:.3f} "
           f"(target >= {TARGET}): {'MET' if ok else 'MISSED'}; error responses: {errors}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"machine": cpu, "cores": os.cpu_count(), "args": vars(a), "summary": summary}, indent=1))
+    Path(a.out).write_text(json.dumps({"machine": cpu, "cores": os.cpu_count(), "args": vars(a),
+                                       "server_cpus": sorted(server_cpus or []),
+                                       "client_cpus": sorted(CLIENT_CPUS or []), "summary": summary}, indent=1))
     print(f"results: {a.out}")
     return 1 if a.check and (not ok or errors) else 0
 
