@@ -375,8 +375,10 @@ pub async fn serve_h2<S, B>(
                 inner: service.clone(),
                 activity: activity.clone(),
             };
-            let conn =
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            let conn = builder.serve_connection(
+                TokioIo::new(OneWrite(stream)),
+                TowerToHyperService::new(service),
+            );
             Box::pin(async move {
                 supervise(
                     conn,
@@ -518,5 +520,50 @@ pub fn raise_fd_limit() -> Option<u64> {
     #[cfg(not(unix))]
     {
         None
+    }
+}
+
+/// A TCP stream that tells h2 it has no vectored writes. h2 then copies DATA payloads of up to
+/// 1 KiB into its write buffer instead of chaining those over 256 bytes as their own buffer
+/// (which makes it flush before it can encode the next frame), so a unary response of a few
+/// hundred bytes (HEADERS, DATA, trailers) leaves in one write. Measured with `ModelInfer`
+/// (a 310-byte response): 3.5 write syscalls per call before, 2.6 after, as for `Classify`.
+struct OneWrite(TcpStream);
+
+impl tokio::io::AsyncRead for OneWrite {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for OneWrite {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
     }
 }
