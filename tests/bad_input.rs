@@ -77,21 +77,6 @@ fn png(width: u32, height: u32, bit_depth: u8, color_type: u8, idat: &[u8]) -> V
     out
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// A protobuf length-delimited field.
 fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
     let mut out = vec![((number << 3) | 2) as u8];

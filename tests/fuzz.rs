@@ -6,20 +6,19 @@
 //! `target/fuzz-failures/`. The long, coverage-guided run is `make fuzz` (AFL++; docs/FUZZING.md).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use brainai::fuzzing::TARGETS;
+
+mod common;
+use common::{crc32, repo};
 
 /// Mutations per target (fewer for the decoding target, whose runs cost milliseconds).
 const MUTATIONS: usize = 200_000;
 const IMAGE_MUTATIONS: usize = 40_000;
 /// Upper bound on one target's mutation phase, whatever the machine's speed.
 const BUDGET: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -131,21 +130,6 @@ fn fix_png_crcs(data: &mut [u8]) {
         data[end..end + 4].copy_from_slice(&crc.to_be_bytes());
         at = end + 4;
     }
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 /// Runs `target` on `input`; a panic saves the input and fails the test.

@@ -407,6 +407,22 @@ pub fn assert_unsent(err: &tonic::Status) {
     );
 }
 
+/// CRC-32 (IEEE) of a PNG chunk's type and data, for tests that build or repair PNGs by hand.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
 /// Plain HTTP/1.1 GET on the metrics port; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = bounded("connect", tokio::net::TcpStream::connect(addr))
