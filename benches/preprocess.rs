@@ -37,6 +37,7 @@ fn resnet50_input() -> InputSpec {
             std: [0.229, 0.224, 0.225],
         },
         sixteen_bit: SixteenBit::Pillow,
+        dicom_window: Default::default(),
     }
 }
 

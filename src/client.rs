@@ -20,15 +20,21 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
 
+    let files = expand(&args.files)?;
     let mut rows = Vec::new();
-    for chunk in args.files.chunks(FILES_PER_REQUEST) {
+    for chunk in files.chunks(FILES_PER_REQUEST) {
         let mut images = Vec::with_capacity(chunk.len());
         for path in chunk {
             let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let format = if has_extension(path, &["dcm", "dicom"]) {
+                pb::ImageFormat::Dicom
+            } else {
+                pb::ImageFormat::Unspecified
+            };
             images.push(pb::Image {
                 id: path.display().to_string(),
                 data,
-                format: pb::ImageFormat::Unspecified as i32,
+                format: format as i32,
                 raw: None,
             });
         }
@@ -94,6 +100,57 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn has_extension(path: &std::path::Path, extensions: &[&str]) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| extensions.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+/// The files to send: files as given; a directory's images (PNG, JPEG, `.dcm`, and extensionless
+/// files that are DICOM, as PACS exports often are), recursively, in name order.
+fn expand(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, String> {
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let mut found = Vec::new();
+        let mut pending = vec![path.clone()];
+        while let Some(dir) = pending.pop() {
+            let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+                let p = entry.path();
+                if p.is_dir() {
+                    pending.push(p);
+                } else if has_extension(&p, &["png", "jpg", "jpeg", "dcm", "dicom"])
+                    || (p.extension().is_none() && is_dicom_file(&p))
+                {
+                    found.push(p);
+                }
+            }
+        }
+        if found.is_empty() {
+            return Err(format!(
+                "{}: no PNG, JPEG or DICOM files in this directory",
+                path.display()
+            ));
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
+}
+
+fn is_dicom_file(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|_| crate::input::dicom::is_dicom(&head))
+}
+
 fn to_json(row: &pb::Classification) -> serde_json::Value {
     let model = row.model.clone().unwrap_or_default();
     let timing = row.timing.unwrap_or_default();
@@ -115,5 +172,10 @@ fn to_json(row: &pb::Classification) -> serde_json::Value {
             "inference_seconds": timing.inference_seconds,
         },
         "warnings": row.warnings,
+        "dicom": row.dicom.as_ref().map(|d| json!({
+            "study_instance_uid": d.study_instance_uid,
+            "series_instance_uid": d.series_instance_uid,
+            "sop_instance_uid": d.sop_instance_uid,
+        })),
     })
 }

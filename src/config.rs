@@ -249,7 +249,7 @@ pub struct ClassifyArgs {
     #[arg(long, default_value_t = 60.0)]
     pub timeout_s: f64,
 
-    /// PNG or JPEG files.
+    /// PNG, JPEG or DICOM files, or directories of them (searched recursively).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
 }

@@ -10,7 +10,9 @@ use prost::Message;
 
 use crate::api::grpc::{image_input, parse_grpc_timeout, priority};
 use crate::input::{self, Encoding, InputLimits};
-use crate::model::{ColorMode, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling, SixteenBit};
+use crate::model::{
+    ColorMode, DicomWindow, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling, SixteenBit,
+};
 use crate::pb;
 use crate::preprocess::Preprocessor;
 
@@ -70,6 +72,18 @@ pub fn image(data: &[u8]) {
         } else {
             SixteenBit::Scale
         },
+        dicom_window: [
+            DicomWindow::Header,
+            DicomWindow::MinMax,
+            DicomWindow::Percentile {
+                low: 1.0,
+                high: 99.0,
+            },
+            DicomWindow::Fixed {
+                center: 600.0,
+                width: 1200.0,
+            },
+        ][usize::from(*b1 >> 6)],
     };
     let (encoding, image) = match b1 % 4 {
         0 => (Encoding::Detect, rest),

@@ -125,7 +125,7 @@ fn cases() -> Vec<Case> {
             name: "bytes that are no image",
             call: one(image("n", data("bad/not_an_image.bin"))),
             code: Code::InvalidArgument,
-            message: "image 1: data is neither PNG nor JPEG",
+            message: "image 1: data is neither PNG, JPEG nor DICOM",
         },
         Case {
             name: "truncated JPEG",

@@ -242,7 +242,7 @@ async fn stream_answers_every_image_and_survives_a_bad_one() {
                 assert_eq!(e.code, Code::InvalidArgument as i32);
                 assert!(
                     e.message
-                        .starts_with("image 1: data is neither PNG nor JPEG"),
+                        .starts_with("image 1: data is neither PNG, JPEG nor DICOM"),
                     "{}",
                     e.message
                 );

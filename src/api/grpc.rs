@@ -97,6 +97,7 @@ pub(crate) fn image_input(image: pb::Image, index: usize) -> Result<ImageInput, 
         Ok(pb::ImageFormat::Unspecified) => Encoding::Detect,
         Ok(pb::ImageFormat::Png) => Encoding::Png,
         Ok(pb::ImageFormat::Jpeg) => Encoding::Jpeg,
+        Ok(pb::ImageFormat::Dicom) => Encoding::Dicom,
         Ok(pb::ImageFormat::Raw) => {
             let raw = image.raw.ok_or_else(|| {
                 InferError::invalid(format!(
@@ -155,6 +156,11 @@ fn classification(model: &ServedModel, id: String, r: ImageResult) -> pb::Classi
         }),
         batch_size: r.batch_size as u32,
         warnings: model.warnings.clone(),
+        dicom: r.dicom.map(|ids| pb::DicomReference {
+            study_instance_uid: ids.study_instance_uid,
+            series_instance_uid: ids.series_instance_uid,
+            sop_instance_uid: ids.sop_instance_uid,
+        }),
     }
 }
 

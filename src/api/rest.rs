@@ -287,6 +287,13 @@ async fn classify(
                 if let Some(p) = preview {
                     row["preview"] = json!(p);
                 }
+                if let Some(ids) = &r.dicom {
+                    row["dicom"] = json!({
+                        "study_instance_uid": ids.study_instance_uid,
+                        "series_instance_uid": ids.series_instance_uid,
+                        "sop_instance_uid": ids.sop_instance_uid,
+                    });
+                }
                 row
             })
             .collect();

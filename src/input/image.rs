@@ -66,7 +66,8 @@ pub fn decoded_size(
     Ok(u64::from(width) * u64::from(height) * bytes_per_pixel)
 }
 
-/// Decodes one image into 8-bit gray or RGB pixels.
+/// Decodes one PNG, JPEG or raw image into 8-bit gray or RGB pixels (DICOM goes through
+/// [`super::dicom`]).
 pub fn decode(
     data: &[u8],
     encoding: Encoding,
@@ -95,7 +96,7 @@ pub fn decode(
         (Encoding::Detect, Some(f)) => f,
         (Encoding::Detect, None) => {
             return Err(InputError::UnknownFormat(format!(
-                "{} bytes without a PNG or JPEG signature",
+                "{} bytes without a PNG, JPEG or DICOM signature",
                 data.len()
             )));
         }
@@ -103,12 +104,16 @@ pub fn decode(
         (Encoding::Jpeg, Some(CodecFormat::Jpeg)) => CodecFormat::Jpeg,
         (declared, found) => {
             return Err(InputError::FormatMismatch {
-                declared: if declared == Encoding::Png {
-                    "PNG"
-                } else {
-                    "JPEG"
+                declared: match declared {
+                    Encoding::Png => "PNG",
+                    Encoding::Jpeg => "JPEG",
+                    _ => "DICOM",
                 },
-                detected: found.map_or("neither PNG nor JPEG", format_name),
+                detected: if super::dicom::is_dicom(data) {
+                    "DICOM"
+                } else {
+                    found.map_or("neither PNG, JPEG nor DICOM", format_name)
+                },
             });
         }
     };
@@ -435,7 +440,7 @@ mod tests {
         let err = decode_default(b"hello world", Encoding::Detect).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "data is neither PNG nor JPEG (11 bytes without a PNG or JPEG signature)",
+            "data is neither PNG, JPEG nor DICOM (11 bytes without a PNG, JPEG or DICOM signature)",
             "no image bytes in the message"
         );
         let err = decode_default(&[0; 11], raw_enc(2, 2, 3)).unwrap_err();

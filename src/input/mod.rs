@@ -1,9 +1,10 @@
 //! Decoding of encoded inputs into 8-bit pixels, with limits against hostile data. [`image`]
 //! decodes PNG, JPEG and raw pixels the way the training pipeline's Pillow did; DICOM joins here.
 
+pub mod dicom;
 pub mod image;
 
-pub use self::image::{decode, decoded_size};
+pub use self::image::decode;
 
 /// How the bytes of one image are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,12 +13,35 @@ pub enum Encoding {
     Detect,
     Png,
     Jpeg,
+    /// A DICOM Part 10 file ([`dicom`]); also detected from its `DICM` marker.
+    Dicom,
     /// Raw 8-bit interleaved pixels.
     Raw {
         width: u32,
         height: u32,
         channels: u32,
     },
+}
+
+impl Encoding {
+    /// Whether `data` goes through the DICOM decoder: declared DICOM, or detected.
+    pub fn is_dicom(self, data: &[u8]) -> bool {
+        self == Encoding::Dicom || (self == Encoding::Detect && dicom::is_dicom(data))
+    }
+}
+
+/// Bytes decoding `data` will allocate, read from its header alone after the size, format and
+/// geometry checks: the basis of the decoding budgets, checked before anything is decoded.
+pub fn decoded_size(
+    data: &[u8],
+    encoding: Encoding,
+    limits: &InputLimits,
+) -> Result<u64, InputError> {
+    if encoding.is_dicom(data) {
+        dicom::decoded_size(data, limits)
+    } else {
+        image::decoded_size(data, encoding, limits)
+    }
 }
 
 /// Limits against hostile input.
@@ -37,7 +61,7 @@ pub enum InputError {
     Empty,
     #[error("image is {bytes} bytes, over the limit of {limit} bytes")]
     TooLarge { bytes: usize, limit: usize },
-    #[error("data is neither PNG nor JPEG ({0})")]
+    #[error("data is neither PNG, JPEG nor DICOM ({0})")]
     UnknownFormat(String),
     #[error("declared format {declared} does not match the data, which looks like {detected}")]
     FormatMismatch {

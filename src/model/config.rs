@@ -8,7 +8,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ColorMode, InputSpec, Layout, ModelError, OutputKind, ResizeFilter, Scaling, SixteenBit,
+    ColorMode, DicomWindow, InputSpec, Layout, ModelError, OutputKind, ResizeFilter, Scaling,
+    SixteenBit,
 };
 use crate::batcher::Priority;
 
@@ -210,6 +211,64 @@ struct InputSection {
     offset: Option<f32>,
     #[serde(default)]
     sixteen_bit: SixteenBit,
+    dicom: Option<DicomSection>,
+}
+
+/// `[input.dicom]`: `window = "header" | "minmax" | "percentile" | { center, width }`, and
+/// `percentiles = [low, high]` with `"percentile"` (default [1, 99]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DicomSection {
+    window: Option<WindowToml>,
+    percentiles: Option<[f64; 2]>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WindowToml {
+    Named(String),
+    Fixed { center: f64, width: f64 },
+}
+
+impl DicomSection {
+    fn validate(self) -> Result<DicomWindow, String> {
+        let window = match self.window {
+            None => DicomWindow::Header,
+            Some(WindowToml::Named(name)) => match name.as_str() {
+                "header" => DicomWindow::Header,
+                "minmax" => DicomWindow::MinMax,
+                "percentile" => {
+                    let [low, high] = self.percentiles.unwrap_or([1.0, 99.0]);
+                    if !(0.0..=100.0).contains(&low)
+                        || !(0.0..=100.0).contains(&high)
+                        || low >= high
+                    {
+                        return Err(format!(
+                            "[input.dicom] percentiles must be 0 <= low < high <= 100, not [{low}, {high}]"
+                        ));
+                    }
+                    return Ok(DicomWindow::Percentile { low, high });
+                }
+                other => {
+                    return Err(format!(
+                        "[input.dicom] window must be \"header\", \"minmax\", \"percentile\" or {{ center, width }}, not {other:?}"
+                    ));
+                }
+            },
+            Some(WindowToml::Fixed { center, width }) => {
+                if !center.is_finite() || !width.is_finite() || width < 1.0 {
+                    return Err(format!(
+                        "[input.dicom] a fixed window needs a finite center and a width of at least 1, not center {center} width {width}"
+                    ));
+                }
+                DicomWindow::Fixed { center, width }
+            }
+        };
+        if self.percentiles.is_some() {
+            return Err("[input.dicom] percentiles go with window = \"percentile\" only".into());
+        }
+        Ok(window)
+    }
 }
 
 impl InputSection {
@@ -244,6 +303,10 @@ impl InputSection {
             resize_filter: self.resize_filter,
             scaling,
             sixteen_bit: self.sixteen_bit,
+            dicom_window: match self.dicom {
+                Some(section) => section.validate()?,
+                None => DicomWindow::Header,
+            },
         })
     }
 }

@@ -112,6 +112,34 @@ impl SixteenBit {
     }
 }
 
+/// How a DICOM image's modality values become 8-bit pixels (`[input.dicom]` in `model.toml`): it
+/// must match what the training export did.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum DicomWindow {
+    /// The file's first Window Center/Width (with its VOI LUT Function) or its VOI LUT Sequence;
+    /// per-image min–max when the file has neither.
+    #[default]
+    Header,
+    /// Per-image minimum to maximum (padding pixels excluded), as BraTS slice exports do.
+    MinMax,
+    /// Per-image percentiles (numpy's default linear interpolation), clipped.
+    Percentile { low: f64, high: f64 },
+    /// A fixed LINEAR window.
+    Fixed { center: f64, width: f64 },
+}
+
+impl DicomWindow {
+    /// As `model.toml` writes it.
+    pub fn describe(&self) -> String {
+        match self {
+            DicomWindow::Header => "header".into(),
+            DicomWindow::MinMax => "minmax".into(),
+            DicomWindow::Percentile { low, high } => format!("percentile {low}–{high}"),
+            DicomWindow::Fixed { center, width } => format!("center {center} width {width}"),
+        }
+    }
+}
+
 /// Pixel scaling from 8-bit values to the model's input values.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scaling {
@@ -149,6 +177,7 @@ pub struct InputSpec {
     pub resize_filter: ResizeFilter,
     pub scaling: Scaling,
     pub sixteen_bit: SixteenBit,
+    pub dicom_window: DicomWindow,
 }
 
 impl InputSpec {

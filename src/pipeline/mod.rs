@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::batcher::{BatchError, Priority};
 use crate::error::{ErrorKind, InferError};
 use crate::input::Encoding;
+use crate::input::dicom::DicomIds;
 use crate::model::task::Classification;
 use crate::state::{InflightGuard, Phase, ServingState};
 pub use registry::Registry;
@@ -61,6 +62,8 @@ pub struct ImageResult {
     pub timing: Timing,
     /// Images in the batch it ran in.
     pub batch_size: usize,
+    /// Study, series and SOP instance UIDs of a DICOM input, for the PACS to file the result.
+    pub dicom: Option<DicomIds>,
 }
 
 /// Limits of the request path.
@@ -189,14 +192,18 @@ impl Pipeline {
         );
         let first = request.first_index;
         let prepared = self.preprocess(model, request.images, first).await?;
-        let (tensors, preprocess_times): (Vec<Vec<f32>>, Vec<Duration>) =
-            prepared.into_iter().unzip();
+        let mut tensors = Vec::with_capacity(n);
+        let mut sources = Vec::with_capacity(n);
+        for prepared in prepared {
+            tensors.push(prepared.tensor);
+            sources.push((prepared.dicom, prepared.took));
+        }
         let pending = model
             .batcher
             .submit(places, tensors, request.deadline, &span)
             .map_err(|e| batch_error(e, first))?;
         let mut results = Vec::with_capacity(n);
-        for (offset, rx) in pending.into_iter().enumerate() {
+        for (offset, (rx, (dicom, took))) in pending.into_iter().zip(sources).enumerate() {
             let index = first + offset;
             let output = rx
                 .await
@@ -207,10 +214,11 @@ impl Pipeline {
                 classification: model.classifier.classify(&output.values),
                 timing: Timing {
                     queue: output.queue_time,
-                    preprocess: preprocess_times[offset],
+                    preprocess: took,
                     inference: output.inference_time,
                 },
                 batch_size: output.batch_size,
+                dicom,
             });
         }
         model.metrics.images_done(results.len());
@@ -236,6 +244,13 @@ impl Pipeline {
             .expect("the preview job always answers")
             .map_err(|e| InferError::invalid(e.to_string()))
     }
+}
+
+/// One image, preprocessed.
+struct Prepared {
+    tensor: Vec<f32>,
+    dicom: Option<DicomIds>,
+    took: Duration,
 }
 
 /// The error of image `index` from the batcher.
@@ -265,7 +280,7 @@ impl Pipeline {
         model: &Arc<ServedModel>,
         images: Vec<ImageInput>,
         first: usize,
-    ) -> Result<Vec<(Vec<f32>, Duration)>, InferError> {
+    ) -> Result<Vec<Prepared>, InferError> {
         use futures_util::{StreamExt, TryStreamExt};
         let limits = model.preprocessor.input_limits();
         let tensor_len = model.preprocessor.image_len();
@@ -314,7 +329,13 @@ impl Pipeline {
                 );
                 async move {
                     let (data, encoding) = match image {
-                        ImageInput::Tensor(values) => return Ok((values, Duration::ZERO)),
+                        ImageInput::Tensor(values) => {
+                            return Ok(Prepared {
+                                tensor: values,
+                                dicom: None,
+                                took: Duration::ZERO,
+                            });
+                        }
                         ImageInput::Encoded { data, encoding } => (data, encoding),
                     };
                     let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
@@ -330,13 +351,20 @@ impl Pipeline {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     rayon::spawn(move || {
                         let started = std::time::Instant::now();
-                        let result = model
-                            .preprocessor
-                            .preprocess_to_vec(&data, encoding)
-                            .map(|tensor| (tensor, started.elapsed()));
+                        let result =
+                            model
+                                .preprocessor
+                                .prepare(&data, encoding)
+                                .map(|(tensor, dicom)| Prepared {
+                                    tensor,
+                                    dicom,
+                                    took: started.elapsed(),
+                                });
                         drop((room, lane));
-                        if let Ok((_, took)) = &result {
-                            model.metrics.preprocess_duration(took.as_secs_f64());
+                        if let Ok(prepared) = &result {
+                            model
+                                .metrics
+                                .preprocess_duration(prepared.took.as_secs_f64());
                         }
                         let _ = tx.send(result);
                     });

@@ -3,7 +3,9 @@
 //! formula, rounding), which `tests/reference` checks across sizes, channels and formats.
 
 pub mod resample;
+pub mod voi;
 
+use crate::input::dicom::{self, DicomIds};
 use crate::input::{self, Encoding, InputError, InputLimits, Pixels};
 use crate::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling};
 use resample::Filter;
@@ -42,28 +44,77 @@ impl Preprocessor {
         self.spec.image_len()
     }
 
-    /// Decodes, converts, resizes and scales one image into `out` (`image_len()` values).
+    /// Decodes, converts, resizes and scales one image into `out` (`image_len()` values). A
+    /// DICOM instance's identifiers come back.
     pub fn preprocess(
         &self,
         data: &[u8],
         encoding: Encoding,
         out: &mut [f32],
-    ) -> Result<(), InputError> {
+    ) -> Result<Option<DicomIds>, InputError> {
         assert_eq!(
             out.len(),
             self.spec.image_len(),
             "output buffer has the wrong size: this is a bug"
         );
-        let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
+        let (pixels, ids) = self.decode(data, encoding)?;
         let pixels = self.resize(self.convert_color(pixels));
         self.write_tensor(&pixels, out);
-        Ok(())
+        Ok(ids)
+    }
+
+    /// 8-bit pixels of one image: PNG/JPEG/raw as Pillow decodes them, DICOM through its pixel
+    /// semantics and the model's window.
+    fn decode(
+        &self,
+        data: &[u8],
+        encoding: Encoding,
+    ) -> Result<(Pixels, Option<DicomIds>), InputError> {
+        if !encoding.is_dicom(data) {
+            let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
+            return Ok((pixels, None));
+        }
+        let image = dicom::decode(data, &self.limits)?;
+        if image.frames.len() != 1 {
+            return Err(InputError::Decode {
+                format: "DICOM",
+                message: format!(
+                    "the instance has {} frames; Classify takes single-frame instances",
+                    image.frames.len()
+                ),
+            });
+        }
+        let frame = image.frames.into_iter().next().expect("one frame");
+        let pixels = self.dicom_frame(frame, &image.header)?;
+        Ok((pixels, Some(image.header.ids)))
+    }
+
+    /// One decoded DICOM frame as 8-bit pixels, windowed as the model says.
+    pub fn dicom_frame(
+        &self,
+        frame: dicom::Frame,
+        header: &dicom::Header,
+    ) -> Result<Pixels, InputError> {
+        Ok(match frame {
+            dicom::Frame::Color(pixels) => pixels,
+            dicom::Frame::Mono {
+                width,
+                height,
+                values,
+                padding,
+            } => Pixels {
+                width,
+                height,
+                channels: 1,
+                data: voi::to_gray8(&values, padding.as_deref(), header, self.spec.dicom_window)?,
+            },
+        })
     }
 
     /// The image as the model sees it, as a PNG: decoded, converted and resized, before scaling
     /// (gray for `grayscale` models, RGB otherwise).
     pub fn preview_png(&self, data: &[u8], encoding: Encoding) -> Result<Vec<u8>, InputError> {
-        let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
+        let (pixels, _) = self.decode(data, encoding)?;
         let pixels = self.resize(self.convert_color(pixels));
         let color = if pixels.channels == 1 {
             image::ExtendedColorType::L8
@@ -91,9 +142,18 @@ impl Preprocessor {
         data: &[u8],
         encoding: Encoding,
     ) -> Result<Vec<f32>, InputError> {
+        self.prepare(data, encoding).map(|(tensor, _)| tensor)
+    }
+
+    /// A freshly allocated tensor for one image, and its DICOM identifiers.
+    pub fn prepare(
+        &self,
+        data: &[u8],
+        encoding: Encoding,
+    ) -> Result<(Vec<f32>, Option<DicomIds>), InputError> {
         let mut out = vec![0f32; self.spec.image_len()];
-        self.preprocess(data, encoding, &mut out)?;
-        Ok(out)
+        let ids = self.preprocess(data, encoding, &mut out)?;
+        Ok((out, ids))
     }
 
     fn convert_color(&self, pixels: Pixels) -> Pixels {
@@ -200,6 +260,7 @@ mod tests {
                 offset: 0.0,
             },
             sixteen_bit: SixteenBit::Pillow,
+            dicom_window: Default::default(),
         }
     }
 

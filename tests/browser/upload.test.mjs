@@ -119,7 +119,7 @@ async function session(width, height, name) {
   const error = page.locator("#status .error");
   await error.waitFor();
   const text = await error.textContent();
-  check(/\(400\): not_an_image\.bin: data is neither PNG nor JPEG/.test(text), `a bad file is refused in words, by name: "${text}"`);
+  check(/\(400\): not_an_image\.bin: data is neither PNG, JPEG nor DICOM/.test(text), `a bad file is refused in words, by name: "${text}"`);
   check((await cards.count()) === files.length, "the earlier results stay");
   await page.screenshot({ path: `${SHOTS}/refused-${width}x${height}.png` });
   check(allowed400 === 0, "the refusal was one HTTP 400");

@@ -63,18 +63,28 @@ def latest_model_path(model_dir: Path) -> Path:
     return model_dir / str(max(versions)) / "model.onnx"
 
 
-def preprocess_one(path: str, inp: dict) -> np.ndarray:
-    """Return float32 array shaped [3,H,W] (NCHW) or [H,W,3] (NHWC) for one image."""
-    w, h = int(inp["width"]), int(inp["height"])
+def preprocess_one(path: str | Image.Image, inp: dict) -> np.ndarray:
+    """Return float32 array shaped [3,H,W] (NCHW) or [H,W,3] (NHWC) for one image.
+
+    `path` is a file name, or an already decoded PIL Image (tests/reference/dicom_reference.py
+    passes each DICOM frame's 8-bit pixels this way)."""
+    if isinstance(path, Image.Image):
+        return preprocess_image(path, inp)
     with Image.open(path) as img:
         img.load()
-        if inp["color"] == "rgb":
-            img = img.convert("RGB")
-        else:
-            img = img.convert("L")  # (R*19595 + G*38470 + B*7471 + 0x8000) >> 16  (BT.601, fixed point)
-        if img.size != (w, h):
-            img = img.resize((w, h), resample=RESAMPLE[inp["resize_filter"]])
-        arr = np.asarray(img, dtype=np.uint8)
+        return preprocess_image(img, inp)
+
+
+def preprocess_image(img: Image.Image, inp: dict) -> np.ndarray:
+    """preprocess_one for a decoded PIL Image (any mode Pillow can convert to RGB / L)."""
+    w, h = int(inp["width"]), int(inp["height"])
+    if inp["color"] == "rgb":
+        img = img.convert("RGB")
+    else:
+        img = img.convert("L")  # (R*19595 + G*38470 + B*7471 + 0x8000) >> 16  (BT.601, fixed point)
+    if img.size != (w, h):
+        img = img.resize((w, h), resample=RESAMPLE[inp["resize_filter"]])
+    arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:  # grayscale -> replicate to 3 channels
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     assert arr.shape == (h, w, 3), arr.shape

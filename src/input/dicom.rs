@@ -1,0 +1,990 @@
+//! DICOM Part 10 files → per-frame modality values (or 8-bit RGB), with the DICOM pixel semantics
+//! the training export applied: Bits Allocated/Stored, Pixel Representation, Modality LUT (Rescale
+//! Slope/Intercept or a Modality LUT Sequence), Pixel Padding Value, photometric interpretation,
+//! Planar Configuration, multi-frame. Windowing (VOI) is the model's choice and lives in
+//! [`crate::preprocess::voi`].
+//!
+//! Hostile files are stopped before the parser sees them: [`prescan`] walks every element header
+//! of the file (inflating a deflated data set up to a limit) and refuses any declared length past
+//! the end of the data, sequences nested deeper than [`MAX_DEPTH`], and unsupported transfer
+//! syntaxes; the pixel geometry is checked against the limits before anything is decoded.
+//! Decoding itself is dicom-rs (`dicom-object`, `dicom-pixeldata`).
+
+use std::io::Read;
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions, file::ReadPreamble};
+use dicom_pixeldata::PixelDecoder;
+
+use super::{InputError, InputLimits, Pixels};
+
+/// Deepest nesting of sequences accepted. Enhanced MR functional groups nest 3–4 levels.
+pub const MAX_DEPTH: usize = 32;
+
+/// Transfer syntaxes this build decodes: (UID, name).
+pub const SUPPORTED_TRANSFER_SYNTAXES: &[(&str, &str)] = &[
+    ("1.2.840.10008.1.2", "Implicit VR Little Endian"),
+    ("1.2.840.10008.1.2.1", "Explicit VR Little Endian"),
+    ("1.2.840.10008.1.2.2", "Explicit VR Big Endian"),
+    (
+        "1.2.840.10008.1.2.1.99",
+        "Deflated Explicit VR Little Endian",
+    ),
+    ("1.2.840.10008.1.2.5", "RLE Lossless"),
+    ("1.2.840.10008.1.2.4.50", "JPEG Baseline (Process 1)"),
+    ("1.2.840.10008.1.2.4.51", "JPEG Extended (Process 2 & 4)"),
+    ("1.2.840.10008.1.2.4.57", "JPEG Lossless (Process 14)"),
+    (
+        "1.2.840.10008.1.2.4.70",
+        "JPEG Lossless (Process 14, Selection Value 1)",
+    ),
+    ("1.2.840.10008.1.2.4.80", "JPEG-LS Lossless"),
+    ("1.2.840.10008.1.2.4.81", "JPEG-LS Near-Lossless"),
+    ("1.2.840.10008.1.2.4.90", "JPEG 2000 Lossless"),
+    ("1.2.840.10008.1.2.4.91", "JPEG 2000"),
+];
+
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+
+/// Names of a few transfer syntaxes that are refused, for a clearer message.
+const KNOWN_UNSUPPORTED: &[(&str, &str)] = &[
+    ("1.2.840.10008.1.2.4.100", "MPEG2 Main Profile"),
+    ("1.2.840.10008.1.2.4.101", "MPEG2 High Profile"),
+    ("1.2.840.10008.1.2.4.102", "MPEG-4 AVC/H.264"),
+    ("1.2.840.10008.1.2.4.103", "MPEG-4 AVC/H.264 BD"),
+    ("1.2.840.10008.1.2.4.107", "HEVC/H.265 Main"),
+    ("1.2.840.10008.1.2.4.108", "HEVC/H.265 Main 10"),
+    ("1.2.840.10008.1.2.4.110", "JPEG XL Lossless"),
+    ("1.2.840.10008.1.2.4.111", "JPEG XL JPEG Recompression"),
+    ("1.2.840.10008.1.2.4.112", "JPEG XL"),
+    (
+        "1.2.840.10008.1.2.4.201",
+        "High-Throughput JPEG 2000 Lossless",
+    ),
+    (
+        "1.2.840.10008.1.2.4.202",
+        "High-Throughput JPEG 2000 RPCL Lossless",
+    ),
+    ("1.2.840.10008.1.2.4.203", "High-Throughput JPEG 2000"),
+    ("1.2.840.10008.1.2.4.92", "JPEG 2000 Part 2 Lossless"),
+    ("1.2.840.10008.1.2.4.93", "JPEG 2000 Part 2"),
+    ("1.2.840.10008.1.2.4.94", "JPIP Referenced"),
+    ("1.2.840.10008.1.2.4.95", "JPIP Referenced Deflate"),
+];
+
+/// True when the data is a DICOM Part 10 file: `DICM` after the 128-byte preamble, or at the
+/// start when a sender stripped the preamble.
+pub fn is_dicom(data: &[u8]) -> bool {
+    data.get(128..132) == Some(b"DICM") || data.starts_with(b"DICM")
+}
+
+/// The identifiers a PACS files a result under. UIDs carry no patient data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DicomIds {
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub sop_instance_uid: String,
+}
+
+/// A lookup table (Modality LUT or VOI LUT Sequence item): LUT Descriptor and LUT Data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lut {
+    /// First stored value mapped (LUT Descriptor, second value).
+    pub first_mapped: i64,
+    /// Bits per entry (LUT Descriptor, third value).
+    pub bits: u32,
+    pub data: Vec<u16>,
+}
+
+impl Lut {
+    /// The entry for `value`, clamped to the table: what pydicom's `apply_modality_lut` and
+    /// `apply_voi` do.
+    pub fn lookup(&self, value: f64) -> f64 {
+        let last = self.data.len() as f64 - 1.0;
+        let index = (value - self.first_mapped as f64).clamp(0.0, last);
+        f64::from(self.data[index as usize])
+    }
+}
+
+/// VOI LUT Function (0028,1056).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VoiFunction {
+    #[default]
+    Linear,
+    LinearExact,
+    Sigmoid,
+}
+
+/// Photometric interpretation, as the service handles it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Photometric {
+    Monochrome1,
+    Monochrome2,
+    Rgb,
+    YbrFull,
+}
+
+/// What the header says about the pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub transfer_syntax: String,
+    pub ids: DicomIds,
+    /// Modality (0008,0060), e.g. `MR`.
+    pub modality: String,
+    pub rows: u32,
+    pub columns: u32,
+    pub frames: u32,
+    pub samples_per_pixel: u16,
+    pub bits_allocated: u16,
+    pub bits_stored: u16,
+    pub signed: bool,
+    pub photometric: Photometric,
+    /// Rescale Slope and Intercept, when both are present.
+    pub rescale: Option<(f64, f64)>,
+    pub modality_lut: Option<Lut>,
+    /// Window Center/Width pairs, in file order.
+    pub windows: Vec<(f64, f64)>,
+    pub voi_function: VoiFunction,
+    /// First item of the VOI LUT Sequence.
+    pub voi_lut: Option<Lut>,
+    /// Pixel Padding Value and Pixel Padding Range Limit (stored values).
+    pub padding: Option<(i64, Option<i64>)>,
+}
+
+impl Header {
+    /// The output range of a window, as pydicom's `apply_windowing` computes it: `[0, 2^bits - 1]`
+    /// of a Modality LUT Sequence, else the stored range from Bits Stored and Pixel
+    /// Representation; through Rescale Slope/Intercept when both are present.
+    pub fn window_range(&self) -> (f64, f64) {
+        let bits = i32::from(self.bits_stored);
+        let (mut lo, mut hi) = if let Some(lut) = &self.modality_lut {
+            (0.0, 2f64.powi(lut.bits as i32) - 1.0)
+        } else if self.signed {
+            (-(2f64.powi(bits - 1)), 2f64.powi(bits - 1) - 1.0)
+        } else {
+            (0.0, 2f64.powi(bits) - 1.0)
+        };
+        if let Some((slope, intercept)) = self.rescale {
+            lo = lo * slope + intercept;
+            hi = hi * slope + intercept;
+        }
+        (lo, hi)
+    }
+}
+
+/// One frame's pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// Modality values (after the Modality LUT), row-major, and which pixels are padding.
+    Mono {
+        width: u32,
+        height: u32,
+        values: Vec<f64>,
+        padding: Option<Vec<bool>>,
+    },
+    /// 8-bit RGB, interleaved.
+    Color(Pixels),
+}
+
+/// A decoded instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomImage {
+    pub header: Header,
+    pub frames: Vec<Frame>,
+}
+
+fn invalid(message: impl Into<String>) -> InputError {
+    InputError::Decode {
+        format: "DICOM",
+        message: message.into(),
+    }
+}
+
+/// Bytes decoding will allocate, from the header alone, after the structural checks of
+/// [`prescan`] and the geometry checks of [`decode`].
+pub fn decoded_size(data: &[u8], limits: &InputLimits) -> Result<u64, InputError> {
+    let object = parse(data, limits, Some(tags::PIXEL_DATA))?;
+    let header = header(&object)?;
+    check_geometry(&header, limits)
+}
+
+/// Decodes every frame of a DICOM instance.
+pub fn decode(data: &[u8], limits: &InputLimits) -> Result<DicomImage, InputError> {
+    let object = parse(data, limits, None)?;
+    let header = header(&object)?;
+    check_geometry(&header, limits)?;
+    if object.get(tags::PIXEL_DATA).is_none() {
+        return Err(invalid("the instance has no Pixel Data (7FE0,0010)"));
+    }
+    if header.transfer_syntax == JPEG_EXTENDED && header.bits_stored > 8 {
+        // jpeg-decoder, the JPEG decoder of dicom-rs, decodes 8-bit DCT only.
+        return Err(invalid(format!(
+            "transfer syntax {} with {}-bit samples is not supported: this build's JPEG decoder \
+             handles 8-bit DCT only (8-bit JPEG Extended is decoded); send it uncompressed or \
+             lossless",
+            ts_name(JPEG_EXTENDED),
+            header.bits_stored
+        )));
+    }
+    let decoded = object.decode_pixel_data().map_err(|e| {
+        invalid(format!(
+            "pixel data ({}) could not be decoded: {}",
+            ts_name(&header.transfer_syntax),
+            error_chain(&e)
+        ))
+    })?;
+    let frames = frames(&header, decoded.data(), &decoded)?;
+    Ok(DicomImage { header, frames })
+}
+
+/// An error and its sources, each first line cleaned, joined by ": ".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = vec![super::image::clean_message(&error.to_string())];
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = super::image::clean_message(&e.to_string());
+        if !parts.contains(&part) {
+            parts.push(part);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}
+
+fn ts_name(uid: &str) -> String {
+    SUPPORTED_TRANSFER_SYNTAXES
+        .iter()
+        .chain(KNOWN_UNSUPPORTED)
+        .find(|(u, _)| *u == uid)
+        .map_or_else(|| uid.to_string(), |(u, name)| format!("{name}, {u}"))
+}
+
+/// Checks the file's structure, then parses it with dicom-object (up to `until`, when given).
+fn parse(
+    data: &[u8],
+    limits: &InputLimits,
+    until: Option<Tag>,
+) -> Result<DefaultDicomObject, InputError> {
+    if data.is_empty() {
+        return Err(InputError::Empty);
+    }
+    if data.len() > limits.max_image_bytes {
+        return Err(InputError::TooLarge {
+            bytes: data.len(),
+            limit: limits.max_image_bytes,
+        });
+    }
+    let body = prescan(data, limits)?;
+    let mut options = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
+    if let Some(tag) = until {
+        options = options.read_until(tag);
+    }
+    options
+        .from_reader(body)
+        .map_err(|e| invalid(format!("the file could not be parsed: {}", error_chain(&e))))
+}
+
+/// Structural checks before parsing; returns the file from `DICM` on. Walks every element header
+/// (of the inflated data set, for the deflated transfer syntax) and refuses lengths past the end,
+/// undefined lengths where none may be, nesting deeper than [`MAX_DEPTH`] and transfer syntaxes
+/// this build cannot decode.
+pub fn prescan<'a>(data: &'a [u8], limits: &InputLimits) -> Result<&'a [u8], InputError> {
+    let body = if data.get(128..132) == Some(b"DICM") {
+        &data[128..]
+    } else if data.starts_with(b"DICM") {
+        data
+    } else {
+        return Err(InputError::UnknownFormat(
+            "no DICM marker at byte 128 (or 0): not a DICOM Part 10 file".into(),
+        ));
+    };
+    let (transfer_syntax, dataset_start) = meta(body)?;
+    if !SUPPORTED_TRANSFER_SYNTAXES
+        .iter()
+        .any(|(uid, _)| *uid == transfer_syntax)
+    {
+        return Err(invalid(format!(
+            "transfer syntax {} is not supported; supported: {}",
+            ts_name(&transfer_syntax),
+            SUPPORTED_TRANSFER_SYNTAXES
+                .iter()
+                .map(|(_, name)| *name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let rest = &body[dataset_start..];
+    let inflated;
+    let dataset = if transfer_syntax == DEFLATED {
+        // The inflated data set may be no larger than an uncompressed file could be.
+        let limit = limits.max_image_bytes as u64;
+        let mut out = Vec::new();
+        flate2::read::DeflateDecoder::new(rest)
+            .take(limit + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| invalid(format!("the deflated data set is corrupt: {e}")))?;
+        if out.len() as u64 > limit {
+            return Err(invalid(format!(
+                "the deflated data set inflates to more than {limit} bytes, the limit for one \
+                 image"
+            )));
+        }
+        inflated = out;
+        &inflated[..]
+    } else {
+        rest
+    };
+    let mut walker = Walker {
+        data: dataset,
+        pos: 0,
+        explicit: transfer_syntax != IMPLICIT_LE,
+        big_endian: transfer_syntax == EXPLICIT_BE,
+    };
+    match walker.dataset(dataset.len(), 0)? {
+        Stop::End => Ok(body),
+        Stop::ItemEnd | Stop::SequenceEnd => Err(invalid(format!(
+            "unexpected delimiter at byte {} of the data set",
+            walker.pos
+        ))),
+    }
+}
+
+/// The File Meta Information (always explicit VR little endian): the transfer syntax UID and
+/// where the data set starts, relative to `DICM`.
+fn meta(body: &[u8]) -> Result<(String, usize), InputError> {
+    let mut pos = 4;
+    let mut transfer_syntax = None;
+    while let Some(head) = body.get(pos..pos + 8) {
+        let group = u16::from_le_bytes([head[0], head[1]]);
+        if group != 0x0002 {
+            break;
+        }
+        let element = u16::from_le_bytes([head[2], head[3]]);
+        let vr = [head[4], head[5]];
+        let (len, header_len) = if long_length_vr(vr) {
+            let l = body
+                .get(pos + 8..pos + 12)
+                .ok_or_else(|| invalid("the file meta information is cut short"))?;
+            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
+        } else {
+            (u16::from_le_bytes([head[6], head[7]]) as usize, 8)
+        };
+        let value = body.get(pos + header_len..pos + header_len + len).ok_or_else(|| {
+            invalid(format!(
+                "file meta element (0002,{element:04X}) declares {len} bytes past the end of the file"
+            ))
+        })?;
+        if element == 0x0010 {
+            transfer_syntax = Some(
+                String::from_utf8_lossy(value)
+                    .trim_matches(['\0', ' '])
+                    .to_string(),
+            );
+        }
+        pos += header_len + len;
+    }
+    let transfer_syntax = transfer_syntax
+        .ok_or_else(|| invalid("the file meta information has no Transfer Syntax UID"))?;
+    Ok((transfer_syntax, pos))
+}
+
+fn long_length_vr(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    )
+}
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const ITEM: (u16, u16) = (0xFFFE, 0xE000);
+const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
+const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
+
+/// What ended a walk over elements.
+enum Stop {
+    End,
+    ItemEnd,
+    SequenceEnd,
+}
+
+/// A walk over element headers that checks lengths and nesting without allocating.
+struct Walker<'a> {
+    data: &'a [u8],
+    pos: usize,
+    explicit: bool,
+    big_endian: bool,
+}
+
+impl Walker<'_> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], InputError> {
+        let b = self
+            .data
+            .get(self.pos..self.pos + N)
+            .ok_or_else(|| invalid(format!("the data set is cut short at byte {}", self.pos)))?;
+        self.pos += N;
+        Ok(b.try_into().expect("N bytes"))
+    }
+
+    fn u16(&mut self) -> Result<u16, InputError> {
+        let b = self.bytes::<2>()?;
+        Ok(if self.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    }
+
+    fn u32(&mut self) -> Result<u32, InputError> {
+        let b = self.bytes::<4>()?;
+        Ok(if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    }
+
+    /// Skips `len` bytes, which must end by `end`.
+    fn skip(&mut self, len: u32, end: usize, tag: (u16, u16)) -> Result<(), InputError> {
+        let remaining = end.saturating_sub(self.pos);
+        if len as usize > remaining {
+            return Err(invalid(format!(
+                "element ({:04X},{:04X}) declares {len} bytes, but only {remaining} remain",
+                tag.0, tag.1
+            )));
+        }
+        self.pos += len as usize;
+        Ok(())
+    }
+
+    /// Elements until `end`, or until an item or sequence delimiter.
+    fn dataset(&mut self, end: usize, depth: usize) -> Result<Stop, InputError> {
+        while self.pos < end {
+            let tag = (self.u16()?, self.u16()?);
+            if tag == ITEM_END || tag == SEQUENCE_END {
+                self.u32()?;
+                return Ok(if tag == ITEM_END {
+                    Stop::ItemEnd
+                } else {
+                    Stop::SequenceEnd
+                });
+            }
+            if tag == ITEM {
+                return Err(invalid(format!(
+                    "an item outside a sequence at byte {}",
+                    self.pos - 4
+                )));
+            }
+            let (sequence, len) = if self.explicit {
+                let vr = self.bytes::<2>()?;
+                let len = if long_length_vr(vr) {
+                    self.bytes::<2>()?;
+                    self.u32()?
+                } else {
+                    u32::from(self.u16()?)
+                };
+                (&vr == b"SQ" || (&vr == b"UN" && len == UNDEFINED), len)
+            } else {
+                let len = self.u32()?;
+                let is_sq = dicom_core::dictionary::DataDictionary::by_tag(
+                    &dicom_dictionary_std::StandardDataDictionary,
+                    Tag(tag.0, tag.1),
+                )
+                .is_some_and(|entry| {
+                    matches!(entry.vr, dicom_core::dictionary::VirtualVr::Exact(vr) if vr == dicom_core::VR::SQ)
+                });
+                (is_sq || len == UNDEFINED, len)
+            };
+            if tag == (0x7FE0, 0x0010) && len == UNDEFINED {
+                self.fragments(end)?;
+            } else if sequence {
+                self.sequence(len, end, depth + 1, tag)?;
+            } else if len == UNDEFINED {
+                return Err(invalid(format!(
+                    "element ({:04X},{:04X}) has an undefined length but is not a sequence",
+                    tag.0, tag.1
+                )));
+            } else {
+                self.skip(len, end, tag)?;
+            }
+        }
+        Ok(Stop::End)
+    }
+
+    /// The items of a sequence of `len` bytes (or undefined length).
+    fn sequence(
+        &mut self,
+        len: u32,
+        end: usize,
+        depth: usize,
+        tag: (u16, u16),
+    ) -> Result<(), InputError> {
+        if depth > MAX_DEPTH {
+            return Err(invalid(format!(
+                "sequences are nested more than {MAX_DEPTH} levels deep"
+            )));
+        }
+        let seq_end = if len == UNDEFINED {
+            end
+        } else {
+            let start = self.pos;
+            self.skip(len, end, tag)?;
+            self.pos = start;
+            start + len as usize
+        };
+        while self.pos < seq_end {
+            let item = (self.u16()?, self.u16()?);
+            let item_len = self.u32()?;
+            if item == SEQUENCE_END {
+                if len == UNDEFINED {
+                    return Ok(());
+                }
+                return Err(invalid(
+                    "a sequence delimiter in a sequence of defined length",
+                ));
+            }
+            if item != ITEM {
+                return Err(invalid(format!(
+                    "sequence ({:04X},{:04X}) holds ({:04X},{:04X}) where an item belongs",
+                    tag.0, tag.1, item.0, item.1
+                )));
+            }
+            let stop = if item_len == UNDEFINED {
+                self.dataset(seq_end, depth)?
+            } else {
+                let start = self.pos;
+                self.skip(item_len, seq_end, tag)?;
+                self.pos = start;
+                self.dataset(start + item_len as usize, depth)?
+            };
+            match (stop, item_len == UNDEFINED) {
+                (Stop::ItemEnd, true) | (Stop::End, false) => {}
+                _ => return Err(invalid("an item ends in the wrong place")),
+            }
+        }
+        if len == UNDEFINED {
+            return Err(invalid(format!(
+                "sequence ({:04X},{:04X}) has no end",
+                tag.0, tag.1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encapsulated pixel data: items of defined length up to the sequence delimiter.
+    fn fragments(&mut self, end: usize) -> Result<(), InputError> {
+        loop {
+            let tag = (self.u16()?, self.u16()?);
+            let len = self.u32()?;
+            if tag == SEQUENCE_END {
+                return Ok(());
+            }
+            if tag != ITEM || len == UNDEFINED {
+                return Err(invalid(
+                    "encapsulated pixel data holds something other than fragments",
+                ));
+            }
+            self.skip(len, end, (0x7FE0, 0x0010))?;
+        }
+    }
+}
+
+fn text(object: &InMemDicomObject, tag: Tag) -> String {
+    object
+        .get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_matches(['\0', ' ']).to_string())
+        .unwrap_or_default()
+}
+
+/// An integer attribute that must fit `T`; `None` when absent.
+fn int<T: TryFrom<i64>>(
+    object: &InMemDicomObject,
+    tag: Tag,
+    name: &str,
+) -> Result<Option<T>, InputError> {
+    match object.get(tag) {
+        None => Ok(None),
+        Some(e) => e
+            .to_int::<i64>()
+            .ok()
+            .and_then(|v| T::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{name} ({:04X},{:04X}) is not a valid number",
+                    tag.0, tag.1
+                ))
+            }),
+    }
+}
+
+fn required<T>(value: Option<T>, name: &str, tag: Tag) -> Result<T, InputError> {
+    value.ok_or_else(|| invalid(format!("{name} ({:04X},{:04X}) is missing", tag.0, tag.1)))
+}
+
+fn lut(item: &InMemDicomObject, what: &str) -> Result<Lut, InputError> {
+    let descriptor = item
+        .get(tags::LUT_DESCRIPTOR)
+        .and_then(|e| e.to_multi_int::<i64>().ok())
+        .filter(|d| d.len() == 3)
+        .ok_or_else(|| invalid(format!("the {what} has no valid LUT Descriptor")))?;
+    let entries = if descriptor[0] == 0 {
+        65536
+    } else {
+        descriptor[0] as usize
+    };
+    let bits = u32::try_from(descriptor[2])
+        .ok()
+        .filter(|b| (1..=16).contains(b))
+        .ok_or_else(|| {
+            invalid(format!(
+                "the {what} declares {} bits per entry",
+                descriptor[2]
+            ))
+        })?;
+    let element = item
+        .get(tags::LUT_DATA)
+        .ok_or_else(|| invalid(format!("the {what} has no LUT Data")))?;
+    let mut data = element
+        .to_multi_int::<u16>()
+        .map_err(|_| invalid(format!("the {what}'s LUT Data is not 16-bit values")))?;
+    if bits <= 8 && data.len() * 2 == entries.div_ceil(2) * 2 && data.len() < entries {
+        // 8-bit entries packed two per 16-bit word.
+        data = data
+            .iter()
+            .flat_map(|w| [w & 0xFF, w >> 8])
+            .take(entries)
+            .collect();
+    }
+    if data.len() != entries {
+        return Err(invalid(format!(
+            "the {what} declares {entries} entries but holds {}",
+            data.len()
+        )));
+    }
+    // The first mapped value is US or SS as the pixel data is; read as 16 bits either way.
+    let first_mapped = descriptor[1];
+    Ok(Lut {
+        first_mapped,
+        bits,
+        data,
+    })
+}
+
+fn first_item(object: &InMemDicomObject, tag: Tag) -> Option<&InMemDicomObject> {
+    object
+        .get(tag)
+        .and_then(|e| e.items())
+        .and_then(|i| i.first())
+}
+
+fn header(object: &DefaultDicomObject) -> Result<Header, InputError> {
+    let transfer_syntax = object
+        .meta()
+        .transfer_syntax()
+        .trim_matches(['\0', ' '])
+        .to_string();
+    let rows = required(int::<u32>(object, tags::ROWS, "Rows")?, "Rows", tags::ROWS)?;
+    let columns = required(
+        int::<u32>(object, tags::COLUMNS, "Columns")?,
+        "Columns",
+        tags::COLUMNS,
+    )?;
+    let frames = int::<u32>(object, tags::NUMBER_OF_FRAMES, "Number of Frames")?.unwrap_or(1);
+    let samples_per_pixel =
+        int::<u16>(object, tags::SAMPLES_PER_PIXEL, "Samples per Pixel")?.unwrap_or(1);
+    let bits_allocated = required(
+        int::<u16>(object, tags::BITS_ALLOCATED, "Bits Allocated")?,
+        "Bits Allocated",
+        tags::BITS_ALLOCATED,
+    )?;
+    let bits_stored =
+        int::<u16>(object, tags::BITS_STORED, "Bits Stored")?.unwrap_or(bits_allocated);
+    let high_bit = int::<u16>(object, tags::HIGH_BIT, "High Bit")?;
+    let signed =
+        int::<u16>(object, tags::PIXEL_REPRESENTATION, "Pixel Representation")?.unwrap_or(0) == 1;
+    if !matches!(bits_allocated, 8 | 16 | 32) {
+        return Err(invalid(format!(
+            "Bits Allocated is {bits_allocated}; 8, 16 or 32 are supported"
+        )));
+    }
+    if bits_stored == 0 || bits_stored > bits_allocated {
+        return Err(invalid(format!(
+            "Bits Stored ({bits_stored}) must be between 1 and Bits Allocated ({bits_allocated})"
+        )));
+    }
+    if let Some(high_bit) = high_bit
+        && high_bit != bits_stored - 1
+    {
+        return Err(invalid(format!(
+            "High Bit is {high_bit}; only High Bit = Bits Stored - 1 ({}) is supported",
+            bits_stored - 1
+        )));
+    }
+    let photometric_text = text(object, tags::PHOTOMETRIC_INTERPRETATION);
+    let photometric = match (photometric_text.as_str(), samples_per_pixel) {
+        ("MONOCHROME1", 1) => Photometric::Monochrome1,
+        ("MONOCHROME2", 1) => Photometric::Monochrome2,
+        ("RGB", 3) => Photometric::Rgb,
+        // Decoders of JPEG-family syntaxes return RGB for these.
+        ("YBR_FULL", 3) => Photometric::YbrFull,
+        ("YBR_FULL_422" | "YBR_ICT" | "YBR_RCT", 3) => Photometric::Rgb,
+        (other, n) => {
+            return Err(invalid(format!(
+                "Photometric Interpretation {other:?} with {n} samples per pixel is not supported \
+                 (MONOCHROME1, MONOCHROME2, RGB and YBR_FULL are)"
+            )));
+        }
+    };
+    if samples_per_pixel == 3 && bits_allocated != 8 {
+        return Err(invalid(format!(
+            "colour images must have 8 bits per sample; this one has {bits_allocated}"
+        )));
+    }
+    let rescale = match (
+        object.get(tags::RESCALE_SLOPE),
+        object.get(tags::RESCALE_INTERCEPT),
+    ) {
+        (Some(s), Some(i)) => Some((
+            s.to_float64()
+                .map_err(|_| invalid("Rescale Slope is not a number"))?,
+            i.to_float64()
+                .map_err(|_| invalid("Rescale Intercept is not a number"))?,
+        )),
+        _ => None,
+    };
+    let modality_lut = first_item(object, tags::MODALITY_LUT_SEQUENCE)
+        .map(|item| lut(item, "Modality LUT"))
+        .transpose()?;
+    let windows = match (
+        object.get(tags::WINDOW_CENTER),
+        object.get(tags::WINDOW_WIDTH),
+    ) {
+        (Some(c), Some(w)) => {
+            let centers = c
+                .to_multi_float64()
+                .map_err(|_| invalid("Window Center is not a number"))?;
+            let widths = w
+                .to_multi_float64()
+                .map_err(|_| invalid("Window Width is not a number"))?;
+            centers.into_iter().zip(widths).collect()
+        }
+        _ => Vec::new(),
+    };
+    let voi_function = match text(object, tags::VOILUT_FUNCTION).as_str() {
+        "" | "LINEAR" => VoiFunction::Linear,
+        "LINEAR_EXACT" => VoiFunction::LinearExact,
+        "SIGMOID" => VoiFunction::Sigmoid,
+        other => {
+            return Err(invalid(format!(
+                "VOI LUT Function {other:?} is not one of LINEAR, LINEAR_EXACT, SIGMOID"
+            )));
+        }
+    };
+    let voi_lut = first_item(object, tags::VOILUT_SEQUENCE)
+        .map(|item| lut(item, "VOI LUT"))
+        .transpose()?;
+    let padding = match object.get(tags::PIXEL_PADDING_VALUE) {
+        None => None,
+        Some(e) => Some((
+            e.to_int::<i64>()
+                .map_err(|_| invalid("Pixel Padding Value is not a number"))?,
+            object
+                .get(tags::PIXEL_PADDING_RANGE_LIMIT)
+                .and_then(|e| e.to_int::<i64>().ok()),
+        )),
+    };
+    Ok(Header {
+        transfer_syntax,
+        ids: DicomIds {
+            study_instance_uid: text(object, tags::STUDY_INSTANCE_UID),
+            series_instance_uid: text(object, tags::SERIES_INSTANCE_UID),
+            sop_instance_uid: text(object, tags::SOP_INSTANCE_UID),
+        },
+        modality: text(object, tags::MODALITY),
+        rows,
+        columns,
+        frames,
+        samples_per_pixel,
+        bits_allocated,
+        bits_stored,
+        signed,
+        photometric,
+        rescale,
+        modality_lut,
+        windows,
+        voi_function,
+        voi_lut,
+        padding,
+    })
+}
+
+/// Refuses empty and oversized geometry; returns what decoding will allocate: the decoded
+/// samples plus one f64 per pixel.
+fn check_geometry(header: &Header, limits: &InputLimits) -> Result<u64, InputError> {
+    let (rows, columns, frames) = (header.rows, header.columns, header.frames);
+    if rows == 0 || columns == 0 || frames == 0 {
+        return Err(invalid(format!(
+            "the image is {columns}×{rows} with {frames} frames: no pixels"
+        )));
+    }
+    let pixels = u64::from(rows) * u64::from(columns);
+    if pixels > limits.max_pixels {
+        return Err(InputError::TooManyPixels {
+            width: columns,
+            height: rows,
+            pixels,
+            limit: limits.max_pixels,
+        });
+    }
+    let sample_bytes = u64::from(header.bits_allocated / 8) * u64::from(header.samples_per_pixel);
+    pixels
+        .checked_mul(u64::from(frames))
+        .and_then(|p| p.checked_mul(sample_bytes + 8))
+        .filter(|bytes| *bytes <= 16 * limits.max_image_bytes as u64 + (1 << 30))
+        .ok_or_else(|| {
+            invalid(format!(
+                "{columns}×{rows} pixels × {frames} frames × {sample_bytes} bytes is too large to \
+                 decode"
+            ))
+        })
+}
+
+/// Splits the decoded samples into frames of modality values (or RGB).
+fn frames(
+    header: &Header,
+    data: &[u8],
+    decoded: &dicom_pixeldata::DecodedPixelData<'_>,
+) -> Result<Vec<Frame>, InputError> {
+    let (width, height) = (header.columns, header.rows);
+    let pixels = width as usize * height as usize;
+    let samples = header.samples_per_pixel as usize;
+    let sample_bytes = header.bits_allocated as usize / 8;
+    let frame_bytes = pixels * samples * sample_bytes;
+    let frames = header.frames as usize;
+    if data.len() < frame_bytes * frames {
+        return Err(invalid(format!(
+            "the pixel data holds {} bytes; {width}×{height} × {frames} frames × {samples} samples × \
+             {sample_bytes} bytes need {}",
+            data.len(),
+            frame_bytes * frames
+        )));
+    }
+    let mut out = Vec::with_capacity(frames);
+    for frame in data.chunks_exact(frame_bytes).take(frames) {
+        if samples == 3 {
+            let planar = matches!(
+                decoded.planar_configuration(),
+                dicom_pixeldata::PlanarConfiguration::PixelFirst
+            );
+            let mut rgb = if planar {
+                let (r, rest) = frame.split_at(pixels);
+                let (g, b) = rest.split_at(pixels);
+                (0..pixels).flat_map(|i| [r[i], g[i], b[i]]).collect()
+            } else {
+                frame.to_vec()
+            };
+            if header.photometric == Photometric::YbrFull
+                && matches!(
+                    decoded.photometric_interpretation(),
+                    dicom_pixeldata::PhotometricInterpretation::YbrFull
+                )
+            {
+                ybr_full_to_rgb(&mut rgb);
+            }
+            out.push(Frame::Color(Pixels {
+                width,
+                height,
+                channels: 3,
+                data: rgb,
+            }));
+            continue;
+        }
+        let stored = stored_values(frame, header);
+        let padding = header.padding.map(|(value, limit)| {
+            let (lo, hi) = match limit {
+                Some(limit) => (value.min(limit), value.max(limit)),
+                None => (value, value),
+            };
+            stored.iter().map(|&s| (lo..=hi).contains(&s)).collect()
+        });
+        let values = stored
+            .iter()
+            .map(|&s| {
+                let s = s as f64;
+                if let Some(lut) = &header.modality_lut {
+                    lut.lookup(s)
+                } else if let Some((slope, intercept)) = header.rescale {
+                    s * slope + intercept
+                } else {
+                    s
+                }
+            })
+            .collect();
+        out.push(Frame::Mono {
+            width,
+            height,
+            values,
+            padding,
+        });
+    }
+    Ok(out)
+}
+
+/// Stored values as pydicom's `pixel_array` gives them: the Bits Stored low bits, sign-extended
+/// when Pixel Representation is 1.
+fn stored_values(frame: &[u8], header: &Header) -> Vec<i64> {
+    let bits = u32::from(header.bits_stored);
+    let extend = |raw: u64| -> i64 {
+        let masked = raw & ((1u64 << bits) - 1);
+        if header.signed && masked >> (bits - 1) & 1 == 1 {
+            masked as i64 - (1i64 << bits)
+        } else {
+            masked as i64
+        }
+    };
+    match header.bits_allocated {
+        8 => frame.iter().map(|&b| extend(u64::from(b))).collect(),
+        16 => frame
+            .chunks_exact(2)
+            .map(|b| extend(u64::from(u16::from_le_bytes([b[0], b[1]]))))
+            .collect(),
+        _ => frame
+            .chunks_exact(4)
+            .map(|b| extend(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))
+            .collect(),
+    }
+}
+
+/// YBR_FULL → RGB, as pydicom's `convert_color_space` does it.
+fn ybr_full_to_rgb(data: &mut [u8]) {
+    for p in data.chunks_exact_mut(3) {
+        let (y, cb, cr) = (
+            f32::from(p[0]),
+            f32::from(p[1]) - 128.0,
+            f32::from(p[2]) - 128.0,
+        );
+        let r = y + 1.402 * cr;
+        let g = y + (-0.114 * 1.772 / 0.587) * cb + (-0.299 * 1.402 / 0.587) * cr;
+        let b = y + 1.772 * cb;
+        for (out, v) in p.iter_mut().zip([r, g, b]) {
+            *out = (v + 0.5).floor().clamp(0.0, 255.0) as u8;
+        }
+    }
+}
