@@ -605,3 +605,120 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Synthetic patient data in tests/data/dicom/phi.dcm: every identifying value contains `PHI-`;
+/// also the birth date and the given name.
+const PHI: &[&str] = &["PHI-", "19610314", "Jane"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dicom_patient_data_never_reaches_logs_metrics_responses_or_errors() {
+    let dir = repo().join("tests/data/dicom");
+    let phi = std::fs::read(dir.join("phi.dcm")).unwrap();
+    let mut s = spawn("tiny", &[]);
+    let channel = connect(s.grpc).await;
+    wait_for_health(&channel, ServingStatus::Serving).await;
+    let mut client = brainai::pb::tumor_classifier_client::TumorClassifierClient::new(channel);
+    let mut seen = Vec::new();
+    // gRPC: the file declared and detected; cut short; declared PNG; inside a stream.
+    for format in [
+        brainai::pb::ImageFormat::Dicom,
+        brainai::pb::ImageFormat::Unspecified,
+    ] {
+        let ok = client
+            .classify(request(vec![brainai::pb::Image {
+                format: format as i32,
+                ..image("phi", phi.clone())
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let dicom = ok.results[0].dicom.as_ref().unwrap();
+        assert_eq!(dicom.sop_instance_uid, "1.2.826.0.1.3680043.10.1234.1.1.30");
+        seen.push(format!("{ok:?}"));
+    }
+    for (what, data, format) in [
+        (
+            "cut",
+            phi[..phi.len() * 7 / 10].to_vec(),
+            brainai::pb::ImageFormat::Dicom,
+        ),
+        ("as png", phi.clone(), brainai::pb::ImageFormat::Png),
+        (
+            "header only",
+            phi[..2400].to_vec(),
+            brainai::pb::ImageFormat::Unspecified,
+        ),
+    ] {
+        let err = client
+            .classify(request(vec![brainai::pb::Image {
+                format: format as i32,
+                ..image("phi", data)
+            }]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        seen.push(format!("{what}: {err:?}"));
+    }
+    // HTTP API (the upload page's path).
+    let (ctype, body) = multipart(&[("phi.dcm", &phi)]);
+    let answer = http(
+        s.http,
+        "POST",
+        "/v1/classify",
+        &[("Content-Type", &ctype)],
+        &body,
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    seen.push(String::from_utf8_lossy(&answer.body).into_owned());
+    // The command-line client, on the file and on its directory.
+    let cli = Command::new(BIN)
+        .args([
+            "classify",
+            "--json",
+            "--server",
+            &format!("http://{}", s.grpc),
+        ])
+        .arg(dir.join("phi.dcm"))
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    seen.push(String::from_utf8_lossy(&cli.stdout).into_owned());
+    seen.push(String::from_utf8_lossy(&cli.stderr).into_owned());
+    let (code, metrics) = http_get(s.metrics, "/metrics").await;
+    assert_eq!(code, 200);
+    seen.push(metrics);
+    sigterm(&s.child);
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut s.child);
+        (status, s.drain_log())
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("request rejected"),
+        "the rejections are logged: {log}"
+    );
+    seen.push(log);
+    let everything = seen.join("\n");
+    assert!(
+        everything.contains("1.2.826.0.1.3680043.10.1234.1.1.30"),
+        "the UIDs come back"
+    );
+    for marker in PHI {
+        assert!(
+            !everything.contains(marker),
+            "patient data {marker:?} left the server:\n{everything}"
+        );
+    }
+}

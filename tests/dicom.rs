@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use brainai::input::InputLimits;
 use brainai::input::dicom::{self, Frame};
 use brainai::model::DicomWindow;
+use brainai::pb;
 use brainai::preprocess::voi;
 use common::*;
 use serde_json::Value;
@@ -219,4 +220,216 @@ fn hostile_files_are_refused_with_a_reason() {
             "{file}: {size:?}"
         );
     }
+}
+
+/// Single-frame files the service classifies, with whether they are lossy DCT JPEG.
+fn classifiable() -> Vec<(String, bool)> {
+    manifest()
+        .iter()
+        .filter(|e| e["expect"] == "ok" && e["frames"] == 1)
+        .filter(|e| e["file"] != "ts_jpeg_extended.dcm")
+        .map(|e| {
+            (
+                e["file"].as_str().unwrap().to_string(),
+                e["transfer_syntax"] == "1.2.840.10008.1.2.4.50",
+            )
+        })
+        .collect()
+}
+
+/// (study, series, SOP instance) UIDs of each file, read by pydicom.
+fn pydicom_uids(files: &[String]) -> Vec<[String; 3]> {
+    let script = "import json, sys, pydicom\n\
+                  print(json.dumps([[str(d.StudyInstanceUID), str(d.SeriesInstanceUID), \
+                  str(d.SOPInstanceUID)] for d in (pydicom.dcmread(p, stop_before_pixels=True) \
+                  for p in sys.argv[1:])]))";
+    let out = std::process::Command::new(python())
+        .args(["-c", script])
+        .args(files.iter().map(|f| data_dir().join(f)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_dicom_tensors_equal_the_reference_and_echo_the_uids() {
+    // Identity models (the tensor comes back as the output) with each window policy, colour mode
+    // and resize filter; every classifiable file through the real server, declared DICOM and
+    // detected alternately.
+    let root = tempfile::tempdir().unwrap();
+    let variants = [
+        (
+            "dcm-header",
+            "NCHW",
+            "rgb",
+            "bilinear",
+            r#"window = "header""#,
+        ),
+        (
+            "dcm-minmax",
+            "NCHW",
+            "grayscale",
+            "nearest",
+            r#"window = "minmax""#,
+        ),
+        (
+            "dcm-percentile",
+            "NCHW",
+            "grayscale",
+            "bicubic",
+            "window = \"percentile\"\npercentiles = [2.0, 98.0]",
+        ),
+        (
+            "dcm-fixed",
+            "NCHW",
+            "rgb",
+            "lanczos3",
+            "window = { center = 1500.0, width = 2500.0 }",
+        ),
+    ];
+    for (name, layout, color, filter, window) in variants {
+        let input = format!(
+            "{}\n\n[input.dicom]\n{window}",
+            input_section(layout, (16, 12), color, filter, "scale = 1.0\noffset = 0.0")
+        );
+        variant_dir(root.path(), name, &input, "tiny-identity");
+    }
+    let files = classifiable();
+    assert!(files.len() >= 25, "{files:?}");
+    let names: Vec<String> = files.iter().map(|(f, _)| f.clone()).collect();
+    let uids = pydicom_uids(&names);
+    let mut t = serve(
+        repository_args(root.path(), &["--max-queue-delay-us", "0"]),
+        None,
+    )
+    .await;
+    let mut failures = Vec::new();
+    for (name, ..) in variants {
+        let dir = root.path().join(name);
+        let paths: Vec<PathBuf> = names.iter().map(|f| data_dir().join(f)).collect();
+        let expected = reference_tensors("dicom_reference.py", &dir, &paths, 3 * 12 * 16);
+        let images = names
+            .iter()
+            .enumerate()
+            .map(|(i, f)| pb::Image {
+                id: f.clone(),
+                data: std::fs::read(data_dir().join(f)).unwrap(),
+                format: if i % 2 == 0 {
+                    pb::ImageFormat::Dicom
+                } else {
+                    pb::ImageFormat::Unspecified
+                } as i32,
+                raw: None,
+            })
+            .collect();
+        let served = bounded("classify", t.client.classify(request_for(name, "", images)))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(served.len(), files.len());
+        for (((r, want), (file, dct)), uid) in served.iter().zip(&expected).zip(&files).zip(&uids) {
+            assert_eq!(&r.image_id, file);
+            let got: Vec<f32> = r.probabilities.iter().map(|p| p.probability).collect();
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let allowed = if *dct { f32::from(DCT_LEVELS) } else { 0.0 };
+            if worst > allowed {
+                failures.push(format!("{name}: {file}: differs by {worst} levels"));
+            }
+            let echoed = r.dicom.as_ref().expect("a DICOM result names its instance");
+            assert_eq!(
+                [
+                    &echoed.study_instance_uid,
+                    &echoed.series_instance_uid,
+                    &echoed.sop_instance_uid
+                ],
+                [&uid[0], &uid[1], &uid[2]],
+                "{file}"
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // A PNG result carries no DICOM reference.
+    let png = bounded(
+        "classify",
+        t.client.classify(request_for(
+            "dcm-header",
+            "",
+            vec![image("png", data("flair_256_a.png"))],
+        )),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(png.results[0].dicom.is_none());
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_dicom_is_refused_by_name_and_the_server_stays_up() {
+    let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
+    let mut cases: Vec<(&str, &str)> = HOSTILE.to_vec();
+    cases.push(("multiframe.dcm", "the instance has 3 frames"));
+    cases.push(("ts_jpeg_extended.dcm", "12-bit samples is not supported"));
+    for (file, reason) in cases {
+        for format in [pb::ImageFormat::Dicom, pb::ImageFormat::Unspecified] {
+            let bad = pb::Image {
+                id: file.into(),
+                data: std::fs::read(data_dir().join(file)).unwrap(),
+                format: format as i32,
+                raw: None,
+            };
+            let err = bounded(
+                "classify",
+                t.client
+                    .classify(request(vec![image("good", data("flair_256_a.png")), bad])),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{file}: {err:?}");
+            assert!(
+                err.message().starts_with("image 1: ") && err.message().contains(reason),
+                "{file} ({format:?}): {}",
+                err.message()
+            );
+        }
+    }
+    // Still serving, DICOM included.
+    let ok = bounded(
+        "classify",
+        t.client.classify(request(vec![image(
+            "ok",
+            std::fs::read(data_dir().join("ts_explicit_le.dcm")).unwrap(),
+        )])),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(ok.results.len(), 1);
+    // A file declared PNG that is DICOM says so.
+    let mismatch = pb::Image {
+        format: pb::ImageFormat::Png as i32,
+        ..image(
+            "x",
+            std::fs::read(data_dir().join("ts_explicit_le.dcm")).unwrap(),
+        )
+    };
+    let err = bounded("classify", t.client.classify(request(vec![mismatch])))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("looks like DICOM"),
+        "{}",
+        err.message()
+    );
+    t.server.shutdown().await.unwrap();
 }

@@ -112,64 +112,8 @@ fn every_filter_equals_pillow_over_240_size_pairs_gray_and_rgb() {
     );
 }
 
-/// A model directory whose model.toml is tiny's with `[input]` replaced (tiny's graph as the
-/// model file: only preprocessing is compared).
-fn variant_dir(root: &Path, name: &str, input: &str, graph_of: &str) -> PathBuf {
-    let src = fixture_model(graph_of);
-    let toml = std::fs::read_to_string(src.join("model.toml")).unwrap();
-    let start = toml.find("[input]").unwrap();
-    let end = toml.find("[output]").unwrap();
-    let dir = root.join(name);
-    std::fs::create_dir_all(dir.join("1")).unwrap();
-    std::fs::write(
-        dir.join("model.toml"),
-        format!("{}[input]\n{input}\n\n{}", &toml[..start], &toml[end..]),
-    )
-    .unwrap();
-    std::fs::copy(src.join("1/model.onnx"), dir.join("1/model.onnx")).unwrap();
-    dir
-}
-
-fn input_section(
-    layout: &str,
-    (w, h): (u32, u32),
-    color: &str,
-    filter: &str,
-    scaling: &str,
-) -> String {
-    format!(
-        "name = \"input\"\nlayout = \"{layout}\"\nheight = {h}\nwidth = {w}\ncolor = \"{color}\"\n\
-         resize_filter = \"{filter}\"\n{scaling}"
-    )
-}
-
 const LEVELS: &str = "scale = 1.0\noffset = 0.0";
 const IMAGENET: &str = "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]";
-
-/// The reference tensors of `images` for the model in `dir`, one Vec per image.
-fn reference_tensors(dir: &Path, images: &[PathBuf], image_len: usize) -> Vec<Vec<f32>> {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let mut argv = vec![
-        "preprocess".to_string(),
-        "--model-dir".into(),
-        dir.display().to_string(),
-        "--out".into(),
-        out.path().display().to_string(),
-    ];
-    argv.extend(images.iter().map(|p| p.display().to_string()));
-    reference(&argv.iter().map(String::as_str).collect::<Vec<_>>());
-    let values: Vec<f32> = std::fs::read(out.path())
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    assert_eq!(
-        values.len(),
-        image_len * images.len(),
-        "reference tensor size"
-    );
-    values.chunks(image_len).map(<[f32]>::to_vec).collect()
-}
 
 /// The generated format images and the committed test images.
 fn all_images(formats: &Path) -> Vec<(String, PathBuf, bool)> {
@@ -235,7 +179,8 @@ fn every_input_encoding_preprocesses_like_pillow() {
         let dir = variant_dir(root.path(), name, input, "tiny");
         let spec = ModelSpec::load(&dir, None).unwrap();
         let pre = Preprocessor::new(spec.config.input.clone(), LIMITS);
-        let expected = reference_tensors(&dir, &paths, spec.config.input.image_len());
+        let expected =
+            reference_tensors("reference.py", &dir, &paths, spec.config.input.image_len());
         // ImageNet scaling divides by std ≈ 0.225: one 8-bit level is ≈ 0.0175 there.
         let level = if input.contains("mean") {
             1.0 / (255.0 * 0.224)
@@ -295,7 +240,7 @@ async fn served_tensors_equal_pillow_element_by_element() {
     for model in &models {
         let dir = root.path().join(model);
         let paths: Vec<PathBuf> = images.iter().map(|(_, p, _)| p.clone()).collect();
-        let expected = reference_tensors(&dir, &paths, 3 * 12 * 16);
+        let expected = reference_tensors("reference.py", &dir, &paths, 3 * 12 * 16);
         let request = request_for(
             model,
             "",

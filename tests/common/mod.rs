@@ -581,14 +581,19 @@ pub fn sha256_hex(path: &Path) -> String {
 
 /// Runs the independent Python reference (Pillow + numpy + onnxruntime) and returns stdout.
 pub fn reference(args: &[&str]) -> String {
+    reference_script("reference.py", args)
+}
+
+/// Runs `tests/reference/<script>` with `args`; its stdout.
+pub fn reference_script(script: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(python())
-        .arg(repo().join("tests/reference/reference.py"))
+        .arg(repo().join("tests/reference").join(script))
         .args(args)
         .output()
-        .expect("run tests/reference/reference.py");
+        .unwrap_or_else(|e| panic!("run tests/reference/{script}: {e}"));
     assert!(
         out.status.success(),
-        "reference.py {args:?} failed: {}",
+        "{script} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
@@ -642,4 +647,66 @@ pub async fn classify_matches_reference(
         }
     }
     served
+}
+
+/// A model directory whose model.toml is tiny's with `[input]` replaced (tiny's graph as the
+/// model file: only preprocessing is compared).
+pub fn variant_dir(root: &Path, name: &str, input: &str, graph_of: &str) -> PathBuf {
+    let src = fixture_model(graph_of);
+    let toml = std::fs::read_to_string(src.join("model.toml")).unwrap();
+    let start = toml.find("[input]").unwrap();
+    let end = toml.find("[output]").unwrap();
+    let dir = root.join(name);
+    std::fs::create_dir_all(dir.join("1")).unwrap();
+    std::fs::write(
+        dir.join("model.toml"),
+        format!("{}[input]\n{input}\n\n{}", &toml[..start], &toml[end..]),
+    )
+    .unwrap();
+    std::fs::copy(src.join("1/model.onnx"), dir.join("1/model.onnx")).unwrap();
+    dir
+}
+
+pub fn input_section(
+    layout: &str,
+    (w, h): (u32, u32),
+    color: &str,
+    filter: &str,
+    scaling: &str,
+) -> String {
+    format!(
+        "name = \"input\"\nlayout = \"{layout}\"\nheight = {h}\nwidth = {w}\ncolor = \"{color}\"\n\
+         resize_filter = \"{filter}\"\n{scaling}"
+    )
+}
+
+/// The tensors `tests/reference/<script> preprocess` makes of `images` for the model in `dir`,
+/// one Vec per image.
+pub fn reference_tensors(
+    script: &str,
+    dir: &Path,
+    images: &[PathBuf],
+    image_len: usize,
+) -> Vec<Vec<f32>> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut argv = vec![
+        "preprocess".to_string(),
+        "--model-dir".into(),
+        dir.display().to_string(),
+        "--out".into(),
+        out.path().display().to_string(),
+    ];
+    argv.extend(images.iter().map(|p| p.display().to_string()));
+    reference_script(script, &argv.iter().map(String::as_str).collect::<Vec<_>>());
+    let values: Vec<f32> = std::fs::read(out.path())
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(
+        values.len(),
+        image_len * images.len(),
+        "reference tensor size"
+    );
+    values.chunks(image_len).map(<[f32]>::to_vec).collect()
 }
