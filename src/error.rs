@@ -20,6 +20,9 @@ pub enum ErrorKind {
     Cancelled,
     /// The model run failed; a bug or a broken model, not the caller's fault.
     Internal,
+    /// The input is well formed but not what the model accepts (e.g. a T1 series sent to a
+    /// FLAIR model).
+    FailedPrecondition,
 }
 
 impl ErrorKind {
@@ -33,6 +36,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "UNAVAILABLE",
             ErrorKind::Cancelled => "CANCELLED",
             ErrorKind::Internal => "INTERNAL",
+            ErrorKind::FailedPrecondition => "FAILED_PRECONDITION",
         }
     }
 }

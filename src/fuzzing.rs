@@ -84,6 +84,7 @@ pub fn image(data: &[u8]) {
                 width: 1200.0,
             },
         ][usize::from(*b1 >> 6)],
+        dicom_guard: None,
     };
     let (encoding, image) = match b1 % 4 {
         0 => (Encoding::Detect, rest),

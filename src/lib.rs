@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod report;
 pub mod server;
 pub mod state;
 

@@ -19,6 +19,7 @@ use crate::metrics;
 use crate::model::Scaling;
 use crate::pb;
 use crate::pipeline::registry::{ModelStatus, VersionState};
+use crate::pipeline::series::{SeriesRequest, SeriesResult};
 use crate::pipeline::{ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
 
 /// The one mapping from the transport-neutral error kind to a gRPC status code.
@@ -31,6 +32,7 @@ pub fn code(kind: ErrorKind) -> Code {
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Cancelled => Code::Cancelled,
         ErrorKind::Internal => Code::Internal,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
     }
 }
 
@@ -155,12 +157,58 @@ fn classification(model: &ServedModel, id: String, r: ImageResult) -> pb::Classi
             inference_seconds: r.timing.inference.as_secs_f64(),
         }),
         batch_size: r.batch_size as u32,
-        warnings: model.warnings.clone(),
+        warnings: model.warnings.iter().chain(&r.warnings).cloned().collect(),
         dicom: r.dicom.map(|ids| pb::DicomReference {
             study_instance_uid: ids.study_instance_uid,
             series_instance_uid: ids.series_instance_uid,
             sop_instance_uid: ids.sop_instance_uid,
         }),
+    }
+}
+
+fn series_response(
+    model: &ServedModel,
+    ids: &[String],
+    result: SeriesResult,
+) -> pb::ClassifySeriesResponse {
+    pb::ClassifySeriesResponse {
+        series: Some(pb::DicomReference {
+            study_instance_uid: result.ids.study_instance_uid,
+            series_instance_uid: result.ids.series_instance_uid,
+            sop_instance_uid: String::new(),
+        }),
+        slices: result
+            .slices
+            .into_iter()
+            .enumerate()
+            .map(|(k, s)| pb::SliceResult {
+                slice: k as u32,
+                instance_index: s.instance as u32,
+                sop_instance_uid: s.sop_instance_uid,
+                frame: s.frame.unwrap_or(0),
+                position_mm: s.position,
+                selected: s.result.is_some(),
+                classification: s
+                    .result
+                    .map(|r| classification(model, ids[s.instance].clone(), r)),
+            })
+            .collect(),
+        finding: Some(pb::SeriesFinding {
+            label: result.finding.label,
+            probability: result.finding.probability,
+            aggregation: result.finding.aggregation,
+            slice: result.finding.slice.map(|k| k as u32),
+        }),
+        model: Some(model_ref(model)),
+        detected_sequence: result.detected.as_str().into(),
+        sort: result.sorted_by.as_str().into(),
+        warnings: model
+            .warnings
+            .iter()
+            .chain(&result.warnings)
+            .cloned()
+            .collect(),
+        structured_report: result.structured_report.unwrap_or_default(),
     }
 }
 
@@ -291,6 +339,41 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         }
         .await;
         finish("Classify", started, served.as_deref(), result)
+    }
+
+    async fn classify_series(
+        &self,
+        request: Request<pb::ClassifySeriesRequest>,
+    ) -> Result<Response<pb::ClassifySeriesResponse>, Status> {
+        let started = Instant::now();
+        let deadline = request_deadline(&request);
+        let mut served = None;
+        let result = async {
+            let _guard = self.pipeline.admit()?;
+            let request = request.into_inner();
+            let model = self.pipeline.resolve(&request.model, &request.version)?;
+            served = Some(model.clone());
+            let priority = priority(request.priority)?;
+            let mut ids = Vec::with_capacity(request.instances.len());
+            let mut instances = Vec::with_capacity(request.instances.len());
+            for (index, image) in request.instances.into_iter().enumerate() {
+                ids.push(image.id.clone());
+                match image_input(image, index)? {
+                    ImageInput::Encoded { data, encoding } => instances.push((data, encoding)),
+                    ImageInput::Tensor(_) => unreachable!("image_input never makes tensors"),
+                }
+            }
+            let series = SeriesRequest {
+                instances,
+                priority,
+                deadline,
+                structured_report: request.structured_report,
+            };
+            let result = self.pipeline.classify_series(&model, series).await?;
+            Ok(series_response(&model, &ids, result))
+        }
+        .await;
+        finish("ClassifySeries", started, served.as_deref(), result)
     }
 
     type ClassifyStreamStream = ResponseStream;

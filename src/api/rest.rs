@@ -73,6 +73,7 @@ pub fn status(kind: ErrorKind) -> StatusCode {
         // 499 (client closed request, as nginx): the caller is gone anyway.
         ErrorKind::Cancelled => StatusCode::from_u16(499).expect("a valid status code"),
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::FailedPrecondition => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -282,7 +283,7 @@ async fn classify(
                         "preprocess_seconds": r.timing.preprocess.as_secs_f64(),
                         "inference_seconds": r.timing.inference.as_secs_f64(),
                     },
-                    "warnings": model.warnings,
+                    "warnings": model.warnings.iter().chain(&r.warnings).collect::<Vec<_>>(),
                 });
                 if let Some(p) = preview {
                     row["preview"] = json!(p);

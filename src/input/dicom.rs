@@ -90,6 +90,67 @@ pub struct DicomIds {
     pub sop_instance_uid: String,
 }
 
+/// Attributes of the source instance that a derived object (the structured report) must copy so
+/// the PACS files it with the study: the Patient, General Study and Patient Study modules, and the
+/// series and frame-of-reference identifiers. It holds patient data, so its `Debug` shows only
+/// how many attributes it holds; never log its contents.
+#[derive(Clone, PartialEq)]
+pub struct PatientContext(pub InMemDicomObject);
+
+impl std::fmt::Debug for PatientContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PatientContext({} attributes, redacted)",
+            self.0.iter().count()
+        )
+    }
+}
+
+/// The attributes [`PatientContext`] copies.
+pub const CONTEXT_TAGS: &[Tag] = &[
+    // Patient module.
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::ISSUER_OF_PATIENT_ID,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_SEX,
+    tags::OTHER_PATIENT_I_DS_SEQUENCE,
+    // General Study module.
+    tags::STUDY_INSTANCE_UID,
+    tags::STUDY_DATE,
+    tags::STUDY_TIME,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::STUDY_ID,
+    tags::ACCESSION_NUMBER,
+    tags::STUDY_DESCRIPTION,
+    // Patient Study module.
+    tags::PATIENT_AGE,
+    tags::PATIENT_SIZE,
+    tags::PATIENT_WEIGHT,
+    // Identity of the source instance and series.
+    tags::SOP_CLASS_UID,
+    tags::SOP_INSTANCE_UID,
+    tags::SERIES_INSTANCE_UID,
+    tags::SERIES_NUMBER,
+    tags::SERIES_DESCRIPTION,
+    tags::MODALITY,
+    tags::FRAME_OF_REFERENCE_UID,
+    tags::SPECIFIC_CHARACTER_SET,
+];
+
+impl PatientContext {
+    fn of(object: &InMemDicomObject) -> Self {
+        let mut context = InMemDicomObject::new_empty();
+        for tag in CONTEXT_TAGS {
+            if let Some(element) = object.get(*tag) {
+                context.put(element.clone());
+            }
+        }
+        PatientContext(context)
+    }
+}
+
 /// A lookup table (Modality LUT or VOI LUT Sequence item): LUT Descriptor and LUT Data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lut {
@@ -128,6 +189,39 @@ pub enum Photometric {
     YbrFull,
 }
 
+/// What the header says about how the series was acquired: what the sequence guard
+/// ([`super::sequence`]) reads. Descriptions are free text an operator typed; they carry no
+/// patient data by convention but are still never logged.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Acquisition {
+    pub series_description: String,
+    pub protocol_name: String,
+    pub sequence_name: String,
+    /// Scanning Sequence (0018,0020) values, e.g. `SE`, `IR`.
+    pub scanning_sequence: Vec<String>,
+    /// An inversion-recovery preparation (Scanning Sequence IR, or Enhanced MR's Inversion
+    /// Recovery YES).
+    pub inversion_recovery: bool,
+    pub inversion_time_ms: Option<f64>,
+    pub echo_time_ms: Option<f64>,
+    pub repetition_time_ms: Option<f64>,
+    /// Contrast/Bolus Agent (0018,0010); empty when none.
+    pub contrast_agent: String,
+}
+
+/// Where the slices are: what series sorting reads.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Geometry {
+    pub sop_class_uid: String,
+    pub instance_number: Option<i64>,
+    /// Image Position (Patient) of a single-frame instance, or the shared one.
+    pub position: Option<[f64; 3]>,
+    /// Image Orientation (Patient): row and column direction cosines.
+    pub orientation: Option<[f64; 6]>,
+    /// Per-frame positions of an Enhanced (multi-frame) instance, in frame order.
+    pub frame_positions: Vec<Option<[f64; 3]>>,
+}
+
 /// What the header says about the pixels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Header {
@@ -153,6 +247,8 @@ pub struct Header {
     pub voi_lut: Option<Lut>,
     /// Pixel Padding Value and Pixel Padding Range Limit (stored values).
     pub padding: Option<(i64, Option<i64>)>,
+    pub acquisition: Acquisition,
+    pub geometry: Geometry,
 }
 
 impl Header {
@@ -195,6 +291,7 @@ pub enum Frame {
 pub struct DicomImage {
     pub header: Header,
     pub frames: Vec<Frame>,
+    pub context: PatientContext,
 }
 
 fn invalid(message: impl Into<String>) -> InputError {
@@ -210,6 +307,15 @@ pub fn decoded_size(data: &[u8], limits: &InputLimits) -> Result<u64, InputError
     let object = parse(data, limits, Some(tags::PIXEL_DATA))?;
     let header = header(&object)?;
     check_geometry(&header, limits)
+}
+
+/// The header alone (parsed up to Pixel Data) and the bytes decoding will allocate: what a series
+/// is sorted, checked and budgeted by before any pixel is decoded.
+pub fn read_header(data: &[u8], limits: &InputLimits) -> Result<(Header, u64), InputError> {
+    let object = parse(data, limits, Some(tags::PIXEL_DATA))?;
+    let header = header(&object)?;
+    let size = check_geometry(&header, limits)?;
+    Ok((header, size))
 }
 
 /// Decodes every frame of a DICOM instance.
@@ -238,7 +344,12 @@ pub fn decode(data: &[u8], limits: &InputLimits) -> Result<DicomImage, InputErro
         ))
     })?;
     let frames = frames(&header, decoded.data(), &decoded)?;
-    Ok(DicomImage { header, frames })
+    let context = PatientContext::of(&object);
+    Ok(DicomImage {
+        header,
+        frames,
+        context,
+    })
 }
 
 /// An error and its sources, each first line cleaned, joined by ": ".
@@ -810,7 +921,11 @@ fn header(object: &DefaultDicomObject) -> Result<Header, InputError> {
                 .and_then(|e| e.to_int::<i64>().ok()),
         )),
     };
+    let acquisition = acquisition(object);
+    let geometry = geometry(object);
     Ok(Header {
+        acquisition,
+        geometry,
         transfer_syntax,
         ids: DicomIds {
             study_instance_uid: text(object, tags::STUDY_INSTANCE_UID),
@@ -833,6 +948,95 @@ fn header(object: &DefaultDicomObject) -> Result<Header, InputError> {
         voi_lut,
         padding,
     })
+}
+
+fn floats(object: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
+    object.get(tag).and_then(|e| e.to_multi_float64().ok())
+}
+
+fn float(object: &InMemDicomObject, tag: Tag) -> Option<f64> {
+    floats(object, tag).and_then(|v| v.first().copied())
+}
+
+fn texts(object: &InMemDicomObject, tag: Tag) -> Vec<String> {
+    text(object, tag)
+        .split('\\')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// Acquisition parameters, from the top level or (Enhanced MR) the shared functional groups.
+fn acquisition(object: &InMemDicomObject) -> Acquisition {
+    let shared = first_item(object, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE);
+    let in_shared = |sequence: Tag, tag: Tag| {
+        shared
+            .and_then(|s| first_item(s, sequence))
+            .and_then(|item| float(item, tag))
+    };
+    let scanning_sequence = texts(object, tags::SCANNING_SEQUENCE);
+    let modifier = shared.and_then(|s| first_item(s, tags::MR_MODIFIER_SEQUENCE));
+    let inversion_recovery = scanning_sequence.iter().any(|s| s == "IR")
+        || modifier.is_some_and(|m| text(m, tags::INVERSION_RECOVERY) == "YES");
+    Acquisition {
+        series_description: text(object, tags::SERIES_DESCRIPTION),
+        protocol_name: text(object, tags::PROTOCOL_NAME),
+        sequence_name: match text(object, tags::SEQUENCE_NAME) {
+            name if name.is_empty() => text(object, tags::PULSE_SEQUENCE_NAME),
+            name => name,
+        },
+        scanning_sequence,
+        inversion_recovery,
+        inversion_time_ms: float(object, tags::INVERSION_TIME)
+            .or_else(|| modifier.and_then(|m| float(m, tags::INVERSION_TIMES))),
+        echo_time_ms: float(object, tags::ECHO_TIME)
+            .or_else(|| in_shared(tags::MR_ECHO_SEQUENCE, tags::EFFECTIVE_ECHO_TIME)),
+        repetition_time_ms: float(object, tags::REPETITION_TIME).or_else(|| {
+            in_shared(
+                tags::MR_TIMING_AND_RELATED_PARAMETERS_SEQUENCE,
+                tags::REPETITION_TIME,
+            )
+        }),
+        contrast_agent: text(object, tags::CONTRAST_BOLUS_AGENT),
+    }
+}
+
+/// Slice geometry, from the top level or (Enhanced MR) the functional groups.
+fn geometry(object: &InMemDicomObject) -> Geometry {
+    let three = |v: Vec<f64>| <[f64; 3]>::try_from(v).ok();
+    let six = |v: Vec<f64>| <[f64; 6]>::try_from(v).ok();
+    let shared = first_item(object, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE);
+    let orientation = floats(object, tags::IMAGE_ORIENTATION_PATIENT)
+        .and_then(six)
+        .or_else(|| {
+            shared
+                .and_then(|s| first_item(s, tags::PLANE_ORIENTATION_SEQUENCE))
+                .and_then(|p| floats(p, tags::IMAGE_ORIENTATION_PATIENT))
+                .and_then(six)
+        });
+    let frame_positions = object
+        .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .and_then(|e| e.items())
+        .map(|frames| {
+            frames
+                .iter()
+                .map(|frame| {
+                    first_item(frame, tags::PLANE_POSITION_SEQUENCE)
+                        .and_then(|p| floats(p, tags::IMAGE_POSITION_PATIENT))
+                        .and_then(three)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Geometry {
+        sop_class_uid: text(object, tags::SOP_CLASS_UID),
+        instance_number: object
+            .get(tags::INSTANCE_NUMBER)
+            .and_then(|e| e.to_int::<i64>().ok()),
+        position: floats(object, tags::IMAGE_POSITION_PATIENT).and_then(three),
+        orientation,
+        frame_positions,
+    }
 }
 
 /// Refuses empty and oversized geometry; returns what decoding will allocate: the decoded

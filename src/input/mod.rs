@@ -3,6 +3,7 @@
 
 pub mod dicom;
 pub mod image;
+pub mod sequence;
 
 pub use self::image::decode;
 
@@ -82,6 +83,9 @@ pub enum InputError {
     },
     #[error("raw pixels: {0}")]
     RawGeometry(String),
+    /// Well-formed input the model does not accept (the DICOM sequence guard).
+    #[error("{0}")]
+    NotAccepted(String),
 }
 
 /// 8-bit pixels with 1 (luma) or 3 (RGB) interleaved channels.

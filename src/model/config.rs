@@ -8,8 +8,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ColorMode, DicomWindow, InputSpec, Layout, ModelError, OutputKind, ResizeFilter, Scaling,
-    SixteenBit,
+    Aggregation, ColorMode, DicomGuard, DicomWindow, GuardPolicy, InputSpec, Layout, ModelError,
+    OutputKind, ResizeFilter, Scaling, SeriesSettings, SixteenBit,
 };
 use crate::batcher::Priority;
 
@@ -121,6 +121,7 @@ pub struct ModelConfig {
     pub labels: Vec<String>,
     pub batching: BatchingOverrides,
     pub versions: VersionPolicy,
+    pub series: SeriesSettings,
     /// SHA-256 of the file's text: when it changes, every version is reloaded.
     pub toml_sha256: String,
 }
@@ -161,7 +162,13 @@ impl ModelConfig {
             return Err(err("[model] max_batch_size must be at least 1".into()));
         }
         let versions = file.versions.unwrap_or_default().validate().map_err(err)?;
+        let series = file
+            .series
+            .unwrap_or_default()
+            .validate(&file.output.labels)
+            .map_err(err)?;
         Ok(ModelConfig {
+            series,
             name,
             dir: dir.to_path_buf(),
             description: file.model.description.unwrap_or_default(),
@@ -186,6 +193,55 @@ struct ModelToml {
     output: OutputSection,
     batching: Option<BatchingOverrides>,
     versions: Option<VersionsSection>,
+    series: Option<SeriesSection>,
+}
+
+/// `[series]`: `central_fraction` (0 < f <= 1, default 1), `aggregation = "max" | "mean_top_k"`,
+/// `top_k` (default 3), `finding` (a label; default the last).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SeriesSection {
+    central_fraction: Option<f64>,
+    aggregation: Option<String>,
+    top_k: Option<usize>,
+    finding: Option<String>,
+}
+
+impl SeriesSection {
+    fn validate(self, labels: &[String]) -> Result<SeriesSettings, String> {
+        let central_fraction = self.central_fraction.unwrap_or(1.0);
+        if !(central_fraction > 0.0 && central_fraction <= 1.0) {
+            return Err(format!(
+                "[series] central_fraction must be in (0, 1], not {central_fraction}"
+            ));
+        }
+        let aggregation = match (self.aggregation.as_deref(), self.top_k) {
+            (None | Some("max"), None) => Aggregation::Max,
+            (Some("mean_top_k"), k) => match k.unwrap_or(3) {
+                0 => return Err("[series] top_k must be at least 1".into()),
+                k => Aggregation::MeanTopK(k),
+            },
+            (None | Some("max"), Some(_)) => {
+                return Err("[series] top_k goes with aggregation = \"mean_top_k\"".into());
+            }
+            (Some(other), _) => {
+                return Err(format!(
+                    "[series] aggregation must be \"max\" or \"mean_top_k\", not {other:?}"
+                ));
+            }
+        };
+        let finding_label = match &self.finding {
+            None => labels.len() - 1,
+            Some(name) => labels.iter().position(|l| l == name).ok_or_else(|| {
+                format!("[series] finding {name:?} is not one of the labels {labels:?}")
+            })?,
+        };
+        Ok(SeriesSettings {
+            central_fraction,
+            aggregation,
+            finding_label,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -221,6 +277,9 @@ struct InputSection {
 struct DicomSection {
     window: Option<WindowToml>,
     percentiles: Option<[f64; 2]>,
+    modality: Option<Vec<String>>,
+    sequences: Option<Vec<crate::input::sequence::Sequence>>,
+    sequence_policy: Option<GuardPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -231,6 +290,26 @@ enum WindowToml {
 }
 
 impl DicomSection {
+    fn guard(&self) -> Result<Option<DicomGuard>, String> {
+        if self.modality.is_none() && self.sequences.is_none() {
+            if self.sequence_policy.is_some() {
+                return Err("[input.dicom] sequence_policy needs `modality` or `sequences`".into());
+            }
+            return Ok(None);
+        }
+        let sequences = self.sequences.clone().unwrap_or_default();
+        if sequences.contains(&crate::input::sequence::Sequence::Unknown) {
+            return Err(
+                "[input.dicom] sequences cannot accept \"unknown\": unknown always warns".into(),
+            );
+        }
+        Ok(Some(DicomGuard {
+            modalities: self.modality.clone().unwrap_or_default(),
+            sequences,
+            policy: self.sequence_policy.unwrap_or(GuardPolicy::Reject),
+        }))
+    }
+
     fn validate(self) -> Result<DicomWindow, String> {
         let window = match self.window {
             None => DicomWindow::Header,
@@ -303,6 +382,10 @@ impl InputSection {
             resize_filter: self.resize_filter,
             scaling,
             sixteen_bit: self.sixteen_bit,
+            dicom_guard: match &self.dicom {
+                Some(section) => section.guard()?,
+                None => None,
+            },
             dicom_window: match self.dicom {
                 Some(section) => section.validate()?,
                 None => DicomWindow::Header,

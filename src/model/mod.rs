@@ -140,6 +140,56 @@ impl DicomWindow {
     }
 }
 
+/// What a model accepts as DICOM input (`modality`, `sequences`, `sequence_policy` in
+/// `[input.dicom]`): the sequence guard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomGuard {
+    /// Accepted Modality values (empty: any).
+    pub modalities: Vec<String>,
+    /// Accepted MR sequences (empty: any).
+    pub sequences: Vec<crate::input::sequence::Sequence>,
+    /// What happens to a series of another sequence; an unknown one always only warns.
+    pub policy: GuardPolicy,
+}
+
+/// `reject` (FAILED_PRECONDITION) or `warn` (answered, with a warning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardPolicy {
+    Reject,
+    Warn,
+}
+
+/// How a series is summarised (`[series]` in `model.toml`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesSettings {
+    /// Classify the central fraction of the sorted slices (1.0: all).
+    pub central_fraction: f64,
+    pub aggregation: Aggregation,
+    /// The label the series finding is about (default: the last label, e.g. `tumor`).
+    pub finding_label: usize,
+}
+
+/// How per-slice probabilities of the finding label become the series'.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Aggregation {
+    /// The highest, with the slice it came from.
+    Max,
+    /// The mean of the `k` highest.
+    MeanTopK(usize),
+}
+
+impl Aggregation {
+    pub fn describe(self, slices: usize) -> String {
+        match self {
+            Aggregation::Max => format!("maximum over {slices} slices"),
+            Aggregation::MeanTopK(k) => {
+                format!("mean of the top {} of {slices} slices", k.min(slices))
+            }
+        }
+    }
+}
+
 /// Pixel scaling from 8-bit values to the model's input values.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scaling {
@@ -178,6 +228,8 @@ pub struct InputSpec {
     pub scaling: Scaling,
     pub sixteen_bit: SixteenBit,
     pub dicom_window: DicomWindow,
+    /// `None`: any DICOM modality and sequence.
+    pub dicom_guard: Option<DicomGuard>,
 }
 
 impl InputSpec {

@@ -4,6 +4,7 @@
 //! nothing else, so admission, batching, metrics and drain behave the same behind each of them.
 
 pub mod registry;
+pub mod series;
 pub mod served;
 
 use std::sync::Arc;
@@ -13,11 +14,13 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::batcher::{BatchError, Priority};
+use crate::batcher::{BatchError, Priority, Reservation};
 use crate::error::{ErrorKind, InferError};
 use crate::input::Encoding;
+use crate::input::InputError;
 use crate::input::dicom::DicomIds;
 use crate::model::task::Classification;
+use crate::preprocess::DicomSource;
 use crate::state::{InflightGuard, Phase, ServingState};
 pub use registry::Registry;
 pub use served::ServedModel;
@@ -64,6 +67,8 @@ pub struct ImageResult {
     pub batch_size: usize,
     /// Study, series and SOP instance UIDs of a DICOM input, for the PACS to file the result.
     pub dicom: Option<DicomIds>,
+    /// Caveats about this image's input (e.g. the sequence guard's), besides the model's.
+    pub warnings: Vec<String>,
 }
 
 /// Limits of the request path.
@@ -88,6 +93,8 @@ pub struct Pipeline {
     limits: Limits,
     /// Decoding budget in KiB (semaphore permits are u32).
     decoding: Arc<Semaphore>,
+    /// The decoding budget's size, in KiB: the most one request can take at once.
+    decoding_capacity_kib: u32,
     large_lane: Arc<Semaphore>,
     next_request: Arc<AtomicU64>,
 }
@@ -100,6 +107,7 @@ impl Pipeline {
             state,
             limits,
             decoding: Arc::new(Semaphore::new(kib as usize)),
+            decoding_capacity_kib: kib as u32,
             large_lane: Arc::new(Semaphore::new(1)),
             next_request: Arc::new(AtomicU64::new(1)),
         }
@@ -173,25 +181,37 @@ impl Pipeline {
         }
         let priority = request.priority.unwrap_or(model.settings.default_priority);
         // Queue places first: a full queue is refused before anything is decoded.
-        let places = model
-            .batcher
-            .reserve(n, priority, request.deadline)
-            .map_err(|e| match e {
-                BatchError::DeadlineExceeded { .. } => {
-                    InferError::deadline("deadline exceeded before the request could be queued")
-                }
-                e => InferError::new(ErrorKind::ResourceExhausted, e.to_string()),
-            })?;
-        let span = tracing::info_span!(
+        let places = reserve(model, n, priority, request.deadline)?;
+        let span = self.span(model, n, priority);
+        let first = request.first_index;
+        let prepared = self.preprocess(model, request.images, first).await?;
+        self.run_prepared(model, places, prepared, first, request.deadline, &span)
+            .await
+    }
+
+    fn span(&self, model: &ServedModel, images: usize, priority: Priority) -> tracing::Span {
+        tracing::info_span!(
             "classify",
             request = self.next_request.fetch_add(1, Ordering::Relaxed),
             model = %model.spec.config.name,
             version = %model.spec.version,
-            images = n,
+            images,
             priority = priority.as_str(),
-        );
-        let first = request.first_index;
-        let prepared = self.preprocess(model, request.images, first).await?;
+        )
+    }
+
+    /// Submits preprocessed images to the model's batcher in the reserved places and awaits
+    /// their results, in order.
+    async fn run_prepared(
+        &self,
+        model: &Arc<ServedModel>,
+        places: Reservation,
+        prepared: Vec<Prepared>,
+        first: usize,
+        deadline: Option<Instant>,
+        span: &tracing::Span,
+    ) -> Result<Vec<ImageResult>, InferError> {
+        let n = prepared.len();
         let mut tensors = Vec::with_capacity(n);
         let mut sources = Vec::with_capacity(n);
         for prepared in prepared {
@@ -200,7 +220,7 @@ impl Pipeline {
         }
         let pending = model
             .batcher
-            .submit(places, tensors, request.deadline, &span)
+            .submit(places, tensors, deadline, span)
             .map_err(|e| batch_error(e, first))?;
         let mut results = Vec::with_capacity(n);
         for (offset, (rx, (dicom, took))) in pending.into_iter().zip(sources).enumerate() {
@@ -218,12 +238,34 @@ impl Pipeline {
                     inference: output.inference_time,
                 },
                 batch_size: output.batch_size,
-                dicom,
+                warnings: dicom
+                    .as_ref()
+                    .map(|d| d.warnings.clone())
+                    .unwrap_or_default(),
+                dicom: dicom.map(|d| d.ids),
             });
         }
         model.metrics.images_done(results.len());
         Ok(results)
     }
+}
+
+/// Queue places for `n` images: a full queue is refused before anything is decoded.
+fn reserve(
+    model: &ServedModel,
+    n: usize,
+    priority: Priority,
+    deadline: Option<Instant>,
+) -> Result<Reservation, InferError> {
+    model
+        .batcher
+        .reserve(n, priority, deadline)
+        .map_err(|e| match e {
+            BatchError::DeadlineExceeded { .. } => {
+                InferError::deadline("deadline exceeded before the request could be queued")
+            }
+            e => InferError::new(ErrorKind::ResourceExhausted, e.to_string()),
+        })
 }
 
 impl Pipeline {
@@ -242,15 +284,24 @@ impl Pipeline {
         });
         rx.await
             .expect("the preview job always answers")
-            .map_err(|e| InferError::invalid(e.to_string()))
+            .map_err(input_error)
     }
 }
 
 /// One image, preprocessed.
 struct Prepared {
     tensor: Vec<f32>,
-    dicom: Option<DicomIds>,
+    dicom: Option<DicomSource>,
     took: Duration,
+}
+
+/// The error for a rejected input: FAILED_PRECONDITION when the model does not accept it,
+/// INVALID_ARGUMENT otherwise.
+pub(crate) fn input_error(e: InputError) -> InferError {
+    match e {
+        InputError::NotAccepted(message) => InferError::new(ErrorKind::FailedPrecondition, message),
+        e => InferError::invalid(e.to_string()),
+    }
 }
 
 /// The error of image `index` from the batcher.
@@ -289,7 +340,7 @@ impl Pipeline {
             let size = match image {
                 ImageInput::Encoded { data, encoding } => {
                     crate::input::decoded_size(data, *encoding, &limits)
-                        .map_err(|e| InferError::invalid(e.to_string()).for_image(first + offset))?
+                        .map_err(|e| input_error(e).for_image(first + offset))?
                 }
                 ImageInput::Tensor(values) if values.len() != tensor_len => {
                     let input = &model.spec.config.input;
@@ -370,7 +421,7 @@ impl Pipeline {
                     });
                     rx.await
                         .expect("the preprocessing job always answers")
-                        .map_err(|e| InferError::invalid(e.to_string()).for_image(first + offset))
+                        .map_err(|e| input_error(e).for_image(first + offset))
                 }
             })
             .buffered(parallel)

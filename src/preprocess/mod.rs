@@ -6,9 +6,17 @@ pub mod resample;
 pub mod voi;
 
 use crate::input::dicom::{self, DicomIds};
+use crate::input::sequence;
 use crate::input::{self, Encoding, InputError, InputLimits, Pixels};
 use crate::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling};
 use resample::Filter;
+
+/// Where a DICOM input came from, and what the guard said about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomSource {
+    pub ids: DicomIds,
+    pub warnings: Vec<String>,
+}
 
 /// Turns images into input tensors for one model.
 #[derive(Debug, Clone)]
@@ -51,7 +59,7 @@ impl Preprocessor {
         data: &[u8],
         encoding: Encoding,
         out: &mut [f32],
-    ) -> Result<Option<DicomIds>, InputError> {
+    ) -> Result<Option<DicomSource>, InputError> {
         assert_eq!(
             out.len(),
             self.spec.image_len(),
@@ -69,11 +77,13 @@ impl Preprocessor {
         &self,
         data: &[u8],
         encoding: Encoding,
-    ) -> Result<(Pixels, Option<DicomIds>), InputError> {
+    ) -> Result<(Pixels, Option<DicomSource>), InputError> {
         if !encoding.is_dicom(data) {
             let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
             return Ok((pixels, None));
         }
+        let (header, _) = dicom::read_header(data, &self.limits)?;
+        let warnings = self.guard(&header)?;
         let image = dicom::decode(data, &self.limits)?;
         if image.frames.len() != 1 {
             return Err(InputError::Decode {
@@ -86,7 +96,33 @@ impl Preprocessor {
         }
         let frame = image.frames.into_iter().next().expect("one frame");
         let pixels = self.dicom_frame(frame, &image.header)?;
-        Ok((pixels, Some(image.header.ids)))
+        Ok((
+            pixels,
+            Some(DicomSource {
+                ids: image.header.ids,
+                warnings,
+            }),
+        ))
+    }
+
+    /// The model's sequence guard on one instance's header: refused, or its warnings.
+    pub fn guard(&self, header: &dicom::Header) -> Result<Vec<String>, InputError> {
+        match &self.spec.dicom_guard {
+            None => Ok(Vec::new()),
+            Some(guard) => sequence::check(guard, header).map_err(InputError::NotAccepted),
+        }
+    }
+
+    /// One decoded DICOM frame (a slice of a series) as the model's input tensor.
+    pub fn frame_tensor(
+        &self,
+        frame: dicom::Frame,
+        header: &dicom::Header,
+    ) -> Result<Vec<f32>, InputError> {
+        let pixels = self.resize(self.convert_color(self.dicom_frame(frame, header)?));
+        let mut out = vec![0f32; self.spec.image_len()];
+        self.write_tensor(&pixels, &mut out);
+        Ok(out)
     }
 
     /// One decoded DICOM frame as 8-bit pixels, windowed as the model says.
@@ -150,7 +186,7 @@ impl Preprocessor {
         &self,
         data: &[u8],
         encoding: Encoding,
-    ) -> Result<(Vec<f32>, Option<DicomIds>), InputError> {
+    ) -> Result<(Vec<f32>, Option<DicomSource>), InputError> {
         let mut out = vec![0f32; self.spec.image_len()];
         let ids = self.preprocess(data, encoding, &mut out)?;
         Ok((out, ids))
@@ -261,6 +297,7 @@ mod tests {
             },
             sixteen_bit: SixteenBit::Pillow,
             dicom_window: Default::default(),
+            dicom_guard: None,
         }
     }
 

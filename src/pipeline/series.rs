@@ -1,0 +1,522 @@
+//! One DICOM series through the shared pipeline: headers first (series identity, the sequence
+//! guard, slice order, duplicates and gaps, which slices to classify, the decoding budget), then
+//! queue places for the selected slices, then decoding and preprocessing off the runtime, then the
+//! model's batcher as for any other request, then the series summary and, on request, the
+//! structured report.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{ImageResult, Pipeline, Prepared, input_error, reserve};
+use crate::batcher::Priority;
+use crate::error::{ErrorKind, InferError};
+use crate::input::Encoding;
+use crate::input::dicom::{self, DicomIds, Header};
+use crate::input::sequence::{self, Sequence};
+use crate::model::Aggregation;
+use crate::preprocess::DicomSource;
+use crate::report::{self, ModelIdentity, SeriesFinding, SeriesReport, SliceFinding};
+
+/// A series request, transport-neutral.
+#[derive(Debug)]
+pub struct SeriesRequest {
+    pub instances: Vec<(Vec<u8>, Encoding)>,
+    pub priority: Option<Priority>,
+    pub deadline: Option<Instant>,
+    pub structured_report: bool,
+}
+
+/// One slice, in slice order.
+#[derive(Debug, Clone)]
+pub struct Slice {
+    pub instance: usize,
+    pub sop_instance_uid: String,
+    /// 1-based frame number in a multi-frame instance.
+    pub frame: Option<u32>,
+    /// Position along the slice normal, in mm.
+    pub position: Option<f64>,
+    /// Set for the selected (classified) slices.
+    pub result: Option<ImageResult>,
+}
+
+/// How the slices were ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortedBy {
+    Position,
+    InstanceNumber,
+    Request,
+}
+
+impl SortedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SortedBy::Position => "position",
+            SortedBy::InstanceNumber => "instance_number",
+            SortedBy::Request => "request",
+        }
+    }
+}
+
+/// The series result.
+#[derive(Debug, Clone)]
+pub struct SeriesResult {
+    pub ids: DicomIds,
+    pub slices: Vec<Slice>,
+    pub finding: SeriesFinding,
+    pub detected: Sequence,
+    pub sorted_by: SortedBy,
+    pub warnings: Vec<String>,
+    pub structured_report: Option<Vec<u8>>,
+}
+
+/// Slices closer than this along the normal are the same position, in mm.
+const SAME_POSITION_MM: f64 = 0.01;
+/// A step this many times the median spacing is a gap.
+const GAP_FACTOR: f64 = 1.5;
+
+impl Pipeline {
+    /// Classifies one series; answers DEADLINE_EXCEEDED at the deadline at the latest.
+    pub async fn classify_series(
+        &self,
+        model: &Arc<crate::pipeline::ServedModel>,
+        request: SeriesRequest,
+    ) -> Result<SeriesResult, InferError> {
+        match request.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, self.run_series(model, request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(InferError::deadline(
+                        "deadline exceeded before the series was classified",
+                    ))
+                }),
+            None => self.run_series(model, request).await,
+        }
+    }
+
+    async fn run_series(
+        &self,
+        model: &Arc<crate::pipeline::ServedModel>,
+        request: SeriesRequest,
+    ) -> Result<SeriesResult, InferError> {
+        let n = request.instances.len();
+        if n == 0 {
+            return Err(InferError::invalid("the series has no instances"));
+        }
+        if n > self.limits.max_images_per_request {
+            return Err(InferError::invalid(format!(
+                "the series has {n} instances, over the limit of {} per request",
+                self.limits.max_images_per_request
+            )));
+        }
+        // Headers only: nothing is decoded before the series is known to be acceptable.
+        let instances = Arc::new(request.instances);
+        let headers = {
+            let (model, instances) = (model.clone(), instances.clone());
+            run_blocking(move || headers(&model, &instances)).await?
+        };
+        let first = &headers[0].0;
+        for (i, (header, _)) in headers.iter().enumerate() {
+            if header.ids.series_instance_uid != first.ids.series_instance_uid {
+                return Err(InferError::invalid(format!(
+                    "instance {i} belongs to series {}, instance 0 to series {}: one call \
+                     takes one series",
+                    header.ids.series_instance_uid, first.ids.series_instance_uid
+                )));
+            }
+        }
+        let detected = sequence::detect(&first.acquisition).sequence;
+        let mut warnings = model
+            .preprocessor
+            .guard(first)
+            .map_err(|e| input_error(e).for_image(0))?;
+        let (mut slices, sorted_by) = order(&headers, &mut warnings);
+        if slices.len() < 2 {
+            return Err(InferError::invalid(format!(
+                "a series needs at least 2 slices; this one has {}: send a single slice to \
+                 Classify",
+                slices.len()
+            )));
+        }
+        let settings = &model.spec.config.series;
+        let count = ((slices.len() as f64 * settings.central_fraction).ceil() as usize)
+            .clamp(1, slices.len());
+        let start = (slices.len() - count) / 2;
+        let selected = start..start + count;
+        let needed: Vec<bool> = (0..n)
+            .map(|i| slices[selected.clone()].iter().any(|s| s.instance == i))
+            .collect();
+        let total: u64 = headers
+            .iter()
+            .zip(&needed)
+            .filter(|(_, needed)| **needed)
+            .map(|((_, size), _)| size)
+            .sum();
+        if total > self.limits.max_request_decode_bytes {
+            return Err(InferError::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "the series would decode to {} MiB, over the limit of {} MiB per request; \
+                     send fewer or smaller instances",
+                    total.div_ceil(1 << 20),
+                    self.limits.max_request_decode_bytes >> 20
+                ),
+            ));
+        }
+        let priority = request.priority.unwrap_or(model.settings.default_priority);
+        let places = reserve(model, count, priority, request.deadline)?;
+        let span = self.span(model, count, priority);
+        // Decode the instances with selected slices (within the shared decoding budget), and
+        // preprocess the selected frames.
+        let kib = u32::try_from(total.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.decoding_capacity_kib);
+        let room = self
+            .decoding
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the decoding budget is never closed");
+        let wanted: Vec<(usize, Option<u32>)> = slices[selected.clone()]
+            .iter()
+            .map(|s| (s.instance, s.frame))
+            .collect();
+        let (prepared, context) = {
+            let (model, instances) = (model.clone(), instances.clone());
+            let headers: Vec<Header> = headers.iter().map(|(h, _)| h.clone()).collect();
+            run_blocking(move || {
+                let result = prepare(&model, &instances, &headers, &needed, &wanted);
+                drop(room);
+                result
+            })
+            .await?
+        };
+        let results = self
+            .run_prepared(model, places, prepared, 0, request.deadline, &span)
+            .await?;
+        for (slice, result) in slices[selected.clone()].iter_mut().zip(results) {
+            slice.result = Some(result);
+        }
+        let finding = summarise(model, &slices);
+        let ids = DicomIds {
+            sop_instance_uid: String::new(),
+            ..first.ids.clone()
+        };
+        let structured_report = if request.structured_report {
+            Some(structured_report(
+                model, &headers, &slices, &finding, &warnings, context,
+            )?)
+        } else {
+            None
+        };
+        Ok(SeriesResult {
+            ids,
+            slices,
+            finding,
+            detected,
+            sorted_by,
+            warnings,
+            structured_report,
+        })
+    }
+}
+
+/// Runs `job` on the rayon pool and awaits it.
+async fn run_blocking<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T, InferError> + Send + 'static,
+) -> Result<T, InferError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(job());
+    });
+    rx.await.expect("the job always answers")
+}
+
+/// Every instance's header and decoded size.
+fn headers(
+    model: &crate::pipeline::ServedModel,
+    instances: &[(Vec<u8>, Encoding)],
+) -> Result<Vec<(Header, u64)>, InferError> {
+    let limits = model.preprocessor.input_limits();
+    instances
+        .iter()
+        .enumerate()
+        .map(|(i, (data, encoding))| {
+            if !encoding.is_dicom(data) {
+                return Err(InferError::invalid(
+                    "ClassifySeries takes DICOM instances; this is not one (no DICM marker)",
+                )
+                .for_image(i));
+            }
+            dicom::read_header(data, &limits).map_err(|e| input_error(e).for_image(i))
+        })
+        .collect()
+}
+
+/// The slices of every instance, sorted along the slice normal (or by Instance Number, or as
+/// sent), with warnings for repeated instances, duplicate positions and gaps.
+fn order(headers: &[(Header, u64)], warnings: &mut Vec<String>) -> (Vec<Slice>, SortedBy) {
+    let mut seen = std::collections::HashMap::new();
+    let mut slices = Vec::new();
+    for (i, (header, _)) in headers.iter().enumerate() {
+        let uid = &header.ids.sop_instance_uid;
+        if let Some(j) = seen.insert(uid.clone(), i) {
+            warnings.push(format!(
+                "instance {i} repeats instance {j} (the same SOP Instance UID); it is classified \
+                 once"
+            ));
+            continue;
+        }
+        let g = &header.geometry;
+        let normal = g.orientation.map(|o| {
+            [
+                o[1] * o[5] - o[2] * o[4],
+                o[2] * o[3] - o[0] * o[5],
+                o[0] * o[4] - o[1] * o[3],
+            ]
+        });
+        let along = |p: Option<[f64; 3]>| {
+            p.zip(normal)
+                .map(|(p, n)| p[0] * n[0] + p[1] * n[1] + p[2] * n[2])
+        };
+        for f in 0..header.frames {
+            let (frame, position) = if header.frames == 1 {
+                (None, along(g.position))
+            } else {
+                (
+                    Some(f + 1),
+                    along(g.frame_positions.get(f as usize).copied().flatten()),
+                )
+            };
+            slices.push(Slice {
+                instance: i,
+                sop_instance_uid: uid.clone(),
+                frame,
+                position,
+                result: None,
+            });
+        }
+    }
+    let same_orientation = {
+        let first = headers[0].0.geometry.orientation;
+        headers
+            .iter()
+            .all(|(h, _)| match (first, h.geometry.orientation) {
+                (Some(a), Some(b)) => a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4),
+                _ => false,
+            })
+    };
+    let sorted_by = if same_orientation && slices.iter().all(|s| s.position.is_some()) {
+        slices.sort_by(|a, b| a.position.unwrap().total_cmp(&b.position.unwrap()));
+        let steps: Vec<f64> = slices
+            .windows(2)
+            .map(|w| w[1].position.unwrap() - w[0].position.unwrap())
+            .collect();
+        for (k, step) in steps.iter().enumerate() {
+            if *step < SAME_POSITION_MM {
+                warnings.push(format!(
+                    "slices {k} and {} are at the same position ({:.2} mm): duplicate slices",
+                    k + 1,
+                    slices[k].position.unwrap()
+                ));
+            }
+        }
+        let mut spacings: Vec<f64> = steps
+            .iter()
+            .copied()
+            .filter(|s| *s >= SAME_POSITION_MM)
+            .collect();
+        spacings.sort_by(f64::total_cmp);
+        if let Some(&median) = spacings.get(spacings.len() / 2) {
+            for (k, step) in steps.iter().enumerate() {
+                if *step > GAP_FACTOR * median {
+                    warnings.push(format!(
+                        "a gap of {step:.2} mm between slices {k} and {} (spacing {median:.2} \
+                         mm): slices may be missing",
+                        k + 1
+                    ));
+                }
+            }
+        }
+        SortedBy::Position
+    } else if headers
+        .iter()
+        .all(|(h, _)| h.geometry.instance_number.is_some())
+    {
+        let number = |s: &Slice| headers[s.instance].0.geometry.instance_number.unwrap();
+        slices.sort_by_key(|s| (number(s), s.frame));
+        let single_frame = headers.iter().all(|(h, _)| h.frames == 1);
+        for k in 1..slices.len() {
+            let (a, b) = (number(&slices[k - 1]), number(&slices[k]));
+            if single_frame && a == b {
+                warnings.push(format!(
+                    "slices {} and {k} have the same Instance Number {a}: duplicate slices",
+                    k - 1
+                ));
+            } else if single_frame && b > a + 1 {
+                warnings.push(format!(
+                    "Instance Numbers jump from {a} to {b} between slices {} and {k}: slices \
+                     may be missing",
+                    k - 1
+                ));
+            }
+        }
+        warnings.push(
+            "the slices are ordered by Instance Number: Image Position/Orientation (Patient) \
+             is missing or differs between instances"
+                .into(),
+        );
+        SortedBy::InstanceNumber
+    } else {
+        warnings.push(
+            "the slices are in the order sent: neither positions nor Instance Numbers are \
+             available"
+                .into(),
+        );
+        SortedBy::Request
+    };
+    (slices, sorted_by)
+}
+
+/// Decodes the needed instances and preprocesses the wanted (instance, frame) slices, in order;
+/// also the patient context of the first decoded instance (for the report).
+fn prepare(
+    model: &crate::pipeline::ServedModel,
+    instances: &[(Vec<u8>, Encoding)],
+    headers: &[Header],
+    needed: &[bool],
+    wanted: &[(usize, Option<u32>)],
+) -> Result<(Vec<Prepared>, Option<dicom::PatientContext>), InferError> {
+    let limits = model.preprocessor.input_limits();
+    let mut frames: Vec<Option<Vec<Option<dicom::Frame>>>> = vec![None; instances.len()];
+    let mut context = None;
+    let mut took = vec![Duration::ZERO; instances.len()];
+    for (i, (data, _)) in instances.iter().enumerate() {
+        if !needed[i] {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let image = dicom::decode(data, &limits).map_err(|e| input_error(e).for_image(i))?;
+        context.get_or_insert(image.context);
+        frames[i] = Some(image.frames.into_iter().map(Some).collect());
+        took[i] = started.elapsed();
+    }
+    let mut prepared = Vec::with_capacity(wanted.len());
+    for &(i, frame) in wanted {
+        let started = std::time::Instant::now();
+        let index = frame.map_or(0, |f| f as usize - 1);
+        let decoded = frames[i]
+            .as_mut()
+            .and_then(|f| f.get_mut(index))
+            .and_then(Option::take)
+            .expect("every wanted frame was decoded once");
+        let tensor = model
+            .preprocessor
+            .frame_tensor(decoded, &headers[i])
+            .map_err(|e| input_error(e).for_image(i))?;
+        let took = started.elapsed() + took[i] / headers[i].frames.max(1);
+        model.metrics.preprocess_duration(took.as_secs_f64());
+        prepared.push(Prepared {
+            tensor,
+            dicom: Some(DicomSource {
+                ids: headers[i].ids.clone(),
+                warnings: Vec::new(),
+            }),
+            took,
+        });
+    }
+    Ok((prepared, context))
+}
+
+/// The series finding: the finding label's per-slice probabilities, aggregated.
+fn summarise(model: &crate::pipeline::ServedModel, slices: &[Slice]) -> SeriesFinding {
+    let settings = &model.spec.config.series;
+    let label = settings.finding_label;
+    let scored: Vec<(usize, f32)> = slices
+        .iter()
+        .enumerate()
+        .filter_map(|(k, s)| {
+            s.result
+                .as_ref()
+                .map(|r| (k, r.classification.probabilities[label]))
+        })
+        .collect();
+    let best = scored
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+    let (probability, slice) = match settings.aggregation {
+        Aggregation::Max => (best.map_or(0.0, |b| b.1), best.map(|b| b.0)),
+        Aggregation::MeanTopK(k) => {
+            let mut values: Vec<f32> = scored.iter().map(|s| s.1).collect();
+            values.sort_by(|a, b| b.total_cmp(a));
+            let top = &values[..k.min(values.len())];
+            (top.iter().sum::<f32>() / top.len().max(1) as f32, None)
+        }
+    };
+    SeriesFinding {
+        label: model.classifier.labels()[label].clone(),
+        probability,
+        aggregation: settings.aggregation.describe(scored.len()),
+        slice,
+    }
+}
+
+fn structured_report(
+    model: &crate::pipeline::ServedModel,
+    headers: &[(Header, u64)],
+    slices: &[Slice],
+    finding: &SeriesFinding,
+    warnings: &[String],
+    context: Option<dicom::PatientContext>,
+) -> Result<Vec<u8>, InferError> {
+    let context = context.expect("a classified series decoded at least one instance");
+    let labels = model.classifier.labels();
+    let label = model.spec.config.series.finding_label;
+    let first = &headers[0].0;
+    // The report lists the classified slices; its finding's slice index refers to that list.
+    let classified: Vec<(usize, &Slice)> = slices
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.result.is_some())
+        .collect();
+    let report = SeriesReport {
+        context,
+        study_instance_uid: first.ids.study_instance_uid.clone(),
+        series_instance_uid: first.ids.series_instance_uid.clone(),
+        slices: classified
+            .iter()
+            .map(|(_, s)| {
+                let c = &s.result.as_ref().expect("classified").classification;
+                SliceFinding {
+                    sop_class_uid: headers[s.instance].0.geometry.sop_class_uid.clone(),
+                    sop_instance_uid: s.sop_instance_uid.clone(),
+                    frame: s.frame,
+                    label: labels[c.best].clone(),
+                    probability: c.probabilities[c.best],
+                    finding_probability: c.probabilities[label],
+                }
+            })
+            .collect(),
+        finding: SeriesFinding {
+            slice: finding
+                .slice
+                .and_then(|k| classified.iter().position(|(j, _)| *j == k)),
+            ..finding.clone()
+        },
+        model: ModelIdentity {
+            name: model.spec.config.name.clone(),
+            version: model.spec.version.clone(),
+            sha256: model.spec.sha256.clone(),
+            clinically_trained: model.spec.config.clinically_trained,
+        },
+        warnings: model.warnings.iter().chain(warnings).cloned().collect(),
+    };
+    report::sr::build(&report).map_err(|e| {
+        InferError::new(
+            ErrorKind::Internal,
+            format!("the structured report could not be built: {e}"),
+        )
+    })
+}
