@@ -42,7 +42,7 @@ run: build model
 ## test: every test: Rust unit + integration tests against the real ONNX Runtime (with the Python
 ##       reference checks), deploy/ validation, tritonclient interop, the upload page in chromium,
 ##       a ghz smoke load and the short resilience run on the real server, lint
-test: setup model dicom-reference
+test: setup model dicom-reference dicom-tools
 	cargo test $(CARGO_FLAGS)
 	deploy/check.sh
 	$(MAKE) --no-print-directory interop
@@ -54,16 +54,19 @@ test: setup model dicom-reference
 ## dicom-reference: pydicom and its decoders (pinned, tests/dicom/requirements.txt) into the venv,
 ##                  for the DICOM reference checks (tests/reference/dicom_reference.py)
 DICOM_STAMP := $(VENV)/.dicom-$(shell sha256sum tests/dicom/requirements.txt | cut -c1-12)
-.PHONY: dicom-reference dicom-data
+.PHONY: dicom-reference dicom-data dicom-tools
 dicom-reference: $(DICOM_STAMP)
 $(DICOM_STAMP): tests/dicom/requirements.txt | $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/dicom/requirements.txt
 	rm -f $(VENV)/.dicom-*
 	touch $@
 
-## dicom-data: regenerate tests/data/dicom (deterministic; needs Debian's dcmtk, installed by apt as root)
-dicom-data: $(DICOM_STAMP)
-	@command -v dcmcjpeg >/dev/null || { [[ $$(id -u) == 0 ]] && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dcmtk dicom3tools >/dev/null; } || { echo "error: install Debian's dcmtk"; exit 1; }
+## dicom-tools: Debian's dcmtk and dicom3tools (apt, when missing), for the structured-report checks
+dicom-tools:
+	@tests/dicom/install_tools.sh
+
+## dicom-data: regenerate tests/data/dicom (deterministic; dcmtk's encoders)
+dicom-data: $(DICOM_STAMP) dicom-tools
 	$(PY) tests/dicom/make_dicom.py
 
 ## interop: NVIDIA's tritonclient (pinned, tests/interop/requirements.txt) over the Open Inference

@@ -21,6 +21,9 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
         .max_encoding_message_size(64 * 1024 * 1024);
 
     let files = expand(&args.files)?;
+    if args.series || args.sr_out.is_some() {
+        return series(args, &mut client, &files).await;
+    }
     let mut rows = Vec::new();
     for chunk in files.chunks(FILES_PER_REQUEST) {
         let mut images = Vec::with_capacity(chunk.len());
@@ -42,11 +45,7 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
             images,
             model: args.model.clone().unwrap_or_default(),
             version: args.model_version.clone().unwrap_or_default(),
-            priority: match args.priority {
-                None => pb::Priority::Unspecified,
-                Some(Priority::Stat) => pb::Priority::Stat,
-                Some(Priority::Routine) => pb::Priority::Routine,
-            } as i32,
+            priority: priority(args),
         });
         request.set_timeout(Duration::from_secs_f64(args.timeout_s));
         let response = client.classify(request).await.map_err(|status| {
@@ -95,6 +94,132 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
                     eprintln!("warning: {warning}");
                 }
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn priority(args: &ClassifyArgs) -> i32 {
+    let priority = match args.priority {
+        None => pb::Priority::Unspecified,
+        Some(Priority::Stat) => pb::Priority::Stat,
+        Some(Priority::Routine) => pb::Priority::Routine,
+    };
+    priority as i32
+}
+
+/// One ClassifySeries call with every file; the SR into `--sr-out` when asked.
+async fn series(
+    args: &ClassifyArgs,
+    client: &mut TumorClassifierClient<tonic::transport::Channel>,
+    files: &[std::path::PathBuf],
+) -> Result<ExitCode, String> {
+    let mut instances = Vec::with_capacity(files.len());
+    for path in files {
+        let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        instances.push(pb::Image {
+            id: path.display().to_string(),
+            data,
+            format: pb::ImageFormat::Unspecified as i32,
+            raw: None,
+        });
+    }
+    let mut request = tonic::Request::new(pb::ClassifySeriesRequest {
+        instances,
+        model: args.model.clone().unwrap_or_default(),
+        version: args.model_version.clone().unwrap_or_default(),
+        priority: priority(args),
+        structured_report: args.sr_out.is_some(),
+    });
+    request.set_timeout(Duration::from_secs_f64(args.timeout_s));
+    let response = client
+        .classify_series(request)
+        .await
+        .map_err(|status| format!("server answered {:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    let mut written = None;
+    if let Some(dir) = &args.sr_out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let series_uid = response
+            .series
+            .as_ref()
+            .map(|s| s.series_instance_uid.clone())
+            .unwrap_or_default();
+        let path = dir.join(format!("sr-{series_uid}.dcm"));
+        std::fs::write(&path, &response.structured_report)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        written = Some(path);
+    }
+    let finding = response.finding.clone().unwrap_or_default();
+    let model = response.model.clone().unwrap_or_default();
+    if args.json {
+        let slices: Vec<_> = response
+            .slices
+            .iter()
+            .map(|s| {
+                json!({
+                    "slice": s.slice,
+                    "sop_instance_uid": s.sop_instance_uid,
+                    "frame": s.frame,
+                    "position_mm": s.position_mm,
+                    "selected": s.selected,
+                    "result": s.classification.as_ref().map(to_json),
+                })
+            })
+            .collect();
+        let out = json!({
+            "series": response.series.as_ref().map(|s| json!({
+                "study_instance_uid": s.study_instance_uid,
+                "series_instance_uid": s.series_instance_uid,
+            })),
+            "finding": {
+                "label": finding.label,
+                "probability": finding.probability,
+                "aggregation": finding.aggregation,
+                "slice": finding.slice,
+            },
+            "detected_sequence": response.detected_sequence,
+            "sort": response.sort,
+            "slices": slices,
+            "model": {
+                "name": model.name,
+                "version": model.version,
+                "sha256": model.sha256,
+                "clinically_trained": model.clinically_trained,
+            },
+            "warnings": response.warnings,
+            "structured_report": written.as_ref().map(|p| p.display().to_string()),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("JSON values serialise")
+        );
+    } else {
+        for s in &response.slices {
+            let result = s
+                .classification
+                .as_ref()
+                .map_or("not classified".to_string(), |c| {
+                    format!("{}\t{:.4}", c.label, c.probability)
+                });
+            let position = s.position_mm.map_or("-".to_string(), |p| format!("{p:.2}"));
+            println!("{}\t{}\t{}", s.slice, position, result);
+        }
+        println!(
+            "series\t{}\t{:.4}\t{}\t{}\tmodel={} v{} sha256={}",
+            finding.label,
+            finding.probability,
+            finding.aggregation,
+            response.detected_sequence,
+            model.name,
+            model.version,
+            &model.sha256[..model.sha256.len().min(12)]
+        );
+        if let Some(path) = &written {
+            println!("structured report\t{}", path.display());
+        }
+        for warning in &response.warnings {
+            eprintln!("warning: {warning}");
         }
     }
     Ok(ExitCode::SUCCESS)

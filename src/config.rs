@@ -245,6 +245,16 @@ pub struct ClassifyArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// The files are the instances of one DICOM series: one ClassifySeries call, one line per
+    /// slice in slice order and the series finding.
+    #[arg(long)]
+    pub series: bool,
+
+    /// Also fetch the series' DICOM Structured Report and write it into this directory (implies
+    /// --series).
+    #[arg(long, value_name = "DIR")]
+    pub sr_out: Option<PathBuf>,
+
     /// Call deadline in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub timeout_s: f64,

@@ -520,3 +520,108 @@ async fn every_frame_of_a_multi_frame_instance_is_a_slice() {
     );
     t.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structured_report_comes_back_for_the_series_and_the_cli_writes_it() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = tiny_with(root.path(), "half", "[series]\ncentral_fraction = 0.5");
+    let mut t = serve(args(&dir, &[]), None).await;
+    let slices: Vec<Slice> = (0..6).map(|k| slice(k + 1, 3.0 * k as f64)).collect();
+    let r = classify_series(
+        &mut t,
+        pb::ClassifySeriesRequest {
+            structured_report: true,
+            ..series_request(&slices)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!r.structured_report.is_empty());
+    let sr = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(&r.structured_report[..])
+        .unwrap();
+    let text = |tag| {
+        sr.element(tag)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches(['\0', ' '])
+            .to_string()
+    };
+    assert_eq!(text(tags::SOP_CLASS_UID), "1.2.840.10008.5.1.4.1.1.88.33");
+    assert_eq!(text(tags::MODALITY), "SR");
+    assert_eq!(text(tags::VERIFICATION_FLAG), "UNVERIFIED");
+    assert_eq!(text(tags::PATIENT_NAME), "Anon^Test");
+    assert_eq!(
+        text(tags::STUDY_INSTANCE_UID),
+        r.series.as_ref().unwrap().study_instance_uid
+    );
+    assert_ne!(
+        text(tags::SERIES_INSTANCE_UID),
+        r.series.as_ref().unwrap().series_instance_uid,
+        "the report is a series of its own"
+    );
+    // The evidence lists exactly the classified slices.
+    let evidence: std::collections::BTreeSet<String> = sr
+        .element(tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()
+        .iter()
+        .flat_map(|study| {
+            study
+                .element(tags::REFERENCED_SERIES_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap()
+        })
+        .flat_map(|series| {
+            series
+                .element(tags::REFERENCED_SOP_SEQUENCE)
+                .unwrap()
+                .items()
+                .unwrap()
+        })
+        .map(|sop| {
+            sop.element(tags::REFERENCED_SOP_INSTANCE_UID)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches(['\0', ' '])
+                .to_string()
+        })
+        .collect();
+    let classified: std::collections::BTreeSet<String> = r
+        .slices
+        .iter()
+        .filter(|s| s.selected)
+        .map(|s| s.sop_instance_uid.clone())
+        .collect();
+    assert_eq!(classified.len(), 3);
+    assert_eq!(evidence, classified);
+    // The command-line client: --sr-out writes the same kind of report.
+    let files = tempfile::tempdir().unwrap();
+    for s in &slices {
+        std::fs::write(files.path().join(format!("{}.dcm", s.number)), instance(s)).unwrap();
+    }
+    let out_dir = files.path().join("sr");
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_brainai"))
+        .args(["classify", "--server", &t.grpc_url(), "--sr-out"])
+        .arg(&out_dir)
+        .arg(files.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(stdout.contains("series\ttumor\t"), "{stdout}");
+    let written: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
+    assert_eq!(written.len(), 1);
+    let bytes = std::fs::read(written[0].as_ref().unwrap().path()).unwrap();
+    assert_eq!(&bytes[128..132], b"DICM");
+    t.server.shutdown().await.unwrap();
+}
