@@ -103,6 +103,13 @@ bench: setup model
 	cargo bench --locked --bench serving -- $(ARGS)
 	cargo bench --locked --bench preprocess
 
+## bench-dicom: a 512x512 16-bit MR slice to the tensor (uncompressed, JPEG-LS, JPEG 2000) against
+##        pydicom + numpy side by side on one core, and a 24-slice series end to end with the
+##        default model (docs/PERFORMANCE.md)
+.PHONY: bench-dicom
+bench-dicom: build model dicom-reference
+	cargo bench --locked --bench dicom -- --series $(MODEL_DIR) $(ARGS)
+
 ## bench-front-ends: call rate, latency and server CPU per call of every front end (gRPC Classify and
 ##        ModelInfer with ghz, HTTP /v1/classify and /v2 infer with hey), interleaved rounds, ratios
 ##        to Classify; target ModelInfer >= 0.95 x Classify (docs/PERFORMANCE.md)

@@ -98,9 +98,9 @@ fn ours(path: &Path, window: DicomWindow) -> Result<(Vec<u8>, usize), String> {
         match frame {
             Frame::Color(pixels) => bytes.extend_from_slice(&pixels.data),
             Frame::Mono {
-                values, padding, ..
+                stored, padding, ..
             } => bytes.extend(
-                voi::to_gray8(values, padding.as_deref(), &image.header, window)
+                voi::to_gray8(stored, padding.as_deref(), &image.header, window)
                     .map_err(|e| e.to_string())?,
             ),
         }

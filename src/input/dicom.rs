@@ -252,6 +252,19 @@ pub struct Header {
 }
 
 impl Header {
+    /// The modality value of a stored value: the Modality LUT Sequence, else Rescale Slope and
+    /// Intercept (`s × slope + intercept`, pydicom's order of operations), else the value.
+    pub fn modality(&self, stored: i32) -> f64 {
+        let s = f64::from(stored);
+        if let Some(lut) = &self.modality_lut {
+            lut.lookup(s)
+        } else if let Some((slope, intercept)) = self.rescale {
+            s * slope + intercept
+        } else {
+            s
+        }
+    }
+
     /// The output range of a window, as pydicom's `apply_windowing` computes it: `[0, 2^bits - 1]`
     /// of a Modality LUT Sequence, else the stored range from Bits Stored and Pixel
     /// Representation; through Rescale Slope/Intercept when both are present.
@@ -275,11 +288,12 @@ impl Header {
 /// One frame's pixels.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    /// Modality values (after the Modality LUT), row-major, and which pixels are padding.
+    /// Stored values (Bits Stored, sign-extended), row-major, and which pixels are padding;
+    /// [`Header::modality`] gives a stored value's modality value.
     Mono {
         width: u32,
         height: u32,
-        values: Vec<f64>,
+        stored: Vec<i32>,
         padding: Option<Vec<bool>>,
     },
     /// 8-bit RGB, interleaved.
@@ -840,6 +854,11 @@ fn header(object: &DefaultDicomObject) -> Result<Header, InputError> {
             "Bits Stored ({bits_stored}) must be between 1 and Bits Allocated ({bits_allocated})"
         )));
     }
+    if bits_stored == 32 && !signed {
+        return Err(invalid(
+            "unsigned 32-bit samples (Bits Stored 32, Pixel Representation 0) are not supported",
+        ));
+    }
     if let Some(high_bit) = high_bit
         && high_bit != bits_stored - 1
     {
@@ -1126,25 +1145,15 @@ fn frames(
                 Some(limit) => (value.min(limit), value.max(limit)),
                 None => (value, value),
             };
-            stored.iter().map(|&s| (lo..=hi).contains(&s)).collect()
+            stored
+                .iter()
+                .map(|&s| (lo..=hi).contains(&i64::from(s)))
+                .collect()
         });
-        let values = stored
-            .iter()
-            .map(|&s| {
-                let s = s as f64;
-                if let Some(lut) = &header.modality_lut {
-                    lut.lookup(s)
-                } else if let Some((slope, intercept)) = header.rescale {
-                    s * slope + intercept
-                } else {
-                    s
-                }
-            })
-            .collect();
         out.push(Frame::Mono {
             width,
             height,
-            values,
+            stored,
             padding,
         });
     }
@@ -1153,18 +1162,27 @@ fn frames(
 
 /// Stored values as pydicom's `pixel_array` gives them: the Bits Stored low bits, sign-extended
 /// when Pixel Representation is 1.
-fn stored_values(frame: &[u8], header: &Header) -> Vec<i64> {
+fn stored_values(frame: &[u8], header: &Header) -> Vec<i32> {
     let bits = u32::from(header.bits_stored);
-    let extend = |raw: u64| -> i64 {
+    // Bits Stored ≤ 31, or 32 signed (checked with the header): every value fits an i32.
+    let extend = |raw: u64| -> i32 {
         let masked = raw & ((1u64 << bits) - 1);
         if header.signed && masked >> (bits - 1) & 1 == 1 {
-            masked as i64 - (1i64 << bits)
+            (masked as i64 - (1i64 << bits)) as i32
         } else {
-            masked as i64
+            masked as i32
         }
     };
     match header.bits_allocated {
         8 => frame.iter().map(|&b| extend(u64::from(b))).collect(),
+        // The common MR case, kept branch-free so it vectorises.
+        16 if !header.signed => {
+            let mask = ((1u32 << bits) - 1) as u16;
+            frame
+                .chunks_exact(2)
+                .map(|b| i32::from(u16::from_le_bytes([b[0], b[1]]) & mask))
+                .collect()
+        }
         16 => frame
             .chunks_exact(2)
             .map(|b| extend(u64::from(u16::from_le_bytes([b[0], b[1]]))))
@@ -1184,8 +1202,11 @@ fn ybr_full_to_rgb(data: &mut [u8]) {
             f32::from(p[1]) - 128.0,
             f32::from(p[2]) - 128.0,
         );
+        // pydicom's float32 matrix, its entries computed in float64.
+        const G_CB: f32 = (-0.114f64 * 1.772 / 0.587) as f32;
+        const G_CR: f32 = (-0.299f64 * 1.402 / 0.587) as f32;
         let r = y + 1.402 * cr;
-        let g = y + (-0.114 * 1.772 / 0.587) * cb + (-0.299 * 1.402 / 0.587) * cr;
+        let g = y + G_CB * cb + G_CR * cr;
         let b = y + 1.772 * cb;
         for (out, v) in p.iter_mut().zip([r, g, b]) {
             *out = (v + 0.5).floor().clamp(0.0, 255.0) as u8;

@@ -82,9 +82,8 @@ impl Preprocessor {
             let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
             return Ok((pixels, None));
         }
-        let (header, _) = dicom::read_header(data, &self.limits)?;
-        let warnings = self.guard(&header)?;
         let image = dicom::decode(data, &self.limits)?;
+        let warnings = self.guard(&image.header)?;
         if image.frames.len() != 1 {
             return Err(InputError::Decode {
                 format: "DICOM",
@@ -136,13 +135,13 @@ impl Preprocessor {
             dicom::Frame::Mono {
                 width,
                 height,
-                values,
+                stored,
                 padding,
             } => Pixels {
                 width,
                 height,
                 channels: 1,
-                data: voi::to_gray8(&values, padding.as_deref(), header, self.spec.dicom_window)?,
+                data: voi::to_gray8(&stored, padding.as_deref(), header, self.spec.dicom_window)?,
             },
         })
     }
