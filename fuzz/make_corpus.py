@@ -123,6 +123,13 @@ def main() -> int:
         write("image", f"seed-raw-{w}x{h}x{c}", bytes([0x10, 3]) + w.to_bytes(2, "little")
               + h.to_bytes(2, "little") + bytes([c]) + bytes(range(w * h * c)))
 
+    # DICOM: the test files (tests/data/dicom, good and hostile, but the two large ones); selector
+    # byte: colour, window policy, sequence guard and its policy.
+    dicom = sorted(p for p in (ROOT / "tests/data/dicom").rglob("*.dcm") if p.stat().st_size <= 40_000)
+    for i, p in enumerate(dicom):
+        prefix = "bad-" if p.parent.name == "bad" else ""
+        write("dicom", f"seed-{prefix}{p.name}", bytes([(i * 5) % 32]) + p.read_bytes())
+
     tomls = sorted(ROOT.glob("tests/fixtures/models/*/model.toml")) + [ROOT / "models/brain-tumor-resnet50/model.toml"]
     for p in tomls:
         write("model_toml", f"seed-{p.parent.name}.toml", p.read_bytes())
@@ -132,6 +139,10 @@ def main() -> int:
     write("model_toml", "seed-specific.toml", (base + "\n[versions]\npolicy = \"specific\"\nspecific = [1, 3]\n").encode())
     write("model_toml", "seed-sixteen-bit.toml", base.replace('resize_filter = "bilinear"',
           'resize_filter = "bilinear"\nsixteen_bit = "scale"').encode())
+    write("model_toml", "seed-dicom-series.toml", (base + "\n[input.dicom]\nwindow = \"percentile\"\n"
+          "percentiles = [0.5, 99.5]\nmodality = [\"MR\"]\nsequences = [\"FLAIR\", \"T2\"]\n"
+          "sequence_policy = \"warn\"\n\n[series]\ncentral_fraction = 0.6\naggregation = \"mean_top_k\"\n"
+          "top_k = 2\nfinding = \"tumor\"\n").encode())
 
     small = images["gray8.png"]
     write("classify_request", "seed-one-png", field(1, image_msg(b"a", small)))

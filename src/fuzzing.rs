@@ -26,8 +26,9 @@ const LIMITS: InputLimits = InputLimits {
 pub type Target = fn(&[u8]);
 
 /// The targets by name.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("image", image),
+    ("dicom", dicom),
     ("model_toml", model_toml),
     ("classify_request", classify_request),
     ("stream_request", stream_request),
@@ -113,6 +114,79 @@ pub fn image(data: &[u8]) {
             tensor.iter().all(|v| v.is_finite()),
             "a non-finite input value"
         );
+    }
+}
+
+/// A DICOM file as Classify and ClassifySeries take it: byte 0 picks the window policy and the
+/// sequence guard; the rest is the file. The header read, the size check, Classify's
+/// preprocessing and every frame through the series path must not panic, and tensors must be
+/// finite.
+pub fn dicom(data: &[u8]) {
+    use crate::input::dicom;
+    use crate::input::sequence::Sequence;
+    use crate::model::{DicomGuard, GuardPolicy};
+    let [b0, file @ ..] = data else { return };
+    let spec = InputSpec {
+        tensor_name: "input".into(),
+        layout: Layout::Nchw,
+        height: 16,
+        width: 16,
+        color: if b0 & 1 == 0 {
+            ColorMode::Rgb
+        } else {
+            ColorMode::Grayscale
+        },
+        resize_filter: ResizeFilter::Bilinear,
+        scaling: Scaling::MeanStd {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        },
+        sixteen_bit: SixteenBit::Pillow,
+        dicom_window: [
+            DicomWindow::Header,
+            DicomWindow::MinMax,
+            DicomWindow::Percentile {
+                low: 0.5,
+                high: 99.5,
+            },
+            DicomWindow::Fixed {
+                center: 40.0,
+                width: 80.0,
+            },
+        ][usize::from(b0 >> 1 & 3)],
+        dicom_guard: (b0 & 8 != 0).then(|| DicomGuard {
+            modalities: vec!["MR".into()],
+            sequences: vec![Sequence::Flair],
+            policy: if b0 & 16 == 0 {
+                GuardPolicy::Reject
+            } else {
+                GuardPolicy::Warn
+            },
+        }),
+    };
+    let preprocessor = Preprocessor::new(spec, LIMITS);
+    let finite = |tensor: &[f32]| {
+        assert_eq!(tensor.len(), preprocessor.image_len());
+        assert!(
+            tensor.iter().all(|v| v.is_finite()),
+            "a non-finite input value"
+        );
+    };
+    // As the pipelines: header and size first, then decoding.
+    if dicom::read_header(file, &LIMITS).is_err() {
+        assert!(input::decoded_size(file, Encoding::Dicom, &LIMITS).is_err());
+        return;
+    }
+    if let Ok(tensor) = preprocessor.preprocess_to_vec(file, Encoding::Dicom) {
+        finite(&tensor);
+    }
+    if let Ok(image) = dicom::decode(file, &LIMITS) {
+        let _ = crate::input::sequence::detect(&image.header.acquisition);
+        for frame in image.frames {
+            if let Ok(tensor) = preprocessor.frame_tensor(frame, &image.header) {
+                finite(&tensor);
+            }
+        }
     }
 }
 

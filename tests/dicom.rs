@@ -403,6 +403,23 @@ async fn hostile_dicom_is_refused_by_name_and_the_server_stays_up() {
             );
         }
     }
+    // A file that made dicom-rs's RLE decoder panic (found by tests/fuzz.rs): refused, and the
+    // preprocessing pool (where an uncaught panic aborts the process) survives.
+    let rle = std::fs::read(repo().join("fuzz/regressions/dicom/rle-segment-past-end")).unwrap();
+    let err = bounded(
+        "classify",
+        t.client
+            .classify(request(vec![image("rle", rle[1..].to_vec())])),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("RLE Lossless, 1.2.840.10008.1.2.5 decoder failed on malformed pixel data"),
+        "{}",
+        err.message()
+    );
     // Still serving, DICOM included.
     let ok = bounded(
         "classify",

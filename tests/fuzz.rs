@@ -14,9 +14,10 @@ use brainai::fuzzing::TARGETS;
 mod common;
 use common::{crc32, repo};
 
-/// Mutations per target (fewer for the decoding target, whose runs cost milliseconds).
+/// Mutations per target (fewer for the decoding targets, whose runs cost milliseconds).
 const MUTATIONS: usize = 200_000;
 const IMAGE_MUTATIONS: usize = 40_000;
+const DICOM_MUTATIONS: usize = 10_000;
 /// Upper bound on one target's mutation phase, whatever the machine's speed.
 const BUDGET: Duration = Duration::from_secs(60);
 
@@ -169,6 +170,8 @@ fn fuzz(name: &str) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ crc32(name.as_bytes()) as u64);
     let count = if name == "image" {
         IMAGE_MUTATIONS
+    } else if name == "dicom" {
+        DICOM_MUTATIONS
     } else {
         MUTATIONS
     };
@@ -190,6 +193,11 @@ fn fuzz(name: &str) {
 #[test]
 fn image() {
     fuzz("image");
+}
+
+#[test]
+fn dicom() {
+    fuzz("dicom");
 }
 
 #[test]
@@ -234,6 +242,7 @@ fn every_target_has_a_test_here() {
         names,
         [
             "image",
+            "dicom",
             "model_toml",
             "classify_request",
             "stream_request",

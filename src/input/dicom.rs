@@ -350,13 +350,23 @@ pub fn decode(data: &[u8], limits: &InputLimits) -> Result<DicomImage, InputErro
             header.bits_stored
         )));
     }
-    let decoded = object.decode_pixel_data().map_err(|e| {
-        invalid(format!(
-            "pixel data ({}) could not be decoded: {}",
-            ts_name(&header.transfer_syntax),
-            error_chain(&e)
-        ))
-    })?;
+    // The codecs are third-party code fed hostile bytes: a panic in one (dicom-rs's RLE decoder
+    // indexes past its buffer on some malformed segments, found by tests/fuzz.rs) is an error for
+    // this image, not a crash of the preprocessing pool.
+    let decoded = unwind(|| object.decode_pixel_data())
+        .map_err(|()| {
+            invalid(format!(
+                "the {} decoder failed on malformed pixel data",
+                ts_name(&header.transfer_syntax)
+            ))
+        })?
+        .map_err(|e| {
+            invalid(format!(
+                "pixel data ({}) could not be decoded: {}",
+                ts_name(&header.transfer_syntax),
+                error_chain(&e)
+            ))
+        })?;
     let frames = frames(&header, decoded.data(), &decoded)?;
     let context = PatientContext::of(&object);
     Ok(DicomImage {
@@ -408,9 +418,14 @@ fn parse(
     if let Some(tag) = until {
         options = options.read_until(tag);
     }
-    options
-        .from_reader(body)
+    unwind(|| options.from_reader(body))
+        .map_err(|()| invalid("the DICOM parser failed on malformed data"))?
         .map_err(|e| invalid(format!("the file could not be parsed: {}", error_chain(&e))))
+}
+
+/// Runs third-party parsing or decoding, turning a panic into `Err(())`.
+fn unwind<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| ())
 }
 
 /// Structural checks before parsing; returns the file from `DICM` on. Walks every element header
