@@ -625,3 +625,95 @@ async fn a_structured_report_comes_back_for_the_series_and_the_cli_writes_it() {
     assert_eq!(&bytes[128..132], b"DICM");
     t.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enhanced_mr_frames_are_sorted_by_their_functional_group_positions() {
+    use dicom_object::InMemDicomObject;
+    let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
+    // An Enhanced MR instance of three frames stored at z = 10, 0, 5 mm: positions and the
+    // orientation only in the functional groups, none at the top level.
+    let bytes = template();
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(&bytes[..])
+        .unwrap();
+    let pixels = obj
+        .element(tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .to_vec();
+    let frame_len = pixels.len();
+    let mut all = Vec::with_capacity(3 * frame_len);
+    for k in 0..3u16 {
+        // Each frame a little different, so their probabilities differ.
+        all.extend(
+            pixels
+                .chunks_exact(2)
+                .flat_map(|p| (u16::from_le_bytes([p[0], p[1]]) / (k + 1)).to_le_bytes()),
+        );
+    }
+    let text = |tag, vr, value: &str| DataElement::new(tag, vr, PrimitiveValue::from(value));
+    let item = |elements: Vec<DataElement<InMemDicomObject>>| {
+        InMemDicomObject::from_element_iter(elements)
+    };
+    let sequence = |tag, items: Vec<InMemDicomObject>| {
+        DataElement::new(tag, VR::SQ, dicom_core::value::DataSetSequence::from(items))
+    };
+    let positions = ["-100\\-90\\10", "-100\\-90\\0", "-100\\-90\\5"];
+    obj.put(sequence(
+        tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE,
+        vec![item(vec![sequence(
+            tags::PLANE_ORIENTATION_SEQUENCE,
+            vec![item(vec![text(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                "1\\0\\0\\0\\1\\0",
+            )])],
+        )])],
+    ));
+    obj.put(sequence(
+        tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE,
+        positions
+            .iter()
+            .map(|p| {
+                item(vec![sequence(
+                    tags::PLANE_POSITION_SEQUENCE,
+                    vec![item(vec![text(tags::IMAGE_POSITION_PATIENT, VR::DS, p)])],
+                )])
+            })
+            .collect(),
+    ));
+    obj.remove_element(tags::IMAGE_POSITION_PATIENT);
+    obj.remove_element(tags::IMAGE_ORIENTATION_PATIENT);
+    obj.put(text(tags::NUMBER_OF_FRAMES, VR::IS, "3"));
+    obj.put(text(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        "1.2.840.10008.5.1.4.1.1.4.1",
+    ));
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::from(all),
+    ));
+    let mut data = Vec::new();
+    obj.write_all(&mut data).unwrap();
+    let r = classify_series(
+        &mut t,
+        pb::ClassifySeriesRequest {
+            instances: vec![image("enhanced", data)],
+            structured_report: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.sort, "position");
+    let frames: Vec<u32> = r.slices.iter().map(|s| s.frame).collect();
+    assert_eq!(frames, vec![2, 3, 1], "sorted by z: 0, 5, 10");
+    let z: Vec<Option<f64>> = r.slices.iter().map(|s| s.position_mm).collect();
+    assert_eq!(z, vec![Some(0.0), Some(5.0), Some(10.0)]);
+    assert!(!r.structured_report.is_empty());
+    t.server.shutdown().await.unwrap();
+}
