@@ -341,14 +341,15 @@ pub fn decode(data: &[u8], limits: &InputLimits) -> Result<DicomImage, InputErro
         return Err(invalid("the instance has no Pixel Data (7FE0,0010)"));
     }
     if header.transfer_syntax == JPEG_EXTENDED && header.bits_stored > 8 {
-        // jpeg-decoder, the JPEG decoder of dicom-rs, decodes 8-bit DCT only.
-        return Err(invalid(format!(
-            "transfer syntax {} with {}-bit samples is not supported: this build's JPEG decoder \
-             handles 8-bit DCT only (8-bit JPEG Extended is decoded); send it uncompressed or \
-             lossless",
-            ts_name(JPEG_EXTENDED),
-            header.bits_stored
-        )));
+        // jpeg-decoder, dicom-rs's JPEG decoder, has no 12-bit DCT: libjpeg-turbo decodes it.
+        let data = jpeg12::decode(&object, &header)?;
+        let frames = frames(&header, &data, false, false)?;
+        let context = PatientContext::of(&object);
+        return Ok(DicomImage {
+            header,
+            frames,
+            context,
+        });
     }
     // The codecs are third-party code fed hostile bytes: a panic in one (dicom-rs's RLE decoder
     // indexes past its buffer on some malformed segments, found by tests/fuzz.rs) is an error for
@@ -367,7 +368,15 @@ pub fn decode(data: &[u8], limits: &InputLimits) -> Result<DicomImage, InputErro
                 error_chain(&e)
             ))
         })?;
-    let frames = frames(&header, decoded.data(), &decoded)?;
+    let planar = matches!(
+        decoded.planar_configuration(),
+        dicom_pixeldata::PlanarConfiguration::PixelFirst
+    );
+    let ybr = matches!(
+        decoded.photometric_interpretation(),
+        dicom_pixeldata::PhotometricInterpretation::YbrFull
+    );
+    let frames = frames(&header, decoded.data(), planar, ybr)?;
     let context = PatientContext::of(&object);
     Ok(DicomImage {
         header,
@@ -1105,11 +1114,8 @@ fn check_geometry(header: &Header, limits: &InputLimits) -> Result<u64, InputErr
 }
 
 /// Splits the decoded samples into frames of modality values (or RGB).
-fn frames(
-    header: &Header,
-    data: &[u8],
-    decoded: &dicom_pixeldata::DecodedPixelData<'_>,
-) -> Result<Vec<Frame>, InputError> {
+/// `planar`: colour samples come plane by plane; `ybr`: they are still YBR_FULL after decoding.
+fn frames(header: &Header, data: &[u8], planar: bool, ybr: bool) -> Result<Vec<Frame>, InputError> {
     let (width, height) = (header.columns, header.rows);
     let pixels = width as usize * height as usize;
     let samples = header.samples_per_pixel as usize;
@@ -1127,10 +1133,6 @@ fn frames(
     let mut out = Vec::with_capacity(frames);
     for frame in data.chunks_exact(frame_bytes).take(frames) {
         if samples == 3 {
-            let planar = matches!(
-                decoded.planar_configuration(),
-                dicom_pixeldata::PlanarConfiguration::PixelFirst
-            );
             let mut rgb = if planar {
                 let (r, rest) = frame.split_at(pixels);
                 let (g, b) = rest.split_at(pixels);
@@ -1138,12 +1140,7 @@ fn frames(
             } else {
                 frame.to_vec()
             };
-            if header.photometric == Photometric::YbrFull
-                && matches!(
-                    decoded.photometric_interpretation(),
-                    dicom_pixeldata::PhotometricInterpretation::YbrFull
-                )
-            {
+            if header.photometric == Photometric::YbrFull && ybr {
                 ybr_full_to_rgb(&mut rgb);
             }
             out.push(Frame::Color(Pixels {
@@ -1226,5 +1223,125 @@ fn ybr_full_to_rgb(data: &mut [u8]) {
         for (out, v) in p.iter_mut().zip([r, g, b]) {
             *out = (v + 0.5).floor().clamp(0.0, 255.0) as u8;
         }
+    }
+}
+
+/// 12-bit JPEG Extended (Process 4) through libjpeg-turbo 3.1 (`turbojpeg-sys`, built from its
+/// bundled source), whose 12-bit DCT jpeg-decoder lacks.
+mod jpeg12 {
+    use std::ffi::{CStr, c_int};
+
+    use dicom_core::value::Value;
+    use turbojpeg_sys as tj;
+
+    use super::{DefaultDicomObject, Header, InputError, invalid, tags};
+
+    /// Frees the decompressor however decoding ends.
+    struct Handle(tj::tjhandle);
+
+    impl Drop for Handle {
+        fn drop(&mut self) {
+            // SAFETY: a handle from tj3Init, destroyed once.
+            unsafe { tj::tj3Destroy(self.0) }
+        }
+    }
+
+    impl Handle {
+        fn error(&self, what: &str) -> InputError {
+            // SAFETY: tj3GetErrorStr returns a NUL-terminated string owned by the handle.
+            let message = unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0)) }
+                .to_string_lossy()
+                .into_owned();
+            invalid(format!(
+                "12-bit JPEG Extended pixel data could not be decoded ({what}): {message}"
+            ))
+        }
+    }
+
+    /// Every frame's samples as 16-bit little-endian, frames concatenated.
+    pub fn decode(object: &DefaultDicomObject, header: &Header) -> Result<Vec<u8>, InputError> {
+        if header.samples_per_pixel != 1 {
+            return Err(invalid(
+                "12-bit JPEG Extended is supported for monochrome images only",
+            ));
+        }
+        let element = object
+            .get(tags::PIXEL_DATA)
+            .ok_or_else(|| invalid("the instance has no Pixel Data (7FE0,0010)"))?;
+        let Value::PixelSequence(sequence) = element.value() else {
+            return Err(invalid(
+                "JPEG Extended pixel data is not encapsulated in fragments",
+            ));
+        };
+        let fragments = sequence.fragments();
+        let frames = header.frames as usize;
+        let codestreams: Vec<Vec<u8>> = if frames == 1 {
+            vec![fragments.iter().flatten().copied().collect()]
+        } else if fragments.len() == frames {
+            fragments.iter().map(|f| f.to_vec()).collect()
+        } else {
+            return Err(invalid(format!(
+                "{} fragments for {frames} frames: only one fragment per frame is supported for \
+                 multi-frame 12-bit JPEG",
+                fragments.len()
+            )));
+        };
+        let mut out =
+            Vec::with_capacity(frames * header.rows as usize * header.columns as usize * 2);
+        for codestream in &codestreams {
+            // SAFETY: tj3Init has no preconditions; a null handle is checked.
+            let handle = Handle(unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as c_int) });
+            if handle.0.is_null() {
+                return Err(invalid("the 12-bit JPEG decoder could not be initialised"));
+            }
+            // SAFETY: the pointer and length describe `codestream`, alive for the call.
+            if unsafe {
+                tj::tj3DecompressHeader(
+                    handle.0,
+                    codestream.as_ptr(),
+                    codestream.len() as tj::size_t,
+                )
+            } != 0
+            {
+                return Err(handle.error("header"));
+            }
+            // SAFETY: reading parameters of a handle that has read a header.
+            let (width, height, precision) = unsafe {
+                (
+                    tj::tj3Get(handle.0, tj::TJPARAM_TJPARAM_JPEGWIDTH as c_int),
+                    tj::tj3Get(handle.0, tj::TJPARAM_TJPARAM_JPEGHEIGHT as c_int),
+                    tj::tj3Get(handle.0, tj::TJPARAM_TJPARAM_PRECISION as c_int),
+                )
+            };
+            if i64::from(width) != i64::from(header.columns)
+                || i64::from(height) != i64::from(header.rows)
+                || precision != 12
+            {
+                return Err(invalid(format!(
+                    "the JPEG codestream is {width}×{height} with {precision}-bit samples; the \
+                     header says {}×{} with {} bits stored",
+                    header.columns, header.rows, header.bits_stored
+                )));
+            }
+            let mut samples = vec![0i16; width as usize * height as usize];
+            // SAFETY: `samples` holds width × height 12-bit gray samples (pitch 0: packed), the
+            // size the header just reported; the codestream is alive for the call.
+            if unsafe {
+                tj::tj3Decompress12(
+                    handle.0,
+                    codestream.as_ptr(),
+                    codestream.len() as tj::size_t,
+                    samples.as_mut_ptr(),
+                    0,
+                    tj::TJPF_TJPF_GRAY as c_int,
+                )
+            } != 0
+            {
+                // Warnings (e.g. a truncated scan) count as errors: a damaged image is refused.
+                return Err(handle.error("scan"));
+            }
+            out.extend(samples.iter().flat_map(|&v| (v as u16).to_le_bytes()));
+        }
+        Ok(out)
     }
 }
