@@ -78,6 +78,7 @@ fn main() {
         sixteen_bit: SixteenBit::Pillow,
         dicom_window: DicomWindow::Header,
         dicom_guard: None,
+        dicom_output: Default::default(),
     };
     let pre = Preprocessor::new(
         spec,

@@ -39,6 +39,7 @@ fn resnet50_input() -> InputSpec {
         sixteen_bit: SixteenBit::Pillow,
         dicom_window: Default::default(),
         dicom_guard: None,
+        dicom_output: Default::default(),
     }
 }
 

@@ -86,6 +86,7 @@ pub fn image(data: &[u8]) {
             },
         ][usize::from(*b1 >> 6)],
         dicom_guard: None,
+        dicom_output: Default::default(),
     };
     let (encoding, image) = match b1 % 4 {
         0 => (Encoding::Detect, rest),
@@ -124,7 +125,7 @@ pub fn image(data: &[u8]) {
 pub fn dicom(data: &[u8]) {
     use crate::input::dicom;
     use crate::input::sequence::Sequence;
-    use crate::model::{DicomGuard, GuardPolicy};
+    use crate::model::{DicomGuard, DicomOutput, GuardPolicy};
     let [b0, file @ ..] = data else { return };
     let spec = InputSpec {
         tensor_name: "input".into(),
@@ -154,6 +155,11 @@ pub fn dicom(data: &[u8]) {
                 width: 80.0,
             },
         ][usize::from(b0 >> 1 & 3)],
+        dicom_output: if b0 & 32 == 0 {
+            DicomOutput::Uint8
+        } else {
+            DicomOutput::Float
+        },
         dicom_guard: (b0 & 8 != 0).then(|| DicomGuard {
             modalities: vec!["MR".into()],
             sequences: vec![Sequence::Flair],

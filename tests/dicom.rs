@@ -279,6 +279,28 @@ async fn served_dicom_tensors_equal_the_reference_and_echo_the_uids() {
             "lanczos3",
             "window = { center = 1500.0, width = 2500.0 }",
         ),
+        // output = "float": unrounded levels, resized as Pillow's mode "F".
+        (
+            "dcm-float-header",
+            "NCHW",
+            "rgb",
+            "bilinear",
+            "window = \"header\"\noutput = \"float\"",
+        ),
+        (
+            "dcm-float-percentile",
+            "NCHW",
+            "grayscale",
+            "lanczos3",
+            "window = \"percentile\"\noutput = \"float\"",
+        ),
+        (
+            "dcm-float-minmax",
+            "NCHW",
+            "rgb",
+            "nearest",
+            "window = \"minmax\"\noutput = \"float\"",
+        ),
     ];
     for (name, layout, color, filter, window) in variants {
         let input = format!(
@@ -329,6 +351,7 @@ async fn served_dicom_tensors_equal_the_reference_and_echo_the_uids() {
                 .zip(want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
+            // Float levels too are identical: the same float operations as Pillow's mode "F".
             let allowed = if *dct { f32::from(DCT_LEVELS) } else { 0.0 };
             if worst > allowed {
                 failures.push(format!("{name}: {file}: differs by {worst} levels"));

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Aggregation, ColorMode, DicomGuard, DicomWindow, GuardPolicy, InputSpec, Layout, ModelError,
-    OutputKind, ResizeFilter, Scaling, SeriesSettings, SixteenBit,
+    Aggregation, ColorMode, DicomGuard, DicomOutput, DicomWindow, GuardPolicy, InputSpec, Layout,
+    ModelError, OutputKind, ResizeFilter, Scaling, SeriesSettings, SixteenBit,
 };
 use crate::batcher::Priority;
 
@@ -280,6 +280,8 @@ struct DicomSection {
     modality: Option<Vec<String>>,
     sequences: Option<Vec<crate::input::sequence::Sequence>>,
     sequence_policy: Option<GuardPolicy>,
+    #[serde(default)]
+    output: DicomOutput,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +384,7 @@ impl InputSection {
             resize_filter: self.resize_filter,
             scaling,
             sixteen_bit: self.sixteen_bit,
+            dicom_output: self.dicom.as_ref().map(|d| d.output).unwrap_or_default(),
             dicom_guard: match &self.dicom {
                 Some(section) => section.guard()?,
                 None => None,

@@ -140,6 +140,19 @@ impl DicomWindow {
     }
 }
 
+/// What the window of a DICOM image produces (`[input.dicom] output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DicomOutput {
+    /// 8-bit pixels (`floor(t × 255 + 0.5)`), as a PNG training export was; then the usual
+    /// resize and scaling.
+    #[default]
+    Uint8,
+    /// Unrounded values `t × 255` (float32): resized as Pillow resizes mode `F`, then scaled as
+    /// 8-bit values would be. Colour images stay 8-bit.
+    Float,
+}
+
 /// What a model accepts as DICOM input (`modality`, `sequences`, `sequence_policy` in
 /// `[input.dicom]`): the sequence guard.
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +241,7 @@ pub struct InputSpec {
     pub scaling: Scaling,
     pub sixteen_bit: SixteenBit,
     pub dicom_window: DicomWindow,
+    pub dicom_output: DicomOutput,
     /// `None`: any DICOM modality and sequence.
     pub dicom_guard: Option<DicomGuard>,
 }

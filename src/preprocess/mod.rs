@@ -8,7 +8,7 @@ pub mod voi;
 use crate::input::dicom::{self, DicomIds};
 use crate::input::sequence;
 use crate::input::{self, Encoding, InputError, InputLimits, Pixels};
-use crate::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling};
+use crate::model::{ColorMode, DicomOutput, InputSpec, Layout, ResizeFilter, Scaling};
 use resample::Filter;
 
 /// Where a DICOM input came from, and what the guard said about it.
@@ -16,6 +16,17 @@ use resample::Filter;
 pub struct DicomSource {
     pub ids: DicomIds,
     pub warnings: Vec<String>,
+}
+
+/// Decoded pixels before conversion and resizing.
+enum Plane {
+    Bytes(Pixels),
+    /// One channel of unrounded 8-bit-scale levels (DICOM, `output = "float"`).
+    Float {
+        width: u32,
+        height: u32,
+        data: Vec<f32>,
+    },
 }
 
 /// Turns images into input tensors for one model.
@@ -65,10 +76,66 @@ impl Preprocessor {
             self.spec.image_len(),
             "output buffer has the wrong size: this is a bug"
         );
-        let (pixels, ids) = self.decode(data, encoding)?;
-        let pixels = self.resize(self.convert_color(pixels));
-        self.write_tensor(&pixels, out);
+        let (plane, ids) = self.decode(data, encoding)?;
+        self.write_plane(plane, out);
         Ok(ids)
+    }
+
+    /// Converts, resizes and scales decoded pixels into `out`.
+    fn write_plane(&self, plane: Plane, out: &mut [f32]) {
+        match plane {
+            Plane::Bytes(pixels) => {
+                let pixels = self.resize(self.convert_color(pixels));
+                self.write_tensor(&pixels, out);
+            }
+            Plane::Float {
+                width,
+                height,
+                data,
+            } => self.write_levels(&self.resize_levels(data, width, height), out),
+        }
+    }
+
+    /// Float levels resized to the model's size with its filter, as Pillow resizes mode `F`.
+    fn resize_levels(&self, data: Vec<f32>, width: u32, height: u32) -> Vec<f32> {
+        let (w, h) = (self.spec.width as usize, self.spec.height as usize);
+        let (in_w, in_h) = (width as usize, height as usize);
+        if (in_w, in_h) == (w, h) {
+            return data;
+        }
+        let filter = match self.spec.resize_filter {
+            ResizeFilter::Nearest => return resample::nearest(&data, in_w, in_h, 1, w, h),
+            ResizeFilter::Bilinear => Filter::Bilinear,
+            ResizeFilter::Bicubic => Filter::Bicubic,
+            ResizeFilter::Lanczos3 => Filter::Lanczos3,
+        };
+        resample::resize_f32(&data, in_w, in_h, w, h, filter)
+    }
+
+    /// A one-channel float plane of 8-bit-scale levels, replicated to 3 channels and scaled as
+    /// 8-bit values are (the same float32 operations as the 8-bit table).
+    fn write_levels(&self, levels: &[f32], out: &mut [f32]) {
+        let plane = levels.len();
+        let value = |v: f32, c: usize| match self.spec.scaling {
+            Scaling::MeanStd { mean, std } => (v / 255.0 - mean[c]) / std[c],
+            Scaling::ScaleOffset { scale, offset } => v * scale + offset,
+        };
+        match self.spec.layout {
+            Layout::Nchw => {
+                for c in 0..3 {
+                    for (o, &v) in out[c * plane..(c + 1) * plane].iter_mut().zip(levels) {
+                        *o = value(v, c);
+                    }
+                }
+            }
+            Layout::Nhwc => {
+                for (o, &v) in out.chunks_exact_mut(3).zip(levels) {
+                    for (c, oc) in o.iter_mut().enumerate() {
+                        *oc = value(v, c);
+                    }
+                }
+            }
+        }
     }
 
     /// 8-bit pixels of one image: PNG/JPEG/raw as Pillow decodes them, DICOM through its pixel
@@ -77,10 +144,10 @@ impl Preprocessor {
         &self,
         data: &[u8],
         encoding: Encoding,
-    ) -> Result<(Pixels, Option<DicomSource>), InputError> {
+    ) -> Result<(Plane, Option<DicomSource>), InputError> {
         if !encoding.is_dicom(data) {
             let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
-            return Ok((pixels, None));
+            return Ok((Plane::Bytes(pixels), None));
         }
         let image = dicom::decode(data, &self.limits)?;
         let warnings = self.guard(&image.header)?;
@@ -94,9 +161,9 @@ impl Preprocessor {
             });
         }
         let frame = image.frames.into_iter().next().expect("one frame");
-        let pixels = self.dicom_frame(frame, &image.header)?;
+        let plane = self.dicom_frame(frame, &image.header)?;
         Ok((
-            pixels,
+            plane,
             Some(DicomSource {
                 ids: image.header.ids,
                 warnings,
@@ -118,30 +185,38 @@ impl Preprocessor {
         frame: dicom::Frame,
         header: &dicom::Header,
     ) -> Result<Vec<f32>, InputError> {
-        let pixels = self.resize(self.convert_color(self.dicom_frame(frame, header)?));
         let mut out = vec![0f32; self.spec.image_len()];
-        self.write_tensor(&pixels, &mut out);
+        self.write_plane(self.dicom_frame(frame, header)?, &mut out);
         Ok(out)
     }
 
-    /// One decoded DICOM frame as 8-bit pixels, windowed as the model says.
-    pub fn dicom_frame(
+    /// One decoded DICOM frame windowed as the model says: 8-bit pixels, or (`output = "float"`)
+    /// unrounded levels. Colour frames are 8-bit either way.
+    fn dicom_frame(
         &self,
         frame: dicom::Frame,
         header: &dicom::Header,
-    ) -> Result<Pixels, InputError> {
+    ) -> Result<Plane, InputError> {
+        let window = self.spec.dicom_window;
         Ok(match frame {
-            dicom::Frame::Color(pixels) => pixels,
+            dicom::Frame::Color(pixels) => Plane::Bytes(pixels),
             dicom::Frame::Mono {
                 width,
                 height,
                 stored,
                 padding,
-            } => Pixels {
-                width,
-                height,
-                channels: 1,
-                data: voi::to_gray8(&stored, padding.as_deref(), header, self.spec.dicom_window)?,
+            } => match self.spec.dicom_output {
+                DicomOutput::Uint8 => Plane::Bytes(Pixels {
+                    width,
+                    height,
+                    channels: 1,
+                    data: voi::to_gray8(&stored, padding.as_deref(), header, window)?,
+                }),
+                DicomOutput::Float => Plane::Float {
+                    width,
+                    height,
+                    data: voi::to_float(&stored, padding.as_deref(), header, window)?,
+                },
             },
         })
     }
@@ -149,8 +224,24 @@ impl Preprocessor {
     /// The image as the model sees it, as a PNG: decoded, converted and resized, before scaling
     /// (gray for `grayscale` models, RGB otherwise).
     pub fn preview_png(&self, data: &[u8], encoding: Encoding) -> Result<Vec<u8>, InputError> {
-        let (pixels, _) = self.decode(data, encoding)?;
-        let pixels = self.resize(self.convert_color(pixels));
+        let pixels = match self.decode(data, encoding)?.0 {
+            Plane::Bytes(pixels) => self.resize(self.convert_color(pixels)),
+            // The preview of float levels: rounded to 8 bits after the float resize.
+            Plane::Float {
+                width,
+                height,
+                data,
+            } => Pixels {
+                width: self.spec.width,
+                height: self.spec.height,
+                channels: 1,
+                data: self
+                    .resize_levels(data, width, height)
+                    .iter()
+                    .map(|v| v.round().clamp(0.0, 255.0) as u8)
+                    .collect(),
+            },
+        };
         let color = if pixels.channels == 1 {
             image::ExtendedColorType::L8
         } else {
@@ -297,6 +388,7 @@ mod tests {
             sixteen_bit: SixteenBit::Pillow,
             dicom_window: Default::default(),
             dicom_guard: None,
+            dicom_output: Default::default(),
         }
     }
 

@@ -75,42 +75,113 @@ struct Coefficients {
     ksize: usize,
 }
 
-fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+/// Pillow's `precompute_coeffs`: per output pixel, the first input index, the number of taps and
+/// the normalised weights (`ksize` slots each), in double precision.
+fn float_coefficients(
+    in_size: usize,
+    out_size: usize,
+    filter: Filter,
+) -> (Vec<(usize, usize)>, Vec<f64>, usize) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
+    let mut weights = vec![0f64; out_size * ksize];
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // Pillow truncates toward zero with a C cast.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let k = &mut weights[xx * ksize..xx * ksize + xmax];
         let mut ww = 0.0;
-        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+        for (x, kx) in k.iter_mut().enumerate() {
             let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
             *kx = w;
             ww += w;
         }
-        for (x, kx) in k.iter().enumerate().take(xmax) {
-            let w = if ww != 0.0 { kx / ww } else { *kx };
-            let fixed = w * (1i64 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 {
-                (-0.5 + fixed) as i32
-            } else {
-                (0.5 + fixed) as i32
-            };
+        if ww != 0.0 {
+            for kx in k.iter_mut() {
+                *kx /= ww;
+            }
         }
         bounds.push((xmin, xmax));
     }
+    (bounds, weights, ksize)
+}
+
+/// The 8-bit weights: Pillow's `normalize_coeffs_8bpc` of [`float_coefficients`].
+fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+    let (bounds, float, ksize) = float_coefficients(in_size, out_size, filter);
+    let weights = float
+        .iter()
+        .map(|&w| {
+            let fixed = w * (1i64 << PRECISION_BITS) as f64;
+            if w < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            }
+        })
+        .collect();
     Coefficients {
         bounds,
         weights,
         ksize,
     }
+}
+
+/// Resizes a one-channel float image as Pillow resizes mode `F`: each pass sums `value × weight`
+/// in double precision over the normalised weights and stores float32; horizontal pass first,
+/// over the rows the vertical pass reads.
+pub fn resize_f32(
+    src: &[f32],
+    w: usize,
+    h: usize,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+) -> Vec<f32> {
+    assert_eq!(src.len(), w * h, "buffer is width*height: this is a bug");
+    let vert = (out_h != h).then(|| float_coefficients(h, out_h, filter));
+    let (row_first, row_last) = match &vert {
+        Some((bounds, _, _)) => (bounds[0].0, bounds.last().map_or(h, |(start, n)| start + n)),
+        None => (0, h),
+    };
+    let (mid, mid_w, mid_first) = if out_w != w {
+        let (bounds, k, ksize) = float_coefficients(w, out_w, filter);
+        let mut out = vec![0f32; (row_last - row_first) * out_w];
+        for (r, out_row) in out.chunks_exact_mut(out_w).enumerate() {
+            let in_row = &src[(row_first + r) * w..(row_first + r + 1) * w];
+            for (xx, o) in out_row.iter_mut().enumerate() {
+                let (start, n) = bounds[xx];
+                let mut ss = 0.0f64;
+                for (&p, &kx) in in_row[start..start + n].iter().zip(&k[xx * ksize..]) {
+                    ss += f64::from(p) * kx;
+                }
+                *o = ss as f32;
+            }
+        }
+        (out, out_w, row_first)
+    } else {
+        (src.to_vec(), w, 0)
+    };
+    let Some((bounds, k, ksize)) = vert else {
+        return mid;
+    };
+    let mut out = vec![0f32; out_h * mid_w];
+    for (yy, out_row) in out.chunks_exact_mut(mid_w).enumerate() {
+        let (start, n) = bounds[yy];
+        for (xx, o) in out_row.iter_mut().enumerate() {
+            let mut ss = 0.0f64;
+            for (y, &ky) in k[yy * ksize..yy * ksize + n].iter().enumerate() {
+                ss += f64::from(mid[(start + y - mid_first) * mid_w + xx]) * ky;
+            }
+            *o = ss as f32;
+        }
+    }
+    out
 }
 
 #[inline]
@@ -315,14 +386,14 @@ fn horizontal_row(in_row: &[u8], out_row: &mut [u8], channels: usize, c: &Coeffi
 /// the source coordinate starts at half a step and is advanced by repeated addition of the step
 /// `in / out` in f64, then truncated. (Computing `floor((i + 0.5) * in / out)` directly differs
 /// from Pillow where the accumulated sum rounds across an integer.)
-pub fn nearest(
-    src: &[u8],
+pub fn nearest<T: Copy>(
+    src: &[T],
     w: usize,
     h: usize,
     channels: usize,
     out_w: usize,
     out_h: usize,
-) -> Vec<u8> {
+) -> Vec<T> {
     assert_eq!(
         src.len(),
         w * h * channels,

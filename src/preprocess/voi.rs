@@ -51,6 +51,28 @@ pub fn to_gray8(
     header: &Header,
     window: DicomWindow,
 ) -> Result<Vec<u8>, InputError> {
+    map_frame(stored, padding, header, window, 0u8, |w, x| w.gray(x))
+}
+
+/// One frame's stored values to unrounded float32 levels `t × 255` (`output = "float"`):
+/// MONOCHROME1 inverted (`255 - v`), padding 0.
+pub fn to_float(
+    stored: &[i32],
+    padding: Option<&[bool]>,
+    header: &Header,
+    window: DicomWindow,
+) -> Result<Vec<f32>, InputError> {
+    map_frame(stored, padding, header, window, 0f32, |w, x| w.level(x))
+}
+
+fn map_frame<T: Copy>(
+    stored: &[i32],
+    padding: Option<&[bool]>,
+    header: &Header,
+    window: DicomWindow,
+    pad_value: T,
+    map: impl Fn(&Window<'_>, f64) -> T,
+) -> Result<Vec<T>, InputError> {
     let is_image = |i: usize| padding.is_none_or(|p| !p[i]);
     let (low, high) = stored
         .iter()
@@ -67,15 +89,15 @@ pub fn to_gray8(
             .filter(|&(i, _)| is_image(i))
             .map(|(_, &s)| (header.modality(s), 1))
             .collect();
-        let map = Window::resolve(header, window, values)?;
+        let resolved = Window::resolve(header, window, values)?;
         return Ok(stored
             .iter()
             .enumerate()
             .map(|(i, &s)| {
                 if is_image(i) {
-                    map.gray(header.modality(s))
+                    map(&resolved, header.modality(s))
                 } else {
-                    0
+                    pad_value
                 }
             })
             .collect());
@@ -104,16 +126,22 @@ pub fn to_gray8(
             .map(|(k, &c)| (header.modality(low + k as i32), c))
             .collect();
     }
-    let map = Window::resolve(header, window, present)?;
-    let table: Vec<u8> = (0..span)
-        .map(|k| map.gray(header.modality(low + k as i32)))
+    let resolved = Window::resolve(header, window, present)?;
+    let table: Vec<T> = (0..span)
+        .map(|k| map(&resolved, header.modality(low + k as i32)))
         .collect();
     Ok(match padding {
         None => stored.iter().map(|&s| table[(s - low) as usize]).collect(),
         Some(p) => stored
             .iter()
             .zip(p)
-            .map(|(&s, &pad)| if pad { 0 } else { table[(s - low) as usize] })
+            .map(|(&s, &pad)| {
+                if pad {
+                    pad_value
+                } else {
+                    table[(s - low) as usize]
+                }
+            })
             .collect(),
     })
 }
@@ -216,10 +244,22 @@ impl<'a> Window<'a> {
 
     /// pydicom's windowing of `x` into `[y_min, y_max]`, then 8 bits.
     fn gray(&self, x: f64) -> u8 {
+        let v = (self.t(x) * 255.0 + 0.5).floor() as u8;
+        if self.invert { 255 - v } else { v }
+    }
+
+    /// The same window, unrounded: `t × 255` as float32.
+    fn level(&self, x: f64) -> f32 {
+        let v = (self.t(x) * 255.0) as f32;
+        if self.invert { 255.0 - v } else { v }
+    }
+
+    /// `(y - y_min) / (y_max - y_min)` of pydicom's windowed `y`, clipped to [0, 1].
+    fn t(&self, x: f64) -> f64 {
         let (y_min, y_max) = (self.y_min, self.y_max);
         let y_range = y_max - y_min;
         // Empty, single-valued or all-padding images (an infinite or NaN range) map to 0.
-        let t = if !y_range.is_finite() || y_range <= 0.0 {
+        if !y_range.is_finite() || y_range <= 0.0 {
             0.0
         } else {
             let y = match self.resolved {
@@ -248,9 +288,7 @@ impl<'a> Window<'a> {
                 Resolved::Range { low, high } => x.clamp(low, high),
             };
             ((y - y_min) / y_range).clamp(0.0, 1.0)
-        };
-        let v = (t * 255.0 + 0.5).floor() as u8;
-        if self.invert { 255 - v } else { v }
+        }
     }
 }
 

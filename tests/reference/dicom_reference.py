@@ -231,9 +231,16 @@ def parse_policy(policy) -> dict:
         policy = json.loads(policy)
     if not isinstance(policy, dict):
         raise ValueError(f"policy must be a JSON object, not {policy!r}")
-    unknown = set(policy) - {"window", "percentiles"}
+    unknown = set(policy) - {"window", "percentiles", "output"}
     if unknown:
         raise ValueError(f"unknown policy keys {sorted(unknown)}")
+    output = policy.get("output", "uint8")
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be uint8 or float, not {output!r}")
+    return dict(window_policy(policy), output=output)
+
+
+def window_policy(policy: dict) -> dict:
     window = policy.get("window", "header")
     if "percentiles" in policy and window != "percentile":
         raise ValueError('"percentiles" goes with "window": "percentile" only')
@@ -370,6 +377,13 @@ def mono_to_u8(stored: np.ndarray, ds, policy: dict, debug: dict) -> np.ndarray:
     else:
         t = (y - y_min) / (y_max - y_min)
     t = np.clip(t, 0.0, 1.0)
+    if policy["output"] == "float":
+        # output = "float": the unrounded level t * 255 as float32 (Pillow mode "F" downstream).
+        v = (t * 255.0).astype(np.float32)
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            v = np.float32(255.0) - v
+        v[pad] = 0.0
+        return v
     u8 = np.floor(t * 255.0 + 0.5).astype(np.uint8)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         u8 = 255 - u8
@@ -424,16 +438,41 @@ def cmd_preprocess(args) -> int:
     if args.policy is not None:
         policy = parse_policy(args.policy)
     else:
-        policy = parse_policy(dict(inp.get("dicom", {"window": "header"})))
+        # The guard's keys (modality, sequences, sequence_policy) are not about pixels.
+        dicom = {k: v for k, v in inp.get("dicom", {}).items() if k in ("window", "percentiles", "output")}
+        policy = parse_policy(dicom)
     tensors = []
     for f in args.files:
         frames, _ = decode_frames(f, policy)
         for fr in frames:
-            tensors.append(reference.preprocess_one(Image.fromarray(fr), inp))
+            if fr.dtype == np.float32:
+                tensors.append(preprocess_levels(fr, inp))
+            else:
+                tensors.append(reference.preprocess_one(Image.fromarray(fr), inp))
     batch = np.stack(tensors, axis=0)
     Path(args.out).write_bytes(batch.astype("<f4").tobytes())
     print(json.dumps({"shape": list(batch.shape)}))
     return 0
+
+
+def preprocess_levels(levels: np.ndarray, inp: dict) -> np.ndarray:
+    """output = "float": a float32 level plane resized by Pillow in mode "F" with the model's
+    filter, replicated to 3 channels and scaled as 8-bit values are (reference.py's formulas)."""
+    w, h = int(inp["width"]), int(inp["height"])
+    img = Image.fromarray(levels, mode="F")
+    if img.size != (w, h):
+        img = img.resize((w, h), resample=reference.RESAMPLE[inp["resize_filter"]])
+    x = np.repeat(np.asarray(img, dtype=np.float32)[:, :, None], 3, axis=2)
+    if "mean" in inp:
+        mean = np.asarray(inp["mean"], dtype=np.float32).reshape(1, 1, 3)
+        std = np.asarray(inp["std"], dtype=np.float32).reshape(1, 1, 3)
+        x = (x / np.float32(255.0) - mean) / std
+    else:
+        x = x * np.float32(inp.get("scale", 1.0)) + np.float32(inp.get("offset", 0.0))
+    x = x.astype(np.float32, copy=False)
+    if inp["layout"] == "NCHW":
+        x = np.transpose(x, (2, 0, 1))
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
