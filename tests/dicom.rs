@@ -493,3 +493,71 @@ fn a_cut_12_bit_jpeg_codestream_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_stream_takes_dicom_too() {
+    use futures_util::StreamExt;
+    use pb::classify_stream_response::Outcome;
+    let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
+    let files = [
+        "ts_explicit_le.dcm",
+        "bad/huge_length.dcm",
+        "ts_jpegls_lossless.dcm",
+    ];
+    let messages: Vec<pb::ClassifyStreamRequest> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| pb::ClassifyStreamRequest {
+            image: Some(pb::Image {
+                id: f.to_string(),
+                data: std::fs::read(data_dir().join(f)).unwrap(),
+                format: if i == 0 {
+                    pb::ImageFormat::Dicom
+                } else {
+                    pb::ImageFormat::Unspecified
+                } as i32,
+                raw: None,
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let mut inbound = bounded(
+        "stream",
+        t.client
+            .classify_stream(futures_util::stream::iter(messages)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let mut seen = Vec::new();
+    while let Some(m) = bounded("stream message", inbound.next()).await {
+        seen.push(m.unwrap());
+    }
+    seen.sort_by_key(|m| m.sequence);
+    assert_eq!(seen.len(), 3);
+    let mut probabilities = Vec::new();
+    for m in &seen {
+        match (&m.outcome, m.sequence) {
+            (Some(Outcome::Error(e)), 1) => {
+                assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
+                assert!(
+                    e.message.contains("declares 4294967280 bytes"),
+                    "{}",
+                    e.message
+                );
+            }
+            (Some(Outcome::Result(r)), 0 | 2) => {
+                let d = r.dicom.as_ref().expect("a DICOM result names its instance");
+                assert!(
+                    d.sop_instance_uid
+                        .starts_with("1.2.826.0.1.3680043.10.1234.")
+                );
+                probabilities.push(r.probability);
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    // The same pixels, uncompressed and JPEG-LS lossless: the same answer.
+    assert_eq!(probabilities[0], probabilities[1]);
+    t.server.shutdown().await.unwrap();
+}
