@@ -125,6 +125,17 @@ pub(crate) fn image_input(image: pb::Image, index: usize) -> Result<ImageInput, 
     })
 }
 
+/// The images of a request and their ids, in order.
+fn image_inputs(images: Vec<pb::Image>) -> Result<(Vec<String>, Vec<ImageInput>), InferError> {
+    let mut ids = Vec::with_capacity(images.len());
+    let mut inputs = Vec::with_capacity(images.len());
+    for (index, image) in images.into_iter().enumerate() {
+        ids.push(image.id.clone());
+        inputs.push(image_input(image, index)?);
+    }
+    Ok((ids, inputs))
+}
+
 fn model_ref(model: &ServedModel) -> pb::ModelRef {
     pb::ModelRef {
         name: model.spec.config.name.clone(),
@@ -316,12 +327,7 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
             let model = self.pipeline.resolve(&request.model, &request.version)?;
             served = Some(model.clone());
             let priority = priority(request.priority)?;
-            let mut ids = Vec::with_capacity(request.images.len());
-            let mut images = Vec::with_capacity(request.images.len());
-            for (index, image) in request.images.into_iter().enumerate() {
-                ids.push(image.id.clone());
-                images.push(image_input(image, index)?);
-            }
+            let (ids, images) = image_inputs(request.images)?;
             let infer = InferRequest {
                 images,
                 priority,
@@ -354,15 +360,14 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
             let model = self.pipeline.resolve(&request.model, &request.version)?;
             served = Some(model.clone());
             let priority = priority(request.priority)?;
-            let mut ids = Vec::with_capacity(request.instances.len());
-            let mut instances = Vec::with_capacity(request.instances.len());
-            for (index, image) in request.instances.into_iter().enumerate() {
-                ids.push(image.id.clone());
-                match image_input(image, index)? {
-                    ImageInput::Encoded { data, encoding } => instances.push((data, encoding)),
+            let (ids, images) = image_inputs(request.instances)?;
+            let instances = images
+                .into_iter()
+                .map(|image| match image {
+                    ImageInput::Encoded { data, encoding } => (data, encoding),
                     ImageInput::Tensor(_) => unreachable!("image_input never makes tensors"),
-                }
-            }
+                })
+                .collect();
             let series = SeriesRequest {
                 instances,
                 priority,

@@ -413,15 +413,7 @@ fn parse(
     limits: &InputLimits,
     until: Option<Tag>,
 ) -> Result<DefaultDicomObject, InputError> {
-    if data.is_empty() {
-        return Err(InputError::Empty);
-    }
-    if data.len() > limits.max_image_bytes {
-        return Err(InputError::TooLarge {
-            bytes: data.len(),
-            limit: limits.max_image_bytes,
-        });
-    }
+    limits.check_size(data)?;
     let body = prescan(data, limits)?;
     let mut options = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
     if let Some(tag) = until {

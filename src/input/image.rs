@@ -17,15 +17,7 @@ pub fn decoded_size(
     encoding: Encoding,
     limits: &InputLimits,
 ) -> Result<u64, InputError> {
-    if data.is_empty() {
-        return Err(InputError::Empty);
-    }
-    if data.len() > limits.max_image_bytes {
-        return Err(InputError::TooLarge {
-            bytes: data.len(),
-            limit: limits.max_image_bytes,
-        });
-    }
+    limits.check_size(data)?;
     let header_err = |format: &'static str| InputError::Decode {
         format,
         message: "the header is cut short or invalid".into(),
@@ -74,15 +66,7 @@ pub fn decode(
     limits: &InputLimits,
     sixteen_bit: SixteenBit,
 ) -> Result<Pixels, InputError> {
-    if data.is_empty() {
-        return Err(InputError::Empty);
-    }
-    if data.len() > limits.max_image_bytes {
-        return Err(InputError::TooLarge {
-            bytes: data.len(),
-            limit: limits.max_image_bytes,
-        });
-    }
+    limits.check_size(data)?;
     let detected = detect(data);
     let format = match (encoding, detected) {
         (

@@ -54,6 +54,22 @@ pub struct InputLimits {
     pub max_pixels: u64,
 }
 
+impl InputLimits {
+    /// Refuses empty data and data over `max_image_bytes`: the first check of every decoder.
+    pub fn check_size(&self, data: &[u8]) -> Result<(), InputError> {
+        if data.is_empty() {
+            return Err(InputError::Empty);
+        }
+        if data.len() > self.max_image_bytes {
+            return Err(InputError::TooLarge {
+                bytes: data.len(),
+                limit: self.max_image_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Why one image was rejected. Messages say what was wrong with the data; the caller adds which
 /// image it was.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
