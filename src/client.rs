@@ -9,14 +9,78 @@ use crate::batcher::Priority;
 use crate::config::ClassifyArgs;
 use crate::pb;
 use crate::pb::tumor_classifier_client::TumorClassifierClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The channel to `--server`: TLS when `--ca` is given or the URL is https (with a client
+/// certificate for mutual TLS when `--cert`/`--key` are).
+pub async fn connect(args: &ClassifyArgs) -> Result<Channel, String> {
+    let tls = args.ca.is_some() || args.server.starts_with("https://");
+    let url = match args.server.strip_prefix("http://") {
+        Some(rest) if tls => format!("https://{rest}"),
+        _ => args.server.clone(),
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|e| format!("--server {url}: not a URL: {e}"))?;
+    if tls {
+        let Some(ca) = &args.ca else {
+            return Err(format!(
+                "--server {url}: TLS needs --ca (the CA that signed the server's certificate)"
+            ));
+        };
+        let read = |path: &std::path::Path, flag: &str| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "--ca")?));
+        if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+            config = config.identity(Identity::from_pem(
+                read(cert, "--cert")?,
+                read(key, "--key")?,
+            ));
+        }
+        if let Some(domain) = &args.tls_domain {
+            config = config.domain_name(domain.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| format!("--server {url}: TLS configuration: {e}"))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {}", error_chain(&e)))
+}
+
+/// An error with its sources (a TLS failure is several levels down).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Adds `authorization: Bearer <token>` when `--token` (or BRAINAI_TOKEN) is set.
+fn authorize<T>(request: &mut tonic::Request<T>, args: &ClassifyArgs) -> Result<(), String> {
+    if let Some(token) = &args.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            // Not echoed: it is a secret.
+            .map_err(|_| "--token: not a valid header value (printable ASCII only)".to_string())?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(())
+}
 
 /// Files per request, so a long file list stays under the server's per-request limit.
 const FILES_PER_REQUEST: usize = 32;
 
 pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
-    let mut client = TumorClassifierClient::connect(args.server.clone())
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", args.server))?
+    let channel = connect(args).await?;
+    let mut client = TumorClassifierClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
 
@@ -48,6 +112,7 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
             priority: priority(args),
         });
         request.set_timeout(Duration::from_secs_f64(args.timeout_s));
+        authorize(&mut request, args)?;
         let response = client.classify(request).await.map_err(|status| {
             format!(
                 "server answered {:?}: {} (files: {})",
@@ -132,6 +197,7 @@ async fn series(
         structured_report: args.sr_out.is_some(),
     });
     request.set_timeout(Duration::from_secs_f64(args.timeout_s));
+    authorize(&mut request, args)?;
     let response = client
         .classify_series(request)
         .await

@@ -27,11 +27,15 @@ pub enum Command {
     /// Serve models over gRPC (with health, reflection and Prometheus metrics).
     Serve(Box<ServeArgs>),
     /// Classify image files with a running server; one line per file.
-    Classify(ClassifyArgs),
+    Classify(Box<ClassifyArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// TLS, mutual TLS, callers, audit trail, health-only port.
+    #[command(flatten)]
+    pub security: crate::security::SecurityArgs,
+
     /// One model directory: model.toml plus <version>/model.onnx (ignored with --model-repository).
     #[arg(
         long,
@@ -258,6 +262,27 @@ pub struct ClassifyArgs {
     /// Call deadline in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub timeout_s: f64,
+
+    /// TLS: the CA (PEM) the server's certificate must chain to. Implies https.
+    #[arg(long, env = "BRAINAI_CA")]
+    pub ca: Option<PathBuf>,
+
+    /// Mutual TLS: this client's certificate (PEM), with --key.
+    #[arg(long, env = "BRAINAI_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// Mutual TLS: the private key (PEM) of --cert.
+    #[arg(long, env = "BRAINAI_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry, when it differs from the URL's host.
+    #[arg(long, env = "BRAINAI_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+
+    /// Bearer token sent as `authorization: Bearer <token>` (prefer the environment variable:
+    /// command lines are visible to other users).
+    #[arg(long, env = "BRAINAI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 
     /// PNG, JPEG or DICOM files, or directories of them (searched recursively).
     #[arg(required = true)]

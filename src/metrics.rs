@@ -30,6 +30,12 @@ pub const MODEL_LOAD_FAILURES: &str = "brainai_model_load_failures_total";
 pub const CONNECTIONS_OPEN: &str = "brainai_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "brainai_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "brainai_connections_closed_total";
+pub const TLS_CERT_EXPIRY: &str = "brainai_tls_certificate_expiry_timestamp_seconds";
+pub const TLS_RELOADS: &str = "brainai_tls_reloads_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "brainai_tls_handshake_failures_total";
+pub const AUTH_REFUSED: &str = "brainai_auth_refused_total";
+pub const AUDIT_RECORDS: &str = "brainai_audit_records_total";
+pub const AUDIT_WRITE_FAILURES: &str = "brainai_audit_write_failures_total";
 
 /// Why the server closed a connection (the `reason` label of [`CONNECTIONS_CLOSED`]).
 pub const CLOSE_REASONS: [&str; 5] = [
@@ -143,6 +149,36 @@ fn describe() {
         Unit::Count,
         "Connections the server closed, by listener and reason (idle, first_request_timeout, age, evicted, shutdown)."
     );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "When the serving TLS certificate expires (its notAfter, Unix time); updated on every reload."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        Unit::Count,
+        "TLS certificate/key/client-CA reloads after the files changed, by result (ok, error: the previous certificate stays)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes that failed (plaintext client, unknown CA, expired or missing client certificate), by listener and reason (error, timeout)."
+    );
+    describe_counter!(
+        AUTH_REFUSED,
+        Unit::Count,
+        "Calls refused by authentication or authorisation, by front end (grpc, rest) and code (UNAUTHENTICATED, PERMISSION_DENIED)."
+    );
+    describe_counter!(
+        AUDIT_RECORDS,
+        Unit::Count,
+        "Audit records written (one per call)."
+    );
+    describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        Unit::Count,
+        "Audit records that could not be written (with --audit-fail-closed, calls are refused until a write succeeds)."
+    );
     describe_counter!(
         MODEL_LOAD_FAILURES,
         Unit::Count,
@@ -185,6 +221,56 @@ pub fn connection_refused(listener: &'static str) {
 
 pub fn connection_closed(listener: &'static str, reason: &'static str) {
     counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// The serving certificate's notAfter (Unix seconds).
+pub fn tls_certificate_expiry(not_after: i64) {
+    gauge!(TLS_CERT_EXPIRY).set(not_after as f64);
+}
+
+/// A reload of the TLS files: `ok` or `error`.
+pub fn tls_reloaded(result: &'static str) {
+    counter!(TLS_RELOADS, "result" => result).increment(1);
+}
+
+pub fn tls_handshake_failed(listener: &'static str, reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// Exports the security metrics at zero, so dashboards and alerts see them before the first event.
+pub fn security_known(listeners: &[&'static str], tls: bool, audit: bool) {
+    if tls {
+        for result in ["ok", "error"] {
+            counter!(TLS_RELOADS, "result" => result).increment(0);
+        }
+        for listener in listeners {
+            for reason in ["error", "timeout"] {
+                counter!(TLS_HANDSHAKE_FAILURES, "listener" => *listener, "reason" => reason)
+                    .increment(0);
+            }
+        }
+    }
+    for front in ["grpc", "rest"] {
+        for code in ["UNAUTHENTICATED", "PERMISSION_DENIED"] {
+            counter!(AUTH_REFUSED, "front_end" => front, "code" => code).increment(0);
+        }
+    }
+    if audit {
+        counter!(AUDIT_RECORDS).increment(0);
+        counter!(AUDIT_WRITE_FAILURES).increment(0);
+    }
+}
+
+pub fn auth_refused(front_end: &'static str, code: &'static str) {
+    counter!(AUTH_REFUSED, "front_end" => front_end, "code" => code).increment(1);
+}
+
+pub fn audit_written() {
+    counter!(AUDIT_RECORDS).increment(1);
+}
+
+pub fn audit_write_failed() {
+    counter!(AUDIT_WRITE_FAILURES).increment(1);
 }
 
 /// A model version (or its model.toml) failed to load.

@@ -25,6 +25,8 @@ use crate::input::InputLimits;
 use crate::pipeline::registry::{RegistryConfig, Source};
 use crate::pipeline::served::BatchingDefaults;
 use crate::pipeline::{Pipeline, Registry};
+use crate::security::auth::FrontEnd;
+use crate::security::{Security, SecurityLayer};
 use crate::state::{Phase, ServingState};
 use crate::{model, pb};
 
@@ -62,6 +64,8 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The plaintext health-only port (`--health-addr`).
+    pub health_addr: Option<SocketAddr>,
     pub state: Arc<ServingState>,
     pub registry: Arc<Registry>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -142,6 +146,8 @@ pub async fn start(
         Source::Single { dir, .. } => model::ModelConfig::load(dir).map(drop),
     }
     .map_err(|e| ServeError::Models(e.to_string()))?;
+    // TLS files, callers and the audit trail: wrong ones stop the start, naming the flag and file.
+    let security = Security::load(&args.security).map_err(ServeError::Config)?;
     let state = Arc::new(ServingState::new());
     let registry = Arc::new(Registry::new(
         RegistryConfig {
@@ -191,6 +197,10 @@ pub async fn start(
     let (grpc_listener, grpc_addr) = bind(args.grpc_addr).await?;
     let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
     let (http_listener, http_addr) = bind(args.http_addr).await?;
+    let health_listener = match args.security.health_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     // Two stops: the inference ports (gRPC, REST) get their GOAWAY the moment the drain starts, so
     // clients stop opening calls here at once; /metrics and the probes answer until the end.
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
@@ -223,7 +233,28 @@ pub async fn start(
         http_connections.clone(),
         crate::api::http::service(crate::metrics::install(), state.clone()),
         stop_rx.clone(),
+        None,
     ));
+    crate::metrics::security_known(
+        &["grpc", "rest"],
+        security.tls.is_some(),
+        security.audit.is_some(),
+    );
+    let mut background = Vec::new();
+    if let Some(tls) = &security.tls {
+        background
+            .push(tls.spawn_reloader(Duration::from_secs(args.security.credentials_reload_s)));
+    }
+    background.extend(
+        security
+            .access
+            .spawn_reloader(Duration::from_secs(args.security.credentials_reload_s)),
+    );
+    let secured = |front| SecurityLayer {
+        front,
+        access: security.access.clone(),
+        audit: security.audit.clone(),
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_overall(&health, ServingStatus::NotServing).await;
@@ -251,6 +282,21 @@ pub async fn start(
         )
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
+    // The plaintext health-only port: the same health service, nothing else.
+    let health_addr = health_listener.as_ref().map(|(_, addr)| *addr);
+    let health_only = health_listener.map(|(listener, addr)| {
+        let routes = tonic::service::Routes::new(health_service.clone()).prepare();
+        let connections = Connections::new(policy("health", 64));
+        let task = tokio::spawn(transport::serve_h2(
+            listener,
+            connections.clone(),
+            routes,
+            stop_rx.clone(),
+            None,
+        ));
+        tracing::info!(health_addr = %addr, "plaintext gRPC health-only listener");
+        (task, connections)
+    });
     let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -258,6 +304,7 @@ pub async fn start(
         .add_service(inference)
         .prepare();
     let grpc_service = tower::ServiceBuilder::new()
+        .layer(secured(FrontEnd::Grpc))
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
         })
@@ -272,13 +319,18 @@ pub async fn start(
         grpc_connections.clone(),
         grpc_service,
         serve_stop_rx,
+        security.tls.clone(),
     ));
     let rest_connections = Connections::new(policy("rest", args.max_connections));
     let rest_task = tokio::spawn(transport::serve_h1(
         http_listener,
         rest_connections.clone(),
-        crate::api::rest::router(pipeline, args.max_http_body_bytes),
+        tower::Layer::layer(
+            &secured(FrontEnd::Rest),
+            crate::api::rest::router(pipeline, args.max_http_body_bytes),
+        ),
         serve_stop_tx.subscribe(),
+        security.tls.clone(),
     ));
     tracing::info!(%grpc_addr, %http_addr, %metrics_addr, "listening; loading and warming up the models");
 
@@ -313,7 +365,12 @@ pub async fn start(
         }
         let _ = serve_stop_tx.send(Stop::Now);
         let _ = stop_tx.send(Stop::Now);
-        for task in [grpc_task, metrics_task, rest_task, health_task] {
+        let health_only = health_only.map(|(task, _connections)| task);
+        for task in [grpc_task, metrics_task, rest_task, health_task]
+            .into_iter()
+            .chain(health_only)
+            .chain(background)
+        {
             task.abort();
             let _ = task.await;
         }
@@ -324,6 +381,7 @@ pub async fn start(
         grpc_addr,
         http_addr,
         metrics_addr,
+        health_addr,
         state,
         registry,
         shutdown: Some(shutdown_tx),

@@ -210,6 +210,29 @@ async fn every_metric_named_in_deploy_is_exported_by_the_service() {
     // occupancy) and the per-code counter have samples.
     let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
     classify_files(&mut t, &["flair_256_a.png"]).await;
+    // The TLS and audit metrics exist when those are on (the pod turns them on): a second
+    // server in this process, with both, registers them with the same (process-wide) recorder.
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let secured = brainai::server::start(
+        &args(
+            &fixture_model("tiny"),
+            &[
+                "--tls-cert",
+                &cert.display().to_string(),
+                "--tls-key",
+                &key.display().to_string(),
+                "--audit-log",
+                "/dev/null",
+            ],
+        ),
+        None,
+    )
+    .await
+    .expect("a server with TLS and an audit trail starts");
     let (code, body) = http_get(t.metrics_addr(), "/metrics").await;
     assert_eq!(code, 200, "{body}");
     let exported = parse_exposition(&body);
@@ -252,5 +275,6 @@ async fn every_metric_named_in_deploy_is_exported_by_the_service() {
         "deploy/grafana/brainai.json shows no panel for {not_shown:?}"
     );
 
+    secured.shutdown().await.unwrap();
     t.server.shutdown().await.unwrap();
 }

@@ -396,7 +396,9 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         let window = self.pipeline.max_images_per_request();
         let (tx, rx) = mpsc::channel(window);
         let pipeline = self.pipeline.clone();
-        tokio::spawn(async move {
+        // The stream is served by its own task: it carries the call's audit facts along.
+        let facts = crate::security::audit::current();
+        tokio::spawn(crate::security::audit::maybe_scope(facts, async move {
             let _guard = guard;
             let state = pipeline.state().clone();
             let draining = state.draining();
@@ -466,7 +468,7 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                 version,
                 started.elapsed().as_secs_f64(),
             );
-        });
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

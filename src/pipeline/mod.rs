@@ -7,6 +7,7 @@ pub mod registry;
 pub mod series;
 pub mod served;
 
+use crate::security::audit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -142,7 +143,10 @@ impl Pipeline {
     /// The model version a request names (empty name: the default model; empty version: its
     /// highest served version).
     pub fn resolve(&self, model: &str, version: &str) -> Result<Arc<ServedModel>, InferError> {
-        self.registry.resolve(model, version)
+        let resolved = self.registry.resolve(model, version)?;
+        let spec = &resolved.spec;
+        audit::note_model(&spec.config.name, &spec.version, &spec.sha256);
+        Ok(resolved)
     }
 
     /// Classifies the request's images with `model`; one result per image, in order. Answers
@@ -170,6 +174,7 @@ impl Pipeline {
         request: InferRequest,
     ) -> Result<Vec<ImageResult>, InferError> {
         let n = request.images.len();
+        audit::note_images(n);
         if n == 0 {
             return Err(InferError::invalid("request has no images"));
         }
@@ -242,7 +247,14 @@ impl Pipeline {
                     .as_ref()
                     .map(|d| d.warnings.clone())
                     .unwrap_or_default(),
-                dicom: dicom.map(|d| d.ids),
+                dicom: dicom.map(|d| {
+                    audit::note_dicom(
+                        &d.ids.study_instance_uid,
+                        &d.ids.series_instance_uid,
+                        &d.ids.sop_instance_uid,
+                    );
+                    d.ids
+                }),
             });
         }
         model.metrics.images_done(results.len());

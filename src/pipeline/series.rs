@@ -101,6 +101,7 @@ impl Pipeline {
         request: SeriesRequest,
     ) -> Result<SeriesResult, InferError> {
         let n = request.instances.len();
+        crate::security::audit::note_images(n);
         if n == 0 {
             return Err(InferError::invalid("the series has no instances"));
         }
