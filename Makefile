@@ -41,7 +41,8 @@ run: build model
 
 ## test: every test: Rust unit + integration tests against the real ONNX Runtime (with the Python
 ##       reference checks), deploy/ validation, tritonclient interop, the upload page in chromium,
-##       a ghz smoke load and the short resilience run on the real server, lint
+##       a ghz smoke load and the short resilience run on the real server, the container images
+##       built on a bootstrapped Debian base and run as the pod runs them (TLS, tokens), lint
 test: setup model dicom-reference dicom-tools
 	cargo test $(CARGO_FLAGS)
 	deploy/check.sh
@@ -49,6 +50,7 @@ test: setup model dicom-reference dicom-tools
 	$(MAKE) --no-print-directory browser
 	$(MAKE) --no-print-directory load-smoke
 	$(MAKE) --no-print-directory resilience-smoke
+	$(MAKE) --no-print-directory image-test
 	$(MAKE) --no-print-directory lint
 
 ## dicom-reference: pydicom and its decoders (pinned, tests/dicom/requirements.txt) into the venv,
@@ -96,6 +98,18 @@ fmt:
 clean:
 	cargo clean
 	rm -rf $(VENV) $(MODEL)
+
+## image-test: the CPU and model images of deploy/docker/Dockerfile, built with Debian's docker.io on
+##             locally debootstrapped bases (no registry needed) and run as the pod runs them (init
+##             step checking the model's SHA-256, then the server: read-only root, uid 65532, TLS);
+##             classifies through the container (deploy/README.md, "Image test"; needs root).
+##             IMAGE_TEST_TLS=0 serves plaintext. image-test-clean removes its images and cache.
+.PHONY: image-test image-test-clean
+image-test: build
+	deploy/image-test/run.sh
+
+image-test-clean:
+	deploy/image-test/run.sh clean
 
 ## bench: serving benchmark (bare ORT loop vs served, latency, preprocessing) and the criterion
 ##        preprocessing microbenchmarks; see docs/PERFORMANCE.md

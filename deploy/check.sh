@@ -107,7 +107,7 @@ if [ $kserve_ok = 1 ]; then
     || fail "deploy/tools/kserve_check.py"
 fi
 
-step "Dockerfile (static; no Docker engine here)"
+step "Dockerfile (static checks here; the images are built and run by make image-test)"
 .venv/bin/python deploy/docker/check_dockerfile.py --self-test || fail "deploy/docker/check_dockerfile.py"
 .venv/bin/python deploy/docker/cuda_archs.py --self-test || fail "deploy/docker/cuda_archs.py --self-test"
 

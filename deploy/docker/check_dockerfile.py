@@ -10,6 +10,9 @@ Checked:
     Makefile's `pip install ... -r models/requirements.txt`, the model stage runs the Makefile's
     `models/make_resnet50.py --out ...`; the CPU runtime takes libonnxruntime.so from that venv,
     so it is the onnxruntime pinned in models/requirements.txt (which must be 1.31.x);
+  * the runtime stages take the binary from stage `binary`, which by default (BINARY_SOURCE=build)
+    is the `build` stage unchanged; a prebuilt binary from the build context
+    (BINARY_SOURCE=context, deploy/image-test/run.sh) is never the default;
   * deploy/docker/requirements-gpu.txt pins every package exactly, onnxruntime-gpu <= 1.26 (CUDA
     12), only -cu12 NVIDIA libraries, cuDNN 9.x <= 9.10 (Pascal), and the GPU stage runs
     cuda_archs.py --require 61 on the libraries;
@@ -259,7 +262,7 @@ def check(inp: Inputs, report=print) -> list[str]:
         ok(False, str(e))
         return failures
     by_name = {s.name: s for s in stages}
-    for target in ("build", "python", "cpu", "gpu", "model"):
+    for target in ("build", "binary", "python", "cpu", "gpu", "model"):
         ok(target in by_name, f"stage `{target}` exists")
     if failures:
         return failures
@@ -303,8 +306,18 @@ def check(inp: Inputs, report=print) -> list[str]:
     def copies_from(stage: Stage) -> set[str]:
         return {m.group(1) for ins in stage.instrs if ins.cmd == "COPY" for m in [re.search(r"--from=(\S+)", ins.args)] if m}
 
-    ok(copies_from(by_name["cpu"]) == {"build", "ort-cpu"}, "stage cpu copies only from build and ort-cpu")
-    ok(copies_from(by_name["gpu"]) == {"build", "ort-gpu"}, "stage gpu copies only from build and ort-gpu")
+    ok(copies_from(by_name["cpu"]) == {"binary", "ort-cpu"}, "stage cpu copies only from binary and ort-cpu")
+    ok(copies_from(by_name["gpu"]) == {"binary", "ort-gpu"}, "stage gpu copies only from binary and ort-gpu")
+    # binary: `FROM binary-${BINARY_SOURCE}`; with the defaults that is `FROM build` and nothing else
+    ok(gargs.get("BINARY_SOURCE") == "build", f"BINARY_SOURCE defaults to build ({gargs.get('BINARY_SOURCE')})")
+    chain, seen = [], set()
+    st = by_name["binary"]
+    while st.name not in seen and st.base in by_name and st.name != "build":
+        seen.add(st.name)
+        ok(not st.instrs, f"stage {st.name} is a bare FROM (adds nothing to the binary of stage build)")
+        chain.append(st.name)
+        st = by_name[st.base]
+    ok(st.name == "build", f"with the default build arguments stage binary is stage build ({' <- '.join(chain + [st.name])})")
     for s in ("ort-cpu", "ort-gpu", "model-generated"):
         ok(s in by_name and by_name[s].base == "python", f"stage {s} builds on stage python (the pinned venv)")
 
@@ -338,6 +351,8 @@ def check(inp: Inputs, report=print) -> list[str]:
     # COPY sources
     patterns = dockerignore_patterns(inp.dockerignore)
     generated = {t for t in make if t.endswith("model.onnx")}
+    if any(c[:2] == ["cargo", "build"] and "--release" in c and "brainai" in c for c in make.get("build", [])):
+        generated.add("target/release/brainai")
     for stage in stages:
         args = stage_args(stage, gargs)
         for ins in stage.instrs:
@@ -352,8 +367,9 @@ def check(inp: Inputs, report=print) -> list[str]:
                 src = expand(src, args).rstrip("/")
                 matches = glob.glob(os.path.join(ROOT, src))
                 made = src in generated or any(fnmatch.fnmatchcase(src, g) for g in generated)
+                maker = "`make build`" if src.startswith("target/") else "`make model`"
                 ok(bool(matches) or made,
-                   f"line {ins.line}: COPY source {src} exists" + (" (made by `make model`)" if made and not matches else ""))
+                   f"line {ins.line}: COPY source {src} exists" + (f" (made by {maker})" if made and not matches else ""))
                 ok(not ignored(src, patterns), f"line {ins.line}: COPY source {src} is in the build context ({DOCKERIGNORE})")
 
     # base images
@@ -430,6 +446,10 @@ def self_test() -> int:
         "latest base image": mutate("dockerfile", "ARG GPU_RUNTIME_IMAGE=debian:bookworm-slim", "ARG GPU_RUNTIME_IMAGE=debian:latest"),
         "wrong metrics port": mutate("dockerfile", "EXPOSE 50051 8000 9090\nENTRYPOINT", "EXPOSE 50051 8000 9091\nENTRYPOINT"),
         "HTTP API port not exposed": mutate("dockerfile", "EXPOSE 50051 8000 9090\nENTRYPOINT", "EXPOSE 50051 9090\nENTRYPOINT"),
+        "prebuilt binary by default": mutate("dockerfile", "ARG BINARY_SOURCE=build", "ARG BINARY_SOURCE=context"),
+        "runtime not from stage binary": mutate("dockerfile", "FROM ${CPU_RUNTIME_IMAGE} AS cpu\nCOPY --from=binary", "FROM ${CPU_RUNTIME_IMAGE} AS cpu\nCOPY --from=binary-context"),
+        "binary-build changes the build stage": mutate("dockerfile", "FROM build AS binary-build\n", "FROM build AS binary-build\nRUN strip /out/brainai\n"),
+        "prebuilt binary excluded by .dockerignore": mutate("dockerignore", "!target/release/brainai\n", ""),
         "Makefile build flags changed": mutate("makefile", "CARGO_FLAGS := --release --locked", "CARGO_FLAGS := --release --locked --features foo"),
     }
     missed = [name for name, inp in cases.items() if not check(inp, quiet)]

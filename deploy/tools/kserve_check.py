@@ -200,13 +200,17 @@ def load_crds() -> dict[str, Crd]:
 
 
 class Binary:
-    """`brainai serve`'s flags and variables (src/config.rs, src/main.rs) and what README's
-    configuration table documents."""
+    """`brainai serve`'s flags and variables (src/config.rs, the security flags flattened into it
+    from src/security/mod.rs, src/main.rs) and what README's configuration table documents."""
 
     def __init__(self):
         config = read("src/config.rs")
         start = config.index("pub struct ServeArgs")
         body = config[start: config.index("\n}\n", start)]
+        if "security::SecurityArgs" in body:  # #[command(flatten)] security: SecurityArgs
+            security = read("src/security/mod.rs")
+            sstart = security.index("pub struct SecurityArgs")
+            body += security[sstart: security.index("\n}\n", sstart)]
         self.flags: dict[str, str | None] = {}  # --flag -> its variable
         self.defaults: dict[str, str] = {}  # --flag -> default (as written)
         for m in re.finditer(r"#\[arg\((.*?)\)\]\s*pub (\w+):", body, re.S):
@@ -356,6 +360,10 @@ def validate_runtime(sr: dict, isvc: dict, repo_docs: list[dict], binary: Binary
             rep.ok(name in binary.env and name in binary.documented_env,
                    f"{where}: {name} is a variable the binary reads and README documents (a typo would be ignored)")
         rep.ok("valueFrom" not in e or name not in binary.flags.values(), f"{where}: {name} has a literal value")
+    # No TLS on the runtime: KServe's networking (the predictor Service's h2c/http appProtocol, its
+    # gateway or Istio, Knative's probes) speaks plaintext to the container and does TLS itself.
+    tls = sorted(x for x in ("--tls-cert", "--tls-key", "--tls-client-ca") if x in flags or binary.flags.get(x) in env)
+    rep.ok(not tls, f"{where}: no TLS on the runtime's ports (KServe routes plaintext h2c/HTTP to them) {tls or ''}")
     shadowed = sorted(binary.flags[f] for f in flags if binary.flags.get(f) in env)
     rep.ok(not shadowed, f"{where}: no variable that an argument overrides {shadowed or ''}")
     rep.ok(not c.get("envFrom"), f"{where}: no envFrom (every setting visible here, checked)")
@@ -587,6 +595,8 @@ def self_test(runtime_docs, repo_docs, crds, binary) -> int:
         "a typo'd BRAINAI_ variable": (add_env("BRAINAI_MAX_BATCH_SIZ", "8"), "BRAINAI_MAX_BATCH_SIZ is a variable the binary reads"),
         "a variable an argument overrides": (add_env("BRAINAI_GRPC_ADDR", "0.0.0.0:50051"), "no variable that an argument overrides"),
         "--model-version with --model-repository": (add_env("BRAINAI_MODEL_VERSION", "1"), "no --model-version"),
+        "TLS on the runtime's ports": (add_env("BRAINAI_TLS_CERT", "/etc/brainai/tls/tls.crt"), "no TLS on the runtime's ports"),
+        "a security flag the binary has (src/security/mod.rs) with a typo": (lambda d: ctr(d)["args"].append("--audit-logs=-"), "--audit-logs is a flag the binary has"),
         "model repository not at /mnt/models": (set_arg("--model-repository", "/models"), "--model-repository is /mnt/models"),
         "metrics annotation on another port": (lambda d: sr(d)["spec"]["annotations"].__setitem__("prometheus.kserve.io/port", "8080"), "prometheus.kserve.io/port"),
         "prometheus.io/port that KServe would overwrite": (lambda d: sr(d)["spec"]["annotations"].pop("serving.kserve.io/enable-prometheus-scraping"), "KServe's own prometheus.io annotation is off"),
@@ -663,6 +673,8 @@ def main() -> int:
     rep = Report()
     rep.ok({"ServingRuntime", "InferenceService"} <= set(crds), f"{CRD_DIR}: the ServingRuntime and InferenceService CRDs ({sorted(crds)})")
     rep.ok(len(binary.flags) >= 20 and "--model-repository" in binary.flags, f"src/config.rs: {len(binary.flags)} `brainai serve` flags read")
+    rep.ok("--tls-cert" in binary.flags and binary.flags.get("--health-addr") == "BRAINAI_HEALTH_ADDR",
+           "src/security/mod.rs: the security flags read too (--tls-cert, --health-addr ...)")
     validate(docs["runtime"], docs["repository"], crds, binary, rep)
     rc = 1 if rep.failures else 0
     if a.self_test:

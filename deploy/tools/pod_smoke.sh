@@ -6,7 +6,8 @@
 #   - runs the Deployment's init container script (from the rendered YAML) against it;
 #   - starts target/release/brainai as uid 65532 on a read-only root filesystem (a private mount
 #     namespace; only a tmpfs /tmp is writable) with exactly the rendered brainai-env ConfigMap
-#     (addresses moved to 127.0.0.1 ports), waits for /readyz, classifies one image over gRPC and
+#     (addresses moved to 127.0.0.1 ports; without the TLS, callers and audit settings, whose
+#     Secrets exist only in a cluster: `make image-test` runs the image with them), waits for /readyz, classifies one image over gRPC and
 #     one over the HTTP API (/v2/health/ready, POST /v1/classify), sends SIGTERM and expects a
 #     drain and exit status 0.
 # Needs root (unshare, setpriv), `make build model` and deploy/check.sh's rendered output
@@ -54,9 +55,12 @@ open(f"{root}/init.sh", "w").write(script)
 open(f"{root}/config/model.toml", "w").write(cms[toml_cm]["data"]["model.toml"])
 with open(f"{root}/env", "w") as f:
     for k, v in cms[env_cm]["data"].items():
+        if k.startswith(("BRAINAI_TLS_", "BRAINAI_AUTH_", "BRAINAI_AUDIT_")):
+            continue
         if k == "BRAINAI_MODEL_DIR":
             v = root + v
-        ports = {"BRAINAI_GRPC_ADDR": "50091", "BRAINAI_HTTP_ADDR": "8091", "BRAINAI_METRICS_ADDR": "9191"}
+        ports = {"BRAINAI_GRPC_ADDR": "50091", "BRAINAI_HTTP_ADDR": "8091", "BRAINAI_METRICS_ADDR": "9191",
+                 "BRAINAI_HEALTH_ADDR": "50092"}
         if k in ports:
             v = "127.0.0.1:" + ports[k]
         f.write(f"export {k}={shlex.quote(v)}\n")

@@ -27,15 +27,27 @@ Per overlay:
     period >= preStop + drain timeout + 1 s (the server closes what is left of its connections
     1 s after the drain, then exits) + 4 s of slack; liveness cannot trip during the drain and
     that last second; probes are
-    native gRPC on the numeric gRPC port; selectors match the pod labels; the HPA's custom metric
+    native gRPC on the numeric port of the plaintext health-only listener (BRAINAI_HEALTH_ADDR;
+    the gRPC port only when it has no TLS); selectors match the pod labels; the HPA's custom metric
     is the one the adapter rule serves; every BRAINAI_* variable is one the README documents (a
     typo would be ignored silently by the binary); the listeners: BRAINAI_GRPC_ADDR,
-    BRAINAI_HTTP_ADDR and BRAINAI_METRICS_ADDR (or the binary's defaults) are exactly the container
-    ports grpc, http and metrics, on distinct ports, which are the port and target of the Services
-    brainai-grpc (headless, appProtocol kubernetes.io/h2c), brainai-http and brainai-metrics
-    (ClusterIP, appProtocol http; the ServiceMonitor selects only brainai-metrics) and exactly the
-    ports the NetworkPolicy admits (every rule names its ports and peers), and README's `listener`
-    values (grpc, rest, http) are the pod's listeners; batch size within model.toml's cap;
+    BRAINAI_HTTP_ADDR, BRAINAI_METRICS_ADDR (or the binary's defaults) and BRAINAI_HEALTH_ADDR
+    (when set) are exactly the container ports grpc, http, metrics and health, on distinct ports;
+    the first three are the port and target of the Services brainai-grpc (headless), brainai-http
+    and brainai-metrics (ClusterIP; appProtocol https on the TLS ports, else kubernetes.io/h2c for
+    gRPC and http; the ServiceMonitor selects only brainai-metrics) and exactly the ports the
+    NetworkPolicy admits from namespaces and pods (every rule names its ports and peers); the
+    health port has no Service and is admitted, if at all, from ipBlock peers (the nodes) only;
+    README's `listener` values (grpc, rest, http, health) are the pod's listeners; security: TLS
+    (BRAINAI_TLS_CERT/KEY), the callers file (BRAINAI_AUTH_CALLERS) and the audit trail are on in
+    every overlay; each credential file (and BRAINAI_TLS_CLIENT_CA when set) is a key of a Secret
+    volume mounted read-only as a whole directory (no subPath: renewals reach the pod), with a
+    mode readable by the pod's fsGroup and by nobody else; the cert-manager Certificate
+    (deploy/k8s/cert-manager/certificate.yaml, not rendered: only known Certificate fields) writes
+    that Secret in the overlay's namespace, names every Service in front of a TLS port, and renews
+    before the certificate-expiry alert fires; the callers Secret template
+    (deploy/k8s/examples/callers-secret.yaml) is the Secret and key the pod mounts, its
+    callers.toml has the server's fields and scopes, and none of its tokens could be accepted; batch size within model.toml's cap;
     model.toml equals models/brain-tumor-resnet50/model.toml; security context (non-root uid =
     the Dockerfile's USER, read-only root, no capabilities, no privilege escalation, seccomp
     RuntimeDefault); GPU request, node selector and toleration exactly in the GPU overlay.
@@ -95,13 +107,39 @@ LISTENERS = {
     "grpc": ("BRAINAI_GRPC_ADDR", "0.0.0.0:50051", "grpc"),
     "http": ("BRAINAI_HTTP_ADDR", "0.0.0.0:8000", "rest"),
     "metrics": ("BRAINAI_METRICS_ADDR", "0.0.0.0:9090", "http"),
+    # plaintext grpc.health.v1 only, for the kubelet's probes; off unless BRAINAI_HEALTH_ADDR is set
+    "health": ("BRAINAI_HEALTH_ADDR", None, "health"),
 }
-# The Services in front of them: name -> (the container port it targets, its appProtocol).
+# Listeners for clients (Services, NetworkPolicy from namespaces); the health port is the kubelet's.
+CLIENT_LISTENERS = ("grpc", "http", "metrics")
+# Listeners that speak TLS when BRAINAI_TLS_CERT is set.
+TLS_LISTENERS = ("grpc", "http")
+# The Services in front of them: name -> (the container port it targets, its appProtocol without
+# TLS, with TLS).
 SERVICES = {
-    "brainai-grpc": ("grpc", "kubernetes.io/h2c"),
-    "brainai-http": ("http", "http"),
-    METRICS_JOB: ("metrics", "http"),
+    "brainai-grpc": ("grpc", "kubernetes.io/h2c", "https"),
+    "brainai-http": ("http", "http", "https"),
+    METRICS_JOB: ("metrics", "http", "http"),
 }
+# Security (src/security/mod.rs): the credential files the server reads, by variable.
+TLS_FILES = ("BRAINAI_TLS_CERT", "BRAINAI_TLS_KEY", "BRAINAI_TLS_CLIENT_CA")
+CALLERS_ENV = "BRAINAI_AUTH_CALLERS"
+CERTIFICATE = "deploy/k8s/cert-manager/certificate.yaml"
+CALLERS_TEMPLATE = "deploy/k8s/examples/callers-secret.yaml"
+# The keys cert-manager writes into a Certificate's Secret.
+CERT_MANAGER_KEYS = {"tls.crt", "tls.key", "ca.crt"}
+# cert-manager.io/v1 Certificate spec fields (cert-manager 1.15+), to catch typos offline.
+CERTIFICATE_FIELDS = {
+    "secretName", "secretTemplate", "commonName", "dnsNames", "ipAddresses", "uris", "emailAddresses", "otherNames",
+    "subject", "literalSubject", "duration", "renewBefore", "renewBeforePercentage", "issuerRef", "privateKey", "usages",
+    "isCA", "keystores", "revisionHistoryLimit", "additionalOutputFormats", "nameConstraints", "encodeUsagesInRequest",
+}
+CERTIFICATE_PRIVATE_KEY_FIELDS = {"algorithm", "size", "encoding", "rotationPolicy"}
+CERTIFICATE_ISSUER_FIELDS = {"name", "kind", "group"}
+# callers.toml (src/security/auth.rs): fields of a [[caller]], scopes, shortest accepted token.
+CALLER_FIELDS = {"name", "token", "certificate_cn", "scopes"}
+SCOPES = {"infer", "read", "admin"}
+MIN_TOKEN_LEN = 16
 # Enumerated labels whose values are gRPC's, not the service's: the dashboard need not show each.
 NOT_SHOWN_ONE_BY_ONE = {"code"}
 NON_BRAINAI_METRICS = {  # kube-state-metrics and Prometheus series the rules and dashboard use
@@ -155,6 +193,18 @@ class Context:
         self.model_toml = read(MODEL_TOML)
         self.adapter = yaml.safe_load(read(ADAPTER))
         self.dashboard_text = read(DASHBOARD)
+        # Not rendered by any kustomization: read here, checked against each overlay.
+        self.certificate = load_one(CERTIFICATE)
+        self.callers_template = load_one(CALLERS_TEMPLATE)
+
+
+def load_one(rel: str):
+    """The one YAML document of `rel`; an error string when it is missing or does not parse."""
+    try:
+        docs = [d for d in yaml.safe_load_all(read(rel)) if d]
+    except (OSError, yaml.YAMLError) as e:
+        return f"{rel}: {e}"
+    return docs[0] if len(docs) == 1 and isinstance(docs[0], dict) else f"{rel}: expected one YAML document ({len(docs)})"
 
 
 def metric_labels(readme: str):
@@ -543,7 +593,11 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     threads = env_int("BRAINAI_INTRA_OP_THREADS", 0)
     # listeners: BRAINAI_*_ADDR (or the binary's default) = the container port of that name
     listen = {name: port_of(env.get(var, ctx.env_defaults.get(var, default))) for name, (var, default, _) in LISTENERS.items()}
+    if env.get("BRAINAI_HEALTH_ADDR") is None:
+        listen.pop("health")  # optional: off unless set
     grpc_port = listen["grpc"]
+    health_port = listen.get("health")
+    tls_on = bool(env.get("BRAINAI_TLS_CERT"))
     ports = {p.get("name"): p.get("containerPort") for p in main.get("ports", [])}
     rep.ok(ports == listen,
            f"{overlay}: container ports {ports} are exactly the listeners {listen} of "
@@ -590,13 +644,17 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     rep.ok(threads is not None and 1 <= threads <= float(str(main["resources"]["limits"].get("cpu", "0")).rstrip("m") or 0),
            f"{overlay}: BRAINAI_INTRA_OP_THREADS={threads} set and within the CPU limit (ORT ignores the pod's CPU quota)")
 
-    # probes, lifecycle, grace period
+    # probes, lifecycle, grace period. The kubelet's gRPC probe speaks plaintext only: the probes
+    # go to the health-only port (the same health service), or to the gRPC port only without TLS.
+    probe_port = health_port if health_port is not None else (None if tls_on else grpc_port)
+    rep.ok(probe_port is not None,
+           f"{overlay}: the probes have a plaintext gRPC health port (BRAINAI_HEALTH_ADDR; the gRPC port {grpc_port} speaks TLS: {tls_on})")
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = main.get(probe_name, {})
         g = probe.get("grpc", {})
         want_services = {HEALTH_SERVICE} if probe_name != "livenessProbe" else {"", HEALTH_SERVICE}
-        rep.ok(isinstance(g.get("port"), int) and g.get("port") == grpc_port and g.get("service", "") in want_services,
-               f"{overlay}: {probe_name} is a native gRPC probe on port {grpc_port} ({g})")
+        rep.ok(isinstance(g.get("port"), int) and g.get("port") == probe_port and g.get("service", "") in want_services,
+               f"{overlay}: {probe_name} is a native gRPC probe on the plaintext health port {probe_port} ({g})")
     sp = main.get("startupProbe", {})
     startup_s = sp.get("periodSeconds", 10) * sp.get("failureThreshold", 3)
     rep.ok(startup_s >= 120, f"{overlay}: startup probe allows {startup_s} s for model load and warm-up")
@@ -656,7 +714,8 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
         rep.ok(svc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP" and svc.get("spec", {}).get("clusterIP") != "None",
                f"{overlay}: {svc.get('metadata', {}).get('name')} is a ClusterIP Service")
     by_number = {v: k for k, v in ports.items()}
-    for svc_name, (port_name, app_protocol) in SERVICES.items():
+    for svc_name, (port_name, plain_protocol, tls_protocol) in SERVICES.items():
+        app_protocol = tls_protocol if tls_on and port_name in TLS_LISTENERS else plain_protocol
         svc = services.get(svc_name, {})
         sp_ = svc.get("spec", {})
         rep.ok(matches(sp_.get("selector", {}), pod_labels), f"{overlay}: Service {svc_name} selects the pods")
@@ -666,7 +725,7 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
             target_name = target if isinstance(target, str) else by_number.get(target)
             rep.ok(target_name == port_name and p.get("port") == listen[port_name] and p.get("appProtocol") == app_protocol,
                    f"{overlay}: Service {svc_name} port {p.get('name')} {p.get('port')} targets container port {port_name} "
-                   f"({target} -> {ports.get(target_name)}; {LISTENERS[port_name][0]} {listen[port_name]}) with appProtocol {app_protocol} ({p.get('appProtocol')})")
+                   f"({target} -> {ports.get(target_name)}; {LISTENERS[port_name][0]} {listen[port_name]}) with appProtocol {app_protocol} ({p.get('appProtocol')}; TLS {'on' if tls_on else 'off'})")
     rep.ok(matches(dep["spec"]["selector"]["matchLabels"], pod_labels), f"{overlay}: Deployment selector matches its pod labels")
     rep.ok(matches(pdb.get("spec", {}).get("selector", {}).get("matchLabels", {}), pod_labels), f"{overlay}: PodDisruptionBudget selects the pods")
     rep.ok(matches(netpol.get("spec", {}).get("podSelector", {}).get("matchLabels", {}), pod_labels), f"{overlay}: NetworkPolicy selects the pods")
@@ -677,10 +736,23 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
         rep.ok(bool(r.get("ports")) and all(p.get("protocol", "TCP") == "TCP" for p in r.get("ports", [])),
                f"{overlay}: NetworkPolicy ingress rule {i} names its (TCP) ports")
         rep.ok(bool(r.get("from")), f"{overlay}: NetworkPolicy ingress rule {i} names its peers (from)")
-    admitted = {ports.get(p.get("port"), p.get("port")) if isinstance(p.get("port"), str) else p.get("port")
-                for r in ingress for p in r.get("ports", [])}
-    rep.ok(admitted == set(listen.values()),
-           f"{overlay}: NetworkPolicy admits exactly the listeners' ports {sorted(map(str, admitted))} = {sorted(listen.values(), key=str)}")
+    def numbers(r):
+        return {ports.get(p.get("port"), p.get("port")) if isinstance(p.get("port"), str) else p.get("port") for p in r.get("ports", [])}
+
+    # Clients reach the client-facing listeners from namespaces/pods; the plaintext health port is
+    # the kubelet's (from the node, not subject to NetworkPolicy in common CNIs): admitted, if at
+    # all, only from ipBlock peers (the nodes' CIDR).
+    from_workloads = [r for r in ingress if any("ipBlock" not in peer for peer in r.get("from", []))]
+    admitted = {n for r in from_workloads for n in numbers(r)}
+    client_ports = {listen[n] for n in CLIENT_LISTENERS}
+    rep.ok(admitted == client_ports,
+           f"{overlay}: NetworkPolicy admits exactly the listeners' ports {sorted(map(str, admitted))} = {sorted(client_ports, key=str)} "
+           "(grpc, http, metrics) to namespaces and pods")
+    if health_port is not None:
+        rep.ok(health_port not in admitted,
+               f"{overlay}: NetworkPolicy admits the plaintext health port {health_port} to no namespace or pod (ipBlock peers only)")
+    unknown_ports = {n for r in ingress for n in numbers(r)} - set(listen.values())
+    rep.ok(not unknown_ports, f"{overlay}: NetworkPolicy admits no port nothing listens on {sorted(map(str, unknown_ports)) or ''}")
     sel = sm.get("spec", {}).get("selector", {}).get("matchLabels", {})
     others = [n for n, svc in services.items() if n != METRICS_JOB and matches(sel, svc.get("metadata", {}).get("labels", {}))]
     rep.ok(matches(sel, met_svc.get("metadata", {}).get("labels", {})) and not others,
@@ -730,7 +802,8 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     names = {r["alert"] for r in alerts}
     required = {"BrainAILatencyP99High", "BrainAIErrorRatioHigh", "BrainAIQueueNearCapacity", "BrainAIDeadlineDrops",
                 "BrainAILowBatchOccupancyUnderLoad", "BrainAIInstanceNotReady", "BrainAIPodRestarting",
-                "BrainAIModelLoadFailures", "BrainAIOverloadShedding", "BrainAIConnectionsRefused"}
+                "BrainAIModelLoadFailures", "BrainAIOverloadShedding", "BrainAIConnectionsRefused",
+                "BrainAITLSCertificateExpiringSoon", "BrainAITLSReloadFailures", "BrainAIAuditWriteFailures"}
     rep.ok(required <= names, f"{overlay}: the required alerts exist {sorted(required - names) or ''}")
     q = next((r["expr"] for r in alerts if r["alert"] == "BrainAIQueueNearCapacity"), "")
     thresholds, problems = queue_thresholds(q)
@@ -744,6 +817,142 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     runbook_section = ctx.deploy_readme.partition("## Runbook")[2]
     documented = set(re.findall(r"^### (BrainAI\w+)", runbook_section, re.M))
     rep.ok(documented == names, f"{overlay}: runbook entries = alerts {sorted(documented ^ names) or ''}")
+
+    check_security(overlay, ctx, rep, env, pod, main, namespace, alerts)
+
+
+def duration_s(text) -> float | None:
+    """Seconds of a Go duration such as `2160h` or `1h30m` (cert-manager's duration fields)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", str(text or ""))
+    if not parts or "".join(n + u for n, u in parts) != str(text):
+        return None
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def expiry_thresholds_s(alerts) -> list[float]:
+    """The `< N * 86400` (or `< N`) thresholds of the certificate-expiry alert's rules, in seconds."""
+    out = []
+    for r in alerts:
+        if r.get("alert") != "BrainAITLSCertificateExpiringSoon":
+            continue
+        m = re.search(r"<\s*([\d.]+)(?:\s*\*\s*([\d.]+))?(?:\s*\*\s*([\d.]+))?(?:\s*\*\s*([\d.]+))?\s*$", r.get("expr", "").strip())
+        if m:
+            v = 1.0
+            for g in m.groups():
+                v *= float(g) if g else 1.0
+            out.append(v)
+    return out
+
+
+def check_security(overlay: str, ctx: Context, rep: Report, env: dict, pod: dict, main: dict, namespace, alerts) -> None:
+    """TLS, callers file and audit trail on; their files are Secret keys mounted read-only as whole
+    directories; the cert-manager Certificate and the callers template agree with the pod."""
+    rep.ok(bool(env.get("BRAINAI_TLS_CERT")) and bool(env.get("BRAINAI_TLS_KEY")),
+           f"{overlay}: TLS on the gRPC and HTTP API ports (BRAINAI_TLS_CERT and BRAINAI_TLS_KEY set)")
+    rep.ok(bool(env.get(CALLERS_ENV)), f"{overlay}: callers file set ({CALLERS_ENV}): every method but health needs a credential")
+    rep.ok(bool(env.get("BRAINAI_AUDIT_LOG")), f"{overlay}: audit trail on (BRAINAI_AUDIT_LOG={env.get('BRAINAI_AUDIT_LOG')})")
+    rep.ok(env.get("BRAINAI_AUTH_OPEN_REFLECTION", "false") == "false",
+           f"{overlay}: reflection needs a credential (BRAINAI_AUTH_OPEN_REFLECTION unset or false)")
+    volumes = {v.get("name"): v for v in pod.get("volumes", [])}
+    mounts = main.get("volumeMounts", [])
+    psc = pod.get("securityContext", {})
+
+    def secret_file(var):
+        """(secret name, key) of the file `var` names: a key of a Secret volume mounted read-only,
+        as a whole directory, readable by the pod's fsGroup only; None (and a failure) otherwise."""
+        path = env.get(var, "")
+        where = f"{overlay}: {var}={path}"
+        mount = next((m for m in mounts if path.startswith(m.get("mountPath", "\0").rstrip("/") + "/")), None)
+        vol = volumes.get(mount.get("name")) if mount else None
+        secret = (vol or {}).get("secret")
+        if not rep.ok(secret is not None, f"{where} is in the Secret volume mounted at its directory"):
+            return None
+        rel = path[len(mount["mountPath"].rstrip("/")) + 1:]
+        items = secret.get("items")
+        key = next((i.get("key") for i in items if i.get("path") == rel), None) if items else rel
+        rep.ok(key is not None and "/" not in rel, f"{where}: {rel} is a key of Secret {secret.get('secretName')} ({key})")
+        rep.ok(mount.get("readOnly") is True and not mount.get("subPath") and not mount.get("subPathExpr"),
+               f"{where}: mount {mount.get('name')} at {mount.get('mountPath')} is read-only, no subPath (renewals reach the pod)")
+        mode = next((i.get("mode") for i in items or [] if i.get("path") == rel), None)
+        mode = secret.get("defaultMode", 0o644) if mode is None else mode
+        rep.ok(isinstance(mode, int) and mode & 0o007 == 0 and mode & 0o040 and psc.get("fsGroup") is not None
+               and psc.get("fsGroup") == psc.get("runAsGroup"),
+               f"{where}: mode {oct(mode) if isinstance(mode, int) else mode} readable by the pod's fsGroup {psc.get('fsGroup')} "
+               f"(= runAsGroup {psc.get('runAsGroup')}), by nobody else")
+        return secret.get("secretName"), key
+
+    tls_secrets = {var: secret_file(var) for var in TLS_FILES if env.get(var)}
+    callers = secret_file(CALLERS_ENV) if env.get(CALLERS_ENV) else None
+    tls_names = {v[0] for v in tls_secrets.values() if v}
+    rep.ok(len(tls_names) <= 1, f"{overlay}: the TLS files come from one Secret {sorted(tls_names)}")
+    tls_secret = next(iter(tls_names), None)
+    rep.ok(all(v[1] in CERT_MANAGER_KEYS for v in tls_secrets.values() if v),
+           f"{overlay}: the TLS files are keys cert-manager writes {sorted(CERT_MANAGER_KEYS)} ({ {k: v[1] for k, v in tls_secrets.items() if v} })")
+
+    # the cert-manager Certificate that writes that Secret
+    cert = ctx.certificate
+    if not rep.ok(isinstance(cert, dict), f"{CERTIFICATE}: parses as one YAML document ({cert if isinstance(cert, str) else 'ok'})"):
+        return
+    cs = cert.get("spec", {})
+    rep.ok(cert.get("apiVersion") == "cert-manager.io/v1" and cert.get("kind") == "Certificate",
+           f"{CERTIFICATE}: a cert-manager.io/v1 Certificate ({cert.get('apiVersion')} {cert.get('kind')})")
+    unknown = sorted(set(cs) - CERTIFICATE_FIELDS) + sorted(f"privateKey.{k}" for k in set(cs.get("privateKey", {})) - CERTIFICATE_PRIVATE_KEY_FIELDS) \
+        + sorted(f"issuerRef.{k}" for k in set(cs.get("issuerRef", {})) - CERTIFICATE_ISSUER_FIELDS)
+    rep.ok(not unknown and set(cert) <= {"apiVersion", "kind", "metadata", "spec"},
+           f"{CERTIFICATE}: only known Certificate fields {unknown or ''}")
+    rep.ok(cs.get("issuerRef", {}).get("name") and cs.get("issuerRef", {}).get("kind") in ("Issuer", "ClusterIssuer"),
+           f"{CERTIFICATE}: issuerRef names an Issuer or ClusterIssuer ({cs.get('issuerRef')})")
+    rep.ok(tls_secret is not None and cs.get("secretName") == tls_secret and cert.get("metadata", {}).get("namespace") == namespace,
+           f"{overlay}: the Certificate writes the Secret the pod mounts for TLS ({cs.get('secretName')} = {tls_secret}) "
+           f"in the overlay's namespace ({cert.get('metadata', {}).get('namespace')} = {namespace})")
+    rep.ok("server auth" in cs.get("usages", ["server auth"]) and cs.get("isCA") is not True,
+           f"{CERTIFICATE}: a server certificate (usages {cs.get('usages')})")
+    rep.ok(cs.get("privateKey", {}).get("rotationPolicy", "Always") == "Always",
+           f"{CERTIFICATE}: a new private key on every renewal (rotationPolicy Always)")
+    services = {"brainai-grpc", "brainai-http"}  # the Services in front of the TLS listeners
+    want = {f"{svc}{sfx}" for svc in services for sfx in ("", f".{namespace}", f".{namespace}.svc", f".{namespace}.svc.cluster.local")}
+    names = set(cs.get("dnsNames", []))
+    rep.ok(want <= names, f"{overlay}: the Certificate's dnsNames cover every name of the TLS Services {sorted(want - names) or ''}")
+    renew = duration_s(cs.get("renewBefore"))
+    life = duration_s(cs.get("duration", "2160h"))
+    thresholds = expiry_thresholds_s(alerts)
+    rep.ok(renew is not None and life is not None and thresholds and max(thresholds) < renew < life,
+           f"{overlay}: the Certificate renews {cs.get('renewBefore')} before expiry, before the expiry alert fires "
+           f"({[f'{t / 86400:g} d' for t in thresholds]}) and within its duration {cs.get('duration')}")
+
+    # the callers Secret template
+    tpl = ctx.callers_template
+    if not rep.ok(isinstance(tpl, dict), f"{CALLERS_TEMPLATE}: parses as one YAML document ({tpl if isinstance(tpl, str) else 'ok'})"):
+        return
+    try:
+        kv.validate(tpl, K8S_VERSION, strict=True)
+        rep.ok(True, f"{CALLERS_TEMPLATE}: valid against Kubernetes {K8S_VERSION} (strict)")
+    except (kv.ValidationError, kv.SchemaNotFoundError) as e:
+        rep.ok(False, f"{CALLERS_TEMPLATE}: invalid against Kubernetes {K8S_VERSION}: {e.message}")
+    data = tpl.get("stringData", {})
+    rep.ok(callers is not None and tpl.get("kind") == "Secret" and tpl.get("metadata", {}).get("name") == callers[0]
+           and callers[1] in data and tpl.get("metadata", {}).get("namespace") == namespace and not tpl.get("data"),
+           f"{overlay}: the callers template is the Secret and key the pod mounts ({tpl.get('metadata', {}).get('name')}/"
+           f"{sorted(data)} = {callers}) in the overlay's namespace, as stringData")
+    try:
+        parsed = tomllib.loads(data.get(callers[1] if callers else "callers.toml", "")) if tomllib else None
+    except tomllib.TOMLDecodeError as e:
+        rep.ok(False, f"{CALLERS_TEMPLATE}: callers.toml does not parse: {e}")
+        return
+    if parsed is None:
+        return
+    entries = parsed.get("caller", [])
+    problems = [f"top-level {k}" for k in parsed if k != "caller"]
+    for e in entries:
+        problems += [f"{e.get('name')}: field {k}" for k in set(e) - CALLER_FIELDS]
+        problems += [f"{e.get('name')}: scope {sc}" for sc in e.get("scopes", []) if sc not in SCOPES]
+        if not e.get("token") and not e.get("certificate_cn"):
+            problems.append(f"{e.get('name')}: neither token nor certificate_cn")
+    names = [e.get("name") for e in entries]
+    rep.ok(entries and not problems and len(set(names)) == len(names) and all(names),
+           f"{CALLERS_TEMPLATE}: callers.toml has the server's [[caller]] fields {sorted(CALLER_FIELDS)} and scopes {sorted(SCOPES)} {problems or ''}")
+    usable = [e.get("name") for e in entries if len(str(e.get("token", ""))) >= MIN_TOKEN_LEN]
+    rep.ok(not usable, f"{CALLERS_TEMPLATE}: no token the server would accept (placeholders shorter than {MIN_TOKEN_LEN}) {usable or ''}")
 
 
 # ---- dashboard and adapter -----------------------------------------------------------------------
@@ -976,6 +1185,19 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
             r["ports"] = [p for p in r["ports"] if p["port"] != number]
         by_kind(d, "NetworkPolicy")[0]["spec"]["ingress"] = [r for r in netpol_rules(d) if r["ports"]]
 
+    def cert_edit(fn):
+        def apply(c):
+            c.certificate = copy.deepcopy(c.certificate)
+            fn(c.certificate)
+        return apply
+
+    def callers_edit(fn):
+        def apply(c):
+            c.callers_template = copy.deepcopy(c.callers_template)
+            data = c.callers_template["stringData"]
+            data["callers.toml"] = fn(data["callers.toml"])
+        return apply
+
     def without_listener(value):
         # a README whose metric table does not know one listener value
         def apply(c):
@@ -1038,8 +1260,10 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
             lambda d: svc(d, "brainai-http")["spec"]["ports"][0].__setitem__("targetPort", "web"), "Service brainai-http port http 8000 targets container port http"),
         "brainai-http targeting the metrics port": (
             lambda d: svc(d, "brainai-http")["spec"]["ports"][0].__setitem__("targetPort", 9090), "Service brainai-http port http 8000 targets container port http"),
-        "brainai-grpc without appProtocol h2c": (
-            lambda d: svc(d, "brainai-grpc")["spec"]["ports"][0].__setitem__("appProtocol", "http"), "with appProtocol kubernetes.io/h2c"),
+        "brainai-grpc with appProtocol h2c in front of a TLS port": (
+            lambda d: svc(d, "brainai-grpc")["spec"]["ports"][0].__setitem__("appProtocol", "kubernetes.io/h2c"), "with appProtocol https"),
+        "TLS off but the Services still say https": (
+            lambda d: (env_cm(d)["data"].pop("BRAINAI_TLS_CERT"), env_cm(d)["data"].pop("BRAINAI_TLS_KEY")), "with appProtocol kubernetes.io/h2c"),
         "brainai-http headless": (
             lambda d: svc(d, "brainai-http")["spec"].__setitem__("clusterIP", "None"), "brainai-http is a ClusterIP Service"),
         "ServiceMonitor also scraping brainai-http": (
@@ -1052,6 +1276,55 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         "NetworkPolicy rule without peers (admits everyone)": (
             lambda d: netpol_rules(d)[2].pop("from"), "names its peers"),
         "README's metric table missing the rest listener": (lambda d: None, "README's brainai_connections_open{listener} values", without_listener("rest")),
+        "README's metric table missing the health listener": (lambda d: None, "README's brainai_connections_open{listener} values", without_listener("health")),
+        # the plaintext health-only listener and the probes
+        "probes on the TLS gRPC port": (lambda d: main_c(d)["readinessProbe"]["grpc"].__setitem__("port", 50051), "native gRPC probe on the plaintext health port"),
+        "TLS on without a health-only listener": (
+            lambda d: (env_cm(d)["data"].pop("BRAINAI_HEALTH_ADDR"), main_c(d).__setitem__("ports", [p for p in main_c(d)["ports"] if p["name"] != "health"])),
+            "the probes have a plaintext gRPC health port"),
+        "health address moved without its container port": (
+            lambda d: env_cm(d)["data"].__setitem__("BRAINAI_HEALTH_ADDR", "0.0.0.0:50053"), "are exactly the listeners"),
+        "NetworkPolicy admitting the health port to a namespace": (
+            lambda d: netpol_rules(d)[0]["ports"].append({"protocol": "TCP", "port": 50052}), "NetworkPolicy admits exactly the listeners' ports"),
+        "NetworkPolicy admitting the health port to namespaces only (no client port changed)": (
+            lambda d: netpol_rules(d).append({"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "pacs-integration"}}}],
+                                              "ports": [{"protocol": "TCP", "port": 50052}]}), "health port 50052 to no namespace or pod"),
+        # TLS, callers, audit trail and their Secrets
+        "TLS off in a production overlay": (
+            lambda d: (env_cm(d)["data"].pop("BRAINAI_TLS_CERT"), env_cm(d)["data"].pop("BRAINAI_TLS_KEY")), "TLS on the gRPC and HTTP API ports"),
+        "no callers file": (lambda d: env_cm(d)["data"].pop("BRAINAI_AUTH_CALLERS"), "callers file set"),
+        "no audit trail": (lambda d: env_cm(d)["data"].pop("BRAINAI_AUDIT_LOG"), "audit trail on"),
+        "TLS key outside the Secret's mount": (
+            lambda d: env_cm(d)["data"].__setitem__("BRAINAI_TLS_KEY", "/etc/brainai/certs/tls.key"), "BRAINAI_TLS_KEY=/etc/brainai/certs/tls.key is in the Secret volume"),
+        "client CA that is no key cert-manager writes": (
+            lambda d: env_cm(d)["data"].__setitem__("BRAINAI_TLS_CLIENT_CA", "/etc/brainai/tls/client-ca.crt"), "keys cert-manager writes"),
+        "TLS Secret mounted with subPath (renewals never arrive)": (
+            lambda d: next(m for m in main_c(d)["volumeMounts"] if m["name"] == "tls").__setitem__("subPath", "tls.crt"), "no subPath"),
+        "TLS Secret mounted writable": (
+            lambda d: next(m for m in main_c(d)["volumeMounts"] if m["name"] == "tls").pop("readOnly"), "is read-only"),
+        "TLS Secret readable by every user": (
+            lambda d: next(v for v in dep(d)["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")["secret"].__setitem__("defaultMode", 0o444), "by nobody else"),
+        "callers file not a key of the mounted Secret": (
+            lambda d: next(v for v in dep(d)["spec"]["template"]["spec"]["volumes"] if v["name"] == "callers")["secret"]["items"][0].__setitem__("path", "users.toml"),
+            "is a key of Secret"),
+        "Certificate writing another Secret": (lambda d: None, "the Certificate writes the Secret the pod mounts",
+                                               cert_edit(lambda c: c["spec"].__setitem__("secretName", "brainai-cert"))),
+        "Certificate in another namespace": (lambda d: None, "the Certificate writes the Secret the pod mounts",
+                                             cert_edit(lambda c: c["metadata"].__setitem__("namespace", "default"))),
+        "Certificate without a Service's DNS name": (lambda d: None, "dnsNames cover every name",
+                                                     cert_edit(lambda c: c["spec"]["dnsNames"].remove("brainai-http.brainai.svc"))),
+        "Certificate renewing after the expiry alert fires": (lambda d: None, "before the expiry alert fires",
+                                                              cert_edit(lambda c: c["spec"].__setitem__("renewBefore", "240h"))),
+        "typo'd Certificate field": (lambda d: None, "only known Certificate fields", cert_edit(lambda c: c["spec"].__setitem__("dnsName", ["x"]))),
+        "Certificate that does not parse": (lambda d: None, "parses as one YAML document", lambda c: setattr(c, "certificate", f"{CERTIFICATE}: broken")),
+        "callers template with a token the server would accept": (lambda d: None, "no token the server would accept",
+                                                                  callers_edit(lambda t: t.replace('token = "CHANGE-ME"', 'token = "0123456789abcdef0123"', 1))),
+        "callers template with an unknown scope": (lambda d: None, "and scopes", callers_edit(lambda t: t.replace('["infer", "read"]', '["infer", "write"]', 1))),
+        "callers template with a typo'd field": (lambda d: None, "[[caller]] fields", callers_edit(lambda t: t.replace("scopes =", "scope =", 1))),
+        "callers template for another Secret": (lambda d: None, "the callers template is the Secret and key the pod mounts",
+                                                lambda c: setattr(c, "callers_template", {**c.callers_template, "metadata": {**c.callers_template["metadata"], "name": "callers"}})),
+        "no certificate expiry alert": (drop_alert("BrainAITLSCertificateExpiringSoon"), "required alerts"),
+        "no audit write failure alert": (drop_alert("BrainAIAuditWriteFailures"), "required alerts"),
     }
     missed = []
     for what, (mutate, expect, *ctx_edit) in mutations.items():
