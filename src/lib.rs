@@ -24,6 +24,7 @@ pub mod preprocess;
 pub mod report;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 
 /// Generated protobuf and gRPC types of the Open Inference Protocol (KServe v2),
 /// `proto/kserve/grpc_predict_v2.proto` (package `inference`).

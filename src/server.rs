@@ -258,6 +258,7 @@ pub async fn start(
         .add_service(inference)
         .prepare();
     let grpc_service = tower::ServiceBuilder::new()
+        .layer(crate::api::trace::TraceLayer::grpc())
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
         })
@@ -277,7 +278,8 @@ pub async fn start(
     let rest_task = tokio::spawn(transport::serve_h1(
         http_listener,
         rest_connections.clone(),
-        crate::api::rest::router(pipeline, args.max_http_body_bytes),
+        crate::api::rest::router(pipeline, args.max_http_body_bytes)
+            .layer(crate::api::trace::TraceLayer::http()),
         serve_stop_tx.subscribe(),
     ));
     tracing::info!(%grpc_addr, %http_addr, %metrics_addr, "listening; loading and warming up the models");

@@ -396,7 +396,7 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         let window = self.pipeline.max_images_per_request();
         let (tx, rx) = mpsc::channel(window);
         let pipeline = self.pipeline.clone();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _guard = guard;
             let state = pipeline.state().clone();
             let draining = state.draining();
@@ -466,7 +466,7 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                 version,
                 started.elapsed().as_secs_f64(),
             );
-        });
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
