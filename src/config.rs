@@ -219,6 +219,24 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "BRAINAI_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://collector:4317
+    /// (unset: no traces are exported). See README "Traces".
+    #[arg(long, env = "BRAINAI_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The service.name of exported traces.
+    #[arg(
+        long,
+        env = "BRAINAI_OTLP_SERVICE_NAME",
+        default_value = "brainai-serve"
+    )]
+    pub otlp_service_name: String,
+
+    /// Fraction of new traces exported, 0 to 1; a call with a W3C traceparent follows its caller's
+    /// sampling decision.
+    #[arg(long, env = "BRAINAI_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = crate::telemetry::parse_ratio)]
+    pub otlp_sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -3,15 +3,22 @@
 use std::process::ExitCode;
 
 use brainai::config::{Cli, Command, LogFormat};
+use brainai::telemetry::{self, TraceExport};
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_format = match &cli.command {
-        Command::Serve(args) => args.log_format,
-        Command::Classify(_) => LogFormat::Text,
+    let (log_format, export) = match &cli.command {
+        Command::Serve(args) => (
+            args.log_format,
+            args.otlp_endpoint.as_ref().map(|endpoint| TraceExport {
+                endpoint: endpoint.clone(),
+                service_name: args.otlp_service_name.clone(),
+                sample_ratio: args.otlp_sample_ratio,
+            }),
+        ),
+        Command::Classify(_) => (LogFormat::Text, None),
     };
-    init_tracing(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -19,6 +26,14 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Inside the runtime: the OTLP exporter's gRPC channel runs on it.
+    let telemetry = match runtime.block_on(async { telemetry::init(log_format, export.as_ref()) }) {
+        Ok(telemetry) => telemetry,
+        Err(message) => {
+            eprintln!("error: {message}");
             return ExitCode::FAILURE;
         }
     };
@@ -30,6 +45,8 @@ fn main() -> ExitCode {
             Command::Classify(args) => brainai::client::run(&args).await,
         }
     });
+    // The last spans are exported while the runtime (the exporter's channel) still runs.
+    telemetry.shutdown();
     // Whatever is still running (a connection's last bytes, a blocking file read) does not get
     // to hold the exit: the drain already had its time.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
@@ -39,18 +56,5 @@ fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BRAINAI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -304,6 +304,7 @@ pub async fn start(
         .add_service(inference)
         .prepare();
     let grpc_service = tower::ServiceBuilder::new()
+        .layer(crate::api::trace::TraceLayer::grpc())
         .layer(secured(FrontEnd::Grpc))
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
@@ -327,7 +328,8 @@ pub async fn start(
         rest_connections.clone(),
         tower::Layer::layer(
             &secured(FrontEnd::Rest),
-            crate::api::rest::router(pipeline, args.max_http_body_bytes),
+            crate::api::rest::router(pipeline, args.max_http_body_bytes)
+                .layer(crate::api::trace::TraceLayer::http()),
         ),
         serve_stop_tx.subscribe(),
         security.tls.clone(),

@@ -398,77 +398,80 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         let pipeline = self.pipeline.clone();
         // The stream is served by its own task: it carries the call's audit facts along.
         let facts = crate::security::audit::current();
-        tokio::spawn(crate::security::audit::maybe_scope(facts, async move {
-            let _guard = guard;
-            let state = pipeline.state().clone();
-            let draining = state.draining();
-            tokio::pin!(draining);
-            let mut running = FuturesUnordered::new();
-            let mut sequence: u64 = 0;
-            let mut open = true;
-            let mut drained = false;
-            let mut outcome = error::OK;
-            let mut first_model: Option<Arc<ServedModel>> = None;
-            let mut request_error: Option<Status> = None;
-            while open || !running.is_empty() {
-                tokio::select! {
-                    biased;
-                    // At shutdown: read no more messages, finish those in flight, then end the
-                    // stream with UNAVAILABLE so the client sends the rest elsewhere.
-                    () = &mut draining, if open => {
-                        open = false;
-                        drained = true;
-                    }
-                    Some((response, model)) = running.next() => {
-                        if first_model.is_none() {
-                            first_model = model;
-                        }
-                        if tx.send(Ok(response)).await.is_err() {
-                            outcome = ErrorKind::Cancelled.as_str();
-                            break;
-                        }
-                    }
-                    message = incoming.next(), if open && running.len() < window => match message {
-                        Some(Ok(message)) => {
-                            let seq = sequence;
-                            sequence += 1;
-                            let pipeline = pipeline.clone();
-                            running.push(async move { classify_one(&pipeline, seq, message).await });
-                        }
-                        Some(Err(status)) => {
-                            // A message that could not be read (not protobuf, too large): answer
-                            // what was read, then end the call with that error.
-                            let status = crate::api::status::fix(status);
-                            outcome = crate::api::code_name(status.code());
-                            request_error = Some(status);
+        tokio::spawn(crate::security::audit::maybe_scope(
+            facts,
+            tracing::Instrument::in_current_span(async move {
+                let _guard = guard;
+                let state = pipeline.state().clone();
+                let draining = state.draining();
+                tokio::pin!(draining);
+                let mut running = FuturesUnordered::new();
+                let mut sequence: u64 = 0;
+                let mut open = true;
+                let mut drained = false;
+                let mut outcome = error::OK;
+                let mut first_model: Option<Arc<ServedModel>> = None;
+                let mut request_error: Option<Status> = None;
+                while open || !running.is_empty() {
+                    tokio::select! {
+                        biased;
+                        // At shutdown: read no more messages, finish those in flight, then end the
+                        // stream with UNAVAILABLE so the client sends the rest elsewhere.
+                        () = &mut draining, if open => {
                             open = false;
+                            drained = true;
                         }
-                        None => open = false,
-                    },
+                        Some((response, model)) = running.next() => {
+                            if first_model.is_none() {
+                                first_model = model;
+                            }
+                            if tx.send(Ok(response)).await.is_err() {
+                                outcome = ErrorKind::Cancelled.as_str();
+                                break;
+                            }
+                        }
+                        message = incoming.next(), if open && running.len() < window => match message {
+                            Some(Ok(message)) => {
+                                let seq = sequence;
+                                sequence += 1;
+                                let pipeline = pipeline.clone();
+                                running.push(async move { classify_one(&pipeline, seq, message).await });
+                            }
+                            Some(Err(status)) => {
+                                // A message that could not be read (not protobuf, too large): answer
+                                // what was read, then end the call with that error.
+                                let status = crate::api::status::fix(status);
+                                outcome = crate::api::code_name(status.code());
+                                request_error = Some(status);
+                                open = false;
+                            }
+                            None => open = false,
+                        },
+                    }
                 }
-            }
-            if let Some(status) = request_error {
-                let _ = tx.send(Err(status)).await;
-            } else if drained {
-                outcome = ErrorKind::Unavailable.as_str();
-                let _ = tx
-                    .send(Err(Status::unavailable(format!(
-                        "the server is shutting down: this stream was closed after {sequence} \
+                if let Some(status) = request_error {
+                    let _ = tx.send(Err(status)).await;
+                } else if drained {
+                    outcome = ErrorKind::Unavailable.as_str();
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "the server is shutting down: this stream was closed after {sequence} \
                          messages, each answered; send the rest to another replica"
-                    ))))
-                    .await;
-            }
-            let (name, version) = first_model.as_deref().map_or(("", ""), |m| {
-                (m.spec.config.name.as_str(), m.spec.version.as_str())
-            });
-            metrics::request_done(
-                "ClassifyStream",
-                outcome,
-                name,
-                version,
-                started.elapsed().as_secs_f64(),
-            );
-        }));
+                        ))))
+                        .await;
+                }
+                let (name, version) = first_model.as_deref().map_or(("", ""), |m| {
+                    (m.spec.config.name.as_str(), m.spec.version.as_str())
+                });
+                metrics::request_done(
+                    "ClassifyStream",
+                    outcome,
+                    name,
+                    version,
+                    started.elapsed().as_secs_f64(),
+                );
+            }),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

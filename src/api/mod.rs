@@ -1,7 +1,7 @@
 //! Front ends: wire ↔ domain translation only. [`grpc`] serves `brainai.v1` over gRPC, [`oip`] the
 //! Open Inference Protocol (KServe v2) over gRPC and HTTP, [`rest`] the HTTP API port (OIP REST,
 //! `/v1/classify`, the upload page), [`prescan`] bounds what decoding a request may allocate,
-//! [`status`] corrects the statuses the transport gets wrong,
+//! [`status`] corrects the statuses the transport gets wrong, [`trace`] opens each call's span,
 //! [`http`] serves `/metrics`, `/healthz` and `/readyz`, [`transport`] owns the connections of
 //! every port. Every request path goes through [`crate::pipeline`].
 
@@ -11,6 +11,7 @@ pub mod oip;
 pub mod prescan;
 pub mod rest;
 pub mod status;
+pub mod trace;
 pub mod transport;
 
 /// A gRPC status code as its canonical upper-case name (`OK`, `INVALID_ARGUMENT`, …).

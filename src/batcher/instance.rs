@@ -126,9 +126,16 @@ fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch:
     let config = &shared.config;
     let n = batch.jobs.len();
     let number = shared.next_batch.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::debug_span!("batch", batch = number, instance, size = n);
+    // Its own trace (a batch serves many requests), linked once to each request span it serves
+    // (OpenTelemetry links, through `follows_from`).
+    let span = tracing::debug_span!(parent: None, "batch", batch = number, instance, size = n);
+    let mut linked = Vec::with_capacity(n);
     for job in &batch.jobs {
-        span.follows_from(&job.span);
+        let id = job.span.id();
+        if id.is_some() && !linked.contains(&id) {
+            span.follows_from(&job.span);
+            linked.push(id);
+        }
     }
     let _entered = span.enter();
     let mut input = Vec::with_capacity(n * config.input_len);

@@ -179,6 +179,8 @@ pub(crate) struct Job {
     reply: oneshot::Sender<Result<ImageOutput, BatchError>>,
     /// The request's span: instance logs about this image are emitted inside it.
     span: tracing::Span,
+    /// The image's wait in the queue, a child of `span`: closed when a batch takes the image.
+    queued: tracing::Span,
 }
 
 /// One queued image: its job, its deadline and its queue place.
@@ -351,6 +353,7 @@ impl Batcher {
                     enqueued: now,
                     reply,
                     span: span.clone(),
+                    queued: tracing::debug_span!(parent: span, "queue"),
                 },
                 deadline,
                 _place: permit,

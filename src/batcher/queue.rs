@@ -152,8 +152,13 @@ impl QueueTask {
         for p in Priority::ALL {
             let queue = &mut self.queues[p.index()];
             let take = queue.len().min(self.policy.max_batch_size - jobs.len());
-            // The entries' permits drop here: dispatched images no longer hold queue places.
-            jobs.extend(queue.drain(..take).map(|entry| entry.job));
+            // The entries' permits drop here: dispatched images no longer hold queue places; their
+            // queue spans end.
+            jobs.extend(queue.drain(..take).map(|entry| {
+                let mut job = entry.job;
+                job.queued = tracing::Span::none();
+                job
+            }));
         }
         let batch = Batch {
             jobs,

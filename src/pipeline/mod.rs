@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::batcher::{BatchError, Priority, Reservation};
 use crate::error::{ErrorKind, InferError};
@@ -188,10 +189,17 @@ impl Pipeline {
         // Queue places first: a full queue is refused before anything is decoded.
         let places = reserve(model, n, priority, request.deadline)?;
         let span = self.span(model, n, priority);
-        let first = request.first_index;
-        let prepared = self.preprocess(model, request.images, first).await?;
-        self.run_prepared(model, places, prepared, first, request.deadline, &span)
-            .await
+        let (first, deadline) = (request.first_index, request.deadline);
+        async {
+            let prepared = self
+                .preprocess(model, request.images, first)
+                .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n))
+                .await?;
+            self.run_prepared(model, places, prepared, first, deadline, &span)
+                .await
+        }
+        .instrument(span.clone())
+        .await
     }
 
     fn span(&self, model: &ServedModel, images: usize, priority: Priority) -> tracing::Span {

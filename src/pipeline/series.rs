@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{ImageResult, Pipeline, Prepared, input_error, reserve};
 use crate::batcher::Priority;
@@ -173,17 +174,17 @@ impl Pipeline {
         let kib = u32::try_from(total.div_ceil(1024))
             .unwrap_or(u32::MAX)
             .min(self.decoding_capacity_kib);
-        let room = self
-            .decoding
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("the decoding budget is never closed");
         let wanted: Vec<(usize, Option<u32>)> = slices[selected.clone()]
             .iter()
             .map(|s| (s.instance, s.frame))
             .collect();
-        let (prepared, context) = {
+        let (prepared, context) = async {
+            let room = self
+                .decoding
+                .clone()
+                .acquire_many_owned(kib)
+                .await
+                .expect("the decoding budget is never closed");
             let (model, instances) = (model.clone(), instances.clone());
             let headers: Vec<Header> = headers.iter().map(|(h, _)| h.clone()).collect();
             run_blocking(move || {
@@ -191,8 +192,10 @@ impl Pipeline {
                 drop(room);
                 result
             })
-            .await?
-        };
+            .await
+        }
+        .instrument(tracing::debug_span!(parent: &span, "preprocess", images = count))
+        .await?;
         let results = self
             .run_prepared(model, places, prepared, 0, request.deadline, &span)
             .await?;
