@@ -201,7 +201,7 @@ def load_crds() -> dict[str, Crd]:
 
 class Binary:
     """`brainai serve`'s flags and variables (src/config.rs, the security flags flattened into it
-    from src/security/mod.rs, src/main.rs) and what README's configuration table documents."""
+    from src/security/mod.rs, src/main.rs, src/telemetry.rs) and what README's configuration table documents."""
 
     def __init__(self):
         config = read("src/config.rs")
@@ -229,7 +229,7 @@ class Binary:
                 self.defaults[flag] = str(eval(dvt.group(1).replace("_", "")))  # digits, * and + only
             elif dvt:
                 self.defaults[flag] = dvt.group(1).strip()
-        self.env = {v for v in self.flags.values() if v} | set(re.findall(r'"((?:BRAINAI|ORT)_[A-Z0-9_]+)"', read("src/main.rs")))
+        self.env = {v for v in self.flags.values() if v} | set(re.findall(r'"((?:BRAINAI|ORT)_[A-Z0-9_]+)"', read("src/main.rs") + read("src/telemetry.rs")))
         readme = read("README.md")
         section = readme.partition("## Configuration")[2]
         section = section[: section.find("\n## ")] if "\n## " in section else section
