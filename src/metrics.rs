@@ -30,6 +30,10 @@ pub const MODEL_LOAD_FAILURES: &str = "brainai_model_load_failures_total";
 pub const CONNECTIONS_OPEN: &str = "brainai_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "brainai_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "brainai_connections_closed_total";
+pub const CACHE_REQUESTS: &str = "brainai_result_cache_requests_total";
+pub const CACHE_BYTES: &str = "brainai_result_cache_bytes";
+pub const CACHE_ENTRIES: &str = "brainai_result_cache_entries";
+pub const CACHE_EVICTIONS: &str = "brainai_result_cache_evictions_total";
 pub const TLS_CERT_EXPIRY: &str = "brainai_tls_certificate_expiry_timestamp_seconds";
 pub const TLS_RELOADS: &str = "brainai_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "brainai_tls_handshake_failures_total";
@@ -149,6 +153,26 @@ fn describe() {
         Unit::Count,
         "Connections the server closed, by listener and reason (idle, first_request_timeout, age, evicted, shutdown)."
     );
+    describe_counter!(
+        CACHE_REQUESTS,
+        Unit::Count,
+        "Result-cache lookups of models with [cache] in model.toml, by model, version and result (hit, miss)."
+    );
+    describe_gauge!(
+        CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes of results the result cache holds, by model and version."
+    );
+    describe_gauge!(
+        CACHE_ENTRIES,
+        Unit::Count,
+        "Results the result cache holds, by model and version."
+    );
+    describe_counter!(
+        CACHE_EVICTIONS,
+        Unit::Count,
+        "Results evicted (least recently used) to stay within [cache] max_kib, by model and version."
+    );
     describe_gauge!(
         TLS_CERT_EXPIRY,
         Unit::Seconds,
@@ -221,6 +245,57 @@ pub fn connection_refused(listener: &'static str) {
 
 pub fn connection_closed(listener: &'static str, reason: &'static str) {
     counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// The result cache's metrics of one model version.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    hits: Counter,
+    misses: Counter,
+    bytes: Gauge,
+    entries: Gauge,
+    evictions: Counter,
+}
+
+impl CacheMetrics {
+    pub fn new(model: &str, version: &str) -> Self {
+        let base = [
+            ("model", model.to_string()),
+            ("version", version.to_string()),
+        ];
+        let with = |result: &'static str| {
+            let mut labels = base.to_vec();
+            labels.push(("result", result.to_string()));
+            labels
+        };
+        let m = CacheMetrics {
+            hits: counter!(CACHE_REQUESTS, &with("hit")),
+            misses: counter!(CACHE_REQUESTS, &with("miss")),
+            bytes: gauge!(CACHE_BYTES, &base),
+            entries: gauge!(CACHE_ENTRIES, &base),
+            evictions: counter!(CACHE_EVICTIONS, &base),
+        };
+        m.hits.increment(0);
+        m.misses.increment(0);
+        m.bytes.set(0.0);
+        m.entries.set(0.0);
+        m.evictions.increment(0);
+        m
+    }
+
+    pub fn hit(&self) {
+        self.hits.increment(1);
+    }
+
+    pub fn miss(&self) {
+        self.misses.increment(1);
+    }
+
+    pub fn stored(&self, bytes: usize, entries: usize, evicted: u64) {
+        self.bytes.set(bytes as f64);
+        self.entries.set(entries as f64);
+        self.evictions.increment(evicted);
+    }
 }
 
 /// The serving certificate's notAfter (Unix seconds).

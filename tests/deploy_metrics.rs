@@ -210,16 +210,24 @@ async fn every_metric_named_in_deploy_is_exported_by_the_service() {
     // occupancy) and the per-code counter have samples.
     let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
     classify_files(&mut t, &["flair_256_a.png"]).await;
-    // The TLS and audit metrics exist when those are on (the pod turns them on): a second
-    // server in this process, with both, registers them with the same (process-wide) recorder.
+    // The TLS, audit and result-cache metrics exist when those are on (the pod turns TLS and
+    // audit on): a second server in this process, with all three, registers them with the same (process-wide) recorder.
     let dir = tempfile::tempdir().unwrap();
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, generated.cert.pem()).unwrap();
     std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    // Its model has a result cache, whose metrics exist only then.
+    let cached = copy_model("tiny", dir.path(), "tiny");
+    let toml = std::fs::read_to_string(cached.join("model.toml")).unwrap();
+    std::fs::write(
+        cached.join("model.toml"),
+        format!("{toml}\n[cache]\nmax_kib = 64\n"),
+    )
+    .unwrap();
     let secured = brainai::server::start(
         &args(
-            &fixture_model("tiny"),
+            &cached,
             &[
                 "--tls-cert",
                 &cert.display().to_string(),
@@ -233,6 +241,10 @@ async fn every_metric_named_in_deploy_is_exported_by_the_service() {
     )
     .await
     .expect("a server with TLS and an audit trail starts");
+    until("the second server's model to load", || {
+        secured.state.phase() == brainai::state::Phase::Serving
+    })
+    .await;
     let (code, body) = http_get(t.metrics_addr(), "/metrics").await;
     assert_eq!(code, 200, "{body}");
     let exported = parse_exposition(&body);

@@ -168,6 +168,7 @@ fn classification(model: &ServedModel, id: String, r: ImageResult) -> pb::Classi
             inference_seconds: r.timing.inference.as_secs_f64(),
         }),
         batch_size: r.batch_size as u32,
+        from_cache: r.from_cache,
         warnings: model.warnings.iter().chain(&r.warnings).cloned().collect(),
         dicom: r.dicom.map(|ids| pb::DicomReference {
             study_instance_uid: ids.study_instance_uid,

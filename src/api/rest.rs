@@ -278,6 +278,7 @@ async fn classify(
                         "clinically_trained": model.spec.config.clinically_trained,
                     },
                     "batch_size": r.batch_size,
+                    "from_cache": r.from_cache,
                     "timing": {
                         "queue_seconds": r.timing.queue.as_secs_f64(),
                         "preprocess_seconds": r.timing.preprocess.as_secs_f64(),

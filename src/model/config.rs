@@ -122,6 +122,8 @@ pub struct ModelConfig {
     pub batching: BatchingOverrides,
     pub versions: VersionPolicy,
     pub series: SeriesSettings,
+    /// `[cache] max_kib`: bytes of results kept per served version (0: no cache).
+    pub cache_max_bytes: usize,
     /// SHA-256 of the file's text: when it changes, every version is reloaded.
     pub toml_sha256: String,
 }
@@ -167,8 +169,18 @@ impl ModelConfig {
             .unwrap_or_default()
             .validate(&file.output.labels)
             .map_err(err)?;
+        let cache_max_bytes = match file.cache {
+            None => 0,
+            Some(CacheSection { max_kib }) if max_kib > 4 << 20 => {
+                return Err(err(format!(
+                    "[cache] max_kib is {max_kib}: at most 4194304 (4 GiB; a result takes about 150 bytes)"
+                )));
+            }
+            Some(CacheSection { max_kib }) => (max_kib as usize) << 10,
+        };
         Ok(ModelConfig {
             series,
+            cache_max_bytes,
             name,
             dir: dir.to_path_buf(),
             description: file.model.description.unwrap_or_default(),
@@ -194,6 +206,14 @@ struct ModelToml {
     batching: Option<BatchingOverrides>,
     versions: Option<VersionsSection>,
     series: Option<SeriesSection>,
+    cache: Option<CacheSection>,
+}
+
+/// `[cache]`: `max_kib`, the result cache's size per served version (opt-in; 0 turns it off).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheSection {
+    max_kib: u64,
 }
 
 /// `[series]`: `central_fraction` (0 < f <= 1, default 1), `aggregation = "max" | "mean_top_k"`,

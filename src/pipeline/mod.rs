@@ -3,6 +3,7 @@
 //! submit to the model's batcher → await → postprocess. Front ends translate wire ↔ these types and
 //! nothing else, so admission, batching, metrics and drain behave the same behind each of them.
 
+pub mod cache;
 pub mod registry;
 pub mod series;
 pub mod served;
@@ -38,6 +39,16 @@ pub enum ImageInput {
     Tensor(Vec<f32>),
 }
 
+impl ImageInput {
+    /// Bytes of the input as sent.
+    pub fn len_bytes(&self) -> usize {
+        match self {
+            ImageInput::Encoded { data, .. } => data.len(),
+            ImageInput::Tensor(values) => values.len() * 4,
+        }
+    }
+}
+
 /// A classification request, transport-neutral.
 #[derive(Debug)]
 pub struct InferRequest {
@@ -71,6 +82,8 @@ pub struct ImageResult {
     pub dicom: Option<DicomIds>,
     /// Caveats about this image's input (e.g. the sequence guard's), besides the model's.
     pub warnings: Vec<String>,
+    /// Answered from the model's result cache (the same input was classified before).
+    pub from_cache: bool,
 }
 
 /// Limits of the request path.
@@ -186,16 +199,100 @@ impl Pipeline {
             )));
         }
         let priority = request.priority.unwrap_or(model.settings.default_priority);
-        // Queue places first: a full queue is refused before anything is decoded.
-        let places = reserve(model, n, priority, request.deadline)?;
-        let span = self.span(model, n, priority);
         let (first, deadline) = (request.first_index, request.deadline);
+        let Some(cache) = &model.cache else {
+            let indices: Vec<usize> = (first..first + n).collect();
+            return self
+                .run_images(model, request.images, &indices, priority, deadline)
+                .await;
+        };
+        // The result cache: hits answer at once; only the misses are decoded and queued.
+        let images = request.images;
+        let keys = {
+            let big = images.iter().map(ImageInput::len_bytes).sum::<usize>() > 1 << 20;
+            let (model, images) = (model.clone(), images);
+            let hash = move || {
+                let cache = model.cache.as_ref().expect("checked above");
+                let keys: Vec<_> = images.iter().map(|i| cache.key(i)).collect();
+                (images, keys)
+            };
+            if big {
+                tokio::task::spawn_blocking(hash)
+                    .await
+                    .expect("hashing never panics")
+            } else {
+                hash()
+            }
+        };
+        let (images, keys) = keys;
+        let mut results: Vec<Option<ImageResult>> = vec![None; n];
+        let (mut misses, mut indices, mut miss_keys) = (Vec::new(), Vec::new(), Vec::new());
+        for (offset, (image, key)) in images.into_iter().zip(keys).enumerate() {
+            match cache.get(&key) {
+                Some(hit) => {
+                    if let Some(ids) = &hit.dicom {
+                        note_dicom(ids);
+                    }
+                    results[offset] = Some(ImageResult {
+                        index: first + offset,
+                        classification: hit.classification,
+                        timing: Timing::default(),
+                        batch_size: 0,
+                        dicom: hit.dicom,
+                        warnings: hit.warnings,
+                        from_cache: true,
+                    });
+                }
+                None => {
+                    misses.push(image);
+                    indices.push(first + offset);
+                    miss_keys.push(key);
+                }
+            }
+        }
+        if !misses.is_empty() {
+            let fresh = self
+                .run_images(model, misses, &indices, priority, deadline)
+                .await?;
+            for (result, key) in fresh.into_iter().zip(miss_keys) {
+                cache.insert(
+                    key,
+                    cache::Cached {
+                        classification: result.classification.clone(),
+                        dicom: result.dicom.clone(),
+                        warnings: result.warnings.clone(),
+                    },
+                );
+                let offset = result.index - first;
+                results[offset] = Some(result);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every image answered from the cache or the model"))
+            .collect())
+    }
+
+    /// Reserves queue places, preprocesses and runs `images`; `indices` are their positions in
+    /// the request (for results and errors).
+    async fn run_images(
+        &self,
+        model: &Arc<ServedModel>,
+        images: Vec<ImageInput>,
+        indices: &[usize],
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<ImageResult>, InferError> {
+        let n = images.len();
+        // Queue places first: a full queue is refused before anything is decoded.
+        let places = reserve(model, n, priority, deadline)?;
+        let span = self.span(model, n, priority);
         async {
             let prepared = self
-                .preprocess(model, request.images, first)
+                .preprocess(model, images, indices)
                 .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n))
                 .await?;
-            self.run_prepared(model, places, prepared, first, deadline, &span)
+            self.run_prepared(model, places, prepared, indices, deadline, &span)
                 .await
         }
         .instrument(span.clone())
@@ -220,7 +317,7 @@ impl Pipeline {
         model: &Arc<ServedModel>,
         places: Reservation,
         prepared: Vec<Prepared>,
-        first: usize,
+        indices: &[usize],
         deadline: Option<Instant>,
         span: &tracing::Span,
     ) -> Result<Vec<ImageResult>, InferError> {
@@ -234,10 +331,10 @@ impl Pipeline {
         let pending = model
             .batcher
             .submit(places, tensors, deadline, span)
-            .map_err(|e| batch_error(e, first))?;
+            .map_err(|e| batch_error(e, indices[0]))?;
         let mut results = Vec::with_capacity(n);
         for (offset, (rx, (dicom, took))) in pending.into_iter().zip(sources).enumerate() {
-            let index = first + offset;
+            let index = indices[offset];
             let output = rx
                 .await
                 .unwrap_or(Err(BatchError::Stopped))
@@ -256,18 +353,24 @@ impl Pipeline {
                     .map(|d| d.warnings.clone())
                     .unwrap_or_default(),
                 dicom: dicom.map(|d| {
-                    audit::note_dicom(
-                        &d.ids.study_instance_uid,
-                        &d.ids.series_instance_uid,
-                        &d.ids.sop_instance_uid,
-                    );
+                    note_dicom(&d.ids);
                     d.ids
                 }),
+                from_cache: false,
             });
         }
         model.metrics.images_done(results.len());
         Ok(results)
     }
+}
+
+/// Names a classified DICOM instance in the call's audit record.
+fn note_dicom(ids: &DicomIds) {
+    audit::note_dicom(
+        &ids.study_instance_uid,
+        &ids.series_instance_uid,
+        &ids.sop_instance_uid,
+    );
 }
 
 /// Queue places for `n` images: a full queue is refused before anything is decoded.
@@ -350,7 +453,7 @@ impl Pipeline {
         &self,
         model: &Arc<ServedModel>,
         images: Vec<ImageInput>,
-        first: usize,
+        indices: &[usize],
     ) -> Result<Vec<Prepared>, InferError> {
         use futures_util::{StreamExt, TryStreamExt};
         let limits = model.preprocessor.input_limits();
@@ -360,7 +463,7 @@ impl Pipeline {
             let size = match image {
                 ImageInput::Encoded { data, encoding } => {
                     crate::input::decoded_size(data, *encoding, &limits)
-                        .map_err(|e| input_error(e).for_image(first + offset))?
+                        .map_err(|e| input_error(e).for_image(indices[offset]))?
                 }
                 ImageInput::Tensor(values) if values.len() != tensor_len => {
                     let input = &model.spec.config.input;
@@ -372,7 +475,7 @@ impl Pipeline {
                         input.height,
                         input.width
                     ))
-                    .for_image(first + offset));
+                    .for_image(indices[offset]));
                 }
                 ImageInput::Tensor(_) => 0,
             };
@@ -441,7 +544,7 @@ impl Pipeline {
                     });
                     rx.await
                         .expect("the preprocessing job always answers")
-                        .map_err(|e| input_error(e).for_image(first + offset))
+                        .map_err(|e| input_error(e).for_image(indices[offset]))
                 }
             })
             .buffered(parallel)

@@ -196,8 +196,9 @@ impl Pipeline {
         }
         .instrument(tracing::debug_span!(parent: &span, "preprocess", images = count))
         .await?;
+        let indices: Vec<usize> = (0..prepared.len()).collect();
         let results = self
-            .run_prepared(model, places, prepared, 0, request.deadline, &span)
+            .run_prepared(model, places, prepared, &indices, request.deadline, &span)
             .await?;
         for (slice, result) in slices[selected.clone()].iter_mut().zip(results) {
             slice.result = Some(result);

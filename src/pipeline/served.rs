@@ -121,6 +121,8 @@ pub struct ServedModel {
     pub metrics: ModelMetrics,
     /// SHA-256 of the `model.toml` it was loaded with.
     pub toml_sha256: String,
+    /// Results by input (`[cache]` in model.toml), if on.
+    pub cache: Option<super::cache::ResultCache>,
 }
 
 impl ServedModel {
@@ -160,7 +162,16 @@ impl ServedModel {
             &device.to_string(),
             true,
         );
+        let cache = (spec.config.cache_max_bytes > 0).then(|| {
+            super::cache::ResultCache::new(
+                spec.config.cache_max_bytes,
+                &spec.sha256,
+                &toml_sha256,
+                metrics::CacheMetrics::new(&spec.config.name, &spec.version),
+            )
+        });
         Ok(ServedModel {
+            cache,
             warnings: spec.warnings(),
             spec,
             settings,
