@@ -101,6 +101,10 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_INSTANCES", default_value_t = 1)]
     pub instances: usize,
 
+    /// With --device cuda: sample NVML's GPU metrics (brainai_gpu_*) this often, in milliseconds.
+    #[arg(long, env = "BRAINAI_GPU_METRICS_INTERVAL_MS", default_value_t = 1000)]
+    pub gpu_metrics_interval_ms: u64,
+
     /// ONNX Runtime intra-op threads per instance (0: one per core).
     #[arg(long, env = "BRAINAI_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,

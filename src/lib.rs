@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
+pub mod gpu;
 pub mod input;
 pub mod metrics;
 pub mod model;

@@ -30,6 +30,21 @@ pub const MODEL_LOAD_FAILURES: &str = "brainai_model_load_failures_total";
 pub const CONNECTIONS_OPEN: &str = "brainai_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "brainai_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "brainai_connections_closed_total";
+pub const GPU_UTILIZATION: &str = "brainai_gpu_utilization_ratio";
+pub const GPU_MEMORY_USED: &str = "brainai_gpu_memory_used_bytes";
+pub const GPU_MEMORY_TOTAL: &str = "brainai_gpu_memory_total_bytes";
+pub const GPU_POWER: &str = "brainai_gpu_power_watts";
+pub const GPU_TEMPERATURE: &str = "brainai_gpu_temperature_celsius";
+pub const GPU_PROCESS_MEMORY: &str = "brainai_gpu_process_memory_bytes";
+/// The GPU metrics (NVML): exported only where NVML and a GPU are.
+pub const GPU_METRICS: [&str; 6] = [
+    GPU_UTILIZATION,
+    GPU_MEMORY_USED,
+    GPU_MEMORY_TOTAL,
+    GPU_POWER,
+    GPU_TEMPERATURE,
+    GPU_PROCESS_MEMORY,
+];
 pub const CACHE_REQUESTS: &str = "brainai_result_cache_requests_total";
 pub const CACHE_BYTES: &str = "brainai_result_cache_bytes";
 pub const CACHE_ENTRIES: &str = "brainai_result_cache_entries";
@@ -152,6 +167,36 @@ fn describe() {
         CONNECTIONS_CLOSED,
         Unit::Count,
         "Connections the server closed, by listener and reason (idle, first_request_timeout, age, evicted, shutdown)."
+    );
+    describe_gauge!(
+        GPU_UTILIZATION,
+        Unit::Count,
+        "GPU utilisation, 0..1 (share of the last sample period a kernel ran), by device (NVML index); only with --device cuda and NVML."
+    );
+    describe_gauge!(
+        GPU_MEMORY_USED,
+        Unit::Bytes,
+        "GPU memory in use on the device (all processes), by device."
+    );
+    describe_gauge!(
+        GPU_MEMORY_TOTAL,
+        Unit::Bytes,
+        "GPU memory installed, by device."
+    );
+    describe_gauge!(
+        GPU_POWER,
+        Unit::Count,
+        "GPU power draw in watts, by device."
+    );
+    describe_gauge!(
+        GPU_TEMPERATURE,
+        Unit::Count,
+        "GPU core temperature in degrees Celsius, by device."
+    );
+    describe_gauge!(
+        GPU_PROCESS_MEMORY,
+        Unit::Bytes,
+        "GPU memory this server process holds on the device."
     );
     describe_counter!(
         CACHE_REQUESTS,

@@ -235,6 +235,13 @@ pub async fn start(
         stop_rx.clone(),
         None,
     ));
+    // (The recorder is installed now.) GPU metrics from NVML with the CUDA device; on a machine without NVML, one log line.
+    let gpu_sampler = match args.device {
+        crate::backend::Device::Cuda(_) => {
+            crate::gpu::start(Duration::from_millis(args.gpu_metrics_interval_ms.max(100)))
+        }
+        crate::backend::Device::Cpu => None,
+    };
     crate::metrics::security_known(
         &["grpc", "rest"],
         security.tls.is_some(),
@@ -345,6 +352,7 @@ pub async fn start(
         serve_stop: serve_stop_tx.clone(),
     };
     let task = tokio::spawn(async move {
+        let _gpu_sampler = gpu_sampler;
         let result = lifecycle.run(shutdown_rx).await;
         // Stop accepting on the metrics port too, GOAWAY to every connection; what has not closed
         // after a second (calls the drain timeout cut off) is closed for good, so the drain

@@ -132,13 +132,14 @@ async fn tls_channel(
     .await
 }
 
-/// A call that failed in the transport (the connection refused or closed), not with a status the
-/// server sent: the client's code for that depends on when the connection died.
+/// A call that failed in the transport (the connection refused or closed, or a TLS alert read as
+/// HTTP/2 by a plaintext client), not with a status the server sent: the client's code for that
+/// depends on when and how the connection died.
 fn assert_transport_error(status: &tonic::Status) {
     assert!(
         matches!(
             status.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
         ) && std::error::Error::source(status).is_some(),
         "{status:?}"
     );
