@@ -215,14 +215,7 @@ where
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let layer = &self.layer;
         if !layer.access.enabled() && layer.audit.is_none() {
-            let future = self.inner.call(request);
-            return Box::pin(async move {
-                let response = future.await?;
-                Ok(response.map(|inner| SecuredBody::Inner {
-                    inner,
-                    pending: None,
-                }))
-            });
+            return pass_through(&mut self.inner, request);
         }
         let started = Instant::now();
         let front = layer.front;
@@ -305,14 +298,7 @@ where
             );
         }
         let Some(mut pending) = pending else {
-            let future = self.inner.call(request);
-            return Box::pin(async move {
-                let response = future.await?;
-                Ok(response.map(|inner| SecuredBody::Inner {
-                    inner,
-                    pending: None,
-                }))
-            });
+            return pass_through(&mut self.inner, request);
         };
         pending.identity = identity;
         let facts = pending.facts.clone();
@@ -338,6 +324,28 @@ where
             }))
         })
     }
+}
+
+/// The call as it is, with nothing to record.
+type Passed<B, E> = Pin<Box<dyn Future<Output = Result<Response<SecuredBody<B>>, E>> + Send>>;
+
+fn pass_through<S, ReqBody, ResBody>(
+    inner: &mut S,
+    request: Request<ReqBody>,
+) -> Passed<ResBody, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    let future = inner.call(request);
+    Box::pin(async move {
+        let response = future.await?;
+        Ok(response.map(|inner| SecuredBody::Inner {
+            inner,
+            pending: None,
+        }))
+    })
 }
 
 fn rest_status(code: tonic::Code) -> StatusCode {
