@@ -23,6 +23,11 @@ pub const INFERENCE_DURATION: &str = "brainai_inference_duration_seconds";
 pub const BATCH_SIZE: &str = "brainai_batch_size";
 pub const BATCH_OCCUPANCY: &str = "brainai_batch_occupancy_ratio";
 pub const QUEUE_DEPTH: &str = "brainai_queue_depth";
+pub const STAGE_DURATION: &str = "brainai_stage_duration_seconds";
+pub const BATCH_ASSEMBLY: &str = "brainai_batch_assembly_total";
+pub const BATCH_BUFFERS: &str = "brainai_batch_buffers";
+pub const BATCH_BUFFER_BYTES: &str = "brainai_batch_buffer_bytes";
+pub const BATCH_BUFFER_ALLOCATIONS: &str = "brainai_batch_buffer_allocations_total";
 pub const IMAGES_TOTAL: &str = "brainai_images_total";
 pub const DROPPED_TOTAL: &str = "brainai_dropped_total";
 pub const MODEL_INFO: &str = "brainai_model_info";
@@ -82,9 +87,17 @@ pub fn install() -> PrometheusHandle {
             ];
             let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
             let ratio = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0];
+            // Stages run from microseconds (a hand-off between threads) to seconds (a queue).
+            let stages = [
+                1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(STAGE_DURATION.into()), &stages)
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(BATCH_OCCUPANCY.into()), &ratio)
                 })
@@ -132,6 +145,35 @@ fn describe() {
         BATCH_OCCUPANCY,
         Unit::Count,
         "Batch size divided by max batch size (how full the batches are; GPU batch occupancy), by model and version."
+    );
+    describe_histogram!(
+        STAGE_DURATION,
+        Unit::Seconds,
+        "Where an image's time goes, by model, version and stage: decode_wait (waiting for the \
+         decoding budget and a preprocessing thread), preprocess, queue, dispatch (queue task to \
+         instance thread), assemble (the batch's tensor; per batch), run (per batch), reply (run \
+         end to the caller's result, postprocessing included)."
+    );
+    describe_counter!(
+        BATCH_ASSEMBLY,
+        Unit::Count,
+        "Batches by how their tensor was assembled: in_place (consecutive rows of one batch buffer, \
+         no copy) or gathered (copied into the instance's scratch buffer), by model and version."
+    );
+    describe_gauge!(
+        BATCH_BUFFERS,
+        Unit::Count,
+        "Batch buffers held by a model version's pool (in use or free for reuse)."
+    );
+    describe_gauge!(
+        BATCH_BUFFER_BYTES,
+        Unit::Bytes,
+        "Bytes held by a model version's batch buffers."
+    );
+    describe_counter!(
+        BATCH_BUFFER_ALLOCATIONS,
+        Unit::Count,
+        "Batch buffers allocated; flat once warm (buffers are reused), by model and version."
     );
     describe_gauge!(
         QUEUE_DEPTH,
@@ -410,9 +452,50 @@ pub fn model_info(name: &str, version: &str, sha256: &str, device: &str, loaded:
     .set(if loaded { 1.0 } else { 0.0 });
 }
 
+/// A stage of one image's path (`stage` label of [`STAGE_DURATION`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    DecodeWait,
+    Preprocess,
+    Queue,
+    Dispatch,
+    Assemble,
+    Run,
+    Reply,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 7] = [
+        Stage::DecodeWait,
+        Stage::Preprocess,
+        Stage::Queue,
+        Stage::Dispatch,
+        Stage::Assemble,
+        Stage::Run,
+        Stage::Reply,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::DecodeWait => "decode_wait",
+            Stage::Preprocess => "preprocess",
+            Stage::Queue => "queue",
+            Stage::Dispatch => "dispatch",
+            Stage::Assemble => "assemble",
+            Stage::Run => "run",
+            Stage::Reply => "reply",
+        }
+    }
+}
+
 /// The metric handles of one model version, made once when it loads.
 #[derive(Clone)]
 pub struct ModelMetrics {
+    stages: [Histogram; 7],
+    assembly: [Counter; 2],
+    buffers: Gauge,
+    buffer_bytes: Gauge,
+    buffer_allocations: Counter,
     queue_duration: [Histogram; 2],
     queue_depth: [Gauge; 2],
     dropped: [Counter; 4],
@@ -435,6 +518,11 @@ impl ModelMetrics {
             labels
         };
         let metrics = ModelMetrics {
+            stages: Stage::ALL.map(|s| histogram!(STAGE_DURATION, &with("stage", s.as_str()))),
+            assembly: ["in_place", "gathered"].map(|p| counter!(BATCH_ASSEMBLY, &with("path", p))),
+            buffers: gauge!(BATCH_BUFFERS, &base),
+            buffer_bytes: gauge!(BATCH_BUFFER_BYTES, &base),
+            buffer_allocations: counter!(BATCH_BUFFER_ALLOCATIONS, &base),
             queue_duration: Priority::ALL
                 .map(|p| histogram!(QUEUE_DURATION, &with("priority", p.as_str()))),
             queue_depth: Priority::ALL.map(|p| gauge!(QUEUE_DEPTH, &with("priority", p.as_str()))),
@@ -450,13 +538,42 @@ impl ModelMetrics {
             c.increment(0);
         }
         metrics.images.increment(0);
+        metrics.buffer_allocations.increment(0);
+        for c in &metrics.assembly {
+            c.increment(0);
+        }
         for g in &metrics.queue_depth {
             g.set(0.0);
         }
         metrics
     }
 
+    /// One image's (or, for assemble and run, one batch's) time in `stage`.
+    pub fn stage(&self, stage: Stage, took: std::time::Duration) {
+        let i = Stage::ALL
+            .iter()
+            .position(|s| *s == stage)
+            .expect("every stage is listed");
+        self.stages[i].record(took.as_secs_f64());
+    }
+
+    /// A batch's tensor was assembled in place (`true`) or gathered.
+    pub fn assembled(&self, in_place: bool) {
+        self.assembly[usize::from(!in_place)].increment(1);
+    }
+
+    pub fn buffer_allocated(&self) {
+        self.buffer_allocations.increment(1);
+    }
+
+    /// The pool holds `count` buffers of `bytes` each.
+    pub fn buffers_pooled(&self, count: usize, bytes: usize) {
+        self.buffers.set(count as f64);
+        self.buffer_bytes.set((count * bytes) as f64);
+    }
+
     pub fn queue_duration(&self, priority: Priority, seconds: f64) {
+        self.stage(Stage::Queue, std::time::Duration::from_secs_f64(seconds));
         self.queue_duration[priority.index()].record(seconds);
     }
 
@@ -474,10 +591,15 @@ impl ModelMetrics {
     }
 
     pub fn preprocess_duration(&self, seconds: f64) {
+        self.stage(
+            Stage::Preprocess,
+            std::time::Duration::from_secs_f64(seconds),
+        );
         self.preprocess.record(seconds);
     }
 
     pub fn batch_done(&self, size: usize, max_batch_size: usize, seconds: f64) {
+        self.stage(Stage::Run, std::time::Duration::from_secs_f64(seconds));
         self.inference.record(seconds);
         self.batch_size.record(size as f64);
         self.occupancy.record(size as f64 / max_batch_size as f64);

@@ -98,6 +98,8 @@ pub struct OrtBackend {
     image_shape: [usize; 3],
     /// On CUDA, batches are padded to a warmed-up size (see [`BatchSizes`]).
     pad_to: Option<BatchSizes>,
+    /// Where padded batches are assembled: grown once to the largest padded batch, then reused.
+    padded: Vec<f32>,
 }
 
 impl OrtBackend {
@@ -268,6 +270,7 @@ impl OrtBackend {
             },
             session,
             pad_to: None,
+            padded: Vec::new(),
         })
     }
 }
@@ -276,12 +279,12 @@ impl Backend for OrtBackend {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
         let [a, b, c] = self.image_shape;
         let run_batch = self.pad_to.map_or(batch, |sizes| sizes.padded(batch));
-        let padded;
         let input = if run_batch > batch {
-            let mut buf = vec![0f32; run_batch * a * b * c];
-            buf[..input.len()].copy_from_slice(input);
-            padded = buf;
-            &padded[..]
+            // Padding rows are zeros; the rows before them are this batch's.
+            self.padded.clear();
+            self.padded.extend_from_slice(input);
+            self.padded.resize(run_batch * a * b * c, 0.0);
+            &self.padded[..]
         } else {
             input
         };

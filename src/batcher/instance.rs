@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::queue::Batch;
-use super::{BatchError, ImageOutput, Shared};
+use super::{BatchError, ImageOutput, Shared, buffers};
 use crate::backend::{Backend, EngineError, InstanceFactory};
+use crate::metrics::Stage;
 
 /// Starts every instance and waits until all are warm. Returns the instances' batch senders and
 /// the channel on which they announce that they are idle.
@@ -38,6 +39,9 @@ pub(super) async fn start_all(
                 let Some(mut backend) = warm_up(instance, &shared, &factory, warm_tx) else {
                     return;
                 };
+                // Where scattered batches are gathered: allocated once, at its largest.
+                let mut scratch =
+                    Vec::with_capacity(shared.config.sizes.max() * shared.config.input_len);
                 loop {
                     if ready_tx.send(instance).is_err() {
                         return;
@@ -45,7 +49,7 @@ pub(super) async fn start_all(
                     let Some(batch) = batch_rx.blocking_recv() else {
                         return;
                     };
-                    run_batch(instance, &shared, backend.as_mut(), batch);
+                    run_batch(instance, &shared, backend.as_mut(), batch, &mut scratch);
                 }
             })
             .map_err(|e| EngineError::Runtime(format!("cannot start instance thread: {e}")))?;
@@ -122,36 +126,68 @@ fn execute(
     Ok(outputs)
 }
 
-fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch: Batch) {
+fn run_batch(
+    instance: usize,
+    shared: &Shared,
+    backend: &mut dyn Backend,
+    mut batch: Batch,
+    scratch: &mut Vec<f32>,
+) {
     let config = &shared.config;
+    let metrics = &shared.metrics;
+    metrics.stage(
+        Stage::Dispatch,
+        tokio::time::Instant::now().saturating_duration_since(batch.dispatched),
+    );
     let n = batch.jobs.len();
     let number = shared.next_batch.fetch_add(1, Ordering::Relaxed);
     // Its own trace (a batch serves many requests), linked once to each request span it serves
     // (OpenTelemetry links, through `follows_from`).
     let span = tracing::debug_span!(parent: None, "batch", batch = number, instance, size = n);
-    let mut linked = Vec::with_capacity(n);
-    for job in &batch.jobs {
-        let id = job.span.id();
-        if id.is_some() && !linked.contains(&id) {
-            span.follows_from(&job.span);
-            linked.push(id);
+    if !span.is_disabled() {
+        let mut linked = Vec::with_capacity(n);
+        for job in &batch.jobs {
+            let id = job.span.id();
+            if id.is_some() && !linked.contains(&id) {
+                span.follows_from(&job.span);
+                linked.push(id);
+            }
         }
     }
     let _entered = span.enter();
-    let mut input = Vec::with_capacity(n * config.input_len);
-    let mut queue_times = Vec::with_capacity(n);
     for job in &batch.jobs {
-        input.extend_from_slice(&job.tensor);
-        let waited = batch.dispatched - job.enqueued;
-        shared
-            .metrics
-            .queue_duration(job.priority, waited.as_secs_f64());
-        queue_times.push(waited);
+        metrics.queue_duration(
+            job.priority,
+            (batch.dispatched - job.enqueued).as_secs_f64(),
+        );
     }
+    // The tensor: the images' rows of one buffer as they are when they are consecutive, else
+    // gathered. Each image keeps its own answer channel, so the jobs are put in row order: output
+    // row `r` is job `r`'s.
+    let assembling = std::time::Instant::now();
+    batch.jobs.sort_unstable_by_key(|job| job.tensor.order());
+    let rows = batch.jobs.iter().map(|job| &job.tensor);
+    let input: &[f32] = match buffers::in_place(rows.clone()) {
+        Some(rows) => {
+            metrics.assembled(true);
+            rows
+        }
+        None => {
+            scratch.clear();
+            for slot in rows {
+                scratch.extend_from_slice(slot.as_slice());
+            }
+            metrics.assembled(false);
+            scratch
+        }
+    };
+    metrics.stage(Stage::Assemble, assembling.elapsed());
     shared.busy.fetch_add(1, Ordering::SeqCst);
     let started = std::time::Instant::now();
-    let result = execute(instance, backend, &input, n, config.output_len);
-    let inference_time = started.elapsed();
+    let result = tracing::debug_span!("run", size = n)
+        .in_scope(|| execute(instance, backend, input, n, config.output_len));
+    let finished = std::time::Instant::now();
+    let inference_time = finished - started;
     shared.busy.fetch_sub(1, Ordering::SeqCst);
     if result.is_ok() {
         shared.times.record(n, inference_time);
@@ -162,12 +198,12 @@ fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch:
 
     match result {
         Ok(outputs) => {
-            for ((job, values), queue_time) in batch
+            for (job, values) in batch
                 .jobs
                 .into_iter()
                 .zip(outputs.chunks_exact(config.output_len))
-                .zip(queue_times)
             {
+                let queue_time = batch.dispatched - job.enqueued;
                 job.span.in_scope(|| {
                     tracing::debug!(
                         instance,
@@ -182,6 +218,7 @@ fn run_batch(instance: usize, shared: &Shared, backend: &mut dyn Backend, batch:
                     batch_size: n,
                     queue_time,
                     inference_time,
+                    finished,
                 }));
             }
         }

@@ -5,6 +5,7 @@
 //! semaphore permit per image, released on dispatch, expiry or cancel), then [`Batcher::submit`]
 //! the tensors and await each image's answer on a oneshot.
 
+mod buffers;
 mod estimate;
 mod instance;
 pub(crate) mod policy;
@@ -19,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::backend::{BatchSizes, EngineError, InstanceFactory};
 use crate::metrics::ModelMetrics;
+pub use buffers::Slot;
 
 /// Urgency of a request. The batcher fills each batch from the highest waiting priority first, and
 /// each priority has its own queue limit, so routine floods cannot starve urgent reads.
@@ -89,6 +91,8 @@ pub struct ImageOutput {
     pub queue_time: Duration,
     /// Model run time of the batch.
     pub inference_time: Duration,
+    /// When the batch's run ended (the "reply" stage runs from here to the caller's result).
+    pub finished: std::time::Instant,
 }
 
 /// Why an image (or a whole request) got no answer.
@@ -173,7 +177,8 @@ impl Reservation {
 
 /// What the work of one image carries through the queue into its batch.
 pub(crate) struct Job {
-    tensor: Vec<f32>,
+    /// The image's tensor, in its row of a batch buffer.
+    tensor: Slot,
     priority: Priority,
     enqueued: Instant,
     reply: oneshot::Sender<Result<ImageOutput, BatchError>>,
@@ -203,6 +208,8 @@ struct Shared {
     busy: AtomicUsize,
     /// Number of the next batch (for logs, and errors that point to them).
     next_batch: std::sync::atomic::AtomicU64,
+    /// The batch buffers images are preprocessed into.
+    pool: buffers::BufferPool,
 }
 
 impl Shared {
@@ -237,6 +244,12 @@ impl Batcher {
     ) -> Result<Batcher, EngineError> {
         assert!(config.instances > 0, "validated by the caller");
         let shared = Arc::new(Shared {
+            pool: buffers::BufferPool::new(
+                config.sizes.max(),
+                config.input_len,
+                2 * config.instances + 2,
+                metrics.clone(),
+            ),
             places: config.queue_capacity.map(|c| Arc::new(Semaphore::new(c))),
             times: estimate::ServiceTimes::new(config.sizes.max()),
             busy: AtomicUsize::new(0),
@@ -323,12 +336,25 @@ impl Batcher {
         estimate::time_to_finish(&backlog, |size| shared.times.of(size))
     }
 
+    /// A row of a batch buffer for one image of `priority`, to preprocess it into
+    /// ([`Slot::as_mut_slice`], `input_len` values), then [`Batcher::submit`] it.
+    pub fn claim(&self, priority: Priority) -> Slot {
+        self.shared.pool.claim(priority)
+    }
+
+    /// A slot holding a copy of `tensor` (`input_len` values).
+    pub fn slot_with(&self, priority: Priority, tensor: &[f32]) -> Slot {
+        let mut slot = self.claim(priority);
+        slot.as_mut_slice().copy_from_slice(tensor);
+        slot
+    }
+
     /// Queues one tensor per reserved place (`tensors.len()` must equal `reservation.len()`). Each
     /// receiver yields that image's answer; `span` is the request's tracing span.
     pub fn submit(
         &self,
         mut reservation: Reservation,
-        tensors: Vec<Vec<f32>>,
+        tensors: Vec<Slot>,
         deadline: Option<Instant>,
         span: &tracing::Span,
     ) -> Result<Vec<Pending>, BatchError> {
@@ -340,7 +366,7 @@ impl Batcher {
         let now = Instant::now();
         let mut pending = Vec::with_capacity(tensors.len());
         for tensor in tensors {
-            debug_assert_eq!(tensor.len(), self.shared.config.input_len);
+            debug_assert_eq!(tensor.as_slice().len(), self.shared.config.input_len);
             let permit = reservation
                 .permits
                 .split(1)

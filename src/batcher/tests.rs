@@ -69,7 +69,8 @@ fn send_at(
     priority: Priority,
 ) -> Vec<Pending> {
     let places = b.reserve(images.len(), priority, deadline).unwrap();
-    b.submit(places, images, deadline, &tracing::Span::none())
+    let slots = images.iter().map(|i| b.slot_with(priority, i)).collect();
+    b.submit(places, slots, deadline, &tracing::Span::none())
         .unwrap()
 }
 
@@ -448,11 +449,133 @@ async fn stat_images_skip_a_full_routine_queue_into_the_next_batch() {
     assert!(routine.iter().all(Result::is_ok));
     assert!(stat[0].is_ok());
     let batches = log.batches();
+    // Rows within a batch follow the batch buffers (the order does not matter to the model).
+    let mut next = batches[1].clone();
+    next.sort_by(f32::total_cmp);
     assert_eq!(
-        batches[1],
-        [99.0, 10.0, 11.0, 12.0],
-        "the STAT image leads the next batch: {batches:?}"
+        next,
+        [10.0, 11.0, 12.0, 99.0],
+        "the STAT image rides the next batch, ahead of routine 13: {batches:?}"
     );
     assert_eq!(batches[2], [13.0, 14.0, 15.0, 16.0]);
     assert_eq!(batches[3], [17.0]);
+}
+
+/// Echoes, and records where each batch's input was in memory.
+struct WhereFrom {
+    inner: Echo,
+    seen: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+}
+
+impl crate::backend::Backend for WhereFrom {
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((input.as_ptr() as usize, batch));
+        self.inner.run(input, batch)
+    }
+}
+
+/// A batcher whose backend records input addresses (after warm-up), max batch 4, no delay.
+async fn start_where_from() -> (Batcher, Arc<std::sync::Mutex<Vec<(usize, usize)>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = seen.clone();
+    let factory: InstanceFactory = Arc::new(move |_| {
+        Ok(Box::new(WhereFrom {
+            inner: Echo {
+                input_len: INPUT_LEN,
+                output_len: OUTPUT_LEN,
+            },
+            seen: recorder.clone(),
+        }) as Box<dyn crate::backend::Backend>)
+    });
+    let batcher = Batcher::start(config(4, 0, 64), factory, metrics())
+        .await
+        .unwrap();
+    seen.lock().unwrap().clear();
+    (batcher, seen)
+}
+
+/// Claims `n` rows in order, each filled with its value.
+fn claimed(b: &Batcher, values: &[f32]) -> Vec<(usize, Slot)> {
+    values
+        .iter()
+        .map(|&v| {
+            let mut slot = b.claim(Priority::Routine);
+            slot.as_mut_slice().fill(v);
+            (slot.as_slice().as_ptr() as usize, slot)
+        })
+        .collect()
+}
+
+/// Submits the slots in the given order, in one request.
+fn submit_slots(b: &Batcher, slots: Vec<Slot>) -> Vec<Pending> {
+    let places = b.reserve(slots.len(), Priority::Routine, None).unwrap();
+    b.submit(places, slots, None, &tracing::Span::none())
+        .unwrap()
+}
+
+fn firsts(answers: &[Result<ImageOutput, BatchError>]) -> Vec<f32> {
+    answers
+        .iter()
+        .map(|a| a.as_ref().unwrap().values[0])
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_in_consecutive_rows_runs_from_its_buffer_without_a_copy() {
+    let (batcher, seen) = start_where_from().await;
+    let mut slots = claimed(&batcher, &[1.0, 2.0, 3.0, 4.0]);
+    let row0 = slots[0].0;
+    // Submitted in reverse: the batch is put back in row order, and each image keeps its answer.
+    slots.reverse();
+    let pending = submit_slots(&batcher, slots.into_iter().map(|(_, s)| s).collect());
+    let answers = answers(pending).await;
+    assert_eq!(firsts(&answers), [4.0, 3.0, 2.0, 1.0]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(row0, 4)],
+        "one batch of 4 read from the first row of the batch buffer"
+    );
+}
+
+#[tokio::test]
+async fn scattered_rows_are_gathered_and_each_image_keeps_its_answer() {
+    let (batcher, seen) = start_where_from().await;
+    // Rows 0-3 of one buffer and 0-1 of the next; the batch takes rows 2, 3 and the next 0, 1.
+    let slots = claimed(&batcher, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let rows: Vec<usize> = slots.iter().map(|(p, _)| *p).collect();
+    let mut slots: Vec<Slot> = slots.into_iter().map(|(_, s)| s).collect();
+    let straddling: Vec<Slot> = slots.drain(2..).rev().collect();
+    let pending = submit_slots(&batcher, straddling);
+    assert_eq!(firsts(&answers(pending).await), [6.0, 5.0, 4.0, 3.0]);
+    let (input, size) = seen.lock().unwrap()[0];
+    assert_eq!(size, 4);
+    assert!(
+        !rows.contains(&input),
+        "the straddling batch was gathered into the instance's scratch buffer"
+    );
+    // The rows left in the first buffer still run in place.
+    let pending = submit_slots(&batcher, slots);
+    assert_eq!(firsts(&answers(pending).await), [1.0, 2.0]);
+    assert_eq!(seen.lock().unwrap()[1], (rows[0], 2));
+}
+
+#[tokio::test]
+async fn batch_buffers_are_reused_once_their_images_are_answered() {
+    let (batcher, seen) = start_where_from().await;
+    let mut first_rows = std::collections::HashSet::new();
+    for round in 0..20 {
+        let slots = claimed(&batcher, &[round as f32; 4]);
+        first_rows.insert(slots[0].0);
+        let pending = submit_slots(&batcher, slots.into_iter().map(|(_, s)| s).collect());
+        assert_eq!(firsts(&answers(pending).await), [round as f32; 4]);
+    }
+    assert_eq!(seen.lock().unwrap().len(), 20);
+    assert!(
+        first_rows.len() <= 2,
+        "20 batches used {} buffers: they are not reused",
+        first_rows.len()
+    );
 }

@@ -17,11 +17,12 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::batcher::{BatchError, Priority, Reservation};
+use crate::batcher::{BatchError, Priority, Reservation, Slot};
 use crate::error::{ErrorKind, InferError};
 use crate::input::Encoding;
 use crate::input::InputError;
 use crate::input::dicom::DicomIds;
+use crate::metrics::Stage;
 use crate::model::task::Classification;
 use crate::preprocess::DicomSource;
 use crate::state::{InflightGuard, Phase, ServingState};
@@ -289,7 +290,7 @@ impl Pipeline {
         let span = self.span(model, n, priority);
         async {
             let prepared = self
-                .preprocess(model, images, indices)
+                .preprocess(model, images, indices, priority)
                 .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n))
                 .await?;
             self.run_prepared(model, places, prepared, indices, deadline, &span)
@@ -339,9 +340,11 @@ impl Pipeline {
                 .await
                 .unwrap_or(Err(BatchError::Stopped))
                 .map_err(|e| batch_error(e, index))?;
+            let classification = model.classifier.classify(&output.values);
+            model.metrics.stage(Stage::Reply, output.finished.elapsed());
             results.push(ImageResult {
                 index,
-                classification: model.classifier.classify(&output.values),
+                classification,
                 timing: Timing {
                     queue: output.queue_time,
                     preprocess: took,
@@ -411,9 +414,9 @@ impl Pipeline {
     }
 }
 
-/// One image, preprocessed.
+/// One image, preprocessed into its row of a batch buffer.
 struct Prepared {
-    tensor: Vec<f32>,
+    tensor: Slot,
     dicom: Option<DicomSource>,
     took: Duration,
 }
@@ -454,6 +457,7 @@ impl Pipeline {
         model: &Arc<ServedModel>,
         images: Vec<ImageInput>,
         indices: &[usize],
+        priority: Priority,
     ) -> Result<Vec<Prepared>, InferError> {
         use futures_util::{StreamExt, TryStreamExt};
         let limits = model.preprocessor.input_limits();
@@ -502,10 +506,11 @@ impl Pipeline {
                     self.large_lane.clone(),
                 );
                 async move {
+                    let waiting = std::time::Instant::now();
                     let (data, encoding) = match image {
                         ImageInput::Tensor(values) => {
                             return Ok(Prepared {
-                                tensor: values,
+                                tensor: model.batcher.slot_with(priority, &values),
                                 dicom: None,
                                 took: Duration::ZERO,
                             });
@@ -522,18 +527,21 @@ impl Pipeline {
                     } else {
                         None
                     };
+                    // The image's row of the batch buffer being filled, claimed just before it is
+                    // preprocessed so that rows follow the order images reach the queue.
+                    let mut tensor = model.batcher.claim(priority);
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     rayon::spawn(move || {
                         let started = std::time::Instant::now();
-                        let result =
-                            model
-                                .preprocessor
-                                .prepare(&data, encoding)
-                                .map(|(tensor, dicom)| Prepared {
-                                    tensor,
-                                    dicom,
-                                    took: started.elapsed(),
-                                });
+                        model.metrics.stage(Stage::DecodeWait, started - waiting);
+                        let result = model
+                            .preprocessor
+                            .preprocess(&data, encoding, tensor.as_mut_slice())
+                            .map(|dicom| Prepared {
+                                tensor,
+                                dicom,
+                                took: started.elapsed(),
+                            });
                         drop((room, lane));
                         if let Ok(prepared) = &result {
                             model

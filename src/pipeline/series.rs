@@ -188,7 +188,7 @@ impl Pipeline {
             let (model, instances) = (model.clone(), instances.clone());
             let headers: Vec<Header> = headers.iter().map(|(h, _)| h.clone()).collect();
             run_blocking(move || {
-                let result = prepare(&model, &instances, &headers, &needed, &wanted);
+                let result = prepare(&model, &instances, &headers, &needed, &wanted, priority);
                 drop(room);
                 result
             })
@@ -392,6 +392,7 @@ fn prepare(
     headers: &[Header],
     needed: &[bool],
     wanted: &[(usize, Option<u32>)],
+    priority: crate::batcher::Priority,
 ) -> Result<(Vec<Prepared>, Option<dicom::PatientContext>), InferError> {
     let limits = model.preprocessor.input_limits();
     let mut frames: Vec<Option<Vec<Option<dicom::Frame>>>> = vec![None; instances.len()];
@@ -416,9 +417,10 @@ fn prepare(
             .and_then(|f| f.get_mut(index))
             .and_then(Option::take)
             .expect("every wanted frame was decoded once");
-        let tensor = model
+        let mut tensor = model.batcher.claim(priority);
+        model
             .preprocessor
-            .frame_tensor(decoded, &headers[i])
+            .frame_into(decoded, &headers[i], tensor.as_mut_slice())
             .map_err(|e| input_error(e).for_image(i))?;
         let took = started.elapsed() + took[i] / headers[i].frames.max(1);
         model.metrics.preprocess_duration(took.as_secs_f64());

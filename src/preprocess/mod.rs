@@ -186,8 +186,25 @@ impl Preprocessor {
         header: &dicom::Header,
     ) -> Result<Vec<f32>, InputError> {
         let mut out = vec![0f32; self.spec.image_len()];
-        self.write_plane(self.dicom_frame(frame, header)?, &mut out);
+        self.frame_into(frame, header, &mut out)?;
         Ok(out)
+    }
+
+    /// One decoded DICOM frame as the model's input tensor, written into `out` (`image_len()`
+    /// values, e.g. a row of a batch buffer).
+    pub fn frame_into(
+        &self,
+        frame: dicom::Frame,
+        header: &dicom::Header,
+        out: &mut [f32],
+    ) -> Result<(), InputError> {
+        assert_eq!(
+            out.len(),
+            self.spec.image_len(),
+            "wrong output size: this is a bug"
+        );
+        self.write_plane(self.dicom_frame(frame, header)?, out);
+        Ok(())
     }
 
     /// One decoded DICOM frame windowed as the model says: 8-bit pixels, or (`output = "float"`)

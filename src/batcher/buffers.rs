@@ -1,0 +1,296 @@
+//! Batch buffers: images are preprocessed straight into a row ("slot") of a buffer that holds a
+//! whole batch in the model's layout, so a batch whose images sit in consecutive rows of one buffer
+//! runs from that memory as it is, with no copy and no allocation. Buffers are pooled per model
+//! version and reused once every slot of theirs is gone; once warm, serving allocates no
+//! tensor-sized memory. A batch whose rows are scattered (images that finished preprocessing out
+//! of order, a batch straddling two buffers, priorities mixed) is gathered into the instance's own
+//! scratch buffer, allocated once.
+//!
+//! Each priority fills its own buffer, because the queue takes the highest priority first.
+
+use std::sync::{Arc, Mutex};
+
+use super::Priority;
+
+/// The rows of one batch buffer.
+struct Buffer {
+    /// `rows × row_len` values. Only ever accessed through `base`, row by row (see [`Slot`]).
+    storage: Vec<f32>,
+    base: *mut f32,
+    row_len: usize,
+}
+
+// SAFETY: `base` points into `storage`, which the buffer owns and never reallocates. Rows are
+// handed out once per use of the buffer (the pool takes a buffer back only when no slot of it is
+// left: `Arc::get_mut`), so a row is written by one `Slot` at a time, and read only through shared
+// references to the slots that own the rows read.
+unsafe impl Send for Buffer {}
+unsafe impl Sync for Buffer {}
+
+impl Buffer {
+    fn new(rows: usize, row_len: usize) -> Self {
+        let mut storage = vec![0f32; rows * row_len];
+        let base = storage.as_mut_ptr();
+        Buffer {
+            storage,
+            base,
+            row_len,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.storage.len() / self.row_len.max(1)
+    }
+}
+
+/// The exclusive right to one row of a batch buffer: one image's tensor, in the model's layout.
+pub struct Slot {
+    buffer: Arc<Buffer>,
+    row: usize,
+}
+
+impl Slot {
+    /// The row, to write the image's tensor into.
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        let len = self.buffer.row_len;
+        // SAFETY: this slot is the only owner of row `row` (see `Buffer`), and `&mut self`
+        // guarantees no other reference to it through this slot.
+        unsafe { std::slice::from_raw_parts_mut(self.buffer.base.add(self.row * len), len) }
+    }
+
+    /// The row's values.
+    pub fn as_slice(&self) -> &[f32] {
+        let len = self.buffer.row_len;
+        // SAFETY: as above; shared access through `&self`.
+        unsafe { std::slice::from_raw_parts(self.buffer.base.add(self.row * len), len) }
+    }
+
+    fn buffer_id(&self) -> *const Buffer {
+        Arc::as_ptr(&self.buffer)
+    }
+
+    /// Sort key that puts the slots of one buffer together, by row (the order of images within
+    /// a batch does not matter to the model).
+    pub fn order(&self) -> (usize, usize) {
+        (self.buffer_id() as usize, self.row)
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("buffer", &self.buffer_id())
+            .field("row", &self.row)
+            .finish()
+    }
+}
+
+/// The batch's tensor as one slice of a buffer, when the slots (sorted by [`Slot::order`]) are
+/// consecutive rows of one buffer; `None` when they must be gathered.
+pub(super) fn in_place<'a>(sorted: impl Iterator<Item = &'a Slot> + Clone) -> Option<&'a [f32]> {
+    let first = sorted.clone().next()?;
+    let mut n = 0;
+    for (i, s) in sorted.enumerate() {
+        if !Arc::ptr_eq(&s.buffer, &first.buffer) || s.row != first.row + i {
+            return None;
+        }
+        n += 1;
+    }
+    let len = first.buffer.row_len;
+    // SAFETY: rows `first.row .. first.row + n` are owned by the slots borrowed for `'a`, and
+    // none of them can be written while those shared borrows last.
+    Some(unsafe { std::slice::from_raw_parts(first.buffer.base.add(first.row * len), n * len) })
+}
+
+struct PoolState {
+    /// Every buffer the pool knows; a buffer is free when the pool holds its only reference.
+    buffers: Vec<Arc<Buffer>>,
+    /// Per priority: the buffer being filled, and its next free row.
+    filling: [Option<(Arc<Buffer>, usize)>; 2],
+}
+
+/// The batch buffers of one model version.
+pub(crate) struct BufferPool {
+    rows: usize,
+    row_len: usize,
+    /// Free buffers beyond this many are released (memory goes back after a burst).
+    keep: usize,
+    state: Mutex<PoolState>,
+    metrics: crate::metrics::ModelMetrics,
+}
+
+impl BufferPool {
+    pub fn new(
+        rows: usize,
+        row_len: usize,
+        keep: usize,
+        metrics: crate::metrics::ModelMetrics,
+    ) -> Self {
+        BufferPool {
+            rows: rows.max(1),
+            row_len,
+            keep: keep.max(1),
+            state: Mutex::new(PoolState {
+                buffers: Vec::new(),
+                filling: [None, None],
+            }),
+            metrics,
+        }
+    }
+
+    /// The next free row of `priority`'s buffer; a free buffer is taken (or one allocated) when it
+    /// is full.
+    pub fn claim(&self, priority: Priority) -> Slot {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let i = priority.index();
+        if let Some((buffer, next)) = &mut state.filling[i]
+            && *next < buffer.rows()
+        {
+            let slot = Slot {
+                buffer: buffer.clone(),
+                row: *next,
+            };
+            *next += 1;
+            return slot;
+        }
+        state.filling[i] = None;
+        let buffer = self.free_buffer(&mut state);
+        state.filling[i] = Some((buffer.clone(), 1));
+        Slot { buffer, row: 0 }
+    }
+
+    /// A buffer nobody else holds, reused if there is one; releases free buffers over `keep`.
+    fn free_buffer(&self, state: &mut PoolState) -> Arc<Buffer> {
+        let mut found = None;
+        let mut free = 0;
+        state.buffers.retain_mut(|b| {
+            // `get_mut` succeeds only for the pool's own, last reference (and synchronises with
+            // the drop of every other one, so the last reader's reads happen before our writes).
+            if Arc::get_mut(b).is_none() {
+                return true;
+            }
+            if found.is_none() {
+                found = Some(b.clone());
+                return true;
+            }
+            free += 1;
+            free <= self.keep
+        });
+        let buffer = found.unwrap_or_else(|| {
+            let buffer = Arc::new(Buffer::new(self.rows, self.row_len));
+            state.buffers.push(buffer.clone());
+            self.metrics.buffer_allocated();
+            buffer
+        });
+        self.metrics
+            .buffers_pooled(state.buffers.len(), self.rows * self.row_len * 4);
+        buffer
+    }
+
+    /// Buffers the pool holds now (free or in use).
+    #[cfg(test)]
+    pub fn buffers(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .buffers
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(rows: usize, row_len: usize) -> BufferPool {
+        BufferPool::new(
+            rows,
+            row_len,
+            2,
+            crate::metrics::ModelMetrics::new("test", "1"),
+        )
+    }
+
+    fn filled(pool: &BufferPool, priority: Priority, value: f32) -> Slot {
+        let mut slot = pool.claim(priority);
+        slot.as_mut_slice().fill(value);
+        slot
+    }
+
+    #[test]
+    fn consecutive_rows_of_one_buffer_run_in_place() {
+        let pool = pool(4, 3);
+        let slots: Vec<Slot> = (0..4)
+            .map(|v| filled(&pool, Priority::Routine, v as f32))
+            .collect();
+        // Submitted out of order: sorted back into rows 1, 2, 3.
+        let mut batch: Vec<&Slot> = vec![&slots[3], &slots[1], &slots[2]];
+        assert!(in_place(batch.iter().copied()).is_none(), "unsorted");
+        batch.sort_by_key(|s| s.order());
+        let tensor = in_place(batch.iter().copied()).expect("rows 1..4 are consecutive");
+        assert_eq!(tensor, [1., 1., 1., 2., 2., 2., 3., 3., 3.]);
+    }
+
+    #[test]
+    fn scattered_rows_and_two_buffers_are_not_in_place() {
+        let pool = pool(2, 1);
+        let slots: Vec<Slot> = (0..4)
+            .map(|v| filled(&pool, Priority::Routine, v as f32))
+            .collect();
+        assert_eq!(pool.buffers(), 2);
+        let mut gap: Vec<&Slot> = vec![&slots[0], &slots[2]];
+        gap.sort_by_key(|s| s.order());
+        assert!(in_place(gap.iter().copied()).is_none());
+        let mut straddling: Vec<&Slot> = vec![&slots[1], &slots[2]];
+        straddling.sort_by_key(|s| s.order());
+        assert!(in_place(straddling.iter().copied()).is_none());
+        let mut whole: Vec<&Slot> = vec![&slots[3], &slots[2]];
+        whole.sort_by_key(|s| s.order());
+        assert_eq!(in_place(whole.iter().copied()), Some(&[2.0, 3.0][..]));
+    }
+
+    #[test]
+    fn priorities_fill_their_own_buffers() {
+        let pool = pool(4, 1);
+        let routine = filled(&pool, Priority::Routine, 1.0);
+        let stat = filled(&pool, Priority::Stat, 2.0);
+        assert_ne!(routine.buffer_id(), stat.buffer_id());
+        assert_eq!((routine.row, stat.row), (0, 0));
+    }
+
+    #[test]
+    fn buffers_are_reused_once_every_slot_is_gone() {
+        let pool = pool(2, 8);
+        for round in 0..10 {
+            let a = filled(&pool, Priority::Routine, round as f32);
+            let b = filled(&pool, Priority::Routine, round as f32);
+            assert_eq!(a.as_slice(), b.as_slice());
+            // A third image needs a second buffer while the first is still held.
+            let c = filled(&pool, Priority::Routine, -1.0);
+            assert_eq!(a.as_slice(), [round as f32; 8], "not overwritten by c");
+            drop((a, b, c));
+        }
+        // Two buffers served every round; nothing was allocated after the first.
+        assert_eq!(pool.buffers(), 2);
+    }
+
+    #[test]
+    fn a_buffer_still_read_is_not_handed_out_again() {
+        let pool = pool(1, 4);
+        let held = filled(&pool, Priority::Routine, 7.0);
+        let other = filled(&pool, Priority::Routine, 9.0);
+        assert_ne!(held.buffer_id(), other.buffer_id());
+        assert_eq!(held.as_slice(), [7.0; 4]);
+    }
+
+    #[test]
+    fn free_buffers_over_the_limit_are_released() {
+        let pool = pool(1, 4);
+        let slots: Vec<Slot> = (0..6).map(|_| pool.claim(Priority::Routine)).collect();
+        assert_eq!(pool.buffers(), 6);
+        drop(slots);
+        let _one = pool.claim(Priority::Routine);
+        // One in use, `keep` = 2 free kept.
+        assert_eq!(pool.buffers(), 3);
+    }
+}
