@@ -105,9 +105,18 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_GPU_METRICS_INTERVAL_MS", default_value_t = 1000)]
     pub gpu_metrics_interval_ms: u64,
 
-    /// ONNX Runtime intra-op threads per instance (0: one per core).
+    /// ONNX Runtime intra-op threads per instance (0: every core on cpu, 1 on cuda; see
+    /// "Thread budget" in the README).
     #[arg(long, env = "BRAINAI_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,
+
+    /// Async runtime (gRPC, HTTP) worker threads (0: a quarter of the cores, 1 to 4).
+    #[arg(long, env = "BRAINAI_IO_THREADS", default_value_t = 0)]
+    pub io_threads: usize,
+
+    /// Preprocessing (decode, resize) threads (0: one per core).
+    #[arg(long, env = "BRAINAI_PREPROCESS_THREADS", default_value_t = 0)]
+    pub preprocess_threads: usize,
 
     /// Let ONNX Runtime's idle intra-op threads spin-wait (lower latency inside a run; on small
     /// machines the spinning takes CPU from decoding and gRPC).
@@ -312,6 +321,16 @@ pub struct ClassifyArgs {
 }
 
 impl ServeArgs {
+    /// The thread counts these flags give on this machine.
+    pub fn thread_budget(&self) -> crate::threads::ThreadBudget {
+        crate::threads::ThreadBudget::of_this_machine(
+            self.device,
+            self.io_threads,
+            self.preprocess_threads,
+            self.intra_op_threads,
+        )
+    }
+
     /// Checks combinations clap cannot; each message names the option.
     pub fn validate(&self) -> Result<(), String> {
         if self.instances == 0 {

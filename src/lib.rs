@@ -27,6 +27,7 @@ pub mod security;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod threads;
 
 /// Generated protobuf and gRPC types of the Open Inference Protocol (KServe v2),
 /// `proto/kserve/grpc_predict_v2.proto` (package `inference`).

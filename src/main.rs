@@ -19,10 +19,19 @@ fn main() -> ExitCode {
         ),
         Command::Classify(_) => (LogFormat::Text, None),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The thread budget (src/threads.rs): async workers and the preprocessing pool are sized
+    // here, once per process; ONNX Runtime's intra-op threads when each session opens.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let budget = match &cli.command {
+        Command::Serve(args) => {
+            let budget = args.thread_budget();
+            builder.worker_threads(budget.io);
+            budget.init_preprocess_pool();
+            Some(budget)
+        }
+        Command::Classify(_) => None,
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -37,6 +46,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(b) = budget {
+        tracing::info!(
+            cores = b.cores,
+            io_threads = b.io,
+            preprocess_threads = b.preprocess,
+            intra_op_threads = b.intra_op,
+            "thread budget"
+        );
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => brainai::server::run_until_signal(&args)

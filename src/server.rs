@@ -101,7 +101,11 @@ fn ort_factory(args: &ServeArgs) -> Result<BackendFactory, ServeError> {
     let library = ort_backend::find_runtime_library(args.ort_library.as_deref())?;
     ort_backend::init_runtime(&library)?;
     tracing::info!(library = %library.display(), "ONNX Runtime loaded");
-    let (device, threads, spinning) = (args.device, args.intra_op_threads, args.intra_op_spinning);
+    let (device, threads, spinning) = (
+        args.device,
+        args.thread_budget().intra_op,
+        args.intra_op_spinning,
+    );
     Ok(Arc::new(move |spec, batch_sizes, _instance| {
         let options = OrtOptions {
             device,

@@ -42,7 +42,8 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 fn note(size: usize) {
-    if size >= TENSOR_BYTES && size.is_multiple_of(TENSOR_BYTES) && COUNTING.load(Ordering::Relaxed) {
+    if size >= TENSOR_BYTES && size.is_multiple_of(TENSOR_BYTES) && COUNTING.load(Ordering::Relaxed)
+    {
         TENSOR_SIZED.fetch_add(1, Ordering::Relaxed);
     }
 }

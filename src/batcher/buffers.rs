@@ -18,6 +18,8 @@ struct Buffer {
     storage: Vec<f32>,
     base: *mut f32,
     row_len: usize,
+    /// Which filling this is (pool-wide, increasing): orders slots across buffers by claim.
+    seq: u64,
 }
 
 // SAFETY: `base` points into `storage`, which the buffer owns and never reallocates. Rows are
@@ -35,6 +37,7 @@ impl Buffer {
             storage,
             base,
             row_len,
+            seq: 0,
         }
     }
 
@@ -69,10 +72,10 @@ impl Slot {
         Arc::as_ptr(&self.buffer)
     }
 
-    /// Sort key that puts the slots of one buffer together, by row (the order of images within
-    /// a batch does not matter to the model).
-    pub fn order(&self) -> (usize, usize) {
-        (self.buffer_id() as usize, self.row)
+    /// Sort key: the order slots were claimed in (per priority), which puts the slots of one
+    /// buffer together, by row.
+    pub fn order(&self) -> (u64, usize) {
+        (self.buffer.seq, self.row)
     }
 }
 
@@ -107,6 +110,8 @@ struct PoolState {
     buffers: Vec<Arc<Buffer>>,
     /// Per priority: the buffer being filled, and its next free row.
     filling: [Option<(Arc<Buffer>, usize)>; 2],
+    /// Sequence number of the next buffer to be filled.
+    next_seq: u64,
 }
 
 /// The batch buffers of one model version.
@@ -133,6 +138,7 @@ impl BufferPool {
             state: Mutex::new(PoolState {
                 buffers: Vec::new(),
                 filling: [None, None],
+                next_seq: 0,
             }),
             metrics,
         }
@@ -161,15 +167,18 @@ impl BufferPool {
 
     /// A buffer nobody else holds, reused if there is one; releases free buffers over `keep`.
     fn free_buffer(&self, state: &mut PoolState) -> Arc<Buffer> {
+        let seq = state.next_seq;
+        state.next_seq += 1;
         let mut found = None;
         let mut free = 0;
         state.buffers.retain_mut(|b| {
             // `get_mut` succeeds only for the pool's own, last reference (and synchronises with
             // the drop of every other one, so the last reader's reads happen before our writes).
-            if Arc::get_mut(b).is_none() {
+            let Some(buffer) = Arc::get_mut(b) else {
                 return true;
-            }
+            };
             if found.is_none() {
+                buffer.seq = seq;
                 found = Some(b.clone());
                 return true;
             }
@@ -177,7 +186,9 @@ impl BufferPool {
             free <= self.keep
         });
         let buffer = found.unwrap_or_else(|| {
-            let buffer = Arc::new(Buffer::new(self.rows, self.row_len));
+            let mut buffer = Buffer::new(self.rows, self.row_len);
+            buffer.seq = seq;
+            let buffer = Arc::new(buffer);
             state.buffers.push(buffer.clone());
             self.metrics.buffer_allocated();
             buffer
@@ -247,6 +258,18 @@ mod tests {
         let mut whole: Vec<&Slot> = vec![&slots[3], &slots[2]];
         whole.sort_by_key(|s| s.order());
         assert_eq!(in_place(whole.iter().copied()), Some(&[2.0, 3.0][..]));
+    }
+
+    #[test]
+    fn slots_sort_in_claim_order_across_buffers() {
+        let pool = pool(2, 1);
+        let slots: Vec<Slot> = (0..5)
+            .map(|v| filled(&pool, Priority::Routine, v as f32))
+            .collect();
+        let mut batch: Vec<&Slot> = slots.iter().rev().collect();
+        batch.sort_by_key(|s| s.order());
+        let values: Vec<f32> = batch.iter().map(|s| s.as_slice()[0]).collect();
+        assert_eq!(values, [0.0, 1.0, 2.0, 3.0, 4.0]);
     }
 
     #[test]

@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--spinning", default="true", choices=["true", "false"], help="ORT intra-op spin-waiting, both sides")
     p.add_argument("--model-dir", default="models/brain-tumor-resnet50")
     p.add_argument("--out", default="target/load/bare_vs_served")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra flag for the served side, e.g. --server-arg=--io-threads=1 (repeatable)")
     a = p.parse_args()
     binary = bench_binary()
     bare, served = [], []
@@ -55,7 +57,7 @@ def main() -> None:
             [str(ROOT / "tests/load/run_load.sh"), "--runs", "concurrency", "--duration", f"{a.seconds}s",
              "--concurrency", str(a.concurrency), "--model-dir", a.model_dir, "--out", str(run_out),
              f"--server-arg=--max-batch-size={a.batch}", f"--server-arg=--intra-op-threads={a.threads}",
-             f"--server-arg=--intra-op-spinning={a.spinning}"],
+             f"--server-arg=--intra-op-spinning={a.spinning}"] + [f"--server-arg={x}" for x in a.server_arg],
             cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         s = json.loads((run_out / "concurrency.summary.json").read_text())
         if sum(s["errors_by_code"].values()):

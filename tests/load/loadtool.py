@@ -311,6 +311,13 @@ def cmd_summarize(a):
     pre_mean, _ = d.mean("brainai_preprocess_duration_seconds")
     inf_mean, _ = d.mean("brainai_inference_duration_seconds")
     dropped = {k: int(v) for k, v in d.by_label("brainai_dropped_total", "reason").items()}
+    # Where an image's time went (brainai_stage_duration_seconds): mean per stage, and per image
+    # (assemble and run are per batch: divided by the mean batch size).
+    stage_sums = d.by_label("brainai_stage_duration_seconds_sum", "stage")
+    stage_counts = d.by_label("brainai_stage_duration_seconds_count", "stage")
+    stages = {k: {"mean_ms": 1e3 * stage_sums[k] / stage_counts[k], "count": int(stage_counts[k])}
+              for k in stage_sums if stage_counts.get(k)}
+    assembly = {k: int(v) for k, v in d.by_label("brainai_batch_assembly_total", "path").items()}
 
     s = {
         "run": a.name,
@@ -339,6 +346,8 @@ def cmd_summarize(a):
         "mean_preprocess_ms": pre_mean * 1e3,
         "mean_inference_ms_per_batch": inf_mean * 1e3,
         "dropped": dropped,
+        "stages": stages,
+        "batch_assembly": assembly,
         "server_cpu_s": a.server_cpu_s,
         "server_cpu_us_per_call": (1e6 * a.server_cpu_s / calls) if a.server_cpu_s is not None and calls else None,
         "ghz_end_reason": report.get("endReason"),
@@ -365,6 +374,10 @@ def cmd_summarize(a):
           if s["server_cpu_us_per_call"] is not None else []),
         f"  server time   queue {fmt_ms(s['mean_queue_ms'])} per image, preprocess {fmt_ms(s['mean_preprocess_ms'])} per image,"
         f" inference {fmt_ms(s['mean_inference_ms_per_batch'])} per batch; dropped: {drop_txt}",
+        *([f"  stages        " + ", ".join(f"{k} {v['mean_ms']:.3f}" for k, v in stages.items())
+           + " ms (mean; assemble and run per batch)"] if stages else []),
+        *([f"  assembly      " + ", ".join(f"{k} {v}" for k, v in sorted(assembly.items())) + " batches"]
+          if assembly else []),
         f"  report        {a.report}",
     ]
     text = "\n".join(lines)
