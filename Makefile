@@ -131,6 +131,13 @@ bench-dicom: build model dicom-reference
 bench-front-ends: build ghz
 	$(PY) benches/front_ends.py $(ARGS)
 
+## bench-targets: the CPU serving targets side by side with ghz (docs/PERFORMANCE.md, "Keeping the
+##        model busy"): ARGS="saturation|overhead|latency [--rounds N] [--seconds S] [--config NAME:FLAGS]"
+.PHONY: bench-targets
+bench-targets: build model ghz
+	cargo bench --locked --no-run --bench serving
+	$(PY) benches/targets.py $(or $(ARGS),saturation)
+
 ## bench-curve: latency versus load with ghz (p50/p99 at 25-100 % of saturation, two queue delays) → PNG
 bench-curve: build model ghz
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/load/requirements-plot.txt
