@@ -165,6 +165,19 @@ impl BufferPool {
         Slot { buffer, row: 0 }
     }
 
+    /// Stops filling `priority`'s buffer if `slot` is the last row claimed from it: the next
+    /// claim starts a fresh buffer at row 0.
+    pub fn seal_if_last(&self, priority: Priority, slot: &Slot) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let filling = &mut state.filling[priority.index()];
+        if let Some((buffer, next)) = filling
+            && Arc::ptr_eq(buffer, &slot.buffer)
+            && *next == slot.row + 1
+        {
+            *filling = None;
+        }
+    }
+
     /// A buffer nobody else holds, reused if there is one; releases free buffers over `keep`.
     fn free_buffer(&self, state: &mut PoolState) -> Arc<Buffer> {
         let seq = state.next_seq;
@@ -270,6 +283,25 @@ mod tests {
         batch.sort_by_key(|s| s.order());
         let values: Vec<f32> = batch.iter().map(|s| s.as_slice()[0]).collect();
         assert_eq!(values, [0.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn sealing_after_the_last_claimed_row_starts_the_next_claim_at_row_0() {
+        let pool = pool(8, 1);
+        let a = filled(&pool, Priority::Routine, 1.0);
+        let b = filled(&pool, Priority::Routine, 2.0);
+        // Not the last row: nothing happens.
+        pool.seal_if_last(Priority::Routine, &a);
+        let c = filled(&pool, Priority::Routine, 3.0);
+        assert_eq!((c.buffer_id(), c.row), (a.buffer_id(), 2));
+        // The other priority's buffer is left alone.
+        pool.seal_if_last(Priority::Stat, &c);
+        pool.seal_if_last(Priority::Routine, &c);
+        let d = filled(&pool, Priority::Routine, 4.0);
+        assert_ne!(d.buffer_id(), a.buffer_id());
+        assert_eq!(d.row, 0);
+        assert!(d.order() > c.order(), "claim order holds across the seal");
+        drop(b);
     }
 
     #[test]

@@ -57,10 +57,12 @@ impl QueueTask {
             self.drop_dead(now);
             let state = QueueState {
                 queued: self.queues.iter().map(VecDeque::len).sum(),
+                // Queues are in row order, which is nearly but not exactly arrival order: the
+                // oldest image is looked for in all of them.
                 oldest: self
                     .queues
                     .iter()
-                    .filter_map(|q| q.front().map(|e| e.job.enqueued))
+                    .flat_map(|q| q.iter().map(|e| e.job.enqueued))
                     .min(),
                 now,
                 instance_idle: !self.idle.is_empty(),
@@ -98,8 +100,14 @@ impl QueueTask {
         // Dropping the instance senders ends the instance threads once they finish their batch.
     }
 
+    /// Queues an image in the order its batch-buffer row was claimed (when its preprocessing
+    /// started), not the order it finished preprocessing: batches taken from the front are then
+    /// consecutive rows of one buffer and run in place. Nearly always a push at the back.
     fn push(&mut self, entry: Entry) {
-        self.queues[entry.job.priority.index()].push_back(entry);
+        let queue = &mut self.queues[entry.job.priority.index()];
+        let key = entry.job.tensor.order();
+        let at = queue.partition_point(|e| e.job.tensor.order() <= key);
+        queue.insert(at, entry);
     }
 
     /// Answers and removes entries whose caller went away, whose deadline passed, or whose
@@ -159,6 +167,19 @@ impl QueueTask {
                 job.queued = tracing::Span::none();
                 job
             }));
+        }
+        // A batch that took the last row claimed so far of the buffer its priority is filling
+        // has caught up with preprocessing: the next image starts a fresh buffer at row 0, so
+        // that the next batch is again rows 0.. of one buffer instead of straddling two.
+        for p in Priority::ALL {
+            if let Some(last) = jobs
+                .iter()
+                .filter(|j| j.priority == p)
+                .map(|j| &j.tensor)
+                .max_by_key(|t| t.order())
+            {
+                self.shared.pool.seal_if_last(p, last);
+            }
         }
         let batch = Batch {
             jobs,
