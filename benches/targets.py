@@ -10,14 +10,16 @@ this machine. Nothing is asserted; the verdicts are printed (make bench-targets)
               (brainai_stage_duration_seconds) for each config.
   overhead    tiny model (one ORT thread, queue delay 0), single-image calls of one 256x256 PNG at
               concurrency 8: the server's CPU time per call (/proc/<pid>/stat over the run) against
-              the mean decode + preprocess time of an image in the same run (target: at most
-              100 us more), and calls/s; one run per --config each round.
+              the image's decode + preprocess time (the preprocess stage's mean in a run of one
+              call at a time just before; target: at most 100 us more), and calls/s; one run per
+              --config each round.
   latency     default ResNet-50: saturation (concurrency 16), then a fixed rate at 75 % of it; the
               p99 of that run against one batch's service time (the mean model run per batch in the
               same run; target p99 <= 2x).
 
 Usage: benches/targets.py saturation|overhead|latency [--rounds N] [--seconds S]
-           [--config NAME:FLAG,FLAG ...]   (e.g. --config io1:--io-threads=1 --config io2:--io-threads=2)
+           [--config NAME:FLAG,FLAG ...]   (e.g. --config io1:--io-threads=1 --config io2:--io-threads=2;
+                                            an entry VAR=VALUE without dashes sets the server's environment)
 """
 
 from __future__ import annotations
@@ -46,9 +48,13 @@ def bench_binary() -> str:
 
 
 def load(out: Path, model: str, runs: str, seconds: int, server_args: list[str], extra: list[str]) -> dict:
+    # A config's NAME=VALUE entries are the server's environment (e.g. GLIBC_TUNABLES=...).
+    env = dict(os.environ)
+    env.update(a.split("=", 1) for a in server_args if not a.startswith("-"))
+    flags = [a for a in server_args if a.startswith("-")]
     cmd = [str(ROOT / "tests/load/run_load.sh"), "--runs", runs, "--duration", f"{seconds}s",
-           "--model-dir", model, "--out", str(out), *extra, *[f"--server-arg={a}" for a in server_args]]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+           "--model-dir", model, "--out", str(out), *extra, *[f"--server-arg={a}" for a in flags]]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
     s = json.loads((out / f"{runs}.summary.json").read_text())
     if sum(s["errors_by_code"].values()):
         sys.exit(f"{out}: errors under load: {s['errors_by_code']}")
@@ -104,11 +110,15 @@ def overhead(a) -> None:
     for r in range(a.rounds):
         line = [f"round {r + 1}:"]
         for name, flags in (cfgs if r % 2 == 0 else cfgs[::-1]):
-            s = load(ROOT / a.out / f"overhead-{name}-{r + 1}", TINY, "concurrency", a.seconds,
-                     ["--max-queue-delay-us=0", "--intra-op-threads=1", *flags],
+            server = ["--max-queue-delay-us=0", "--intra-op-threads=1", *flags]
+            # The image's own decode + preprocess time: one call at a time, nothing competing
+            # for the cores (under load the preprocess stage's wall time includes preemption).
+            alone = load(ROOT / a.out / f"overhead-{name}-{r + 1}-alone", TINY, "concurrency", 4, server,
+                         ["--concurrency", "1", "--images", a.image])
+            s = load(ROOT / a.out / f"overhead-{name}-{r + 1}", TINY, "concurrency", a.seconds, server,
                      ["--concurrency", "8", "--images", a.image])
             cpu = s["server_cpu_us_per_call"]
-            pre = s["mean_preprocess_ms"] * 1e3
+            pre = alone["mean_preprocess_ms"] * 1e3
             rows[name].append((s["requests_per_s"], cpu, pre, s))
             line.append(f"{name} {s['requests_per_s']:.0f} calls/s, CPU/call {cpu:.0f} us, preprocess {pre:.0f} us, "
                         f"margin {cpu - pre:+.0f} us;")

@@ -722,3 +722,35 @@ async fn dicom_patient_data_never_reaches_logs_metrics_responses_or_errors() {
         );
     }
 }
+
+/// The thread budget is applied and logged: `--preprocess-threads` sizes the preprocessing pool
+/// (its threads, named, counted in /proc), `--io-threads` the async workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_budget_is_applied_and_logged() {
+    let mut s = spawn("tiny", &["--io-threads", "3", "--preprocess-threads", "3"]);
+    let budget = s
+        .lines
+        .iter()
+        .find(|l| l.contains("thread budget"))
+        .unwrap_or_else(|| panic!("no thread budget line in {:?}", s.lines))
+        .clone();
+    for field in ["io_threads=3", "preprocess_threads=3", "intra_op_threads=1"] {
+        assert!(budget.contains(field), "{field} in {budget}");
+    }
+    let pid = s.child.id();
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    let preprocess = names
+        .iter()
+        .filter(|n| n.starts_with("brainai-preproc"))
+        .count();
+    assert_eq!(preprocess, 3, "threads: {names:?}");
+    sigterm(&s.child);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut s.child))
+        .await
+        .unwrap();
+    assert!(status.success());
+}
