@@ -91,7 +91,8 @@ def saturation(a) -> None:
         line = [f"round {r + 1}: bare {bare[-1]:.2f} images/s"]
         for name, flags in (cfgs if r % 2 == 0 else cfgs[::-1]):
             s = load(ROOT / a.out / f"saturation-{name}-{r + 1}", RESNET, "concurrency", a.seconds,
-                     ["--max-batch-size=8", *flags], ["--concurrency", "16"])
+                     ["--max-batch-size=8", *flags],
+                     ["--concurrency", "16", *(["--images", a.images] if a.images else [])])
             served[name].append(s["images_per_s"])
             last[name] = s
             line.append(f"{name} {s['images_per_s']:.2f} ({s['images_per_s'] / bare[-1]:.3f}, batch {s['mean_batch_size']:.2f})")
@@ -163,7 +164,8 @@ def main() -> None:
     p.add_argument("what", choices=["saturation", "overhead", "latency"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=20)
-    p.add_argument("--image", default="flair_256_a.png")
+    p.add_argument("--image", default="flair_256_a.png", help="overhead: the image every call sends")
+    p.add_argument("--images", help="saturation: comma-separated images under tests/data (default: all nine)")
     p.add_argument("--config", action="append", help="NAME:FLAG,FLAG (repeatable; default: the defaults)")
     p.add_argument("--out", default="target/bench/targets")
     a = p.parse_args()
