@@ -46,7 +46,8 @@ for device in cuda cpu; do
   wait_ready 9191
   "$G/brainai" classify --server http://127.0.0.1:50061 --json tests/data/*.png tests/data/*.jpg > "$OUT/classify_$device.json"
   python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9191/metrics').read().decode())" \
-    | grep -E '^brainai_(model_info|batch_size_count|inference_duration_seconds_sum)' > "$OUT/metrics_$device.txt" || true
+    | grep -E '^brainai_(model_info|batch_size_count|inference_duration_seconds_sum|gpu_|stage_duration_seconds_(sum|count)|batch_assembly_total)' \
+    > "$OUT/metrics_$device.txt" || true
   kill -TERM "$pid"
   wait "$pid"
   echo "serve --device $device exited $?"
@@ -80,3 +81,14 @@ for n in ${BENCH_INSTANCES-1 2}; do
   "$G/serving" --device cuda --ort-library "$LIB" --batch 32 --concurrency 96 --seconds 5 --rounds 3 \
     --delay-us 2000 --instances "$n" | tee "$OUT/bench_cuda_instances$n.txt"
 done
+
+# Issue 12 (prepared, not yet run on a GPU): the served side driven by ghz as a separate process,
+# single-image calls of a 256² slice at saturation, with the stage timeline, batch occupancy and the
+# NVML gauges; compare its images/s with the bare loop's above. Needs a ghz binary in $G.
+if [ -x "$G/ghz" ]; then
+  BRAINAI_BIN="$G/brainai" GHZ="$G/ghz" tests/load/run_load.sh --runs concurrency --duration 15s \
+    --concurrency 96 --images flair_256_a.png --model-dir models/brain-tumor-resnet50 --out "$OUT/ghz" \
+    --server-arg=--device=cuda --server-arg=--ort-library="$LIB" --server-arg=--max-batch-size=32 \
+    | tee "$OUT/ghz_cuda.txt"
+  grep -E '^brainai_gpu_' "$OUT/ghz/concurrency.metrics-after.txt" | tee "$OUT/nvml.txt" || echo "no NVML gauges" | tee "$OUT/nvml.txt"
+fi
