@@ -550,11 +550,12 @@ impl ModelMetrics {
 
     /// One image's (or, for assemble and run, one batch's) time in `stage`.
     pub fn stage(&self, stage: Stage, took: std::time::Duration) {
-        let i = Stage::ALL
-            .iter()
-            .position(|s| *s == stage)
-            .expect("every stage is listed");
-        self.stages[i].record(took.as_secs_f64());
+        self.stage_seconds(stage, took.as_secs_f64());
+    }
+
+    fn stage_seconds(&self, stage: Stage, seconds: f64) {
+        // `Stage::ALL` lists the variants in declaration order.
+        self.stages[stage as usize].record(seconds);
     }
 
     /// A batch's tensor was assembled in place (`true`) or gathered.
@@ -573,7 +574,7 @@ impl ModelMetrics {
     }
 
     pub fn queue_duration(&self, priority: Priority, seconds: f64) {
-        self.stage(Stage::Queue, std::time::Duration::from_secs_f64(seconds));
+        self.stage_seconds(Stage::Queue, seconds);
         self.queue_duration[priority.index()].record(seconds);
     }
 
@@ -591,15 +592,12 @@ impl ModelMetrics {
     }
 
     pub fn preprocess_duration(&self, seconds: f64) {
-        self.stage(
-            Stage::Preprocess,
-            std::time::Duration::from_secs_f64(seconds),
-        );
+        self.stage_seconds(Stage::Preprocess, seconds);
         self.preprocess.record(seconds);
     }
 
     pub fn batch_done(&self, size: usize, max_batch_size: usize, seconds: f64) {
-        self.stage(Stage::Run, std::time::Duration::from_secs_f64(seconds));
+        self.stage_seconds(Stage::Run, seconds);
         self.inference.record(seconds);
         self.batch_size.record(size as f64);
         self.occupancy.record(size as f64 / max_batch_size as f64);
@@ -607,5 +605,18 @@ impl ModelMetrics {
 
     pub fn images_done(&self, n: usize) {
         self.images.increment(n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_are_listed_in_declaration_order() {
+        // `ModelMetrics::stage_seconds` indexes its histograms by the variant's position.
+        for (i, stage) in Stage::ALL.iter().enumerate() {
+            assert_eq!(*stage as usize, i, "{}", stage.as_str());
+        }
     }
 }

@@ -285,18 +285,9 @@ impl Preprocessor {
         data: &[u8],
         encoding: Encoding,
     ) -> Result<Vec<f32>, InputError> {
-        self.prepare(data, encoding).map(|(tensor, _)| tensor)
-    }
-
-    /// A freshly allocated tensor for one image, and its DICOM identifiers.
-    pub fn prepare(
-        &self,
-        data: &[u8],
-        encoding: Encoding,
-    ) -> Result<(Vec<f32>, Option<DicomSource>), InputError> {
         let mut out = vec![0f32; self.spec.image_len()];
-        let ids = self.preprocess(data, encoding, &mut out)?;
-        Ok((out, ids))
+        self.preprocess(data, encoding, &mut out)?;
+        Ok(out)
     }
 
     fn convert_color(&self, pixels: Pixels) -> Pixels {
