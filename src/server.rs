@@ -429,12 +429,9 @@ impl Lifecycle {
         );
         let poller = self.poll.map(|every| {
             let registry = self.registry.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
+            crate::state::spawn_every(every, move || {
+                let registry = registry.clone();
+                async move {
                     if let Err(e) = registry.reload().await {
                         tracing::error!(error = %e, "model repository poll failed");
                     }

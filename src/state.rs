@@ -162,6 +162,24 @@ impl Drop for InflightGuard {
     }
 }
 
+/// Runs `tick` every `every`, the first time one period from now, until the task is aborted or
+/// the runtime ends; a late tick is delayed, not bunched up (the file and repository pollers).
+pub fn spawn_every<F, Fut>(every: std::time::Duration, mut tick: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            tick().await;
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -312,13 +312,9 @@ impl Access {
     ) -> Option<tokio::task::JoinHandle<()>> {
         self.callers_file.as_ref()?;
         let access = self.clone();
-        Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let access = access.clone();
+        Some(crate::state::spawn_every(every, move || {
+            let access = access.clone();
+            async move {
                 match tokio::task::spawn_blocking(move || access.reload()).await {
                     Ok(Ok(true)) => tracing::info!("callers file changed: reloaded"),
                     Ok(Ok(false)) => {}

@@ -116,13 +116,9 @@ impl Tls {
     /// Polls the files every `every` and reloads them when they change.
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let tls = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let tls = tls.clone();
+        crate::state::spawn_every(every, move || {
+            let tls = tls.clone();
+            async move {
                 let result = tokio::task::spawn_blocking(move || tls.reload())
                     .await
                     .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
