@@ -123,6 +123,12 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_INTRA_OP_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
     pub intra_op_spinning: bool,
 
+    /// With --device cuda: page-lock the batch buffers with the CUDA runtime, so each batch's
+    /// host-to-GPU copy is one DMA transfer (falls back to pageable memory, with a warning, where
+    /// that fails). Ignored on CPU.
+    #[arg(long, env = "BRAINAI_PINNED_BUFFERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pinned_buffers: bool,
+
     /// Largest batch (capped at the model's max_batch_size from model.toml).
     #[arg(long, env = "BRAINAI_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
@@ -329,6 +335,15 @@ impl ServeArgs {
             self.preprocess_threads,
             self.intra_op_threads,
         )
+    }
+
+    /// Where batch tensors live on the host: page-locked on CUDA (unless `--pinned-buffers false`).
+    pub fn host_memory(&self) -> crate::backend::host::HostMemory {
+        use crate::backend::host::HostMemory;
+        match self.device {
+            crate::backend::Device::Cuda(_) if self.pinned_buffers => HostMemory::Pinned,
+            _ => HostMemory::Pageable,
+        }
     }
 
     /// Checks combinations clap cannot; each message names the option.

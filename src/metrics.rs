@@ -28,6 +28,7 @@ pub const BATCH_ASSEMBLY: &str = "brainai_batch_assembly_total";
 pub const BATCH_BUFFERS: &str = "brainai_batch_buffers";
 pub const BATCH_BUFFER_BYTES: &str = "brainai_batch_buffer_bytes";
 pub const BATCH_BUFFER_ALLOCATIONS: &str = "brainai_batch_buffer_allocations_total";
+pub const PINNED_HOST_BYTES: &str = "brainai_pinned_host_bytes";
 pub const IMAGES_TOTAL: &str = "brainai_images_total";
 pub const DROPPED_TOTAL: &str = "brainai_dropped_total";
 pub const MODEL_INFO: &str = "brainai_model_info";
@@ -164,6 +165,11 @@ fn describe() {
         BATCH_BUFFERS,
         Unit::Count,
         "Batch buffers held by a model version's pool (in use or free for reuse)."
+    );
+    describe_gauge!(
+        PINNED_HOST_BYTES,
+        Unit::Bytes,
+        "Host memory page-locked with the CUDA runtime for batch tensors (batch buffers, gather and padding buffers); 0 on CPU"
     );
     describe_gauge!(
         BATCH_BUFFER_BYTES,

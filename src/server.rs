@@ -101,10 +101,11 @@ fn ort_factory(args: &ServeArgs) -> Result<BackendFactory, ServeError> {
     let library = ort_backend::find_runtime_library(args.ort_library.as_deref())?;
     ort_backend::init_runtime(&library)?;
     tracing::info!(library = %library.display(), "ONNX Runtime loaded");
-    let (device, threads, spinning) = (
+    let (device, threads, spinning, host_memory) = (
         args.device,
         args.thread_budget().intra_op,
         args.intra_op_spinning,
+        args.host_memory(),
     );
     Ok(Arc::new(move |spec, batch_sizes, _instance| {
         let options = OrtOptions {
@@ -112,6 +113,7 @@ fn ort_factory(args: &ServeArgs) -> Result<BackendFactory, ServeError> {
             intra_op_threads: threads,
             intra_op_spinning: spinning,
             batch_sizes,
+            host_memory,
         };
         OrtBackend::open(spec, options).map(|b| Box::new(b) as Box<dyn Backend>)
     }))
@@ -173,6 +175,7 @@ pub async fn start(
             },
             max_images_per_request: args.max_images_per_request,
             device: args.device,
+            host_memory: args.host_memory(),
         },
         factory,
         state.clone(),

@@ -2,6 +2,7 @@
 //! a tensor out), where it runs ([`Device`]), and the one definition of the batch sizes an instance
 //! is warmed up at and pads to ([`BatchSizes`]). [`ort`] is the ONNX Runtime implementation.
 
+pub mod host;
 pub mod ort;
 pub mod testing;
 

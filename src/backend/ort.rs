@@ -8,6 +8,7 @@ use ::ort::ep;
 use ::ort::session::Session;
 use ::ort::value::{TensorElementType, TensorRef, ValueType};
 
+use super::host::{HostBuffer, HostMemory};
 use super::{Backend, BatchSizes, Device, EngineError};
 use crate::model::{Layout, ModelSpec};
 
@@ -88,6 +89,8 @@ pub struct OrtOptions {
     pub intra_op_spinning: bool,
     /// The batch sizes the batcher sends (and warms up); on CUDA batches are padded to them.
     pub batch_sizes: BatchSizes,
+    /// The padding buffer's memory: page-locked on CUDA (see [`super::host`]).
+    pub host_memory: HostMemory,
 }
 
 /// An ONNX Runtime session serving one model instance.
@@ -98,8 +101,8 @@ pub struct OrtBackend {
     image_shape: [usize; 3],
     /// On CUDA, batches are padded to a warmed-up size (see [`BatchSizes`]).
     pad_to: Option<BatchSizes>,
-    /// Where padded batches are assembled: grown once to the largest padded batch, then reused.
-    padded: Vec<f32>,
+    /// Where padded batches are assembled (CUDA): allocated once, at the largest batch.
+    padded: HostBuffer,
 }
 
 impl OrtBackend {
@@ -147,6 +150,9 @@ impl OrtBackend {
         let mut backend = Self::check(spec, session)?;
         if matches!(options.device, Device::Cuda(_)) {
             backend.pad_to = Some(options.batch_sizes);
+            let [a, b, c] = backend.image_shape;
+            backend.padded =
+                HostBuffer::new(options.batch_sizes.max() * a * b * c, options.host_memory);
         }
         Ok(backend)
     }
@@ -270,7 +276,7 @@ impl OrtBackend {
             },
             session,
             pad_to: None,
-            padded: Vec::new(),
+            padded: HostBuffer::new(0, HostMemory::Pageable),
         })
     }
 }
@@ -281,10 +287,10 @@ impl Backend for OrtBackend {
         let run_batch = self.pad_to.map_or(batch, |sizes| sizes.padded(batch));
         let input = if run_batch > batch {
             // Padding rows are zeros; the rows before them are this batch's.
-            self.padded.clear();
-            self.padded.extend_from_slice(input);
-            self.padded.resize(run_batch * a * b * c, 0.0);
-            &self.padded[..]
+            let padded = &mut self.padded[..run_batch * a * b * c];
+            padded[..input.len()].copy_from_slice(input);
+            padded[input.len()..].fill(0.0);
+            &padded[..]
         } else {
             input
         };

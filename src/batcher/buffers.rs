@@ -11,11 +11,13 @@
 use std::sync::{Arc, Mutex};
 
 use super::Priority;
+use crate::backend::host::{HostBuffer, HostMemory};
 
 /// The rows of one batch buffer.
 struct Buffer {
-    /// `rows × row_len` values. Only ever accessed through `base`, row by row (see [`Slot`]).
-    storage: Vec<f32>,
+    /// `rows × row_len` values (page-locked on CUDA). Only ever accessed through `base`, row by
+    /// row (see [`Slot`]).
+    storage: HostBuffer,
     base: *mut f32,
     row_len: usize,
     /// Which filling this is (pool-wide, increasing): orders slots across buffers by claim.
@@ -30,9 +32,9 @@ unsafe impl Send for Buffer {}
 unsafe impl Sync for Buffer {}
 
 impl Buffer {
-    fn new(rows: usize, row_len: usize) -> Self {
-        let mut storage = vec![0f32; rows * row_len];
-        let base = storage.as_mut_ptr();
+    fn new(rows: usize, row_len: usize, memory: HostMemory) -> Self {
+        let storage = HostBuffer::new(rows * row_len, memory);
+        let base = storage.as_ptr();
         Buffer {
             storage,
             base,
@@ -66,6 +68,11 @@ impl Slot {
         let len = self.buffer.row_len;
         // SAFETY: as above; shared access through `&self`.
         unsafe { std::slice::from_raw_parts(self.buffer.base.add(self.row * len), len) }
+    }
+
+    /// Whether both are rows of the same buffer.
+    pub fn same_buffer(&self, other: &Slot) -> bool {
+        Arc::ptr_eq(&self.buffer, &other.buffer)
     }
 
     fn buffer_id(&self) -> *const Buffer {
@@ -120,6 +127,8 @@ pub(crate) struct BufferPool {
     row_len: usize,
     /// Free buffers beyond this many are released (memory goes back after a burst).
     keep: usize,
+    /// Page-locked (CUDA) or ordinary memory.
+    memory: HostMemory,
     state: Mutex<PoolState>,
     metrics: crate::metrics::ModelMetrics,
 }
@@ -129,12 +138,14 @@ impl BufferPool {
         rows: usize,
         row_len: usize,
         keep: usize,
+        memory: HostMemory,
         metrics: crate::metrics::ModelMetrics,
     ) -> Self {
         BufferPool {
             rows: rows.max(1),
             row_len,
             keep: keep.max(1),
+            memory,
             state: Mutex::new(PoolState {
                 buffers: Vec::new(),
                 filling: [None, None],
@@ -199,7 +210,7 @@ impl BufferPool {
             free <= self.keep
         });
         let buffer = found.unwrap_or_else(|| {
-            let mut buffer = Buffer::new(self.rows, self.row_len);
+            let mut buffer = Buffer::new(self.rows, self.row_len, self.memory);
             buffer.seq = seq;
             let buffer = Arc::new(buffer);
             state.buffers.push(buffer.clone());
@@ -231,6 +242,7 @@ mod tests {
             rows,
             row_len,
             2,
+            HostMemory::Pageable,
             crate::metrics::ModelMetrics::new("test", "1"),
         )
     }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::queue::Batch;
 use super::{BatchError, ImageOutput, Shared, buffers};
+use crate::backend::host::HostBuffer;
 use crate::backend::{Backend, EngineError, InstanceFactory};
 use crate::metrics::Stage;
 
@@ -40,8 +41,10 @@ pub(super) async fn start_all(
                     return;
                 };
                 // Where scattered batches are gathered: allocated once, at its largest.
-                let mut scratch =
-                    Vec::with_capacity(shared.config.sizes.max() * shared.config.input_len);
+                let mut scratch = HostBuffer::new(
+                    shared.config.sizes.max() * shared.config.input_len,
+                    shared.config.host_memory,
+                );
                 loop {
                     if ready_tx.send(instance).is_err() {
                         return;
@@ -131,7 +134,7 @@ fn run_batch(
     shared: &Shared,
     backend: &mut dyn Backend,
     mut batch: Batch,
-    scratch: &mut Vec<f32>,
+    scratch: &mut HostBuffer,
 ) {
     let config = &shared.config;
     let metrics = &shared.metrics;
@@ -173,12 +176,12 @@ fn run_batch(
             rows
         }
         None => {
-            scratch.clear();
-            for slot in rows {
-                scratch.extend_from_slice(slot.as_slice());
+            let len = config.input_len;
+            for (i, slot) in rows.enumerate() {
+                scratch[i * len..(i + 1) * len].copy_from_slice(slot.as_slice());
             }
             metrics.assembled(false);
-            scratch
+            &scratch[..n * len]
         }
     };
     metrics.stage(Stage::Assemble, assembling.elapsed());

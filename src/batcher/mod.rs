@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::backend::host::HostMemory;
 use crate::backend::{BatchSizes, EngineError, InstanceFactory};
 use crate::metrics::ModelMetrics;
 pub use buffers::Slot;
@@ -78,6 +79,9 @@ pub struct BatcherConfig {
     pub input_len: usize,
     /// f32 values per output.
     pub output_len: usize,
+    /// Batch buffers and the instances' gather buffers: page-locked on CUDA (see
+    /// [`crate::backend::host`]).
+    pub host_memory: HostMemory,
 }
 
 /// The answer for one image.
@@ -248,6 +252,7 @@ impl Batcher {
                 config.sizes.max(),
                 config.input_len,
                 2 * config.instances + 2,
+                config.host_memory,
                 metrics.clone(),
             ),
             places: config.queue_capacity.map(|c| Arc::new(Semaphore::new(c))),

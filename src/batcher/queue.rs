@@ -159,7 +159,20 @@ impl QueueTask {
         let mut jobs = Vec::with_capacity(self.policy.max_batch_size);
         for p in Priority::ALL {
             let queue = &mut self.queues[p.index()];
-            let take = queue.len().min(self.policy.max_batch_size - jobs.len());
+            let mut take = queue.len().min(self.policy.max_batch_size - jobs.len());
+            // With more than a batch waiting (saturation), a batch never straddles two buffers: it
+            // ends at its first buffer's last row, so the next batch starts at row 0 of the next
+            // buffer and, like every one after it, runs in place. Without this, one partial batch
+            // shifts the batches against the buffers for good and every batch is gathered (seen
+            // on a GPU: 4.5 ms of copying per 32-image batch, against an 8 ms run).
+            if jobs.is_empty() && take == self.policy.max_batch_size && queue.len() > take {
+                let first = &queue[0].job.tensor;
+                take = queue
+                    .iter()
+                    .take(take)
+                    .take_while(|e| e.job.tensor.same_buffer(first))
+                    .count();
+            }
             // The entries' permits drop here: dispatched images no longer hold queue places; their
             // queue spans end.
             jobs.extend(queue.drain(..take).map(|entry| {

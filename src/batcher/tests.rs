@@ -21,6 +21,7 @@ fn config(max_batch_size: usize, delay_ms: u64, capacity: usize) -> BatcherConfi
         max_queue_wait: None,
         input_len: INPUT_LEN,
         output_len: OUTPUT_LEN,
+        host_memory: HostMemory::Pageable,
     }
 }
 
@@ -457,8 +458,10 @@ async fn stat_images_skip_a_full_routine_queue_into_the_next_batch() {
         [10.0, 11.0, 12.0, 99.0],
         "the STAT image rides the next batch, ahead of routine 13: {batches:?}"
     );
-    assert_eq!(batches[2], [13.0, 14.0, 15.0, 16.0]);
-    assert_eq!(batches[3], [17.0]);
+    // Routine 13 is the last row of its buffer and 14-17 fill the next one: with more than a batch
+    // queued, the batch ends at the buffer's end, so the next one runs in place.
+    assert_eq!(batches[2], [13.0]);
+    assert_eq!(batches[3], [14.0, 15.0, 16.0, 17.0]);
 }
 
 /// Echoes, and records where each batch's input was in memory.
@@ -560,6 +563,28 @@ async fn scattered_rows_are_gathered_and_each_image_keeps_its_answer() {
     let pending = submit_slots(&batcher, slots);
     assert_eq!(firsts(&answers(pending).await), [1.0, 2.0]);
     assert_eq!(seen.lock().unwrap()[1], (rows[0], 2));
+}
+
+/// With more than a batch queued, a batch that would straddle two buffers ends at the first one's
+/// last row, so that it and the batches after it run in place instead of all being gathered.
+#[tokio::test]
+async fn under_backlog_a_batch_ends_at_its_buffer_so_the_next_ones_run_in_place() {
+    let (batcher, seen) = start_where_from().await;
+    // Rows 0-3 of one buffer, 0-3 of the next; rows 2, 3 and the whole next buffer are queued.
+    let slots = claimed(&batcher, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    let rows: Vec<usize> = slots.iter().map(|(p, _)| *p).collect();
+    let mut slots: Vec<Slot> = slots.into_iter().map(|(_, s)| s).collect();
+    let queued: Vec<Slot> = slots.drain(2..).collect();
+    let pending = submit_slots(&batcher, queued);
+    assert_eq!(
+        firsts(&answers(pending).await),
+        [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(rows[2], 2), (rows[4], 4)],
+        "rows 2-3 of the first buffer, then rows 0-3 of the second, each in place"
+    );
 }
 
 #[tokio::test]

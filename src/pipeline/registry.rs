@@ -37,6 +37,8 @@ pub struct RegistryConfig {
     pub limits: InputLimits,
     pub max_images_per_request: usize,
     pub device: Device,
+    /// Batch buffers' memory: page-locked on CUDA unless turned off (`--pinned-buffers`).
+    pub host_memory: crate::backend::host::HostMemory,
 }
 
 /// State of one version as `ListModels` reports it.
@@ -333,6 +335,7 @@ impl Registry {
                     settings,
                     &self.factory,
                     self.config.device,
+                    self.config.host_memory,
                     self.config.limits,
                     fp.toml_sha256.clone(),
                 )

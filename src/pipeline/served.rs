@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::host::HostMemory;
 use crate::backend::{BackendFactory, BatchSizes, Device, InstanceFactory};
 use crate::batcher::{Batcher, BatcherConfig, Priority};
 use crate::input::InputLimits;
@@ -132,6 +133,7 @@ impl ServedModel {
         settings: BatchSettings,
         factory: &BackendFactory,
         device: Device,
+        host_memory: HostMemory,
         limits: InputLimits,
         toml_sha256: String,
     ) -> Result<ServedModel, String> {
@@ -146,6 +148,7 @@ impl ServedModel {
             max_queue_wait: settings.max_queue_wait,
             input_len: spec.config.input.image_len(),
             output_len: classifier.output_len(),
+            host_memory,
         };
         let instance_factory: InstanceFactory = {
             let (spec, factory) = (spec.clone(), factory.clone());

@@ -265,6 +265,7 @@ pub fn probed_ort() -> Probed {
                 intra_op_threads: 1,
                 intra_op_spinning: true,
                 batch_sizes,
+                host_memory: Default::default(),
             },
         )?;
         Ok(Box::new(Probe {
