@@ -46,7 +46,7 @@ for device in cuda cpu; do
   wait_ready 9191
   "$G/brainai" classify --server http://127.0.0.1:50061 --json tests/data/*.png tests/data/*.jpg > "$OUT/classify_$device.json"
   python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9191/metrics').read().decode())" \
-    | grep -E '^brainai_(model_info|batch_size_count|inference_duration_seconds_sum|gpu_|stage_duration_seconds_(sum|count)|batch_assembly_total)' \
+    | grep -E '^brainai_(model_info|batch_size_count|inference_duration_seconds_sum|gpu_|pinned_host_bytes|stage_duration_seconds_(sum|count)|batch_assembly_total)' \
     > "$OUT/metrics_$device.txt" || true
   kill -TERM "$pid"
   wait "$pid"
@@ -82,13 +82,34 @@ for n in ${BENCH_INSTANCES-1 2}; do
     --delay-us 2000 --instances "$n" | tee "$OUT/bench_cuda_instances$n.txt"
 done
 
-# Issue 12 (prepared, not yet run on a GPU): the served side driven by ghz as a separate process,
-# single-image calls of a 256² slice at saturation, with the stage timeline, batch occupancy and the
-# NVML gauges; compare its images/s with the bare loop's above. Needs a ghz binary in $G.
+# Issue 12: the serving targets on the GPU (benches/targets.py), the served side driven by ghz as a
+# separate process with single-image calls of a 256² slice; configs: default (page-locked batch
+# buffers, one instance, intra-op 1), pageable buffers, two instances, four intra-op threads; then
+# batch 64. Needs a ghz binary in $G. TARGET_SECONDS / TARGET_ROUNDS shorten or lengthen it.
+# benches/gpu_bundle.sh packs everything for a device machine that can reach nothing.
 if [ -x "$G/ghz" ]; then
-  BRAINAI_BIN="$G/brainai" GHZ="$G/ghz" tests/load/run_load.sh --runs concurrency --duration 15s \
-    --concurrency 96 --images flair_256_a.png --model-dir models/brain-tumor-resnet50 --out "$OUT/ghz" \
-    --server-arg=--device=cuda --server-arg=--ort-library="$LIB" --server-arg=--max-batch-size=32 \
-    | tee "$OUT/ghz_cuda.txt"
-  grep -E '^brainai_gpu_' "$OUT/ghz/concurrency.metrics-after.txt" | tee "$OUT/nvml.txt" || echo "no NVML gauges" | tee "$OUT/nvml.txt"
+  export BRAINAI_BIN="$G/brainai" BRAINAI_BENCH_BIN="$G/serving" GHZ="$G/ghz"
+  T="python3 benches/targets.py"
+  # The bare loop alone, page-locked input against pageable, batch 32 (what pinning buys ORT's copy).
+  for pinned in true false; do
+    "$G/serving" --bare-only --device cuda --ort-library "$LIB" --batch 32 --seconds 4 --rounds 1 \
+      --pinned "$pinned" | sed "s/^/pinned=$pinned: /" | tee -a "$OUT/bare_pinned.txt" || true
+  done
+  $T saturation --device cuda --ort-library "$LIB" --rounds "${TARGET_ROUNDS:-2}" --seconds "${TARGET_SECONDS:-8}" \
+    --batch 32 --concurrency 128 --bare-batches 16,32,64 --images flair_256_a.png --out "$OUT/targets" \
+    --config default: --config pageable:--pinned-buffers=false --config two:--instances=2 \
+    --config intra4:--intra-op-threads=4 2>&1 | tee "$OUT/saturation.txt" || true
+  # The best batch size: the bare loop is fastest at 64; the model's own cap (32, for the P4000's
+  # 8 GB) is lifted on this throwaway copy for the run.
+  cp models/brain-tumor-resnet50/model.toml "$OUT/model.toml.orig"
+  sed -i 's/^max_batch_size = .*/max_batch_size = 64/' models/brain-tumor-resnet50/model.toml
+  $T saturation --device cuda --ort-library "$LIB" --rounds "${TARGET_ROUNDS:-2}" --seconds "${TARGET_SECONDS:-8}" \
+    --batch 64 --concurrency 192 --bare-batches 64 --images flair_256_a.png --out "$OUT/targets64" \
+    --config default: --config two:--instances=2 2>&1 | tee "$OUT/saturation64.txt" || true
+  cp "$OUT/model.toml.orig" models/brain-tumor-resnet50/model.toml
+  $T light --device cuda --ort-library "$LIB" --rounds 2 --seconds 5 --out "$OUT/targets" 2>&1 \
+    | tee "$OUT/light.txt" || true
+  cat "$OUT"/targets/saturation-default-*/concurrency.metrics-after.txt 2>/dev/null \
+    | grep -E '^brainai_(gpu_|pinned_host_bytes)' | sort -u | tail -n 20 | tee "$OUT/nvml.txt" \
+    || echo "no NVML gauges" | tee "$OUT/nvml.txt"
 fi

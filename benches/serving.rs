@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use brainai::backend::host::{HostBuffer, HostMemory};
 use brainai::backend::ort::{self as engine, OrtBackend, OrtOptions};
 use brainai::backend::{Backend, BatchSizes, Device};
 use brainai::input::{Encoding, InputLimits};
@@ -67,9 +68,22 @@ struct Opts {
     /// served side with ghz).
     #[arg(long)]
     bare_only: bool,
+    /// On CUDA: the bare loop's input and the server's batch buffers page-locked
+    /// (`--pinned-buffers`); false: both pageable.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pinned: bool,
     /// Accepted for `cargo bench` compatibility.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+impl Opts {
+    fn host_memory(&self) -> HostMemory {
+        match self.device {
+            Device::Cuda(_) if self.pinned => HostMemory::Pinned,
+            _ => HostMemory::Pageable,
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -225,6 +239,7 @@ async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, (f64, f64)) {
         opts.device.to_string(),
         format!("--intra-op-spinning={}", opts.spinning),
         format!("--instances={}", opts.instances),
+        format!("--pinned-buffers={}", opts.pinned),
     ];
     if let Some(p) = &opts.ort_library {
         flags.extend(["--ort-library".to_string(), p.display().to_string()]);
@@ -312,7 +327,14 @@ fn main() {
     );
     let png = Arc::new(data("flair_256_a.png"));
     let one = pre.preprocess_to_vec(&png, Encoding::Detect).unwrap();
-    let input: Vec<f32> = (0..opts.batch).flat_map(|_| one.iter().copied()).collect();
+    // The bare loop's input, in the same memory the server's batch buffers use.
+    let mut input = HostBuffer::new(opts.batch * one.len(), opts.host_memory());
+    input
+        .chunks_mut(one.len())
+        .for_each(|row| row.copy_from_slice(&one));
+    let mut one_buffer = HostBuffer::new(one.len(), opts.host_memory());
+    one_buffer.copy_from_slice(&one);
+    let one = one_buffer;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -324,6 +346,7 @@ fn main() {
             intra_op_threads: opts.threads,
             intra_op_spinning: opts.spinning,
             batch_sizes: BatchSizes::new(opts.batch),
+            host_memory: opts.host_memory(),
         };
         let mut backend = OrtBackend::open(&spec, options).unwrap();
         let runs: Vec<f64> = (0..opts.rounds)
@@ -333,6 +356,10 @@ fn main() {
             "bare ORT loop, batch {}: {:.3} images/s",
             opts.batch,
             median(runs)
+        );
+        println!(
+            "bare ORT batch-1 run: {:.3} ms",
+            bare_latency_ms(&mut backend, &one, opts.light_calls)
         );
         return;
     }
@@ -347,6 +374,7 @@ fn main() {
                     intra_op_threads: opts.threads,
                     intra_op_spinning: opts.spinning,
                     batch_sizes: BatchSizes::new(opts.batch),
+                    host_memory: opts.host_memory(),
                 },
             )
             .unwrap();
