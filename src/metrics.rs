@@ -106,6 +106,8 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("the Prometheus recorder is installed once per process");
             describe();
+            // Exported from the start, 0 where nothing is page-locked (CPU).
+            gauge!(PINNED_HOST_BYTES).set(0.0);
             handle
         })
         .clone()
