@@ -55,6 +55,7 @@ fn main() -> ExitCode {
             "thread budget"
         );
     }
+    let serving = matches!(cli.command, Command::Serve(_));
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => brainai::server::run_until_signal(&args)
@@ -68,6 +69,24 @@ fn main() -> ExitCode {
     // Whatever is still running (a connection's last bytes, a blocking file read) does not get
     // to hold the exit: the drain already had its time.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    if serving {
+        // Model instance threads may still be inside ONNX Runtime (a warm-up cut short by SIGTERM,
+        // a batch still running when the drain time ran out). Returning from main would run the
+        // library's static destructors under them (seen: a segfault after "stopped", 2 in 80
+        // SIGTERMs during warm-up on a loaded machine); leave without them.
+        let code = match &result {
+            Ok(_) => 0,
+            Err(message) => {
+                eprintln!("error: {message}");
+                1
+            }
+        };
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: _exit ends the process at once; everything that must be written was flushed.
+        unsafe { libc::_exit(code) }
+    }
     match result {
         Ok(code) => code,
         Err(message) => {

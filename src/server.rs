@@ -511,16 +511,22 @@ async fn follow_health(state: Arc<ServingState>, mut health: HealthReporter) {
 /// Serves until SIGTERM or SIGINT, then drains and returns; reloads the model repository on SIGHUP.
 /// A start-up failure returns its error.
 pub async fn run_until_signal(args: &ServeArgs) -> Result<std::process::ExitCode, ServeError> {
+    // Listen before anything else: a SIGTERM, SIGINT or SIGHUP that arrives while the server binds
+    // or logs its addresses must drain (or be ignored), not end the process by the signal's
+    // default action. A signal that arrives before its task polls is kept by the listener.
+    let mut signals = ShutdownSignals::listen();
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let mut server = start(args, None).await?;
     let trigger = server
         .shutdown
         .take()
         .expect("a new server has its shutdown sender");
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signals.recv().await;
         let _ = trigger.send(());
         // A second SIGTERM/SIGINT during the drain: stop waiting.
-        shutdown_signal().await;
+        signals.recv().await;
         tracing::warn!("second shutdown signal: exiting without finishing the drain");
         std::process::exit(1);
     });
@@ -528,7 +534,7 @@ pub async fn run_until_signal(args: &ServeArgs) -> Result<std::process::ExitCode
     {
         let registry = server.registry.clone();
         let state = server.state.clone();
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        match hangup {
             Ok(mut hup) => {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
@@ -552,27 +558,53 @@ pub async fn run_until_signal(args: &ServeArgs) -> Result<std::process::ExitCode
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT, listened for from creation on.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(term) => term,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-                let _ = ctrl_c.await;
-                return;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind, name: &str| {
+                signal(kind)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot listen for {name}"))
+                    .ok()
+            };
+            ShutdownSignals {
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+                int: listen(SignalKind::interrupt(), "SIGINT"),
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => tracing::info!("SIGINT received"),
-            _ = term.recv() => tracing::info!("SIGTERM received"),
         }
+        #[cfg(not(unix))]
+        ShutdownSignals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// The next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => tracing::info!("SIGTERM received"),
+                () = next(&mut self.int) => tracing::info!("SIGINT received"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
