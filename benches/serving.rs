@@ -79,10 +79,7 @@ struct Opts {
 
 impl Opts {
     fn host_memory(&self) -> HostMemory {
-        match self.device {
-            Device::Cuda(_) if self.pinned => HostMemory::Pinned,
-            _ => HostMemory::Pageable,
-        }
+        HostMemory::for_device(self.device, self.pinned)
     }
 }
 

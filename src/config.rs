@@ -339,11 +339,7 @@ impl ServeArgs {
 
     /// Where batch tensors live on the host: page-locked on CUDA (unless `--pinned-buffers false`).
     pub fn host_memory(&self) -> crate::backend::host::HostMemory {
-        use crate::backend::host::HostMemory;
-        match self.device {
-            crate::backend::Device::Cuda(_) if self.pinned_buffers => HostMemory::Pinned,
-            _ => HostMemory::Pageable,
-        }
+        crate::backend::host::HostMemory::for_device(self.device, self.pinned_buffers)
     }
 
     /// Checks combinations clap cannot; each message names the option.

@@ -28,6 +28,16 @@ pub enum HostMemory {
     Pinned,
 }
 
+impl HostMemory {
+    /// Page-locked on CUDA when `pinned` (`--pinned-buffers`), else pageable.
+    pub fn for_device(device: super::Device, pinned: bool) -> Self {
+        match device {
+            super::Device::Cuda(_) if pinned => HostMemory::Pinned,
+            _ => HostMemory::Pageable,
+        }
+    }
+}
+
 /// A zeroed, page-aligned `[f32]` of fixed length, page-locked if asked and possible.
 pub struct HostBuffer {
     ptr: NonNull<f32>,

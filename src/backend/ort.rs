@@ -99,10 +99,9 @@ pub struct OrtBackend {
     input_name: String,
     output_name: String,
     image_shape: [usize; 3],
-    /// On CUDA, batches are padded to a warmed-up size (see [`BatchSizes`]).
-    pad_to: Option<BatchSizes>,
-    /// Where padded batches are assembled (CUDA): allocated once, at the largest batch.
-    padded: HostBuffer,
+    /// On CUDA, batches are padded to a warmed-up size (see [`BatchSizes`]), in a buffer
+    /// allocated once at the largest batch.
+    padding: Option<(BatchSizes, HostBuffer)>,
 }
 
 impl OrtBackend {
@@ -149,10 +148,10 @@ impl OrtBackend {
             .map_err(|e| load_err(format!("{}: {e}", spec.onnx_path.display())))?;
         let mut backend = Self::check(spec, session)?;
         if matches!(options.device, Device::Cuda(_)) {
-            backend.pad_to = Some(options.batch_sizes);
             let [a, b, c] = backend.image_shape;
-            backend.padded =
+            let buffer =
                 HostBuffer::new(options.batch_sizes.max() * a * b * c, options.host_memory);
+            backend.padding = Some((options.batch_sizes, buffer));
         }
         Ok(backend)
     }
@@ -275,8 +274,7 @@ impl OrtBackend {
                 Layout::Nhwc => [h as usize, w as usize, 3],
             },
             session,
-            pad_to: None,
-            padded: HostBuffer::new(0, HostMemory::Pageable),
+            padding: None,
         })
     }
 }
@@ -284,15 +282,16 @@ impl OrtBackend {
 impl Backend for OrtBackend {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
         let [a, b, c] = self.image_shape;
-        let run_batch = self.pad_to.map_or(batch, |sizes| sizes.padded(batch));
-        let input = if run_batch > batch {
-            // Padding rows are zeros; the rows before them are this batch's.
-            let padded = &mut self.padded[..run_batch * a * b * c];
-            padded[..input.len()].copy_from_slice(input);
-            padded[input.len()..].fill(0.0);
-            &padded[..]
-        } else {
-            input
+        let (run_batch, input) = match &mut self.padding {
+            Some((sizes, buffer)) if sizes.padded(batch) > batch => {
+                // Padding rows are zeros; the rows before them are this batch's.
+                let run_batch = sizes.padded(batch);
+                let padded = &mut buffer[..run_batch * a * b * c];
+                padded[..input.len()].copy_from_slice(input);
+                padded[input.len()..].fill(0.0);
+                (run_batch, &padded[..])
+            }
+            _ => (batch, input),
         };
         let tensor = TensorRef::from_array_view(([run_batch, a, b, c], input))
             .map_err(|e| EngineError::Inference(e.to_string()))?;
