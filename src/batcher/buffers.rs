@@ -15,29 +15,20 @@ use crate::backend::host::{HostBuffer, HostMemory};
 
 /// The rows of one batch buffer.
 struct Buffer {
-    /// `rows × row_len` values (page-locked on CUDA). Only ever accessed through `base`, row by
-    /// row (see [`Slot`]).
+    /// `rows × row_len` values (page-locked on CUDA). Only ever accessed through its pointer,
+    /// row by row (see [`Slot`]): rows are handed out once per use of the buffer (the pool takes a
+    /// buffer back only when no slot of it is left: `Arc::get_mut`), so a row is written by one
+    /// `Slot` at a time, and read only through shared references to the slots that own it.
     storage: HostBuffer,
-    base: *mut f32,
     row_len: usize,
     /// Which filling this is (pool-wide, increasing): orders slots across buffers by claim.
     seq: u64,
 }
 
-// SAFETY: `base` points into `storage`, which the buffer owns and never reallocates. Rows are
-// handed out once per use of the buffer (the pool takes a buffer back only when no slot of it is
-// left: `Arc::get_mut`), so a row is written by one `Slot` at a time, and read only through shared
-// references to the slots that own the rows read.
-unsafe impl Send for Buffer {}
-unsafe impl Sync for Buffer {}
-
 impl Buffer {
     fn new(rows: usize, row_len: usize, memory: HostMemory) -> Self {
-        let storage = HostBuffer::new(rows * row_len, memory);
-        let base = storage.as_ptr();
         Buffer {
-            storage,
-            base,
+            storage: HostBuffer::new(rows * row_len, memory),
             row_len,
             seq: 0,
         }
@@ -45,6 +36,12 @@ impl Buffer {
 
     fn rows(&self) -> usize {
         self.storage.len() / self.row_len.max(1)
+    }
+
+    /// Row `row`'s first value; `storage` never moves, so the pointer is the same for every slot.
+    fn row_ptr(&self, row: usize) -> *mut f32 {
+        // SAFETY: `row` is below `rows()` (slots are handed out only for existing rows).
+        unsafe { self.storage.as_ptr().add(row * self.row_len) }
     }
 }
 
@@ -60,14 +57,14 @@ impl Slot {
         let len = self.buffer.row_len;
         // SAFETY: this slot is the only owner of row `row` (see `Buffer`), and `&mut self`
         // guarantees no other reference to it through this slot.
-        unsafe { std::slice::from_raw_parts_mut(self.buffer.base.add(self.row * len), len) }
+        unsafe { std::slice::from_raw_parts_mut(self.buffer.row_ptr(self.row), len) }
     }
 
     /// The row's values.
     pub fn as_slice(&self) -> &[f32] {
         let len = self.buffer.row_len;
         // SAFETY: as above; shared access through `&self`.
-        unsafe { std::slice::from_raw_parts(self.buffer.base.add(self.row * len), len) }
+        unsafe { std::slice::from_raw_parts(self.buffer.row_ptr(self.row), len) }
     }
 
     /// Whether both are rows of the same buffer.
@@ -109,7 +106,7 @@ pub(super) fn in_place<'a>(sorted: impl Iterator<Item = &'a Slot> + Clone) -> Op
     let len = first.buffer.row_len;
     // SAFETY: rows `first.row .. first.row + n` are owned by the slots borrowed for `'a`, and
     // none of them can be written while those shared borrows last.
-    Some(unsafe { std::slice::from_raw_parts(first.buffer.base.add(first.row * len), n * len) })
+    Some(unsafe { std::slice::from_raw_parts(first.buffer.row_ptr(first.row), n * len) })
 }
 
 struct PoolState {
