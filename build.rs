@@ -20,6 +20,8 @@ fn main() {
     // brainai.v1 and the Open Inference Protocol (KServe v2, vendored under proto/kserve/), with
     // one descriptor set for server reflection.
     tonic_prost_build::configure()
+        // Image bytes as `Bytes`: a slice of tonic's receive buffer instead of a copy.
+        .bytes(".brainai.v1.Image.data")
         .file_descriptor_set_path(out.join("brainai_descriptor.bin"))
         .compile_protos(
             &[

@@ -216,7 +216,7 @@ fn series(model: &Path, dir: &Path) {
             .iter()
             .map(|p| brainai::pb::Image {
                 id: p.display().to_string(),
-                data: std::fs::read(p).unwrap(),
+                data: std::fs::read(p).unwrap().into(),
                 format: brainai::pb::ImageFormat::Dicom as i32,
                 raw: None,
             })

@@ -100,7 +100,7 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
             };
             images.push(pb::Image {
                 id: path.display().to_string(),
-                data,
+                data: data.into(),
                 format: format as i32,
                 raw: None,
             });
@@ -184,7 +184,7 @@ async fn series(
         let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         instances.push(pb::Image {
             id: path.display().to_string(),
-            data,
+            data: data.into(),
             format: pb::ImageFormat::Unspecified as i32,
             raw: None,
         });

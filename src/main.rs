@@ -24,9 +24,10 @@ fn main() -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let budget = match &cli.command {
         Command::Serve(args) => {
-            let budget = args.thread_budget();
-            builder.worker_threads(budget.io);
-            budget.init_preprocess_pool();
+            let malloc = brainai::threads::tune_allocator();
+            let budget = (args.thread_budget(), malloc);
+            builder.worker_threads(budget.0.io);
+            budget.0.init_preprocess_pool();
             Some(budget)
         }
         Command::Classify(_) => None,
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(b) = budget {
+    if let Some((b, malloc)) = budget {
         tracing::info!(
             cores = b.cores,
             io_threads = b.io,
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
             intra_op_threads = b.intra_op,
             "thread budget"
         );
+        tracing::info!(?malloc, "allocator");
     }
     let serving = matches!(cli.command, Command::Serve(_));
     let result = runtime.block_on(async {

@@ -19,6 +19,7 @@ pub const REQUESTS_TOTAL: &str = "brainai_requests_total";
 pub const REQUEST_DURATION: &str = "brainai_request_duration_seconds";
 pub const QUEUE_DURATION: &str = "brainai_queue_duration_seconds";
 pub const PREPROCESS_DURATION: &str = "brainai_preprocess_duration_seconds";
+pub const PREPROCESS_CPU: &str = "brainai_preprocess_cpu_seconds";
 pub const INFERENCE_DURATION: &str = "brainai_inference_duration_seconds";
 pub const BATCH_SIZE: &str = "brainai_batch_size";
 pub const BATCH_OCCUPANCY: &str = "brainai_batch_occupancy_ratio";
@@ -133,6 +134,12 @@ fn describe() {
         PREPROCESS_DURATION,
         Unit::Seconds,
         "Decode + resize + normalise time of one image, by model and version."
+    );
+    describe_histogram!(
+        PREPROCESS_CPU,
+        Unit::Seconds,
+        "CPU time of the thread that decoded + resized + normalised one image (its wall time less \
+         preemption), by model and version."
     );
     describe_histogram!(
         INFERENCE_DURATION,
@@ -508,6 +515,7 @@ pub struct ModelMetrics {
     queue_depth: [Gauge; 2],
     dropped: [Counter; 4],
     preprocess: Histogram,
+    preprocess_cpu: Histogram,
     inference: Histogram,
     batch_size: Histogram,
     occupancy: Histogram,
@@ -536,6 +544,7 @@ impl ModelMetrics {
             queue_depth: Priority::ALL.map(|p| gauge!(QUEUE_DEPTH, &with("priority", p.as_str()))),
             dropped: DROP_REASONS.map(|r| counter!(DROPPED_TOTAL, &with("reason", r))),
             preprocess: histogram!(PREPROCESS_DURATION, &base),
+            preprocess_cpu: histogram!(PREPROCESS_CPU, &base),
             inference: histogram!(INFERENCE_DURATION, &base),
             batch_size: histogram!(BATCH_SIZE, &base),
             occupancy: histogram!(BATCH_OCCUPANCY, &base),
@@ -602,6 +611,11 @@ impl ModelMetrics {
     pub fn preprocess_duration(&self, seconds: f64) {
         self.stage_seconds(Stage::Preprocess, seconds);
         self.preprocess.record(seconds);
+    }
+
+    /// CPU time of one image's preprocessing (see [`crate::threads::ThreadCpu`]).
+    pub fn preprocess_cpu(&self, took: std::time::Duration) {
+        self.preprocess_cpu.record(took.as_secs_f64());
     }
 
     pub fn batch_done(&self, size: usize, max_batch_size: usize, seconds: f64) {

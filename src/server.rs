@@ -187,6 +187,7 @@ pub async fn start(
             max_images_per_request: args.max_images_per_request,
             max_request_decode_bytes: args.max_request_decode_mib << 20,
             max_decode_in_flight_bytes: args.max_decode_in_flight_mib << 20,
+            inline_decode_bytes: args.inline_decode_kib << 10,
         },
     );
 

@@ -37,9 +37,10 @@ impl ThreadBudget {
         let pick = |explicit: usize, auto: usize| if explicit > 0 { explicit } else { auto };
         ThreadBudget {
             cores,
-            // Network I/O and the queue task are light next to decoding and the model: a quarter
-            // of the cores, at least one, at most four.
-            io: pick(io, (cores / 4).clamp(1, 4)),
+            // Network I/O, the queue task and the decoding of small requests (one slice, decoded
+            // where it was received: `--inline-decode-kib`): a quarter of the cores, at least two
+            // (so two small requests decode at once) but no more than the cores, at most four.
+            io: pick(io, (cores / 4).clamp(2, 4).min(cores)),
             // Decoding is bursty and its threads sleep when idle: one per core.
             preprocess: pick(preprocess, cores),
             intra_op: pick(
@@ -72,6 +73,82 @@ impl ThreadBudget {
     }
 }
 
+/// CPU time of the calling thread since [`ThreadCpu::start`]: what a piece of work cost in CPU,
+/// without the time the thread was preempted (under load the two differ by the other threads'
+/// share of the core).
+pub struct ThreadCpu(Option<std::time::Duration>);
+
+impl ThreadCpu {
+    pub fn start() -> Self {
+        ThreadCpu(thread_cpu_time())
+    }
+
+    /// CPU time used by this thread since `start` (zero where the clock is not available).
+    pub fn elapsed(&self) -> std::time::Duration {
+        match (self.0, thread_cpu_time()) {
+            (Some(start), Some(now)) => now.saturating_sub(start),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+}
+
+fn thread_cpu_time() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0;
+    ok.then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// What [`tune_allocator`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocatorTuning {
+    /// Fixed thresholds applied (bytes).
+    Applied {
+        mmap_threshold: usize,
+        trim_threshold: usize,
+    },
+    /// `GLIBC_TUNABLES` sets malloc options: the operator's choice is kept.
+    LeftToEnvironment,
+    /// Not glibc: nothing to tune.
+    NotGlibc,
+}
+
+/// Allocations below this come from the thread's malloc arena, not a fresh `mmap`: a decoded
+/// slice (a few hundred KiB) and a request body are reused memory, not new pages.
+pub const MMAP_THRESHOLD: usize = 4 << 20;
+/// Free memory an arena keeps before giving it back to the kernel. glibc's dynamic default
+/// (twice the largest freed mmap'd chunk, so ≈ 400 KiB after a 256² slice) returns and re-faults
+/// the decode buffers' pages on nearly every call: ≈ 0.5 page faults per call under load, with the
+/// TLB shootdowns that unmapping costs on every other core. Bounded: at most this much is kept per
+/// busy arena (one per thread that allocates, capped by glibc at 8 per core).
+pub const TRIM_THRESHOLD: usize = 16 << 20;
+
+/// Fixes glibc malloc's mmap and trim thresholds for a serving process (see the constants), unless
+/// `GLIBC_TUNABLES` already sets malloc options. Call once, early in `main`.
+pub fn tune_allocator() -> AllocatorTuning {
+    if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+        return AllocatorTuning::LeftToEnvironment;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes the allocator's parameters; it is thread-safe.
+        let ok = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int) == 1
+        };
+        if ok {
+            return AllocatorTuning::Applied {
+                mmap_threshold: MMAP_THRESHOLD,
+                trim_threshold: TRIM_THRESHOLD,
+            };
+        }
+    }
+    AllocatorTuning::NotGlibc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,16 +160,36 @@ mod tests {
             auto(2, Device::Cpu),
             ThreadBudget {
                 cores: 2,
-                io: 1,
+                io: 2,
                 preprocess: 2,
                 intra_op: 2
             }
         );
         assert_eq!(auto(8, Device::Cpu).io, 2);
+        assert_eq!(auto(1, Device::Cpu).io, 1);
         assert_eq!(auto(64, Device::Cpu).io, 4);
         assert_eq!(auto(16, Device::Cuda(0)).intra_op, 1);
         assert_eq!(auto(16, Device::Cuda(0)).preprocess, 16);
         assert_eq!(auto(0, Device::Cpu).cores, 1);
+    }
+
+    #[test]
+    fn thread_cpu_counts_work_not_sleep() {
+        let cpu = ThreadCpu::start();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let slept = cpu.elapsed();
+        let cpu = ThreadCpu::start();
+        let mut x = 0u64;
+        let wall = std::time::Instant::now();
+        while wall.elapsed() < std::time::Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let busy = cpu.elapsed();
+        assert!(
+            slept < std::time::Duration::from_millis(15),
+            "sleeping is not CPU: {slept:?}"
+        );
+        assert!(busy > slept, "spinning is: busy {busy:?}, slept {slept:?}");
     }
 
     #[test]

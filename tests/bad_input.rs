@@ -45,7 +45,7 @@ struct Case {
 fn raw_image(width: u32, height: u32, channels: u32, len: usize) -> pb::Image {
     pb::Image {
         id: "raw".into(),
-        data: vec![7; len],
+        data: vec![7; len].into(),
         format: pb::ImageFormat::Raw as i32,
         raw: Some(pb::RawPixels {
             width,
@@ -649,7 +649,7 @@ async fn inference_error_fails_its_batch_and_the_instance_keeps_serving() {
     .await;
     let white = pb::Image {
         id: "poison".into(),
-        data: vec![255; 32 * 32],
+        data: vec![255; 32 * 32].into(),
         format: pb::ImageFormat::Raw as i32,
         raw: Some(pb::RawPixels {
             width: 32,
@@ -659,7 +659,7 @@ async fn inference_error_fails_its_batch_and_the_instance_keeps_serving() {
     };
     let dark = |id: &str| pb::Image {
         id: id.into(),
-        data: vec![40; 32 * 32],
+        data: vec![40; 32 * 32].into(),
         ..white.clone()
     };
     let (mut c1, mut c2) = (t.client.clone(), t.client.clone());

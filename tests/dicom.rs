@@ -328,7 +328,7 @@ async fn served_dicom_tensors_equal_the_reference_and_echo_the_uids() {
             .enumerate()
             .map(|(i, f)| pb::Image {
                 id: f.clone(),
-                data: std::fs::read(data_dir().join(f)).unwrap(),
+                data: std::fs::read(data_dir().join(f)).unwrap().into(),
                 format: if i % 2 == 0 {
                     pb::ImageFormat::Dicom
                 } else {
@@ -394,7 +394,7 @@ async fn hostile_dicom_is_refused_by_name_and_the_server_stays_up() {
         for format in [pb::ImageFormat::Dicom, pb::ImageFormat::Unspecified] {
             let bad = pb::Image {
                 id: file.into(),
-                data: std::fs::read(data_dir().join(file)).unwrap(),
+                data: std::fs::read(data_dir().join(file)).unwrap().into(),
                 format: format as i32,
                 raw: None,
             };
@@ -510,7 +510,7 @@ async fn classify_stream_takes_dicom_too() {
         .map(|(i, f)| pb::ClassifyStreamRequest {
             image: Some(pb::Image {
                 id: f.to_string(),
-                data: std::fs::read(data_dir().join(f)).unwrap(),
+                data: std::fs::read(data_dir().join(f)).unwrap().into(),
                 format: if i == 0 {
                     pb::ImageFormat::Dicom
                 } else {

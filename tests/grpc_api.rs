@@ -324,6 +324,7 @@ async fn health_reflection_and_metrics_endpoints() {
         "brainai_request_duration_seconds",
         "brainai_queue_duration_seconds",
         "brainai_preprocess_duration_seconds",
+        "brainai_preprocess_cpu_seconds",
         "brainai_inference_duration_seconds",
         "brainai_batch_size",
         "brainai_batch_occupancy_ratio",
@@ -344,6 +345,21 @@ async fn health_reflection_and_metrics_endpoints() {
             "brainai_requests_total",
             &["rpc=\"Classify\"", "code=\"OK\""]
         ) >= 1.0
+    );
+    // Decoding a 256² PNG costs CPU, and no more than the wall time it took.
+    let cpu = metric_value(
+        &text,
+        "brainai_preprocess_cpu_seconds_sum",
+        &["model=\"tiny\""],
+    );
+    let wall = metric_value(
+        &text,
+        "brainai_preprocess_duration_seconds_sum",
+        &["model=\"tiny\""],
+    );
+    assert!(
+        cpu > 0.0 && cpu <= wall * 1.05,
+        "CPU {cpu} s, wall {wall} s"
     );
     assert!(
         text.contains("brainai_model_info{name=\"tiny\",version=\"1\""),

@@ -461,3 +461,100 @@ async fn an_open_stream_does_not_hold_the_drain() {
     );
     drop(tx);
 }
+
+/// Every preprocessing (rayon) thread held in a job until this is dropped.
+struct PoolHeld {
+    gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl PoolHeld {
+    fn take() -> PoolHeld {
+        let gate = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let threads = rayon::current_num_threads();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        for _ in 0..threads {
+            let (gate, started_tx) = (gate.clone(), started_tx.clone());
+            rayon::spawn(move || {
+                let _ = started_tx.send(());
+                let (open, cv) = &*gate;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            });
+        }
+        // Each job blocks its thread, so `threads` started jobs are on `threads` threads.
+        for _ in 0..threads {
+            started
+                .recv_timeout(PATIENCE)
+                .expect("every preprocessing thread took a holding job");
+        }
+        PoolHeld { gate }
+    }
+}
+
+impl Drop for PoolHeld {
+    fn drop(&mut self) {
+        let (open, cv) = &*self.gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+}
+
+/// A request that decodes to at most `--inline-decode-kib` (256 KiB by default: one 256² slice)
+/// is preprocessed on the async worker that received it, saving two thread hand-offs; larger
+/// requests, and every request with `--inline-decode-kib 0`, go to the preprocessing pool. Shown by
+/// holding every preprocessing thread: the small call is answered, the others wait for the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_are_preprocessed_without_the_pool_and_large_ones_on_it() {
+    let inline = serve(args(&fixture_model("tiny"), &[]), None).await;
+    let pooled = serve(
+        args(&fixture_model("tiny"), &["--inline-decode-kib", "0"]),
+        None,
+    )
+    .await;
+    let classify = |server: &TestServer, file: &'static str| {
+        let mut client = server.client.clone();
+        tokio::spawn(async move {
+            client
+                .classify(request(vec![image(file, data(file))]))
+                .await
+                .map(|r| r.into_inner().results[0].clone())
+        })
+    };
+
+    let held = PoolHeld::take();
+    // 256×256 RGB PNG: 192 KiB decoded.
+    let small = bounded(
+        "a small call while every preprocessing thread is held",
+        classify(&inline, "flair_256_a.png"),
+    )
+    .await
+    .unwrap()
+    .expect("answered without the pool");
+    // 512×512 RGB PNG: 768 KiB decoded; and the small one again with inline decoding off.
+    let large = classify(&inline, "flair_512_rgb.png");
+    let small_pooled = classify(&pooled, "flair_256_a.png");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!large.is_finished(), "a large image waits for the pool");
+    assert!(
+        !small_pooled.is_finished(),
+        "with --inline-decode-kib 0 a small image waits for the pool too"
+    );
+    drop(held);
+    bounded("the large call once the pool is free", large)
+        .await
+        .unwrap()
+        .expect("large image answered");
+    let small_pooled = bounded("the pooled call once the pool is free", small_pooled)
+        .await
+        .unwrap()
+        .expect("small image answered on the pool");
+    assert_eq!(
+        (small.label, small.probabilities),
+        (small_pooled.label, small_pooled.probabilities),
+        "the same image gets the same answer on either path"
+    );
+    inline.server.shutdown().await.unwrap();
+    pooled.server.shutdown().await.unwrap();
+}

@@ -97,7 +97,7 @@ fn series_request(slices: &[Slice]) -> pb::ClassifySeriesRequest {
             .iter()
             .map(|s| pb::Image {
                 id: format!("slice-{}", s.number),
-                data: instance(s),
+                data: instance(s).into(),
                 format: pb::ImageFormat::Dicom as i32,
                 raw: None,
             })
@@ -366,8 +366,9 @@ async fn one_series_per_call_and_at_least_two_slices() {
     );
     // A hostile instance is named, and the server keeps serving.
     let mut request = series_request(&[slice(1, 0.0), slice(2, 5.0)]);
-    request.instances[0].data =
-        std::fs::read(repo().join("tests/data/dicom/bad/huge_length.dcm")).unwrap();
+    request.instances[0].data = std::fs::read(repo().join("tests/data/dicom/bad/huge_length.dcm"))
+        .unwrap()
+        .into();
     let err = classify_series(&mut t, request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("image 0: "), "{}", err.message());

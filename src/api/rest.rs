@@ -249,7 +249,7 @@ async fn classify(
             images: files
                 .into_iter()
                 .map(|f| ImageInput::Encoded {
-                    data: f.data,
+                    data: f.data.into(),
                     encoding: Encoding::Detect,
                 })
                 .collect(),

@@ -173,7 +173,7 @@ mod tests {
 
     fn input(bytes: &[u8]) -> ImageInput {
         ImageInput::Encoded {
-            data: bytes.to_vec(),
+            data: bytes::Bytes::copy_from_slice(bytes),
             encoding: Encoding::Png,
         }
     }
@@ -224,7 +224,7 @@ mod tests {
         );
         let png = input(b"same bytes");
         let jpeg = ImageInput::Encoded {
-            data: b"same bytes".to_vec(),
+            data: bytes::Bytes::from_static(b"same bytes"),
             encoding: Encoding::Jpeg,
         };
         assert_eq!(a.key(&png), a.key(&input(b"same bytes")));

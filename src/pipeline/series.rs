@@ -19,11 +19,12 @@ use crate::input::sequence::{self, Sequence};
 use crate::model::Aggregation;
 use crate::preprocess::DicomSource;
 use crate::report::{self, ModelIdentity, SeriesFinding, SeriesReport, SliceFinding};
+use crate::threads::ThreadCpu;
 
 /// A series request, transport-neutral.
 #[derive(Debug)]
 pub struct SeriesRequest {
-    pub instances: Vec<(Vec<u8>, Encoding)>,
+    pub instances: Vec<(bytes::Bytes, Encoding)>,
     pub priority: Option<Priority>,
     pub deadline: Option<Instant>,
     pub structured_report: bool,
@@ -241,7 +242,7 @@ async fn run_blocking<T: Send + 'static>(
 /// Every instance's header and decoded size.
 fn headers(
     model: &crate::pipeline::ServedModel,
-    instances: &[(Vec<u8>, Encoding)],
+    instances: &[(bytes::Bytes, Encoding)],
 ) -> Result<Vec<(Header, u64)>, InferError> {
     let limits = model.preprocessor.input_limits();
     instances
@@ -388,7 +389,7 @@ fn order(headers: &[(Header, u64)], warnings: &mut Vec<String>) -> (Vec<Slice>, 
 /// also the patient context of the first decoded instance (for the report).
 fn prepare(
     model: &crate::pipeline::ServedModel,
-    instances: &[(Vec<u8>, Encoding)],
+    instances: &[(bytes::Bytes, Encoding)],
     headers: &[Header],
     needed: &[bool],
     wanted: &[(usize, Option<u32>)],
@@ -398,19 +399,21 @@ fn prepare(
     let mut frames: Vec<Option<Vec<Option<dicom::Frame>>>> = vec![None; instances.len()];
     let mut context = None;
     let mut took = vec![Duration::ZERO; instances.len()];
+    let mut cpu = vec![Duration::ZERO; instances.len()];
     for (i, (data, _)) in instances.iter().enumerate() {
         if !needed[i] {
             continue;
         }
-        let started = std::time::Instant::now();
+        let (started, thread_cpu) = (std::time::Instant::now(), ThreadCpu::start());
         let image = dicom::decode(data, &limits).map_err(|e| input_error(e).for_image(i))?;
         context.get_or_insert(image.context);
         frames[i] = Some(image.frames.into_iter().map(Some).collect());
         took[i] = started.elapsed();
+        cpu[i] = thread_cpu.elapsed();
     }
     let mut prepared = Vec::with_capacity(wanted.len());
     for &(i, frame) in wanted {
-        let started = std::time::Instant::now();
+        let (started, thread_cpu) = (std::time::Instant::now(), ThreadCpu::start());
         let index = frame.map_or(0, |f| f as usize - 1);
         let decoded = frames[i]
             .as_mut()
@@ -422,8 +425,12 @@ fn prepare(
             .preprocessor
             .frame_into(decoded, &headers[i], tensor.as_mut_slice())
             .map_err(|e| input_error(e).for_image(i))?;
-        let took = started.elapsed() + took[i] / headers[i].frames.max(1);
+        let share = headers[i].frames.max(1);
+        let took = started.elapsed() + took[i] / share;
         model.metrics.preprocess_duration(took.as_secs_f64());
+        model
+            .metrics
+            .preprocess_cpu(thread_cpu.elapsed() + cpu[i] / share);
         prepared.push(Prepared {
             tensor,
             dicom: Some(DicomSource {

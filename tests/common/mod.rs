@@ -169,7 +169,7 @@ pub async fn scrape(addr: SocketAddr, name: &str, labels: &[&str]) -> f64 {
 pub fn image(id: &str, data: Vec<u8>) -> pb::Image {
     pb::Image {
         id: id.into(),
-        data,
+        data: data.into(),
         format: pb::ImageFormat::Unspecified as i32,
         raw: None,
     }
@@ -196,7 +196,7 @@ pub fn request_for(model: &str, version: &str, images: Vec<pb::Image>) -> pb::Cl
 pub fn flat_image(id: &str, width: u32, height: u32, channels: u32, value: u8) -> pb::Image {
     pb::Image {
         id: id.into(),
-        data: vec![value; (width * height * channels) as usize],
+        data: vec![value; (width * height * channels) as usize].into(),
         format: pb::ImageFormat::Raw as i32,
         raw: Some(pb::RawPixels {
             width,

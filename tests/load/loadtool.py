@@ -309,6 +309,7 @@ def cmd_summarize(a):
     multi = batches - (le1 or 0.0)
     queue_mean, _ = d.mean("brainai_queue_duration_seconds")
     pre_mean, _ = d.mean("brainai_preprocess_duration_seconds")
+    pre_cpu_mean, _ = d.mean("brainai_preprocess_cpu_seconds")
     inf_mean, _ = d.mean("brainai_inference_duration_seconds")
     dropped = {k: int(v) for k, v in d.by_label("brainai_dropped_total", "reason").items()}
     # Where an image's time went (brainai_stage_duration_seconds): mean per stage, and per image
@@ -344,6 +345,7 @@ def cmd_summarize(a):
         "mean_batch_occupancy": occ_mean,
         "mean_queue_ms": queue_mean * 1e3,
         "mean_preprocess_ms": pre_mean * 1e3,
+        "mean_preprocess_cpu_ms": pre_cpu_mean * 1e3,
         "mean_inference_ms_per_batch": inf_mean * 1e3,
         "dropped": dropped,
         "stages": stages,

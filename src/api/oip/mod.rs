@@ -244,7 +244,7 @@ pub(crate) fn images(
             Ok(items
                 .into_iter()
                 .map(|data| ImageInput::Encoded {
-                    data,
+                    data: data.into(),
                     encoding: Encoding::Detect,
                 })
                 .collect())
