@@ -1,6 +1,7 @@
-//! Model instances: each an OS thread owning one backend. It warms up every batch size, then tells
-//! the queue task it is idle, runs the batch it is given, answers every image, and repeats. A run
-//! that fails or panics fails its own batch only; the thread keeps serving.
+//! Model instances: each an OS thread owning one backend. It warms up every batch size, then waits
+//! (idle) for the queue task to hand it a batch, runs it, answers every image, and takes its next
+//! batch itself if one is due, else goes idle again. A run that fails or panics fails its own
+//! batch only; the thread keeps serving.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -9,31 +10,26 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::queue::Batch;
+use super::queue::{self, Batch};
 use super::{BatchError, ImageOutput, Shared, buffers};
 use crate::backend::host::HostBuffer;
 use crate::backend::{Backend, EngineError, InstanceFactory};
 use crate::metrics::Stage;
 
-/// Starts every instance and waits until all are warm. Returns the instances' batch senders and
-/// the channel on which they announce that they are idle.
+/// Starts every instance and waits until all are warm. Returns the instances' batch senders (the
+/// queue task's way to hand a batch to an idle instance).
 pub(super) async fn start_all(
     shared: Arc<Shared>,
     factory: InstanceFactory,
-) -> Result<
-    (
-        Vec<mpsc::UnboundedSender<Batch>>,
-        mpsc::UnboundedReceiver<usize>,
-    ),
-    EngineError,
-> {
-    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+) -> Result<Vec<mpsc::UnboundedSender<Batch>>, EngineError> {
+    // The runtime's clock (paused in tests) for the queue times the instances compare.
+    let runtime = tokio::runtime::Handle::current();
     let mut senders = Vec::with_capacity(shared.config.instances);
     let mut warmups = Vec::with_capacity(shared.config.instances);
     for instance in 0..shared.config.instances {
         let (batch_tx, mut batch_rx) = mpsc::unbounded_channel();
         let (warm_tx, warm_rx) = oneshot::channel();
-        let (shared, factory, ready_tx) = (shared.clone(), factory.clone(), ready_tx.clone());
+        let (shared, factory, runtime) = (shared.clone(), factory.clone(), runtime.clone());
         std::thread::Builder::new()
             .name(format!("brainai-instance-{instance}"))
             .spawn(move || {
@@ -45,14 +41,40 @@ pub(super) async fn start_all(
                     shared.config.sizes.max() * shared.config.input_len,
                     shared.config.host_memory,
                 );
+                let mut next = None;
                 loop {
-                    if ready_tx.send(instance).is_err() {
-                        return;
-                    }
-                    let Some(batch) = batch_rx.blocking_recv() else {
-                        return;
+                    let batch = match next.take() {
+                        Some(batch) => batch,
+                        None => {
+                            // Idle: the queue task hands over the next batch. It only needs waking
+                            // when images wait (their delay runs from now on); a new image wakes
+                            // it anyway.
+                            let waiting = {
+                                let mut core = queue::lock(&shared);
+                                core.idle.push(instance);
+                                core.queued() > 0
+                            };
+                            if waiting {
+                                shared.wake.notify_one();
+                            }
+                            match batch_rx.blocking_recv() {
+                                Some(batch) => batch,
+                                None => return,
+                            }
+                        }
                     };
                     run_batch(instance, &shared, backend.as_mut(), batch, &mut scratch);
+                    // The next batch, taken here when one is due (a backlog): the instance runs
+                    // it at once instead of going idle and being handed it by the queue task (two
+                    // thread wake-ups between two runs).
+                    next = {
+                        let _clock = runtime.enter();
+                        let now = tokio::time::Instant::now();
+                        queue::next_batch(&mut queue::lock(&shared), &shared, now, true).ok()
+                    };
+                    if next.is_some() {
+                        shared.publish_depth();
+                    }
                 }
             })
             .map_err(|e| EngineError::Runtime(format!("cannot start instance thread: {e}")))?;
@@ -63,7 +85,7 @@ pub(super) async fn start_all(
         warm.await
             .map_err(|_| EngineError::Runtime("instance thread ended during warm-up".into()))??;
     }
-    Ok((senders, ready_rx))
+    Ok(senders)
 }
 
 /// Builds the backend and runs every warm-up batch size (through [`execute`], so warm-up checks

@@ -1,9 +1,10 @@
 //! Dynamic batcher of one model version, model-agnostic: f32 tensors of `input_len` values in, one
-//! output of `output_len` values per image out. One queue task ([`queue`]) owns the queues and forms
-//! batches by the policy in [`policy`]; each model instance ([`instance`]) runs batches on its own
-//! OS thread. Callers hold a cloneable [`Batcher`]: they [`Batcher::reserve`] queue places (one
-//! semaphore permit per image, released on dispatch, expiry or cancel), then [`Batcher::submit`]
-//! the tensors and await each image's answer on a oneshot.
+//! output of `output_len` values per image out. The queue ([`queue`]) is shared under a lock;
+//! batches are formed by the policy in [`policy`], by the queue task for an idle instance and by an
+//! instance for itself as it finishes a batch; each model instance ([`instance`]) runs batches on
+//! its own OS thread. Callers hold a cloneable [`Batcher`]: they [`Batcher::reserve`] queue places
+//! (one semaphore permit per image, released on dispatch, expiry or cancel), then
+//! [`Batcher::submit`] the tensors and await each image's answer on a oneshot.
 
 mod buffers;
 mod estimate;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::host::HostMemory;
@@ -214,6 +215,11 @@ struct Shared {
     next_batch: std::sync::atomic::AtomicU64,
     /// The batch buffers images are preprocessed into.
     pool: buffers::BufferPool,
+    policy: policy::BatchPolicy,
+    /// The queued images and the idle instances.
+    core: std::sync::Mutex<queue::Core>,
+    /// Wakes the queue task: images were queued, or an instance went idle while images wait.
+    wake: Notify,
 }
 
 impl Shared {
@@ -234,7 +240,8 @@ impl Shared {
 /// handle is dropped and the queue is empty.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::UnboundedSender<Entry>,
+    /// Never sent on: the queue task sees it close when the last handle is dropped.
+    handles: mpsc::UnboundedSender<std::convert::Infallible>,
     shared: Arc<Shared>,
 }
 
@@ -259,13 +266,24 @@ impl Batcher {
             times: estimate::ServiceTimes::new(config.sizes.max()),
             busy: AtomicUsize::new(0),
             next_batch: std::sync::atomic::AtomicU64::new(1),
+            policy: policy::BatchPolicy {
+                max_batch_size: config.sizes.max(),
+                max_queue_delay: config.max_queue_delay,
+            },
+            core: Default::default(),
+            wake: Notify::new(),
             config,
             metrics,
         });
-        let (instance_txs, ready_rx) = instance::start_all(shared.clone(), factory).await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(queue::QueueTask::new(shared.clone(), rx, ready_rx, instance_txs).run());
-        Ok(Batcher { tx, shared })
+        let instance_txs = instance::start_all(shared.clone(), factory).await?;
+        let (handles, handles_rx) = mpsc::unbounded_channel();
+        let task = queue::QueueTask {
+            shared: shared.clone(),
+            handles: handles_rx,
+            instance_txs,
+        };
+        tokio::spawn(task.run());
+        Ok(Batcher { handles, shared })
     }
 
     /// Takes `n` queue places of `priority`, all or none, without waiting, before any image is
@@ -368,8 +386,13 @@ impl Batcher {
             reservation.len(),
             "one tensor per reserved place: this is a bug"
         );
+        if self.handles.is_closed() {
+            // The queue task is gone (the runtime is shutting down): nothing would run these.
+            return Err(BatchError::Stopped);
+        }
         let now = Instant::now();
         let mut pending = Vec::with_capacity(tensors.len());
+        let mut entries = Vec::with_capacity(tensors.len());
         for tensor in tensors {
             debug_assert_eq!(tensor.as_slice().len(), self.shared.config.input_len);
             let permit = reservation
@@ -389,9 +412,16 @@ impl Batcher {
                 deadline,
                 _place: permit,
             };
-            self.tx.send(entry).map_err(|_| BatchError::Stopped)?;
+            entries.push(entry);
             pending.push(rx);
         }
+        {
+            let mut core = queue::lock(&self.shared);
+            for entry in entries {
+                core.push(entry);
+            }
+        }
+        self.shared.wake.notify_one();
         Ok(pending)
     }
 

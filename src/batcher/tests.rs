@@ -421,6 +421,36 @@ async fn next_batch_forms_while_the_instance_is_busy() {
     assert_eq!(log.sizes(), [1, 3]);
 }
 
+/// Under a backlog an instance takes its next batch itself as it finishes one, with no round trip
+/// through the queue task: with this (single-threaded) runtime blocked, so that the queue task
+/// cannot run, three queued batches still run one after another.
+#[tokio::test]
+async fn under_backlog_the_instance_takes_its_next_batches_without_the_queue_task() {
+    let (log, gate) = (BatchLog::default(), Gate::new());
+    let batcher = Batcher::start(config(2, 0, 64), probe_factory(&log, &gate), metrics())
+        .await
+        .unwrap();
+    log.clear();
+    gate.close();
+    let first = send(&batcher, vec![image(1.0), image(2.0)], None);
+    until_batches(&log, 1).await;
+    let rest = send(&batcher, (0..6).map(|i| image(i as f32)).collect(), None);
+    // From here on the runtime is blocked (no await) until three more batches ran.
+    gate.open();
+    let patience = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while log.len() < 4 {
+        assert!(
+            std::time::Instant::now() < patience,
+            "the instance did not take the queued batches itself: {:?}",
+            log.sizes()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(log.sizes(), [2, 2, 2, 2]);
+    answers(first).await;
+    assert!(answers(rest).await.iter().all(|a| a.is_ok()));
+}
+
 /// With the queue full of routine work, a STAT image has its own places and rides the next batch.
 #[tokio::test]
 async fn stat_images_skip_a_full_routine_queue_into_the_next_batch() {
