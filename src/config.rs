@@ -174,9 +174,10 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_MAX_DECODE_IN_FLIGHT_MIB", default_value_t = 1024)]
     pub max_decode_in_flight_mib: u64,
 
-    /// A request whose images together decode to at most this many KiB (read from their headers)
-    /// is decoded and preprocessed on the async worker that received it, without a hand-off to
-    /// the preprocessing pool and back; larger requests use the pool. 0: always the pool.
+    /// A PNG/JPEG/raw request whose images together decode to at most this many KiB (read from
+    /// their headers) is decoded and preprocessed on the async worker that received it, without a
+    /// hand-off to the preprocessing pool and back; larger requests and DICOM use the pool. 0:
+    /// always the pool.
     #[arg(long, env = "BRAINAI_INLINE_DECODE_KIB", default_value_t = 256)]
     pub inline_decode_kib: u64,
 

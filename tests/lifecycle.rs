@@ -501,9 +501,10 @@ impl Drop for PoolHeld {
     }
 }
 
-/// A request that decodes to at most `--inline-decode-kib` (256 KiB by default: one 256² slice)
-/// is preprocessed on the async worker that received it, saving two thread hand-offs; larger
-/// requests, and every request with `--inline-decode-kib 0`, go to the preprocessing pool. Shown by
+/// A PNG or JPEG request that decodes to at most `--inline-decode-kib` (256 KiB by default: one
+/// 256² slice) is preprocessed on the async worker that received it, saving two thread hand-offs;
+/// larger requests, DICOM, and every request with `--inline-decode-kib 0` go to the
+/// preprocessing pool. Shown by
 /// holding every preprocessing thread: the small call is answered, the others wait for the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_requests_are_preprocessed_without_the_pool_and_large_ones_on_it() {
@@ -532,11 +533,14 @@ async fn small_requests_are_preprocessed_without_the_pool_and_large_ones_on_it()
     .await
     .unwrap()
     .expect("answered without the pool");
-    // 512×512 RGB PNG: 768 KiB decoded; and the small one again with inline decoding off.
+    // 512×512 RGB PNG: 768 KiB decoded; a small DICOM (always the pool); and the small PNG
+    // again with inline decoding off.
     let large = classify(&inline, "flair_512_rgb.png");
+    let dicom = classify(&inline, "dicom/mono8.dcm");
     let small_pooled = classify(&pooled, "flair_256_a.png");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!large.is_finished(), "a large image waits for the pool");
+    assert!(!dicom.is_finished(), "a DICOM image waits for the pool");
     assert!(
         !small_pooled.is_finished(),
         "with --inline-decode-kib 0 a small image waits for the pool too"
@@ -546,6 +550,10 @@ async fn small_requests_are_preprocessed_without_the_pool_and_large_ones_on_it()
         .await
         .unwrap()
         .expect("large image answered");
+    bounded("the DICOM call once the pool is free", dicom)
+        .await
+        .unwrap()
+        .expect("DICOM image answered");
     let small_pooled = bounded("the pooled call once the pool is free", small_pooled)
         .await
         .unwrap()

@@ -472,9 +472,11 @@ impl Pipeline {
         let limits = model.preprocessor.input_limits();
         let tensor_len = model.preprocessor.image_len();
         let mut sizes = Vec::with_capacity(images.len());
+        let mut dicom = false;
         for (offset, image) in images.iter().enumerate() {
             let size = match image {
                 ImageInput::Encoded { data, encoding } => {
+                    dicom |= encoding.is_dicom(data);
                     crate::input::decoded_size(data, *encoding, &limits)
                         .map_err(|e| input_error(e).for_image(indices[offset]))?
                 }
@@ -506,9 +508,11 @@ impl Pipeline {
                 ),
             ));
         }
-        // A small request (one slice) costs less to decode here than to hand to a preprocessing
-        // thread and back; larger ones keep the async workers free for the network.
-        let inline = total <= self.limits.inline_decode_bytes;
+        // A small request (one PNG or JPEG slice) costs less to decode here than to hand to a
+        // preprocessing thread and back; larger ones keep the async workers free for the network.
+        // DICOM always takes the pool: its compressed transfer syntaxes (JPEG 2000, JPEG-LS) cost
+        // far more per pixel than the decoded size suggests.
+        let inline = !dicom && total <= self.limits.inline_decode_bytes;
         let parallel = rayon::current_num_threads().max(1);
         futures_util::stream::iter(images.into_iter().zip(sizes).enumerate())
             .map(|(offset, (image, size))| {
