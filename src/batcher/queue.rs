@@ -54,13 +54,14 @@ pub(super) fn lock(shared: &Shared) -> MutexGuard<'_, Core> {
 }
 
 /// Under the lock: drops dead entries, then decides for an instance that is free (`idle`). A due
-/// batch is taken out of the queue (`Ok`); otherwise the decision to wait is returned.
+/// batch is taken out of the queue (`Ok`); otherwise `Err` says until when nothing is due (`None`:
+/// until news).
 pub(super) fn next_batch(
     core: &mut Core,
     shared: &Shared,
     now: Instant,
     idle: bool,
-) -> Result<Batch, Decision> {
+) -> Result<Batch, Option<Instant>> {
     drop_dead(core, shared, now);
     let state = QueueState {
         queued: core.queued(),
@@ -80,7 +81,7 @@ pub(super) fn next_batch(
             jobs: take(core, shared),
             dispatched: Instant::now(),
         }),
-        wait => Err(wait),
+        Decision::Wait(until) => Err(until),
     }
 }
 
@@ -187,24 +188,19 @@ impl QueueTask {
                         Ok((instance, batch))
                     }
                     Err(_) if core.closing && core.queued() == 0 => break,
-                    Err(wait) => Err(wait),
+                    Err(until) => Err((until, core.closing)),
                 }
             };
             self.shared.publish_depth();
             match step {
                 Ok((instance, batch)) => self.send(instance, batch),
-                Err(wait) => {
-                    let until = match wait {
-                        Decision::Wait(until) => until,
-                        Decision::Dispatch => unreachable!("a dispatch takes a batch"),
-                    };
+                Err((until, closing)) => {
                     let timer = async {
                         match until {
                             Some(t) => tokio::time::sleep_until(t).await,
                             None => std::future::pending().await,
                         }
                     };
-                    let closing = lock(&self.shared).closing;
                     tokio::select! {
                         biased;
                         () = self.shared.wake.notified() => {}
