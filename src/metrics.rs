@@ -139,7 +139,8 @@ fn describe() {
         PREPROCESS_CPU,
         Unit::Seconds,
         "CPU time of the thread that decoded + resized + normalised one image (its wall time less \
-         preemption), by model and version."
+         preemption), by model and version; PNG/JPEG/raw images are sampled, one in 8 per thread: \
+         use the mean (_sum / _count)."
     );
     describe_histogram!(
         INFERENCE_DURATION,

@@ -548,7 +548,7 @@ impl Pipeline {
                     let mut tensor = model.batcher.claim(priority);
                     let job = move || {
                         let started = std::time::Instant::now();
-                        let cpu = ThreadCpu::start();
+                        let cpu = ThreadCpu::sampled();
                         model.metrics.stage(Stage::DecodeWait, started - waiting);
                         let result =
                             model
@@ -558,7 +558,9 @@ impl Pipeline {
                         drop((room, lane));
                         result.map(|dicom| {
                             model.metrics.preprocess_duration(took.as_secs_f64());
-                            model.metrics.preprocess_cpu(cpu);
+                            if let Some(cpu) = cpu {
+                                model.metrics.preprocess_cpu(cpu);
+                            }
                             Prepared {
                                 tensor,
                                 dicom,

@@ -409,7 +409,7 @@ fn prepare(
         context.get_or_insert(image.context);
         frames[i] = Some(image.frames.into_iter().map(Some).collect());
         took[i] = started.elapsed();
-        cpu[i] = thread_cpu.elapsed();
+        cpu[i] = thread_cpu.elapsed().unwrap_or_default();
     }
     let mut prepared = Vec::with_capacity(wanted.len());
     for &(i, frame) in wanted {
@@ -430,7 +430,7 @@ fn prepare(
         model.metrics.preprocess_duration(took.as_secs_f64());
         model
             .metrics
-            .preprocess_cpu(thread_cpu.elapsed() + cpu[i] / share);
+            .preprocess_cpu(thread_cpu.elapsed().unwrap_or_default() + cpu[i] / share);
         prepared.push(Prepared {
             tensor,
             dicom: Some(DicomSource {
