@@ -346,6 +346,12 @@ async fn supervise<C>(
     }
 }
 
+/// Bytes read from a gRPC connection's socket at a time. HTTP/2's framing reads a few kB per
+/// call of the socket, so a 256² PNG slice (a 44 kB message) took five `recvfrom` per request; with
+/// this buffer it takes one, which saves about 10 µs of CPU per call (docs/PERFORMANCE.md). It
+/// costs 64 KiB per open connection: 64 MiB at the default `--max-connections` of 1024.
+const GRPC_READ_BUFFER: usize = 64 << 10;
+
 /// Accepts connections until the server stops; serves each with `service` over HTTP/2 (gRPC),
 /// behind TLS when `tls` is set.
 pub async fn serve_h2<S, B>(
@@ -387,6 +393,7 @@ pub async fn serve_h2<S, B>(
                     activity: activity.clone(),
                     conn,
                 };
+                let io = tokio::io::BufReader::with_capacity(GRPC_READ_BUFFER, io);
                 let conn =
                     builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
                 supervise(
