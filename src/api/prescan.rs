@@ -4,7 +4,8 @@
 //! one 64 MiB `Classify` of empty images would make prost allocate gigabytes (measured: 4.3 GB of
 //! resident memory and 20 s of CPU) before the image limit is ever checked. This layer reads the
 //! (already size-limited) message of the two unary calls that carry repeated data, `Classify` and
-//! `ModelInfer`, walks its wire format without allocating, and refuses it `INVALID_ARGUMENT` when a
+//! `ModelInfer`, walks its wire format without allocating (a `Classify` body in the pieces it
+//! arrived in, without copying it into one buffer), and refuses it `INVALID_ARGUMENT` when a
 //! repeated field holds more elements than the request may have: images over
 //! `--max-images-per-request`, tensors, dimensions and parameters over small fixed caps. Anything
 //! it does not understand (compression, several frames, malformed protobuf) goes on to tonic
@@ -16,7 +17,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use tonic::codegen::http::{Request, Response};
 use tower::{Layer, Service};
@@ -55,7 +57,8 @@ pub struct Prescan<S> {
     limits: PrescanLayer,
 }
 
-type Scan = fn(&[u8], &PrescanLayer) -> Result<(), tonic::Status>;
+/// A scan of one message, given as the pieces it arrived in.
+type Scan = fn(Wire<'_>, &PrescanLayer) -> Result<(), tonic::Status>;
 
 impl<S, ResBody> Service<Request<Incoming>> for Prescan<S>
 where
@@ -73,9 +76,9 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let scan: Scan = match request.uri().path() {
-            CLASSIFY => classify_request,
-            MODEL_INFER => model_infer_request,
+        let (scan, contiguous): (Scan, bool) = match request.uri().path() {
+            CLASSIFY => (classify_request, false),
+            MODEL_INFER => (model_infer_request, true),
             _ => return Box::pin(self.inner.call(request.map(tonic::body::Body::new))),
         };
         // The ready service goes with this call; the clone waits for the next poll_ready.
@@ -85,11 +88,11 @@ where
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             // One gRPC frame: 5 bytes of header, then the message.
-            let bytes = match Limited::new(body, limits.max_message_bytes + 5)
+            let collected = match Limited::new(body, limits.max_message_bytes + 5)
                 .collect()
                 .await
             {
-                Ok(collected) => collected.to_bytes(),
+                Ok(collected) => collected,
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return Ok(tonic::Status::resource_exhausted(format!(
                         "message length too large: over the limit of {} bytes",
@@ -104,40 +107,109 @@ where
                     .into_http());
                 }
             };
-            if let Some(message) = single_uncompressed_message(&bytes)
+            // The body's pieces as they arrived (HTTP/2 DATA frames, 16 KiB each from most
+            // clients), not copied into one buffer: tonic copies them into its own anyway. Only
+            // `ModelInfer`, whose scan reads inside nested messages, is made contiguous.
+            let mut chunks = body_chunks(collected);
+            if contiguous && chunks.len() > 1 {
+                chunks = vec![chunks.concat().into()];
+            }
+            let parts_of: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+            if let Some(message) = single_uncompressed_message(&parts_of)
                 && let Err(status) = scan(message, &limits)
             {
                 return Ok(status.into_http());
             }
-            let body = tonic::body::Body::new(Full::new(bytes).map_err(|never| match never {}));
+            let frames = chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c)));
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            let body = tonic::body::Body::new(body.map_err(|never| match never {}));
             inner.call(Request::from_parts(parts, body)).await
         })
     }
 }
 
-/// The message of a body holding exactly one uncompressed gRPC frame.
-fn single_uncompressed_message(body: &Bytes) -> Option<&[u8]> {
-    let (&[flag, a, b, c, d], message) = body.split_first_chunk::<5>()?;
-    (flag == 0 && u32::from_be_bytes([a, b, c, d]) as usize == message.len()).then_some(message)
+/// The data of a collected body, piece by piece, without copying.
+fn body_chunks(collected: http_body_util::Collected<Bytes>) -> Vec<Bytes> {
+    use bytes::Buf;
+    let mut buf = collected.aggregate();
+    let mut chunks = Vec::new();
+    while buf.has_remaining() {
+        // The front piece whole: a slice of it, not a copy.
+        let n = buf.chunk().len();
+        chunks.push(buf.copy_to_bytes(n));
+    }
+    chunks
+}
+
+/// The message of a body (in pieces) holding exactly one uncompressed gRPC frame.
+fn single_uncompressed_message<'a>(body: &'a [&'a [u8]]) -> Option<Wire<'a>> {
+    let mut wire = Wire::new(body);
+    let mut header = [0u8; 5];
+    for byte in &mut header {
+        *byte = wire.byte()?;
+    }
+    let [flag, a, b, c, d] = header;
+    (flag == 0 && u32::from_be_bytes([a, b, c, d]) as usize == wire.remaining()).then_some(wire)
 }
 
 /// One field of the protobuf wire format.
 enum Field<'a> {
     Varint,
     Fixed,
-    Bytes(&'a [u8]),
+    /// A length-delimited field's bytes; `None` when they span two pieces of the body (only a
+    /// `Classify` body is scanned in pieces, and its scan never looks inside a field).
+    Bytes(Option<&'a [u8]>),
 }
 
-/// A non-allocating reader of protobuf fields; `None` at the end or on malformed data (which
-/// tonic then reports).
-struct Wire<'a>(&'a [u8]);
+/// A non-allocating reader of protobuf fields over a message in one or more pieces; `None` at
+/// the end or on malformed data (which tonic then reports).
+#[derive(Clone, Copy)]
+struct Wire<'a> {
+    /// What is left of the current piece.
+    rest: &'a [u8],
+    /// The pieces after it.
+    more: &'a [&'a [u8]],
+}
 
 impl<'a> Wire<'a> {
+    fn new(pieces: &'a [&'a [u8]]) -> Self {
+        Wire {
+            rest: &[],
+            more: pieces,
+        }
+    }
+
+    fn one(message: &'a [u8]) -> Self {
+        Wire {
+            rest: message,
+            more: &[],
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.rest.len() + self.more.iter().map(|p| p.len()).sum::<usize>()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty() && self.more.iter().all(|p| p.is_empty())
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        loop {
+            if let Some((&byte, rest)) = self.rest.split_first() {
+                self.rest = rest;
+                return Some(byte);
+            }
+            (self.rest, self.more) = self.more.split_first()?;
+        }
+    }
+
     fn varint(&mut self) -> Option<u64> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
-            let (&byte, rest) = self.0.split_first()?;
-            self.0 = rest;
+            let byte = self.byte()?;
             value |= u64::from(byte & 0x7F) << shift;
             if byte & 0x80 == 0 {
                 return Some(value);
@@ -146,17 +218,25 @@ impl<'a> Wire<'a> {
         None
     }
 
-    fn skip(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
+    /// Skips `n` bytes; the slice of them when they lie in one piece.
+    fn skip(&mut self, mut n: usize) -> Option<Option<&'a [u8]>> {
+        if self.rest.len() >= n {
+            let (taken, rest) = self.rest.split_at(n);
+            self.rest = rest;
+            return Some(Some(taken));
         }
-        let (taken, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Some(taken)
+        loop {
+            if self.rest.len() >= n {
+                self.rest = &self.rest[n..];
+                return Some(None);
+            }
+            n -= self.rest.len();
+            (self.rest, self.more) = self.more.split_first()?;
+        }
     }
 
     fn next(&mut self) -> Option<(u64, Field<'a>)> {
-        if self.0.is_empty() {
+        if self.is_empty() {
             return None;
         }
         let key = self.varint()?;
@@ -175,8 +255,7 @@ impl<'a> Wire<'a> {
 }
 
 /// Counts of the fields of a message that the caller asks about.
-fn count(message: &[u8], number: u64) -> usize {
-    let mut wire = Wire(message);
+fn count(mut wire: Wire<'_>, number: u64) -> usize {
     let mut n = 0;
     while let Some((field, _)) = wire.next() {
         n += usize::from(field == number);
@@ -185,16 +264,15 @@ fn count(message: &[u8], number: u64) -> usize {
 }
 
 /// Elements of a repeated scalar field: packed (one length-delimited field of varints) or not.
-fn scalars(message: &[u8], number: u64) -> usize {
-    let mut wire = Wire(message);
+fn scalars(mut wire: Wire<'_>, number: u64) -> usize {
     let mut n = 0;
     while let Some((field, value)) = wire.next() {
         if field != number {
             continue;
         }
         n += match value {
-            Field::Bytes(packed) => {
-                let mut inner = Wire(packed);
+            Field::Bytes(Some(packed)) => {
+                let mut inner = Wire::one(packed);
                 let mut k = 0;
                 while inner.varint().is_some() {
                     k += 1;
@@ -212,7 +290,7 @@ fn invalid(message: String) -> tonic::Status {
 }
 
 /// `ClassifyRequest`: at most `--max-images-per-request` images (field 1).
-fn classify_request(message: &[u8], limits: &PrescanLayer) -> Result<(), tonic::Status> {
+fn classify_request(message: Wire<'_>, limits: &PrescanLayer) -> Result<(), tonic::Status> {
     let n = count(message, 1);
     if n > limits.max_images {
         return Err(invalid(format!(
@@ -225,11 +303,13 @@ fn classify_request(message: &[u8], limits: &PrescanLayer) -> Result<(), tonic::
 
 /// `ModelInferRequest`: parameters (4), inputs (5: shape 3, parameters 4, contents 5), outputs
 /// (6: parameters 2), raw_input_contents (7).
-fn model_infer_request(message: &[u8], limits: &PrescanLayer) -> Result<(), tonic::Status> {
-    let mut wire = Wire(message);
+fn model_infer_request(mut wire: Wire<'_>, limits: &PrescanLayer) -> Result<(), tonic::Status> {
     let (mut inputs, mut outputs, mut raw, mut parameters) = (0, 0, 0, 0);
     while let Some((field, value)) = wire.next() {
-        let Field::Bytes(inner) = value else { continue };
+        // Contiguous: a `ModelInfer` body is scanned in one piece.
+        let Field::Bytes(Some(inner)) = value else {
+            continue;
+        };
         match field {
             4 => parameters += 1,
             5 => {
@@ -238,7 +318,7 @@ fn model_infer_request(message: &[u8], limits: &PrescanLayer) -> Result<(), toni
             }
             6 => {
                 outputs += 1;
-                if count(inner, 2) > MAX_PARAMETERS {
+                if count(Wire::one(inner), 2) > MAX_PARAMETERS {
                     return Err(invalid(format!(
                         "output {} has more than {MAX_PARAMETERS} parameters",
                         outputs - 1
@@ -264,22 +344,22 @@ fn model_infer_request(message: &[u8], limits: &PrescanLayer) -> Result<(), toni
 }
 
 fn check_input(i: usize, input: &[u8], limits: &PrescanLayer) -> Result<(), tonic::Status> {
-    if scalars(input, 3) > MAX_DIMS {
+    if scalars(Wire::one(input), 3) > MAX_DIMS {
         return Err(invalid(format!(
             "input {i}: a shape has at most {MAX_DIMS} dimensions"
         )));
     }
-    if count(input, 4) > MAX_PARAMETERS {
+    if count(Wire::one(input), 4) > MAX_PARAMETERS {
         return Err(invalid(format!(
             "input {i} has more than {MAX_PARAMETERS} parameters"
         )));
     }
-    let mut wire = Wire(input);
+    let mut wire = Wire::one(input);
     while let Some((field, value)) = wire.next() {
-        let (5, Field::Bytes(contents)) = (field, value) else {
+        let (5, Field::Bytes(Some(contents))) = (field, value) else {
             continue;
         };
-        let mut c = Wire(contents);
+        let mut c = Wire::one(contents);
         while let Some((field, _)) = c.next() {
             // bool, int, int64, uint, uint64 and fp64 contents: no datatype this server takes.
             if matches!(field, 1..=5 | 7) {
@@ -288,7 +368,7 @@ fn check_input(i: usize, input: &[u8], limits: &PrescanLayer) -> Result<(), toni
                 )));
             }
         }
-        let n = count(contents, 8);
+        let n = count(Wire::one(contents), 8);
         if n > limits.max_images {
             return Err(invalid(format!(
                 "input {i} has {n} BYTES elements, over the limit of {} images per request",
@@ -320,8 +400,8 @@ mod tests {
 
     #[test]
     fn classify_counts_images_as_prost_would_decode_them() {
-        assert!(classify_request(&classify(4), &LIMITS).is_ok());
-        let err = classify_request(&classify(5), &LIMITS).unwrap_err();
+        assert!(classify_request(Wire::one(&classify(4)), &LIMITS).is_ok());
+        let err = classify_request(Wire::one(&classify(5)), &LIMITS).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(
             err.message(),
@@ -330,7 +410,7 @@ mod tests {
         // Malformed data is tonic's to report, as long as what came before it is within limits.
         let mut bad = classify(2);
         bad.push(0xFF);
-        assert!(classify_request(&bad, &LIMITS).is_ok());
+        assert!(classify_request(Wire::one(&bad), &LIMITS).is_ok());
     }
 
     fn infer(f: impl FnOnce(&mut crate::kserve_pb::ModelInferRequest)) -> Vec<u8> {
@@ -354,7 +434,7 @@ mod tests {
 
     #[test]
     fn model_infer_bounds_every_repeated_field() {
-        assert!(model_infer_request(&infer(|_| {}), &LIMITS).is_ok());
+        assert!(model_infer_request(Wire::one(&infer(|_| {})), &LIMITS).is_ok());
         let cases: Vec<(&str, Vec<u8>)> = vec![
             (
                 "BYTES elements, over the limit",
@@ -386,7 +466,7 @@ mod tests {
             ),
         ];
         for (what, message) in cases {
-            let err = model_infer_request(&message, &LIMITS).unwrap_err();
+            let err = model_infer_request(Wire::one(&message), &LIMITS).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}");
             let words = what.split(", ").next().unwrap();
             assert!(err.message().contains(words), "{what}: {}", err.message());
@@ -398,7 +478,13 @@ mod tests {
                 ..Default::default()
             })
         });
-        assert!(model_infer_request(&fp32, &LIMITS).is_ok());
+        assert!(model_infer_request(Wire::one(&fp32), &LIMITS).is_ok());
+    }
+
+    /// The message a body (in these pieces) holds, if it is one uncompressed frame.
+    fn message_of(pieces: &[&[u8]]) -> Option<Vec<u8>> {
+        let mut wire = single_uncompressed_message(pieces)?;
+        Some(std::iter::from_fn(|| wire.byte()).collect())
     }
 
     #[test]
@@ -407,19 +493,57 @@ mod tests {
             let mut b = vec![flag];
             b.extend((message.len() as u32).to_be_bytes());
             b.extend(message);
-            Bytes::from(b)
+            b
         };
-        assert_eq!(
-            single_uncompressed_message(&frame(0, b"abc")),
-            Some(&b"abc"[..])
-        );
-        assert_eq!(single_uncompressed_message(&frame(1, b"abc")), None);
-        let mut two = frame(0, b"abc").to_vec();
+        assert_eq!(message_of(&[&frame(0, b"abc")]), Some(b"abc".to_vec()));
+        // Split anywhere, the header included.
+        let whole = frame(0, b"abc");
+        for at in 0..=whole.len() {
+            let (a, b) = whole.split_at(at);
+            assert_eq!(message_of(&[a, b]), Some(b"abc".to_vec()), "split at {at}");
+        }
+        assert_eq!(message_of(&[&frame(1, b"abc")]), None);
+        let mut two = frame(0, b"abc");
         two.extend(frame(0, b"d"));
-        assert_eq!(single_uncompressed_message(&Bytes::from(two)), None);
-        assert_eq!(
-            single_uncompressed_message(&Bytes::from_static(b"\0\0")),
-            None
-        );
+        assert_eq!(message_of(&[&two]), None);
+        assert_eq!(message_of(&[b"\0\0"]), None);
+    }
+
+    /// A `Classify` body is scanned in the pieces it arrived in: wherever they split it (inside
+    /// a key, a length, or an image's bytes), the count is the one of the contiguous message.
+    #[test]
+    fn a_classify_body_in_pieces_is_scanned_as_if_whole() {
+        for n in [3, 4, 5] {
+            let mut message = crate::pb::ClassifyRequest {
+                images: (0..n)
+                    .map(|i| crate::pb::Image {
+                        data: bytes::Bytes::from(vec![i as u8; 40 + i]),
+                        ..Default::default()
+                    })
+                    .collect(),
+                model: "m".into(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let whole = classify_request(Wire::one(&message), &LIMITS).is_ok();
+            assert_eq!(whole, n <= LIMITS.max_images);
+            for a in 0..=message.len() {
+                for b in (a..=message.len()).step_by(7) {
+                    let pieces = [&message[..a], &message[a..b], &message[b..]];
+                    assert_eq!(
+                        classify_request(Wire::new(&pieces), &LIMITS).is_ok(),
+                        whole,
+                        "{n} images split at {a} and {b}"
+                    );
+                }
+            }
+            // Cut short, it counts what came before the cut, as in one piece.
+            message.truncate(message.len() / 2);
+            let (a, b) = message.split_at(message.len() / 3);
+            assert_eq!(
+                classify_request(Wire::new(&[a, b]), &LIMITS).is_ok(),
+                classify_request(Wire::one(&message), &LIMITS).is_ok()
+            );
+        }
     }
 }
