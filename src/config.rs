@@ -181,6 +181,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_INLINE_DECODE_KIB", default_value_t = 256)]
     pub inline_decode_kib: u64,
 
+    /// A batch whose measured run time is at most this many microseconds is run by the thread
+    /// that forms it (the async worker that queued its last image, or the queue task) on an idle
+    /// instance's engine, without a hand-off to the instance thread and back: for very small
+    /// models, where the two thread wake-ups cost more than the run. The measured time is a moving
+    /// average: a run that suddenly takes longer holds that worker as long. 0: always the
+    /// instance thread. Default: 200 on CPU, 0 on CUDA (GPU runs stay on their instance threads).
+    #[arg(long, env = "BRAINAI_INLINE_RUN_US")]
+    pub inline_run_us: Option<u64>,
+
     /// Largest decoded image, in pixels (guards against decompression bombs).
     #[arg(long, env = "BRAINAI_MAX_PIXELS", default_value_t = 8192 * 8192)]
     pub max_pixels: u64,
@@ -347,6 +356,15 @@ impl ServeArgs {
     /// Where batch tensors live on the host: page-locked on CUDA (unless `--pinned-buffers false`).
     pub fn host_memory(&self) -> crate::backend::host::HostMemory {
         crate::backend::host::HostMemory::for_device(self.device, self.pinned_buffers)
+    }
+
+    /// The longest measured batch run time that is run in place (`--inline-run-us`).
+    pub fn inline_run(&self) -> std::time::Duration {
+        let default = match self.device {
+            crate::backend::Device::Cpu => 200,
+            crate::backend::Device::Cuda(_) => 0,
+        };
+        std::time::Duration::from_micros(self.inline_run_us.unwrap_or(default))
     }
 
     /// Checks combinations clap cannot; each message names the option.

@@ -176,6 +176,7 @@ pub async fn start(
             max_images_per_request: args.max_images_per_request,
             device: args.device,
             host_memory: args.host_memory(),
+            inline_run: args.inline_run(),
         },
         factory,
         state.clone(),

@@ -278,6 +278,8 @@ async fn several_instances_run_batches_at_the_same_time() {
                 "1",
                 "--max-queue-delay-us",
                 "0",
+                HELD_RUNS[0],
+                HELD_RUNS[1],
             ],
         ),
         Some(h.factory),

@@ -92,58 +92,69 @@ fn events_with(text: &str) -> Vec<Captured> {
         .collect()
 }
 
+/// Each case: the extra server flags, and whether a batch's log lines come from the instance
+/// thread (else from the async worker that ran the tiny model's batch in place).
+const PATHS: [(&[&str], bool); 2] = [(&["--inline-run-us", "0"], true), (&[], false)];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_logs_carry_the_request_span_and_no_image_id() {
     capture();
-    // tiny-faulty fails any batch holding a 255 pixel: both the success and the failure path log.
-    let t = serve(
-        args(
-            &fixture_model("tiny-faulty"),
-            &["--max-queue-delay-us", "0"],
-        ),
-        None,
-    )
-    .await;
-    let mut client = t.client.clone();
-    client
-        .classify(request(vec![flat_image("PATIENT^JANE-ok", 32, 32, 3, 40)]))
-        .await
-        .expect("a dark image runs");
-    let err = client
-        .classify(request(vec![flat_image(
-            "PATIENT^JANE-bad",
-            32,
-            32,
-            3,
-            255,
-        )]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Internal);
+    for (flags, on_instance_thread) in PATHS {
+        capture().0.lock().unwrap().clear();
+        // tiny-faulty fails any batch holding a 255 pixel: both the success and the failure path
+        // log.
+        let t = serve(
+            args(
+                &fixture_model("tiny-faulty"),
+                &[&["--max-queue-delay-us", "0"], flags].concat(),
+            ),
+            None,
+        )
+        .await;
+        let mut client = t.client.clone();
+        client
+            .classify(request(vec![flat_image("PATIENT^JANE-ok", 32, 32, 3, 40)]))
+            .await
+            .expect("a dark image runs");
+        let err = client
+            .classify(request(vec![flat_image(
+                "PATIENT^JANE-bad",
+                32,
+                32,
+                3,
+                255,
+            )]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
 
-    for (message, level_ok) in [("image ran", "ok"), ("batch failed", "failed")] {
-        let events = events_with(message);
-        assert!(!events.is_empty(), "no {message:?} event ({level_ok} path)");
-        for e in &events {
-            assert!(
-                e.thread.starts_with("brainai-instance-"),
-                "{message:?} comes from a model instance thread: {e:?}"
-            );
-            let request_span = e
-                .scope
-                .iter()
-                .find(|s| s.starts_with("classify{"))
-                .unwrap_or_else(|| panic!("{message:?} is not inside the request's span: {e:?}"));
-            assert!(
-                request_span.contains("model=tiny-faulty") && request_span.contains("request="),
-                "{request_span}"
-            );
+        for (message, level_ok) in [("image ran", "ok"), ("batch failed", "failed")] {
+            let events = events_with(message);
+            assert!(!events.is_empty(), "no {message:?} event ({level_ok} path)");
+            for e in &events {
+                assert_eq!(
+                    e.thread.starts_with("brainai-instance-"),
+                    on_instance_thread,
+                    "{message:?} with {flags:?}: {e:?}"
+                );
+                let request_span = e
+                    .scope
+                    .iter()
+                    .find(|s| s.starts_with("classify{"))
+                    .unwrap_or_else(|| {
+                        panic!("{message:?} is not inside the request's span ({flags:?}): {e:?}")
+                    });
+                assert!(
+                    request_span.contains("model=tiny-faulty") && request_span.contains("request="),
+                    "{request_span}"
+                );
+            }
         }
+        let everything = format!("{:?}", capture().0.lock().unwrap());
+        assert!(
+            !everything.contains("PATIENT"),
+            "an image id reached the logs"
+        );
+        t.server.shutdown().await.unwrap();
     }
-    let everything = format!("{:?}", capture().0.lock().unwrap());
-    assert!(
-        !everything.contains("PATIENT"),
-        "an image id reached the logs"
-    );
-    t.server.shutdown().await.unwrap();
 }

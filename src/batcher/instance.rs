@@ -1,11 +1,13 @@
-//! Model instances: each an OS thread owning one backend. It warms up every batch size, then waits
-//! (idle) for the queue task to hand it a batch, runs it, answers every image, and takes its next
-//! batch itself if one is due, else goes idle again. A run that fails or panics fails its own
-//! batch only; the thread keeps serving.
+//! Model instances: each an OS thread that builds one backend (its engine, shared under a lock).
+//! It warms up every batch size, then waits (idle) for the queue task to hand it a batch, runs it,
+//! answers every image, and takes its next batch itself if one is due, else goes idle again. A
+//! batch measured to run within `inline_run` instead runs on the thread that formed it, on an
+//! idle instance's engine ([`run_in_place`]). A run that fails or panics fails its own batch only;
+//! the instance keeps serving.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -33,22 +35,26 @@ pub(super) async fn start_all(
         std::thread::Builder::new()
             .name(format!("brainai-instance-{instance}"))
             .spawn(move || {
-                let Some(mut backend) = warm_up(instance, &shared, &factory, warm_tx) else {
+                let Some(backend) = warm_up(instance, &shared, &factory, warm_tx) else {
                     return;
                 };
-                // Where scattered batches are gathered: allocated once, at its largest.
-                let mut scratch = HostBuffer::new(
-                    shared.config.sizes.max() * shared.config.input_len,
-                    shared.config.host_memory,
-                );
+                *lock_engine(&shared, instance) = Some(Engine {
+                    backend,
+                    // Where scattered batches are gathered: allocated once, at its largest.
+                    scratch: HostBuffer::new(
+                        shared.config.sizes.max() * shared.config.input_len,
+                        shared.config.host_memory,
+                    ),
+                });
                 let mut next = None;
                 loop {
                     let batch = match next.take() {
                         Some(batch) => batch,
                         None => {
-                            // Idle: the queue task hands over the next batch. It only needs waking
-                            // when images wait (their delay runs from now on); a new image wakes
-                            // it anyway.
+                            // Idle: the queue task hands over the next batch (or a thread runs a
+                            // short one in place on this engine). It only needs waking when
+                            // images wait (their delay runs from now on); a new image wakes it
+                            // anyway.
                             let waiting = {
                                 let mut core = queue::lock(&shared);
                                 core.idle.push(instance);
@@ -59,11 +65,11 @@ pub(super) async fn start_all(
                             }
                             match batch_rx.blocking_recv() {
                                 Some(batch) => batch,
-                                None => return,
+                                None => break,
                             }
                         }
                     };
-                    run_batch(instance, &shared, backend.as_mut(), batch, &mut scratch);
+                    run_on_engine(instance, &shared, batch);
                     // The next batch, taken here when one is due (a backlog): the instance runs
                     // it at once instead of going idle and being handed it by the queue task (two
                     // thread wake-ups between two runs).
@@ -76,6 +82,8 @@ pub(super) async fn start_all(
                         shared.publish_depth();
                     }
                 }
+                // The backend is released on its own thread, as it was built.
+                drop(lock_engine(&shared, instance).take());
             })
             .map_err(|e| EngineError::Runtime(format!("cannot start instance thread: {e}")))?;
         senders.push(batch_tx);
@@ -86,6 +94,59 @@ pub(super) async fn start_all(
             .map_err(|_| EngineError::Runtime("instance thread ended during warm-up".into()))??;
     }
     Ok(senders)
+}
+
+/// An instance's backend and the buffer where its scattered batches are gathered.
+pub(super) struct Engine {
+    backend: Box<dyn Backend>,
+    scratch: HostBuffer,
+}
+
+/// The engine of `instance`. A panic while it was held (outside the backend, whose panics
+/// [`execute`] contains) leaves nothing half-changed that matters: a poisoned lock is used as is.
+fn lock_engine(shared: &Shared, instance: usize) -> MutexGuard<'_, Option<Engine>> {
+    shared.engines[instance]
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `batch` on `instance`'s engine, on this thread.
+fn run_on_engine(instance: usize, shared: &Shared, batch: Batch) {
+    let mut engine = lock_engine(shared, instance);
+    match engine.as_mut() {
+        Some(Engine { backend, scratch }) => {
+            run_batch(instance, shared, backend.as_mut(), batch, scratch);
+        }
+        // Only an instance that finished warming up is ever idle, and it keeps its engine until
+        // the queue task has ended: not reached, but answered rather than lost.
+        None => {
+            for job in batch.jobs {
+                let _ = job.reply.send(Err(BatchError::Stopped));
+            }
+        }
+    }
+}
+
+/// Whether a batch of `size` images runs on the thread that dispatches it: its measured run time
+/// is within [`super::BatcherConfig::inline_run`]. For very small models the hand-off to the
+/// instance thread and the answer's way back (two thread wake-ups) cost more than the run.
+pub(super) fn runs_in_place(shared: &Shared, size: usize) -> bool {
+    let limit = shared.config.inline_run;
+    !limit.is_zero() && shared.times.of(size) <= limit
+}
+
+/// Runs `batch` on idle `instance`'s engine here, on the dispatching thread, then makes the
+/// instance idle again (waking the queue task if images wait).
+pub(super) fn run_in_place(shared: &Shared, instance: usize, batch: Batch) {
+    run_on_engine(instance, shared, batch);
+    let waiting = {
+        let mut core = queue::lock(shared);
+        core.idle.push(instance);
+        core.queued() > 0
+    };
+    if waiting {
+        shared.wake.notify_one();
+    }
 }
 
 /// Builds the backend and runs every warm-up batch size (through [`execute`], so warm-up checks
@@ -229,15 +290,17 @@ fn run_batch(
                 .zip(outputs.chunks_exact(config.output_len))
             {
                 let queue_time = batch.dispatched - job.enqueued;
-                job.span.in_scope(|| {
-                    tracing::debug!(
-                        instance,
-                        batch_size = n,
-                        queue_ms = ms(queue_time),
-                        inference_ms = ms(inference_time),
-                        "image ran"
-                    )
-                });
+                // The request's span as the explicit parent, not entered: where a batch runs in
+                // place that span is already entered on this thread, and entering it again would
+                // leave the event in the `batch` span only.
+                tracing::debug!(
+                    parent: &job.span,
+                    instance,
+                    batch_size = n,
+                    queue_ms = ms(queue_time),
+                    inference_ms = ms(inference_time),
+                    "image ran"
+                );
                 let _ = job.reply.send(Ok(ImageOutput {
                     values: values.to_vec(),
                     batch_size: n,
@@ -252,9 +315,7 @@ fn run_batch(
                 tracing::error!(instance, batch = number, %message, "model instance panicked; it keeps serving");
             }
             for job in batch.jobs {
-                job.span.in_scope(|| {
-                    tracing::warn!(instance, batch = number, batch_size = n, error = %e, "batch failed")
-                });
+                tracing::warn!(parent: &job.span, instance, batch = number, batch_size = n, error = %e, "batch failed");
                 let _ = job.reply.send(Err(BatchError::Engine {
                     batch: number,
                     error: e.clone(),

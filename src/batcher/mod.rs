@@ -83,6 +83,9 @@ pub struct BatcherConfig {
     /// Batch buffers and the instances' gather buffers: page-locked on CUDA (see
     /// [`crate::backend::host`]).
     pub host_memory: HostMemory,
+    /// A batch whose measured run time is at most this runs on the thread that forms it, on an
+    /// idle instance's engine, instead of being handed to the instance thread (zero: never).
+    pub inline_run: Duration,
 }
 
 /// The answer for one image.
@@ -220,6 +223,10 @@ struct Shared {
     core: std::sync::Mutex<queue::Core>,
     /// Wakes the queue task: images were queued, or an instance went idle while images wait.
     wake: Notify,
+    /// Each instance's engine once it is warm. Its thread locks it to run a batch, and so does a
+    /// thread that runs a short batch in place ([`BatcherConfig::inline_run`]); either only ever
+    /// runs an instance that is not running anything else, so the lock is never waited on.
+    engines: Vec<std::sync::Mutex<Option<instance::Engine>>>,
 }
 
 impl Shared {
@@ -272,6 +279,7 @@ impl Batcher {
             },
             core: Default::default(),
             wake: Notify::new(),
+            engines: (0..config.instances).map(|_| Default::default()).collect(),
             config,
             metrics,
         });
@@ -415,13 +423,22 @@ impl Batcher {
             entries.push(entry);
             pending.push(rx);
         }
-        {
+        let in_place = {
             let mut core = queue::lock(&self.shared);
             for entry in entries {
                 core.push(entry);
             }
+            queue::take_in_place(&mut core, &self.shared, now)
+        };
+        match in_place {
+            // A short batch is due and an instance is idle: it runs here, with no hand-off to the
+            // queue task and the instance thread and back.
+            Some((instance, batch)) => {
+                self.shared.publish_depth();
+                instance::run_in_place(&self.shared, instance, batch);
+            }
+            None => self.shared.wake.notify_one(),
         }
-        self.shared.wake.notify_one();
         Ok(pending)
     }
 

@@ -3,7 +3,9 @@
 //! images waiting, or its timer; it drops images whose caller left or whose deadline passed, asks
 //! the policy whether to dispatch, and hands a batch to an idle instance. An instance that
 //! finishes a batch takes its next one itself when one is due (a backlog): no round trip through
-//! the queue task between two runs. Each batch is filled from the highest priority first.
+//! the queue task between two runs. A short batch (by its measured run time) runs where it is
+//! formed instead: on the caller that queued its last image ([`take_in_place`]) or on the queue
+//! task. Each batch is filled from the highest priority first.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, MutexGuard, PoisonError};
@@ -12,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::policy::{Decision, QueueState};
-use super::{BatchError, Entry, Job, Priority, Shared};
+use super::{BatchError, Entry, Job, Priority, Shared, instance};
 
 /// A batch handed to an instance.
 pub(super) struct Batch {
@@ -83,6 +85,22 @@ pub(super) fn next_batch(
         }),
         Decision::Wait(until) => Err(until),
     }
+}
+
+/// Under the lock: a due batch and an idle instance to run it on, when that batch is short enough
+/// (by its measured run time) to run on the calling thread ([`super::BatcherConfig::inline_run`]).
+pub(super) fn take_in_place(
+    core: &mut Core,
+    shared: &Shared,
+    now: Instant,
+) -> Option<(usize, Batch)> {
+    let size = core.queued().min(shared.policy.max_batch_size);
+    if core.idle.is_empty() || !instance::runs_in_place(shared, size) {
+        return None;
+    }
+    let batch = next_batch(core, shared, now, true).ok()?;
+    let instance = core.idle.pop().expect("checked above");
+    Some((instance, batch))
 }
 
 /// Answers and removes entries whose caller went away, whose deadline passed, or whose deadline
@@ -214,6 +232,10 @@ impl QueueTask {
     }
 
     fn send(&self, instance: usize, batch: Batch) {
+        if instance::runs_in_place(&self.shared, batch.jobs.len()) {
+            instance::run_in_place(&self.shared, instance, batch);
+            return;
+        }
         if let Err(mpsc::error::SendError(batch)) = self.instance_txs[instance].send(batch) {
             // The instance thread is gone (it only ends when this task ends): answer, don't hang.
             for job in batch.jobs {

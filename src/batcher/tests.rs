@@ -22,6 +22,7 @@ fn config(max_batch_size: usize, delay_ms: u64, capacity: usize) -> BatcherConfi
         input_len: INPUT_LEN,
         output_len: OUTPUT_LEN,
         host_memory: HostMemory::Pageable,
+        inline_run: Duration::ZERO,
     }
 }
 
@@ -633,4 +634,120 @@ async fn batch_buffers_are_reused_once_their_images_are_answered() {
         "20 batches used {} buffers: they are not reused",
         first_rows.len()
     );
+}
+
+/// Where each batch ran: the name of the thread (`None` for an unnamed one), after warm-up.
+#[derive(Clone, Default)]
+struct Threads(Arc<std::sync::Mutex<Vec<Option<String>>>>);
+
+impl Threads {
+    fn factory(&self, run_time: std::time::Duration) -> InstanceFactory {
+        let threads = self.clone();
+        Arc::new(move |_| {
+            Ok(Box::new(Timed {
+                threads: threads.clone(),
+                run_time,
+                inner: Echo {
+                    input_len: INPUT_LEN,
+                    output_len: OUTPUT_LEN,
+                },
+            }) as Box<dyn crate::backend::Backend>)
+        })
+    }
+
+    fn take(&self) -> Vec<Option<String>> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+/// An echo that takes `run_time` (real time) per batch and notes the thread it ran on.
+struct Timed {
+    threads: Threads,
+    run_time: std::time::Duration,
+    inner: Echo,
+}
+
+impl crate::backend::Backend for Timed {
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        std::thread::sleep(self.run_time);
+        let name = std::thread::current().name().map(str::to_string);
+        self.threads.0.lock().unwrap().push(name);
+        self.inner.run(input, batch)
+    }
+}
+
+/// Where a batch ran.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ran {
+    /// On the thread that submitted its images.
+    Caller,
+    /// On the instance's own thread.
+    Instance,
+    /// Elsewhere: the queue task (on the test's runtime thread).
+    QueueTask,
+}
+
+const CALLER: &str = "test-caller";
+
+fn ran(thread: &Option<String>) -> Ran {
+    match thread.as_deref() {
+        Some(CALLER) => Ran::Caller,
+        Some(n) if n.starts_with("brainai-instance-") => Ran::Instance,
+        _ => Ran::QueueTask,
+    }
+}
+
+/// A batch measured to run within `inline_run` runs on the thread that dispatches it: the caller
+/// that submitted its last image (no queue delay) or the queue task (at the end of the delay). A
+/// longer one, or any with `inline_run` zero, is handed to the instance thread. Every answer is
+/// the same either way.
+#[tokio::test]
+async fn short_batches_run_where_they_are_dispatched_and_long_ones_on_the_instance_thread() {
+    let ms = std::time::Duration::from_millis;
+    // (run time, inline_run, queue delay in ms, where the batches run)
+    let cases = [
+        (ms(0), ms(1000), 0, Ran::Caller),
+        (ms(0), ms(1000), 5, Ran::QueueTask),
+        (ms(0), Duration::ZERO, 0, Ran::Instance),
+        (ms(20), ms(5), 0, Ran::Instance),
+        (ms(20), ms(5), 5, Ran::Instance),
+    ];
+    for (run_time, inline_run, delay, expected) in cases {
+        let threads = Threads::default();
+        let mut cfg = config(4, delay, 64);
+        cfg.inline_run = inline_run;
+        let batcher = Batcher::start(cfg, threads.factory(run_time), metrics())
+            .await
+            .unwrap();
+        let warmup = threads.take();
+        assert!(
+            warmup.iter().all(|t| ran(t) == Ran::Instance),
+            "warm-up: {warmup:?}"
+        );
+        for round in 0..3 {
+            let v = round as f32 + 1.0;
+            // Submitted from a thread of its own, so that a run there is told apart from one on
+            // the queue task.
+            let (caller, runtime) = (batcher.clone(), tokio::runtime::Handle::current());
+            let pending = std::thread::Builder::new()
+                .name(CALLER.into())
+                .spawn(move || {
+                    let _runtime = runtime.enter();
+                    send(&caller, vec![image(v), image(-v)], None)
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            let out = answers(pending).await;
+            let values: Vec<_> = out.into_iter().map(|o| o.unwrap().values).collect();
+            assert_eq!(values, [vec![v, -v], vec![-v, v]]);
+        }
+        let threads = threads.take();
+        let places: Vec<Ran> = threads.iter().map(ran).collect();
+        assert_eq!(
+            places, [expected; 3],
+            "run {run_time:?}, inline_run {inline_run:?}, delay {delay} ms: one batch per call, \
+             on {threads:?}"
+        );
+    }
 }

@@ -39,6 +39,8 @@ pub struct RegistryConfig {
     pub device: Device,
     /// Batch buffers' memory: page-locked on CUDA unless turned off (`--pinned-buffers`).
     pub host_memory: crate::backend::host::HostMemory,
+    /// Batches measured to run within this are run in place (`--inline-run-us`).
+    pub inline_run: std::time::Duration,
 }
 
 /// State of one version as `ListModels` reports it.
@@ -334,8 +336,11 @@ impl Registry {
                     spec,
                     settings,
                     &self.factory,
-                    self.config.device,
-                    self.config.host_memory,
+                    super::served::EngineSettings {
+                        device: self.config.device,
+                        host_memory: self.config.host_memory,
+                        inline_run: self.config.inline_run,
+                    },
                     self.config.limits,
                     fp.toml_sha256.clone(),
                 )

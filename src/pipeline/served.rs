@@ -126,14 +126,23 @@ pub struct ServedModel {
     pub cache: Option<super::cache::ResultCache>,
 }
 
+/// Where and how a version's batches run.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    pub device: Device,
+    /// Batch buffers' memory (page-locked on CUDA unless turned off).
+    pub host_memory: HostMemory,
+    /// Batches measured to run within this run where they are formed (`--inline-run-us`).
+    pub inline_run: Duration,
+}
+
 impl ServedModel {
     /// Starts the batcher of `spec` (every instance built by `factory` and warmed up).
     pub async fn load(
         spec: ModelSpec,
         settings: BatchSettings,
         factory: &BackendFactory,
-        device: Device,
-        host_memory: HostMemory,
+        engine: EngineSettings,
         limits: InputLimits,
         toml_sha256: String,
     ) -> Result<ServedModel, String> {
@@ -148,7 +157,8 @@ impl ServedModel {
             max_queue_wait: settings.max_queue_wait,
             input_len: spec.config.input.image_len(),
             output_len: classifier.output_len(),
-            host_memory,
+            host_memory: engine.host_memory,
+            inline_run: engine.inline_run,
         };
         let instance_factory: InstanceFactory = {
             let (spec, factory) = (spec.clone(), factory.clone());
@@ -162,7 +172,7 @@ impl ServedModel {
             &spec.config.name,
             &spec.version,
             &spec.sha256,
-            &device.to_string(),
+            &engine.device.to_string(),
             true,
         );
         let cache = (spec.config.cache_max_bytes > 0).then(|| {
@@ -178,7 +188,7 @@ impl ServedModel {
             warnings: spec.warnings(),
             spec,
             settings,
-            device,
+            device: engine.device,
             preprocessor,
             classifier,
             batcher,

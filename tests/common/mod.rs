@@ -283,6 +283,11 @@ pub fn probed_ort() -> Probed {
     }
 }
 
+/// For a server whose runs a test holds at a gate: every run on its instance thread. A tiny
+/// model's batch would otherwise run where it is formed (`--inline-run-us`), on an async worker of
+/// the runtime the test itself runs on, and a held run would hold that worker.
+pub const HELD_RUNS: &[&str] = &["--inline-run-us", "0"];
+
 /// The batches run, and the gate each run waits at, of a [`serve_gated`] server.
 pub struct Gated {
     pub log: BatchLog,
@@ -290,10 +295,12 @@ pub struct Gated {
 }
 
 /// Serves the fixture `model` over the probed ONNX Runtime backend; once it is warm, clears the
-/// batch log (warm-up runs) and closes the gate, so each run waits for `gate.release`.
+/// batch log (warm-up runs) and closes the gate, so each run waits for `gate.release`. Runs stay
+/// on the instance threads (`--inline-run-us 0`, see [`HELD_RUNS`]).
 pub async fn serve_gated(model: &str, extra: &[&str]) -> (TestServer, Gated) {
     let h = probed_ort();
-    let t = serve(args(&fixture_model(model), extra), Some(h.factory)).await;
+    let extra = [extra, HELD_RUNS].concat();
+    let t = serve(args(&fixture_model(model), &extra), Some(h.factory)).await;
     h.log.clear();
     h.gate.close();
     let gated = Gated {
