@@ -26,6 +26,7 @@ pub const BATCH_OCCUPANCY: &str = "brainai_batch_occupancy_ratio";
 pub const QUEUE_DEPTH: &str = "brainai_queue_depth";
 pub const STAGE_DURATION: &str = "brainai_stage_duration_seconds";
 pub const BATCH_ASSEMBLY: &str = "brainai_batch_assembly_total";
+pub const BATCH_RUNS: &str = "brainai_batch_runs_total";
 pub const BATCH_BUFFERS: &str = "brainai_batch_buffers";
 pub const BATCH_BUFFER_BYTES: &str = "brainai_batch_buffer_bytes";
 pub const BATCH_BUFFER_ALLOCATIONS: &str = "brainai_batch_buffer_allocations_total";
@@ -170,6 +171,13 @@ fn describe() {
         Unit::Count,
         "Batches by how their tensor was assembled: in_place (consecutive rows of one batch buffer, \
          no copy) or gathered (copied into the instance's scratch buffer), by model and version."
+    );
+    describe_counter!(
+        BATCH_RUNS,
+        Unit::Count,
+        "Batches by the thread that ran them: instance_thread (handed to the model instance's \
+         thread) or dispatcher (a batch short enough to run where it was formed, --inline-run-us), \
+         by model and version."
     );
     describe_gauge!(
         BATCH_BUFFERS,
@@ -509,6 +517,7 @@ impl Stage {
 pub struct ModelMetrics {
     stages: [Histogram; 7],
     assembly: [Counter; 2],
+    runs: [Counter; 2],
     buffers: Gauge,
     buffer_bytes: Gauge,
     buffer_allocations: Counter,
@@ -537,6 +546,7 @@ impl ModelMetrics {
         let metrics = ModelMetrics {
             stages: Stage::ALL.map(|s| histogram!(STAGE_DURATION, &with("stage", s.as_str()))),
             assembly: ["in_place", "gathered"].map(|p| counter!(BATCH_ASSEMBLY, &with("path", p))),
+            runs: ["instance_thread", "dispatcher"].map(|o| counter!(BATCH_RUNS, &with("on", o))),
             buffers: gauge!(BATCH_BUFFERS, &base),
             buffer_bytes: gauge!(BATCH_BUFFER_BYTES, &base),
             buffer_allocations: counter!(BATCH_BUFFER_ALLOCATIONS, &base),
@@ -557,7 +567,7 @@ impl ModelMetrics {
         }
         metrics.images.increment(0);
         metrics.buffer_allocations.increment(0);
-        for c in &metrics.assembly {
+        for c in metrics.assembly.iter().chain(&metrics.runs) {
             c.increment(0);
         }
         for g in &metrics.queue_depth {
@@ -579,6 +589,11 @@ impl ModelMetrics {
     /// A batch's tensor was assembled in place (`true`) or gathered.
     pub fn assembled(&self, in_place: bool) {
         self.assembly[usize::from(!in_place)].increment(1);
+    }
+
+    /// A batch ran on its instance's thread (`false`) or where it was formed (`true`).
+    pub fn batch_ran(&self, in_place: bool) {
+        self.runs[usize::from(in_place)].increment(1);
     }
 
     pub fn buffer_allocated(&self) {

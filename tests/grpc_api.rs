@@ -328,6 +328,7 @@ async fn health_reflection_and_metrics_endpoints() {
         "brainai_inference_duration_seconds",
         "brainai_batch_size",
         "brainai_batch_occupancy_ratio",
+        "brainai_batch_runs_total",
         "brainai_queue_depth",
         "brainai_images_total",
         "brainai_dropped_total",
@@ -346,10 +347,21 @@ async fn health_reflection_and_metrics_endpoints() {
             &["rpc=\"Classify\"", "code=\"OK\""]
         ) >= 1.0
     );
+    // Every batch is counted once, on the thread that ran it (the tiny model's runs are short
+    // enough to run where they are formed once the warm-up's first, cold timings have decayed).
+    let tiny = ["model=\"tiny\""];
+    let runs = |on: &str| {
+        let label = format!("on=\"{on}\"");
+        metric_value(&text, "brainai_batch_runs_total", &[tiny[0], &label])
+    };
+    assert_eq!(
+        runs("instance_thread") + runs("dispatcher"),
+        metric_value(&text, "brainai_batch_size_count", &tiny),
+        "{text}"
+    );
     // Decoding a 256² PNG costs CPU, and no more than the wall time it took: the CPU clock is
     // sampled (each thread's first image included), so its sum covers some of the images the
     // wall-time sum covers.
-    let tiny = ["model=\"tiny\""];
     let cpu = metric_value(&text, "brainai_preprocess_cpu_seconds_sum", &tiny);
     let wall = metric_value(&text, "brainai_preprocess_duration_seconds_sum", &tiny);
     let sampled = metric_value(&text, "brainai_preprocess_cpu_seconds_count", &tiny);

@@ -69,7 +69,7 @@ pub(super) async fn start_all(
                             }
                         }
                     };
-                    run_on_engine(instance, &shared, batch);
+                    run_on_engine(instance, &shared, batch, false);
                     // The next batch, taken here when one is due (a backlog): the instance runs
                     // it at once instead of going idle and being handed it by the queue task (two
                     // thread wake-ups between two runs).
@@ -110,8 +110,10 @@ fn lock_engine(shared: &Shared, instance: usize) -> MutexGuard<'_, Option<Engine
         .unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Runs `batch` on `instance`'s engine, on this thread.
-fn run_on_engine(instance: usize, shared: &Shared, batch: Batch) {
+/// Runs `batch` on `instance`'s engine, on this thread: the instance's own, or (`in_place`) the
+/// one that formed the batch.
+fn run_on_engine(instance: usize, shared: &Shared, batch: Batch, in_place: bool) {
+    shared.metrics.batch_ran(in_place);
     let mut engine = lock_engine(shared, instance);
     match engine.as_mut() {
         Some(Engine { backend, scratch }) => {
@@ -138,7 +140,7 @@ pub(super) fn runs_in_place(shared: &Shared, size: usize) -> bool {
 /// Runs `batch` on idle `instance`'s engine here, on the dispatching thread, then makes the
 /// instance idle again (waking the queue task if images wait).
 pub(super) fn run_in_place(shared: &Shared, instance: usize, batch: Batch) {
-    run_on_engine(instance, shared, batch);
+    run_on_engine(instance, shared, batch, true);
     let waiting = {
         let mut core = queue::lock(shared);
         core.idle.push(instance);
