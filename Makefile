@@ -138,6 +138,12 @@ bench-targets: build model ghz
 	cargo bench --locked --no-run --bench serving
 	$(PY) benches/targets.py $(or $(ARGS),saturation)
 
+## bench-device-bound: the real server and ghz against a simulated accelerator (each batch sleeps
+##                     fixed + per-image time): how busy the batcher keeps a device, without one
+.PHONY: bench-device-bound
+bench-device-bound: build model ghz
+	cargo bench --locked --bench device_bound -- $(ARGS)
+
 ## bench-curve: latency versus load with ghz (p50/p99 at 25-100 % of saturation, two queue delays) → PNG
 bench-curve: build model ghz
 	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/load/requirements-plot.txt
