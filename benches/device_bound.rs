@@ -17,7 +17,8 @@
 //! Printed per configuration (rounds alternate between configurations; medians reported):
 //! served images/s, the simulated device's capacity at the largest batch (`max_batch / t(max)`),
 //! their ratio, the mean batch size, the fraction of wall time each instance spent "running"
-//! (`busy`: one minus it is the structure's idle time), and a run's mean length against the
+//! (`busy`: one minus it is the structure's idle time; per round also as the dashboard's "Model
+//! instances busy" panel computes it from /metrics), and a run's mean length against the
 //! nominal one (a sleep overruns by the kernel's timer slack and wake-up latency, which lowers the
 //! ratio but not `busy`).
 //!
@@ -142,6 +143,8 @@ struct Measured {
     images_per_s: f64,
     mean_batch: f64,
     busy: f64,
+    /// `busy` as the dashboard computes it from /metrics: the run time's rate over the instances.
+    busy_metrics: f64,
     run_ms: f64,
 }
 
@@ -230,9 +233,21 @@ async fn measure(opts: &Opts, config: &Config, data: &std::path::Path) -> Measur
             log.batches.load(Ordering::Relaxed),
         )
     };
+    let run_time_sum = || async {
+        let sum = "brainai_inference_duration_seconds_sum";
+        common::scrape(running.metrics_addr, sum, &["model=\"tiny\""]).await
+    };
     let (t0, busy0, images0, batches0) = read(&log);
+    let runs0 = run_time_sum().await;
     tokio::time::sleep(Duration::from_secs_f64(opts.seconds)).await;
     let (t1, busy1, images1, batches1) = read(&log);
+    let runs1 = run_time_sum().await;
+    let instances = common::scrape(
+        running.metrics_addr,
+        "brainai_model_instances",
+        &["model=\"tiny\""],
+    )
+    .await;
 
     let output = tokio::task::spawn_blocking(move || ghz.wait_with_output())
         .await
@@ -279,6 +294,7 @@ async fn measure(opts: &Opts, config: &Config, data: &std::path::Path) -> Measur
         images_per_s: images / wall,
         mean_batch: images / batches,
         busy: (busy1 - busy0) as f64 / 1e9 / wall / config.instances as f64,
+        busy_metrics: (runs1 - runs0) / wall / instances,
         run_ms: (busy1 - busy0) as f64 / 1e6 / batches,
     }
 }
@@ -342,12 +358,14 @@ fn main() {
             let m = runtime.block_on(measure(&opts, config, &data));
             let ideal = capacity * config.instances as f64;
             line += &format!(
-                " {} {:.0} images/s ({:.3} of {ideal:.0}), batch {:.1}, busy {:.3}, run {:.2} ms;",
+                " {} {:.0} images/s ({:.3} of {ideal:.0}), batch {:.1}, busy {:.3} ({:.3} from \
+                 /metrics), run {:.2} ms;",
                 config.name,
                 m.images_per_s,
                 m.images_per_s / ideal,
                 m.mean_batch,
                 m.busy,
+                m.busy_metrics,
                 m.run_ms
             );
             results[i].push(m);

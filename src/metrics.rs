@@ -27,6 +27,7 @@ pub const QUEUE_DEPTH: &str = "brainai_queue_depth";
 pub const STAGE_DURATION: &str = "brainai_stage_duration_seconds";
 pub const BATCH_ASSEMBLY: &str = "brainai_batch_assembly_total";
 pub const BATCH_RUNS: &str = "brainai_batch_runs_total";
+pub const MODEL_INSTANCES: &str = "brainai_model_instances";
 pub const BATCH_BUFFERS: &str = "brainai_batch_buffers";
 pub const BATCH_BUFFER_BYTES: &str = "brainai_batch_buffer_bytes";
 pub const BATCH_BUFFER_ALLOCATIONS: &str = "brainai_batch_buffer_allocations_total";
@@ -178,6 +179,12 @@ fn describe() {
         "Batches by the thread that ran them: instance_thread (handed to the model instance's \
          thread) or dispatcher (a batch short enough to run where it was formed, --inline-run-us), \
          by model and version."
+    );
+    describe_gauge!(
+        MODEL_INSTANCES,
+        Unit::Count,
+        "Model instances serving a model version (0 once it is unloaded). The share of the time \
+         they spend running batches: rate(brainai_inference_duration_seconds_sum) divided by this."
     );
     describe_gauge!(
         BATCH_BUFFERS,
@@ -518,6 +525,7 @@ pub struct ModelMetrics {
     stages: [Histogram; 7],
     assembly: [Counter; 2],
     runs: [Counter; 2],
+    instances: Gauge,
     buffers: Gauge,
     buffer_bytes: Gauge,
     buffer_allocations: Counter,
@@ -547,6 +555,7 @@ impl ModelMetrics {
             stages: Stage::ALL.map(|s| histogram!(STAGE_DURATION, &with("stage", s.as_str()))),
             assembly: ["in_place", "gathered"].map(|p| counter!(BATCH_ASSEMBLY, &with("path", p))),
             runs: ["instance_thread", "dispatcher"].map(|o| counter!(BATCH_RUNS, &with("on", o))),
+            instances: gauge!(MODEL_INSTANCES, &base),
             buffers: gauge!(BATCH_BUFFERS, &base),
             buffer_bytes: gauge!(BATCH_BUFFER_BYTES, &base),
             buffer_allocations: counter!(BATCH_BUFFER_ALLOCATIONS, &base),
@@ -594,6 +603,11 @@ impl ModelMetrics {
     /// A batch ran on its instance's thread (`false`) or where it was formed (`true`).
     pub fn batch_ran(&self, in_place: bool) {
         self.runs[usize::from(in_place)].increment(1);
+    }
+
+    /// `n` instances serve the version (0: unloaded).
+    pub fn set_instances(&self, n: usize) {
+        self.instances.set(n as f64);
     }
 
     pub fn buffer_allocated(&self) {

@@ -329,6 +329,7 @@ async fn health_reflection_and_metrics_endpoints() {
         "brainai_batch_size",
         "brainai_batch_occupancy_ratio",
         "brainai_batch_runs_total",
+        "brainai_model_instances",
         "brainai_queue_depth",
         "brainai_images_total",
         "brainai_dropped_total",
@@ -346,6 +347,11 @@ async fn health_reflection_and_metrics_endpoints() {
             "brainai_requests_total",
             &["rpc=\"Classify\"", "code=\"OK\""]
         ) >= 1.0
+    );
+    assert_eq!(
+        metric_value(&text, "brainai_model_instances", &["model=\"tiny\""]),
+        1.0,
+        "one instance by default: {text}"
     );
     // Every batch is counted once, on the thread that ran it (the tiny model's runs are short
     // enough to run where they are formed once the warm-up's first, cold timings have decayed).

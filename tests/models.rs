@@ -321,7 +321,10 @@ async fn hot_reload_under_load_swaps_versions_without_failing_a_call() {
     let root = tempfile::tempdir().unwrap();
     let tiny = copy_model("tiny", root.path(), "reload");
     let t = serve(
-        repository_args(root.path(), &["--max-queue-delay-us", "500"]),
+        repository_args(
+            root.path(),
+            &["--max-queue-delay-us", "500", "--instances", "2"],
+        ),
         None,
     )
     .await;
@@ -348,6 +351,12 @@ async fn hot_reload_under_load_swaps_versions_without_failing_a_call() {
         None,
         "latest 1: v1 unloaded"
     );
+    // The instance gauge follows: v2's two instances serve, v1's are gone.
+    for (version, instances) in [("version=\"2\"", 2.0), ("version=\"1\"", 0.0)] {
+        let labels = ["model=\"reload\"", version];
+        let scraped = scrape(t.metrics_addr(), "brainai_model_instances", &labels).await;
+        assert_eq!(scraped, instances, "{version}");
+    }
 
     // A broken version 3: v2 keeps serving, and the failure is reported and counted.
     add_version(&tiny, 3, b"this is not an ONNX model");

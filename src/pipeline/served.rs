@@ -168,6 +168,7 @@ impl ServedModel {
         let batcher = Batcher::start(config, instance_factory, model_metrics.clone())
             .await
             .map_err(|e| e.to_string())?;
+        model_metrics.set_instances(settings.instances);
         metrics::model_info(
             &spec.config.name,
             &spec.version,
@@ -197,8 +198,9 @@ impl ServedModel {
         })
     }
 
-    /// Marks the version unloaded in `brainai_model_info`.
+    /// Marks the version unloaded in `brainai_model_info` and `brainai_model_instances`.
     pub(crate) fn retire(&self) {
+        self.metrics.set_instances(0);
         metrics::model_info(
             &self.spec.config.name,
             &self.spec.version,
