@@ -84,8 +84,8 @@ done
 
 # Issue 12: the serving targets on the GPU (benches/targets.py), the served side driven by ghz as a
 # separate process with single-image calls of a 256² slice; configs: default (page-locked batch
-# buffers, one instance, intra-op 1), pageable buffers, two instances, four intra-op threads; then
-# batch 64. Needs a ghz binary in $G. TARGET_SECONDS / TARGET_ROUNDS shorten or lengthen it.
+# buffers, one instance, intra-op 1), pageable buffers, two instances, four intra-op threads
+# (spinning, and not); then batch 64. Needs a ghz binary in $G. TARGET_SECONDS / TARGET_ROUNDS shorten or lengthen it.
 # benches/gpu_bundle.sh packs everything for a device machine that can reach nothing.
 if [ -x "$G/ghz" ]; then
   export BRAINAI_BIN="$G/brainai" BRAINAI_BENCH_BIN="$G/serving" GHZ="$G/ghz"
@@ -95,10 +95,15 @@ if [ -x "$G/ghz" ]; then
     "$G/serving" --bare-only --device cuda --ort-library "$LIB" --batch 32 --seconds 4 --rounds 1 \
       --pinned "$pinned" | sed "s/^/pinned=$pinned: /" | tee -a "$OUT/bare_pinned.txt" || true
   done
+  # ... and with one intra-op thread, as the server runs CUDA by default: whether the served run's
+  # extra time (8.7 against 7.0 ms at batch 32 on the H200) is the thread count or the contention.
+  "$G/serving" --bare-only --device cuda --ort-library "$LIB" --batch 32 --seconds 4 --rounds 1 \
+    --threads 1 | sed "s/^/threads=1: /" | tee -a "$OUT/bare_pinned.txt" || true
   $T saturation --device cuda --ort-library "$LIB" --rounds "${TARGET_ROUNDS:-2}" --seconds "${TARGET_SECONDS:-8}" \
     --batch 32 --concurrency 128 --bare-batches 16,32,64 --images flair_256_a.png --out "$OUT/targets" \
     --config default: --config pageable:--pinned-buffers=false --config two:--instances=2 \
-    --config intra4:--intra-op-threads=4 2>&1 | tee "$OUT/saturation.txt" || true
+    --config intra4:--intra-op-threads=4 --config intra4calm:--intra-op-threads=4,--intra-op-spinning=false \
+    2>&1 | tee "$OUT/saturation.txt" || true
   # The best batch size: the bare loop is fastest at 64; the model's own cap (32, for the P4000's
   # 8 GB) is lifted on this throwaway copy for the run.
   cp models/brain-tumor-resnet50/model.toml "$OUT/model.toml.orig"
