@@ -46,7 +46,8 @@ usage: tests/load/run_load.sh [--smoke] [options]
 Other environment: BRAINAI_BIN (default target/release/brainai), GHZ (a ghz binary; default: the
 pinned one, installed into .tools/bin by tests/load/install_ghz.sh), GRPC_PORT / METRICS_PORT
 (default: free loopback ports), PYTHON (default python3; only the standard library is used),
-READY_TIMEOUT_S (default 180).
+READY_TIMEOUT_S (default 180), SERVER_CPUS / CLIENT_CPUS (taskset CPU lists: run the server and
+ghz on these CPUs only, e.g. SERVER_CPUS=0 CLIENT_CPUS=1; default: anywhere).
 EOF
 }
 
@@ -120,6 +121,11 @@ LOAD_IMAGES_PER_REQUEST=${LOAD_IMAGES_PER_REQUEST:-1}
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-180}
 SERVER_ARGS_ALL+=("${ENV_SERVER_ARGS[@]}" "${EXTRA_SERVER_ARGS[@]}")
 BRAINAI_BIN=${BRAINAI_BIN:-target/release/brainai}
+# taskset prefixes (empty: no pinning); taskset execs the command, so $! is the server's own pid.
+SERVER_PIN=()
+CLIENT_PIN=()
+[[ -n ${SERVER_CPUS:-} ]] && SERVER_PIN=(taskset -c "$SERVER_CPUS")
+[[ -n ${CLIENT_CPUS:-} ]] && CLIENT_PIN=(taskset -c "$CLIENT_CPUS")
 
 die() { echo "load test FAILED: $*" >&2; exit 1; }
 
@@ -228,7 +234,7 @@ START_S=$(date +%s)
 for attempt in 1 2 3; do
     pick_ports
     echo "server: $BRAINAI_BIN serve --model-dir $MODEL_DIR --grpc-addr $HOST --http-addr 127.0.0.1:$HTTP_PORT --metrics-addr 127.0.0.1:$METRICS_PORT ${SERVER_ARGS_ALL[*]}"
-    "$BRAINAI_BIN" serve --model-dir "$MODEL_DIR" --grpc-addr "$HOST" \
+    "${SERVER_PIN[@]}" "$BRAINAI_BIN" serve --model-dir "$MODEL_DIR" --grpc-addr "$HOST" \
         --http-addr "127.0.0.1:$HTTP_PORT" --metrics-addr "127.0.0.1:$METRICS_PORT" "${SERVER_ARGS_ALL[@]}" >"$SERVER_LOG" 2>&1 &
     SERVER_PID=$!
     if $TOOL wait-ready --port "$METRICS_PORT" --pid "$SERVER_PID" --timeout "$READY_TIMEOUT_S"; then
@@ -273,7 +279,7 @@ run() {
     # In the background + `wait`, so that SIGINT/SIGTERM are handled at once (see on_signal).
     local rc=0
     timeout --signal=TERM --kill-after=10 $((dur_s + 90)) \
-        "$GHZ" --config "$LOAD_DIR/$config" --data-file "$data" --duration "${dur_s}s" \
+        "${CLIENT_PIN[@]}" "$GHZ" --config "$LOAD_DIR/$config" --data-file "$data" --duration "${dur_s}s" \
         --name "$name" --format json --output "$report" "$@" "$HOST" &
     GHZ_PID=$!
     wait "$GHZ_PID" || rc=$?
