@@ -27,7 +27,9 @@ process (tests/load/run_load.sh), on this machine. Nothing is asserted; the verd
 Usage: benches/targets.py saturation|overhead|latency|light [--rounds N] [--seconds S]
            [--device cpu|cuda|cuda:N] [--ort-library PATH] [--model DIR]
            [--config NAME:FLAG,FLAG ...]   (e.g. --config io1:--io-threads=1 --config io2:--io-threads=2;
-                                            an entry VAR=VALUE without dashes sets the server's environment)
+                                            an entry VAR=VALUE without dashes sets the server's environment,
+                                            and SERVER_CPUS=0,CLIENT_CPUS=1 gives the server and ghz a core
+                                            each: tests/load/run_load.sh)
        saturation also: [--batch B] [--concurrency C] [--bare-batches 8,16,32,64] [--images LIST]
        light also: [--image FILE] [--delay-us D];  overhead also: [--image FILE]
        `benches/targets.py SUBCOMMAND --help` lists them.
