@@ -85,7 +85,9 @@ done
 # Issue 12: the serving targets on the GPU (benches/targets.py), the served side driven by ghz as a
 # separate process with single-image calls of a 256² slice; configs: default (page-locked batch
 # buffers, one instance, intra-op 1), pageable buffers, two instances, four intra-op threads
-# (spinning, and not); then batch 64. Needs a ghz binary in $G. TARGET_SECONDS / TARGET_ROUNDS shorten or lengthen it.
+# (spinning, and not), twelve decoding threads instead of one per core (whether the served run is
+# slower than the bare one because the instance thread that launches the kernels competes with the
+# decoders for a core: "On the GPU" and "A simulated accelerator" in docs/PERFORMANCE.md); then batch 64. Needs a ghz binary in $G. TARGET_SECONDS / TARGET_ROUNDS shorten or lengthen it.
 # benches/gpu_bundle.sh packs everything for a device machine that can reach nothing.
 if [ -x "$G/ghz" ]; then
   export BRAINAI_BIN="$G/brainai" BRAINAI_BENCH_BIN="$G/serving" GHZ="$G/ghz"
@@ -103,6 +105,7 @@ if [ -x "$G/ghz" ]; then
     --batch 32 --concurrency 128 --bare-batches 16,32,64 --images flair_256_a.png --out "$OUT/targets" \
     --config default: --config pageable:--pinned-buffers=false --config two:--instances=2 \
     --config intra4:--intra-op-threads=4 --config intra4calm:--intra-op-threads=4,--intra-op-spinning=false \
+    --config decode12:--preprocess-threads=12 \
     2>&1 | tee "$OUT/saturation.txt" || true
   # The best batch size: the bare loop is fastest at 64; the model's own cap (32, for the P4000's
   # 8 GB) is lifted on this throwaway copy for the run.
