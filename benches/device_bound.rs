@@ -299,11 +299,6 @@ async fn measure(opts: &Opts, config: &Config, data: &std::path::Path) -> Measur
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let opts = Opts::parse();
     let configs: Vec<Config> = if opts.configs.is_empty() {
@@ -383,11 +378,11 @@ fn main() {
             "{}: {:.0} images/s, {:.3} of the simulated capacity {ideal:.0} (rounds {lo:.3}-{hi:.3}), \
              mean batch {:.1}, instance busy {:.3}, run {:.2} ms (nominal {:.2})",
             config.name,
-            median(runs.iter().map(|m| m.images_per_s).collect()),
-            median(ratios),
-            median(runs.iter().map(|m| m.mean_batch).collect()),
-            median(runs.iter().map(|m| m.busy).collect()),
-            median(runs.iter().map(|m| m.run_ms).collect()),
+            common::median(runs.iter().map(|m| m.images_per_s).collect()),
+            common::median(ratios),
+            common::median(runs.iter().map(|m| m.mean_batch).collect()),
+            common::median(runs.iter().map(|m| m.busy).collect()),
+            common::median(runs.iter().map(|m| m.run_ms).collect()),
             run_time(opts.batch) / 1e3,
         );
     }

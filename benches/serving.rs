@@ -83,17 +83,8 @@ impl Opts {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn data(name: &str) -> Vec<u8> {
-    std::fs::read(repo().join("tests/data").join(name)).expect("test image")
+    std::fs::read(common::repo().join("tests/data").join(name)).expect("test image")
 }
 
 fn time_per_call(iterations: usize, mut f: impl FnMut()) -> f64 {
@@ -116,7 +107,7 @@ fn preprocessing(spec: &ModelSpec, rounds: usize) {
     println!("\n## Preprocessing (one core, ms per image, median of {rounds} rounds of 200)");
     for name in ["flair_512_a.jpg", "flair_512_rgb.png", "flair_256_a.png"] {
         let bytes = data(name);
-        let ms = median(
+        let ms = common::median(
             (0..rounds)
                 .map(|_| {
                     1e3 * time_per_call(200, || {
@@ -125,7 +116,7 @@ fn preprocessing(spec: &ModelSpec, rounds: usize) {
                 })
                 .collect(),
         );
-        let decode = median(
+        let decode = common::median(
             (0..rounds)
                 .map(|_| {
                     1e3 * time_per_call(200, || drop(image::load_from_memory(&bytes).unwrap()))
@@ -144,7 +135,7 @@ fn preprocessing(spec: &ModelSpec, rounds: usize) {
         .to_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let src = rgb.as_raw().clone();
-    let ours = median(
+    let ours = common::median(
         (0..rounds)
             .map(|_| {
                 1e3 * time_per_call(200, || {
@@ -153,7 +144,7 @@ fn preprocessing(spec: &ModelSpec, rounds: usize) {
             })
             .collect(),
     );
-    let fir = median(
+    let fir = common::median(
         (0..rounds)
             .map(|_| {
                 1e3 * time_per_call(200, || {
@@ -178,7 +169,7 @@ fn preprocessing(spec: &ModelSpec, rounds: usize) {
             })
             .collect(),
     );
-    let img = median(
+    let img = common::median(
         (0..rounds)
             .map(|_| {
                 1e3 * time_per_call(200, || {
@@ -211,7 +202,7 @@ fn bare_throughput(backend: &mut OrtBackend, input: &[f32], batch: usize, second
 
 fn bare_latency_ms(backend: &mut OrtBackend, one: &[f32], calls: usize) -> f64 {
     backend.run(one, 1).unwrap();
-    median(
+    common::median(
         (0..calls)
             .map(|_| {
                 let t = Instant::now();
@@ -261,7 +252,7 @@ async fn served(opts: &Opts, png: Arc<Vec<u8>>) -> (f64, (f64, f64)) {
         // the model getting slower or faster between runs.
         overhead.push(ms - r.results[0].timing.unwrap().inference_seconds * 1e3);
     }
-    let light_p50 = (median(lat), median(overhead));
+    let light_p50 = (common::median(lat), common::median(overhead));
 
     // Saturation: `concurrency` callers in a closed loop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -352,7 +343,7 @@ fn main() {
         println!(
             "bare ORT loop, batch {}: {:.3} images/s",
             opts.batch,
-            median(runs)
+            common::median(runs)
         );
         println!(
             "bare ORT batch-1 run: {:.3} ms",
@@ -398,12 +389,12 @@ fn main() {
         );
     }
     let (bt, st, bl, sl) = (
-        median(bare_tp),
-        median(served_tp),
-        median(bare_lat),
-        median(served_lat),
+        common::median(bare_tp),
+        common::median(served_tp),
+        common::median(bare_lat),
+        common::median(served_lat),
     );
-    let so = median(served_overhead);
+    let so = common::median(served_overhead);
     println!(
         "\n## Throughput at saturation (median of {} rounds)",
         opts.rounds

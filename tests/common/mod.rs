@@ -1,6 +1,7 @@
-//! Shared helpers of the integration tests (and of `benches/serving.rs`): start the real server on
-//! 127.0.0.1:0, connect the generated client, wait for health, scrape metrics, read test images,
-//! build model repositories, and wrap the real ONNX Runtime backend in the shared test probe.
+//! Shared helpers of the integration tests (and of `benches/serving.rs` and
+//! `benches/device_bound.rs`): start the real server on 127.0.0.1:0, connect the generated client,
+//! wait for health, scrape metrics, read test images, build model repositories, and wrap the real
+//! ONNX Runtime backend in the shared test probe.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -26,6 +27,12 @@ pub const PATIENCE: Duration = Duration::from_secs(120);
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The median of a bench's rounds (the upper one of an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 pub fn fixture_model(name: &str) -> PathBuf {
