@@ -13,7 +13,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::batcher::Priority;
+use crate::priority::Priority;
 
 pub const REQUESTS_TOTAL: &str = "brainai_requests_total";
 pub const REQUEST_DURATION: &str = "brainai_request_duration_seconds";

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::api::call::CallLayer;
 use crate::api::grpc::ClassifierService;
 use crate::api::oip::grpc::InferenceService;
 use crate::api::prescan::PrescanLayer;
@@ -25,8 +26,7 @@ use crate::input::InputLimits;
 use crate::pipeline::registry::{RegistryConfig, Source};
 use crate::pipeline::served::BatchingDefaults;
 use crate::pipeline::{Pipeline, Registry};
-use crate::security::auth::FrontEnd;
-use crate::security::{Security, SecurityLayer};
+use crate::security::Security;
 use crate::state::{Phase, ServingState};
 use crate::{model, pb};
 
@@ -266,11 +266,6 @@ pub async fn start(
             .access
             .spawn_reloader(Duration::from_secs(args.security.credentials_reload_s)),
     );
-    let secured = |front| SecurityLayer {
-        front,
-        access: security.access.clone(),
-        audit: security.audit.clone(),
-    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_overall(&health, ServingStatus::NotServing).await;
@@ -321,7 +316,7 @@ pub async fn start(
         .prepare();
     let grpc_service = tower::ServiceBuilder::new()
         .layer(crate::api::trace::TraceLayer::grpc())
-        .layer(secured(FrontEnd::Grpc))
+        .layer(CallLayer::grpc(&security))
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
         })
@@ -342,10 +337,10 @@ pub async fn start(
     let rest_task = tokio::spawn(transport::serve_h1(
         http_listener,
         rest_connections.clone(),
-        tower::Layer::layer(
-            &secured(FrontEnd::Rest),
-            crate::api::rest::router(pipeline, args.max_http_body_bytes)
-                .layer(crate::api::trace::TraceLayer::http()),
+        crate::api::rest::router(
+            pipeline,
+            args.max_http_body_bytes,
+            CallLayer::http(&security, &args.security.http_allowed_origins),
         ),
         serve_stop_tx.subscribe(),
         security.tls.clone(),

@@ -11,7 +11,7 @@ use super::{
     Aggregation, ColorMode, DicomGuard, DicomOutput, DicomWindow, GuardPolicy, InputSpec, Layout,
     ModelError, OutputKind, ResizeFilter, Scaling, SeriesSettings, SixteenBit,
 };
-use crate::batcher::Priority;
+use crate::priority::Priority;
 
 /// Batching settings of one model; each one unset falls back to the server-wide flag. Also what a
 /// `--model-override NAME:KEY=VALUE` flag sets (it wins over `model.toml`).
