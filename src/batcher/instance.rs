@@ -76,7 +76,7 @@ pub(super) async fn start_all(
                     next = {
                         let _clock = runtime.enter();
                         let now = tokio::time::Instant::now();
-                        queue::next_batch(&mut queue::lock(&shared), &shared, now, true).ok()
+                        queue::next_batch(&mut queue::lock(&shared), &shared, now, true).due()
                     };
                     if next.is_some() {
                         shared.publish_depth();

@@ -55,15 +55,26 @@ pub(super) fn lock(shared: &Shared) -> MutexGuard<'_, Core> {
     shared.core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Under the lock: drops dead entries, then decides for an instance that is free (`idle`). A due
-/// batch is taken out of the queue (`Ok`); otherwise `Err` says until when nothing is due (`None`:
-/// until news).
-pub(super) fn next_batch(
-    core: &mut Core,
-    shared: &Shared,
-    now: Instant,
-    idle: bool,
-) -> Result<Batch, Option<Instant>> {
+/// What the queue holds for an instance now.
+pub(super) enum Next {
+    /// A due batch, taken out of the queue.
+    Due(Batch),
+    /// Nothing is due before this instant (`None`: before news: an image, an idle instance).
+    NotBefore(Option<Instant>),
+}
+
+impl Next {
+    /// The due batch, if any.
+    pub(super) fn due(self) -> Option<Batch> {
+        match self {
+            Next::Due(batch) => Some(batch),
+            Next::NotBefore(_) => None,
+        }
+    }
+}
+
+/// Under the lock: drops dead entries, then decides for an instance that is free (`idle`).
+pub(super) fn next_batch(core: &mut Core, shared: &Shared, now: Instant, idle: bool) -> Next {
     drop_dead(core, shared, now);
     let state = QueueState {
         queued: core.queued(),
@@ -79,11 +90,11 @@ pub(super) fn next_batch(
         closing: core.closing,
     };
     match shared.policy.decide(&state) {
-        Decision::Dispatch => Ok(Batch {
+        Decision::Dispatch => Next::Due(Batch {
             jobs: take(core, shared),
             dispatched: Instant::now(),
         }),
-        Decision::Wait(until) => Err(until),
+        Decision::Wait(until) => Next::NotBefore(until),
     }
 }
 
@@ -98,7 +109,7 @@ pub(super) fn take_in_place(
     if core.idle.is_empty() || !instance::runs_in_place(shared, size) {
         return None;
     }
-    let batch = next_batch(core, shared, now, true).ok()?;
+    let batch = next_batch(core, shared, now, true).due()?;
     let instance = core.idle.pop().expect("checked above");
     Some((instance, batch))
 }
@@ -201,12 +212,12 @@ impl QueueTask {
                 let mut core = lock(&self.shared);
                 let idle = !core.idle.is_empty();
                 match next_batch(&mut core, &self.shared, now, idle) {
-                    Ok(batch) => {
+                    Next::Due(batch) => {
                         let instance = core.idle.pop().expect("dispatched to an idle instance");
                         Ok((instance, batch))
                     }
-                    Err(_) if core.closing && core.queued() == 0 => break,
-                    Err(until) => Err((until, core.closing)),
+                    Next::NotBefore(_) if core.closing && core.queued() == 0 => break,
+                    Next::NotBefore(until) => Err((until, core.closing)),
                 }
             };
             self.shared.publish_depth();

@@ -215,7 +215,7 @@ impl Admitted {
         within(
             request.deadline,
             "deadline exceeded before the images were classified",
-            self.pipeline.run(model, request),
+            self.pipeline.classify_through_cache(model, request),
         )
         .await
     }
@@ -261,7 +261,9 @@ async fn on_rayon<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -
 }
 
 impl Pipeline {
-    async fn run(
+    /// The images of a request: those the model's result cache holds are answered from it, the
+    /// rest reserved, decoded and run ([`Pipeline::reserve_and_classify`]).
+    async fn classify_through_cache(
         &self,
         model: &Arc<ServedModel>,
         request: InferRequest,
@@ -283,7 +285,7 @@ impl Pipeline {
         let Some(cache) = model.cache.as_ref().filter(|_| !preview) else {
             let indices: Vec<usize> = (first..first + n).collect();
             return self
-                .run_images(model, request.images, &indices, priority, deadline, preview)
+                .reserve_and_classify(model, request.images, &indices, priority, deadline, preview)
                 .await;
         };
         // The result cache: hits answer at once; only the misses are decoded and queued.
@@ -327,7 +329,7 @@ impl Pipeline {
         }
         if !misses.is_empty() {
             let fresh = self
-                .run_images(model, misses, &indices, priority, deadline, false)
+                .reserve_and_classify(model, misses, &indices, priority, deadline, false)
                 .await?;
             for (result, key) in fresh.into_iter().zip(miss_keys) {
                 cache.insert(
@@ -350,7 +352,7 @@ impl Pipeline {
 
     /// Reserves queue places, preprocesses and runs `images`; `indices` are their positions in
     /// the request (for results and errors).
-    async fn run_images(
+    async fn reserve_and_classify(
         &self,
         model: &Arc<ServedModel>,
         images: Vec<ImageInput>,
@@ -368,7 +370,7 @@ impl Pipeline {
                 .preprocess(model, images, indices, places, preview)
                 .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n))
                 .await?;
-            self.run_prepared(model, prepared, indices, deadline, &span)
+            self.submit_and_await(model, prepared, indices, deadline, &span)
                 .await
         }
         .instrument(span.clone())
@@ -388,7 +390,7 @@ impl Pipeline {
 
     /// Submits preprocessed images to the model's batcher in the reserved places and awaits
     /// their results, in order.
-    async fn run_prepared(
+    async fn submit_and_await(
         &self,
         model: &Arc<ServedModel>,
         prepared: Vec<Prepared>,

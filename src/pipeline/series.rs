@@ -197,7 +197,7 @@ impl Pipeline {
         .await?;
         let indices: Vec<usize> = (0..prepared.len()).collect();
         let results = self
-            .run_prepared(model, prepared, &indices, request.deadline, &span)
+            .submit_and_await(model, prepared, &indices, request.deadline, &span)
             .await?;
         for (slice, result) in slices[selected.clone()].iter_mut().zip(results) {
             slice.result = Some(result);
