@@ -158,8 +158,7 @@ impl BatchError {
     }
 }
 
-/// Receiver of one image's answer.
-pub type Pending = oneshot::Receiver<Result<ImageOutput, BatchError>>;
+pub use queue::Pending;
 
 /// Queue places for the images of one request, taken before they are decoded. Dropping it (a
 /// request that failed before submitting) gives the places back.
@@ -192,8 +191,9 @@ pub(crate) struct Job {
     reply: oneshot::Sender<Result<ImageOutput, BatchError>>,
     /// The request's span: instance logs about this image are emitted inside it.
     span: tracing::Span,
-    /// The image's wait in the queue, a child of `span`: closed when a batch takes the image.
-    queued: tracing::Span,
+    /// The image's wait in the queue, a child of `span`: ends when a batch takes the image or
+    /// the caller stops waiting.
+    queued: queue::QueueWait,
 }
 
 /// One queued image: its job, its deadline and its queue place.
@@ -408,6 +408,8 @@ impl Batcher {
                 .split(1)
                 .expect("a permit per tensor, checked above");
             let (reply, rx) = oneshot::channel();
+            let queued = queue::QueueWait::start(span);
+            pending.push(Pending::new(rx, queued.clone()));
             let entry = Entry {
                 job: Job {
                     tensor,
@@ -415,13 +417,12 @@ impl Batcher {
                     enqueued: now,
                     reply,
                     span: span.clone(),
-                    queued: tracing::debug_span!(parent: span, "queue"),
+                    queued,
                 },
                 deadline,
                 _place: permit,
             };
             entries.push(entry);
-            pending.push(rx);
         }
         let in_place = {
             let mut core = queue::lock(&self.shared);

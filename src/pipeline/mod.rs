@@ -300,7 +300,7 @@ impl Pipeline {
         async {
             let prepared = self
                 .preprocess(model, images, indices, priority)
-                .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n))
+                .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n as i64))
                 .await?;
             self.run_prepared(model, places, prepared, indices, deadline, &span)
                 .await
@@ -312,10 +312,11 @@ impl Pipeline {
     fn span(&self, model: &ServedModel, images: usize, priority: Priority) -> tracing::Span {
         tracing::info_span!(
             "classify",
-            request = self.next_request.fetch_add(1, Ordering::Relaxed),
+            // Numbers as i64: OpenTelemetry exports an unsigned field as text.
+            request = self.next_request.fetch_add(1, Ordering::Relaxed) as i64,
             model = %model.spec.config.name,
             version = %model.spec.version,
-            images,
+            images = images as i64,
             priority = priority.as_str(),
         )
     }
