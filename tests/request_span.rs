@@ -131,12 +131,17 @@ fn events_with(text: &str) -> Vec<Captured> {
         .collect()
 }
 
+/// The tests of this binary share the capturing subscriber: one at a time, so that neither reads
+/// the other's events.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Each case: the extra server flags, and whether a batch's log lines come from the instance
 /// thread (else from the async worker that ran the tiny model's batch in place).
 const PATHS: [(&[&str], bool); 2] = [(&["--inline-run-us", "0"], true), (&[], false)];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_logs_carry_the_request_span_and_no_image_id() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     capture();
     for (flags, on_instance_thread) in PATHS {
         capture().0.lock().unwrap().clear();
@@ -227,6 +232,7 @@ fn position(event: &Lifecycle) -> Option<usize> {
 /// its parent: trace viewers then draw the wait outliving the request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_wait_ends_within_its_request_when_the_caller_leaves() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     capture();
     let (t, gated) = serve_gated("tiny", &["--max-queue-delay-us", "0", "--instances", "1"]).await;
     // The first image's run waits at the gate, holding the only instance.
