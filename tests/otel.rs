@@ -66,15 +66,9 @@ impl Receiver {
         Self::start_with(tonic::transport::Server::builder().tls_config(tls).unwrap()).await
     }
 
-    async fn start_with(mut server: tonic::transport::Server) -> (Receiver, SocketAddr) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    async fn start_with(server: tonic::transport::Server) -> (Receiver, SocketAddr) {
         let receiver = Receiver::default();
-        tokio::spawn(
-            server
-                .add_service(TraceServiceServer::new(receiver.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let addr = collector(receiver.clone(), server).await;
         (receiver, addr)
     }
 
@@ -105,6 +99,21 @@ impl Receiver {
     }
 }
 
+/// Serves a collector's `service` on an ephemeral port of `server`; its address.
+async fn collector<T: TraceService>(
+    service: T,
+    mut server: tonic::transport::Server,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        server
+            .add_service(TraceServiceServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
 /// A collector that refuses every export (non-retryable), counting them.
 #[derive(Clone, Default)]
 struct Refusing(Arc<AtomicUsize>);
@@ -122,14 +131,8 @@ impl TraceService for Refusing {
 
 impl Refusing {
     async fn start() -> (Refusing, SocketAddr) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let refusing = Refusing::default();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(refusing.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let addr = collector(refusing.clone(), tonic::transport::Server::builder()).await;
         (refusing, addr)
     }
 
