@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::backend::Device;
 use crate::batcher::Priority;
 use crate::model::BatchingOverrides;
+use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -255,10 +256,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Export OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://collector:4317
-    /// (unset: no traces are exported). See README "Traces".
-    #[arg(long, env = "BRAINAI_OTLP_ENDPOINT")]
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector: http://host:port, or
+    /// https://host:port for TLS (unset: no traces are exported). See README "Traces".
+    #[arg(long, env = "BRAINAI_OTLP_ENDPOINT", value_parser = crate::telemetry::parse_endpoint)]
     pub otlp_endpoint: Option<String>,
+
+    /// With an https:// --otlp-endpoint: PEM file of the CA certificates that may sign the
+    /// collector's certificate (unset: the system's trusted roots).
+    #[arg(long, env = "BRAINAI_OTLP_CA")]
+    pub otlp_ca: Option<PathBuf>,
 
     /// The service.name of exported traces.
     #[arg(
@@ -272,12 +278,6 @@ pub struct ServeArgs {
     /// sampling decision.
     #[arg(long, env = "BRAINAI_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = crate::telemetry::parse_ratio)]
     pub otlp_sample_ratio: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Args)]

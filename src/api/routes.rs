@@ -101,9 +101,13 @@ pub fn grpc_routes() -> impl Iterator<Item = &'static Route> {
 
 /// The declared route of a gRPC request path, or [`UNKNOWN_GRPC`].
 pub fn grpc_route(path: &str) -> &'static Route {
-    grpc_routes()
-        .find(|route| route.path == path)
-        .unwrap_or(&UNKNOWN_GRPC)
+    known_grpc_route(path).unwrap_or(&UNKNOWN_GRPC)
+}
+
+/// The declared route of a gRPC request path; `None` for a path no service serves (a client's
+/// invention, which must not name anything).
+pub fn known_grpc_route(path: &str) -> Option<&'static Route> {
+    grpc_routes().find(|route| route.path == path)
 }
 
 /// An HTTP method as a static name (`_OTHER` for an extension method, which is caller text).
@@ -127,40 +131,42 @@ mod tests {
     use super::*;
     use prost::Message;
 
-    /// Every method of every service in the compiled protos has exactly one declared route, and
-    /// no route names a method that does not exist.
+    /// Every method of every service on the gRPC port (by the descriptor sets: brainai.v1, the
+    /// Open Inference Protocol, health, both reflections) has exactly one declared route, and no
+    /// route names a method that does not exist.
     #[test]
     fn every_grpc_method_is_declared_once() {
-        let set = prost_types::FileDescriptorSet::decode(crate::pb::FILE_DESCRIPTOR_SET)
-            .expect("the descriptor set decodes");
         let mut methods = Vec::new();
-        for file in &set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    methods.push(format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        service.name(),
-                        method.name()
-                    ));
+        for set in [
+            crate::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).expect("a descriptor set");
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.push(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
                 }
             }
         }
-        assert!(methods.len() >= 13, "{methods:?}");
-        let declared: Vec<&str> = super::super::grpc::ROUTES
-            .iter()
-            .chain(super::super::oip::grpc::ROUTES)
-            .map(|r| r.path)
-            .collect();
+        assert!(methods.len() >= 17, "{methods:?}");
         for method in &methods {
             assert_eq!(
-                declared.iter().filter(|p| *p == method).count(),
+                grpc_routes().filter(|r| r.path == *method).count(),
                 1,
                 "{method} must be declared once"
             );
         }
-        for path in &declared {
-            assert!(methods.iter().any(|m| m == path), "{path} is not a method");
+        for route in grpc_routes() {
+            assert!(methods.iter().any(|m| m == route.path), "{}", route.path);
         }
         let mut names: Vec<&str> = grpc_routes().map(|r| r.name).collect();
         names.sort_unstable();

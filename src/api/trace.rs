@@ -4,22 +4,23 @@
 //! metadata are HTTP/2 headers), runs the handler inside the call span (so the request's spans
 //! below it nest there), opens a `response` span from the handler's answer until the last byte of
 //! the body (with gRPC: the trailers) has been handed to the connection, and records the outcome:
-//! the HTTP status and, with gRPC, the `grpc-status`.
+//! the HTTP status and, with gRPC, the `grpc-status`; a call whose client went away before the
+//! answer was complete is recorded as cancelled.
 //!
-//! A missing traceparent starts a new trace; an invalid one is ignored (never a reason to refuse a
-//! call). The call span's name is the gRPC method (`package.Service/Method`) or the HTTP method
-//! and route template (`POST /v2/models/{model}/infer`), never anything else from the request.
+//! A missing traceparent starts a new trace; an invalid one (W3C Trace Context, strictly) is
+//! ignored, never a reason to refuse a call. The call span's name is a gRPC method this server
+//! serves (`package.Service/Method`, else `grpc unknown`) or the HTTP method and route template
+//! (`POST /v2/models/{model}/infer`), never anything else from the request.
 //! Without the OpenTelemetry layer (no `--otlp-endpoint`) the spans are disabled and the headers
 //! are not even parsed.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::str::FromStr;
 use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tonic::codegen::http::{HeaderMap, Request, Response};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -91,8 +92,17 @@ where
         let protocol = self.protocol;
         let future = span.in_scope(|| self.inner.call(request));
         let future = future.instrument(span.clone());
+        // Disarmed once the handler answers: dropped before that (the client reset the stream or
+        // closed the connection), it records the call as cancelled.
+        let unanswered = Unanswered {
+            call: span.clone(),
+            protocol,
+        };
         Box::pin(async move {
-            let response = match future.await {
+            let mut unanswered = unanswered;
+            let result = future.await;
+            unanswered.call = tracing::Span::none();
+            let response = match result {
                 Ok(response) => response,
                 Err(e) => {
                     span.record("otel.status_code", "ERROR");
@@ -100,7 +110,7 @@ where
                 }
             };
             let status = response.status().as_u16();
-            span.record("http.response.status_code", status);
+            span.record("http.response.status_code", i64::from(status));
             if protocol == Protocol::Http && status >= 500 {
                 span.record("otel.status_code", "ERROR");
             }
@@ -118,30 +128,77 @@ where
                 protocol,
                 call: span,
                 response: response_span,
+                ended: false,
             }))
         })
+    }
+}
+
+/// Records a call whose handler never answered as cancelled, when dropped armed.
+struct Unanswered {
+    /// `Span::none()` once disarmed.
+    call: tracing::Span,
+    protocol: Protocol,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.call.is_disabled() {
+            cancelled(&self.call, self.protocol, false);
+        }
+    }
+}
+
+/// The call ended before its answer was complete because the client went away: an error
+/// (`error.type` `cancelled`), with gRPC's `CANCELLED` or, when no status was sent, HTTP's 499
+/// (client closed request).
+fn cancelled(call: &tracing::Span, protocol: Protocol, status_sent: bool) {
+    call.record("otel.status_code", "ERROR");
+    call.record("error.type", "cancelled");
+    match protocol {
+        Protocol::Grpc => {
+            call.record("rpc.grpc.status_code", tonic::Code::Cancelled as i64);
+        }
+        Protocol::Http if !status_sent => {
+            call.record("http.response.status_code", 499_i64);
+        }
+        Protocol::Http => {}
     }
 }
 
 /// The call span, continuing the caller's trace when its `traceparent` is valid.
 fn call_span<B>(protocol: Protocol, request: &Request<B>) -> tracing::Span {
     let span = match protocol {
-        Protocol::Grpc => {
-            let (service, method) = grpc_method(request.uri().path());
-            tracing::debug_span!(
+        Protocol::Grpc => match super::routes::known_grpc_route(request.uri().path()) {
+            Some(route) => {
+                let (service, method) = route.grpc_parts();
+                tracing::debug_span!(
                 "call",
                 otel.name = %format_args!("{service}/{method}"),
                 otel.kind = "server",
                 otel.status_code = Empty,
+                error.type = Empty,
                 rpc.system = "grpc",
                 rpc.service = service,
                 rpc.method = method,
                 rpc.grpc.status_code = Empty,
                 http.response.status_code = Empty,
-            )
-        }
+                )
+            }
+            // A path no service serves: nothing of it is recorded (it is the caller's text).
+            None => tracing::debug_span!(
+                "call",
+                otel.name = "grpc unknown",
+                otel.kind = "server",
+                otel.status_code = Empty,
+                error.type = Empty,
+                rpc.system = "grpc",
+                rpc.grpc.status_code = Empty,
+                http.response.status_code = Empty,
+            ),
+        },
         Protocol::Http => {
-            let method = http_method(request.method());
+            let method = super::routes::http_verb(request.method());
             let route = request
                 .extensions()
                 .get::<axum::extract::MatchedPath>()
@@ -155,52 +212,20 @@ fn call_span<B>(protocol: Protocol, request: &Request<B>) -> tracing::Span {
                 otel.name = %name,
                 otel.kind = "server",
                 otel.status_code = Empty,
+                error.type = Empty,
                 http.request.method = method,
                 http.route = route.as_deref(),
                 http.response.status_code = Empty,
             )
         }
     };
-    if !span.is_disabled() {
-        let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
-        if parent.span().span_context().is_valid() {
-            // Fails only without the OpenTelemetry layer, when there is nothing to continue.
-            let _ = span.set_parent(parent);
-        }
+    if !span.is_disabled()
+        && let Some(parent) = caller_context(request.headers())
+    {
+        // Fails only without the OpenTelemetry layer, when there is nothing to continue.
+        let _ = span.set_parent(parent);
     }
     span
-}
-
-/// `/package.Service/Method` → (`package.Service`, `Method`); anything else (a path the client
-/// made up) → `unknown`, so no request text becomes a span name.
-fn grpc_method(path: &str) -> (&str, &str) {
-    let plausible = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 96
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
-    };
-    path.strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .filter(|(service, method)| plausible(service) && plausible(method))
-        .unwrap_or(("unknown", "unknown"))
-}
-
-/// The HTTP method as semantic conventions name it (`_OTHER` for one they do not know).
-fn http_method(method: &tonic::codegen::http::Method) -> &'static str {
-    use tonic::codegen::http::Method;
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        Method::TRACE => "TRACE",
-        Method::CONNECT => "CONNECT",
-        _ => "_OTHER",
-    }
 }
 
 /// Records `grpc-status` from response headers or trailers on the call span; the codes that mean
@@ -213,7 +238,7 @@ fn record_grpc_status(span: &tracing::Span, headers: &HeaderMap) {
     else {
         return;
     };
-    span.record("rpc.grpc.status_code", code);
+    span.record("rpc.grpc.status_code", i64::from(code));
     use tonic::Code;
     if matches!(
         Code::from(code),
@@ -228,13 +253,75 @@ fn record_grpc_status(span: &tracing::Span, headers: &HeaderMap) {
     }
 }
 
+/// The caller's trace context: one valid W3C `traceparent` (see [`parse_traceparent`]) and the
+/// `tracestate` that goes with it (all its headers, in order; an invalid one is dropped alone).
+fn caller_context(headers: &HeaderMap) -> Option<opentelemetry::Context> {
+    let mut traceparents = headers.get_all("traceparent").iter();
+    let traceparent = traceparents.next()?;
+    if traceparents.next().is_some() {
+        // Two parents: neither is the caller's for sure.
+        return None;
+    }
+    let (trace_id, span_id, flags) = parse_traceparent(traceparent.as_bytes())?;
+    let state = headers
+        .get_all("tracestate")
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect::<Option<Vec<_>>>()
+        .and_then(|parts| TraceState::from_str(&parts.join(",")).ok())
+        .unwrap_or_default();
+    let parent = SpanContext::new(trace_id, span_id, flags, true, state);
+    Some(opentelemetry::Context::new().with_remote_span_context(parent))
+}
+
+/// A W3C Trace Context `traceparent` (`version-traceid-parentid-flags`), strictly: two, 32, 16
+/// and two lowercase hex digits; version `ff` is invalid; version `00` has exactly these four
+/// fields, a later version may have more after a `-` (not read); trace and parent ids of all
+/// zeros are invalid. Of the flags only `sampled` is kept. Anything else → `None` (ignored).
+fn parse_traceparent(value: &[u8]) -> Option<(TraceId, SpanId, TraceFlags)> {
+    const LEN: usize = 55;
+    if value.len() < LEN || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+        return None;
+    }
+    let version = lower_hex(&value[..2])?;
+    if version == 0xff || (value.len() > LEN && (version == 0 || value[LEN] != b'-')) {
+        return None;
+    }
+    let trace = lower_hex(&value[3..35])?;
+    let parent = lower_hex(&value[36..52])?;
+    let flags = lower_hex(&value[53..55])?;
+    if trace == 0 || parent == 0 {
+        return None;
+    }
+    Some((
+        TraceId::from_bytes(trace.to_be_bytes()),
+        SpanId::from_bytes((parent as u64).to_be_bytes()),
+        TraceFlags::new(flags as u8) & TraceFlags::SAMPLED,
+    ))
+}
+
+/// Lowercase hex digits (at most 32) as a number; anything else → `None`.
+fn lower_hex(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u128::from(v))
+    })
+}
+
 /// The response body: the `response` span lasts until it ends (or is dropped), and it reads the
-/// gRPC trailers' status.
-pub struct TracedBody<B> {
+/// gRPC trailers' status. Dropped before its end (the client went away mid-answer), it records the
+/// call as cancelled.
+pub struct TracedBody<B: Body> {
     inner: B,
     protocol: Protocol,
     call: tracing::Span,
     response: tracing::Span,
+    /// Its last frame (the end, or gRPC trailers) or an error has been handed on.
+    ended: bool,
 }
 
 impl<B: Body + Unpin> Body for TracedBody<B> {
@@ -251,12 +338,21 @@ impl<B: Body + Unpin> Body for TracedBody<B> {
         let _call = this.call.enter();
         let _response = this.response.enter();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if this.protocol == Protocol::Grpc
-            && !this.call.is_disabled()
-            && let Poll::Ready(Some(Ok(frame))) = &frame
-            && let Some(trailers) = frame.trailers_ref()
-        {
-            record_grpc_status(&this.call, trailers);
+        match &frame {
+            Poll::Ready(None) => this.ended = true,
+            Poll::Ready(Some(Err(_))) => {
+                this.ended = true;
+                this.call.record("otel.status_code", "ERROR");
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.ended = true;
+                    if this.protocol == Protocol::Grpc && !this.call.is_disabled() {
+                        record_grpc_status(&this.call, trailers);
+                    }
+                }
+            }
+            Poll::Pending => {}
         }
         frame
     }
@@ -270,32 +366,23 @@ impl<B: Body + Unpin> Body for TracedBody<B> {
     }
 }
 
-/// Request headers as the propagator reads them.
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+impl<B: Body> Drop for TracedBody<B> {
+    fn drop(&mut self) {
+        if self.call.is_disabled() {
+            return;
+        }
+        if !self.ended && !self.inner.is_end_stream() {
+            cancelled(&self.call, self.protocol, true);
+        }
+        // The response ends here, then the call: a body the connection never polled (an empty
+        // one, a trailers-only gRPC answer, one whose client left) entered neither span since
+        // the handler answered, and a span never exited again ends when it closes — the
+        // response, closed here, would end after its call.
+        self.response.in_scope(|| {});
+        self.response = tracing::Span::none();
+        self.call.in_scope(|| {});
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_names_come_from_plausible_paths_only() {
-        assert_eq!(
-            grpc_method("/brainai.v1.TumorClassifier/Classify"),
-            ("brainai.v1.TumorClassifier", "Classify")
-        );
-        assert_eq!(grpc_method("/a b/c"), ("unknown", "unknown"));
-        assert_eq!(grpc_method("/PATIENT^JANE/x"), ("unknown", "unknown"));
-        assert_eq!(grpc_method("/only"), ("unknown", "unknown"));
-        assert_eq!(grpc_method(""), ("unknown", "unknown"));
-    }
-}
+mod tests;

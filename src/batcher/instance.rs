@@ -230,8 +230,15 @@ fn run_batch(
     let n = batch.jobs.len();
     let number = shared.next_batch.fetch_add(1, Ordering::Relaxed);
     // Its own trace (a batch serves many requests), linked once to each request span it serves
-    // (OpenTelemetry links, through `follows_from`).
-    let span = tracing::debug_span!(parent: None, "batch", batch = number, instance, size = n);
+    // (OpenTelemetry links, through `follows_from`); sampled when any of them is (the sampler in
+    // `telemetry` reads the links). Numbers as i64: an unsigned field is exported as text.
+    let span = tracing::debug_span!(
+        parent: None,
+        "batch",
+        batch = number as i64,
+        instance = instance as i64,
+        size = n as i64
+    );
     if !span.is_disabled() {
         let mut linked = Vec::with_capacity(n);
         for job in &batch.jobs {
@@ -272,7 +279,7 @@ fn run_batch(
     metrics.stage(Stage::Assemble, assembling.elapsed());
     shared.busy.fetch_add(1, Ordering::SeqCst);
     let started = std::time::Instant::now();
-    let result = tracing::debug_span!("run", size = n)
+    let result = tracing::debug_span!("run", size = n as i64)
         .in_scope(|| execute(instance, backend, input, n, config.output_len));
     let finished = std::time::Instant::now();
     let inference_time = finished - started;

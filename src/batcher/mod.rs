@@ -123,8 +123,7 @@ impl BatchError {
     }
 }
 
-/// Receiver of one image's answer.
-pub type Pending = oneshot::Receiver<Result<ImageOutput, BatchError>>;
+pub use queue::Pending;
 
 /// Queue places for the images of one request, taken before they are decoded. Dropping it (a
 /// request that failed before submitting) gives the places back.
@@ -223,8 +222,9 @@ pub(crate) struct Job {
     reply: oneshot::Sender<Result<ImageOutput, BatchError>>,
     /// The request's span: instance logs about this image are emitted inside it.
     span: tracing::Span,
-    /// The image's wait in the queue, a child of `span`: closed when a batch takes the image.
-    queued: tracing::Span,
+    /// The image's wait in the queue, a child of `span`: ends when a batch takes the image or
+    /// the caller stops waiting.
+    queued: queue::QueueWait,
 }
 
 /// One queued image: its job, its deadline and its queue place.
@@ -425,6 +425,8 @@ impl Batcher {
         {
             debug_assert_eq!(slot.as_slice().len(), self.shared.config.input_len);
             let (reply, rx) = oneshot::channel();
+            let queued = queue::QueueWait::start(span);
+            pending.push(Pending::new(rx, queued.clone()));
             let entry = Entry {
                 job: Job {
                     tensor: slot,
@@ -432,13 +434,12 @@ impl Batcher {
                     enqueued: now,
                     reply,
                     span: span.clone(),
-                    queued: tracing::debug_span!(parent: span, "queue"),
+                    queued,
                 },
                 deadline,
                 _place: place,
             };
             entries.push(entry);
-            pending.push(rx);
         }
         let in_place = {
             let mut core = queue::lock(&self.shared);

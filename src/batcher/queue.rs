@@ -8,13 +8,70 @@
 //! task. Each batch is filled from the highest priority first.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::policy::{Decision, QueueState};
-use super::{BatchError, Entry, Job, Priority, Shared, instance};
+use super::{BatchError, Entry, ImageOutput, Job, Priority, Shared, instance};
+
+/// An image's wait in the queue: the `queue` span, a child of the request's span, ended by
+/// whichever comes first, a batch taking the image ([`take`]) or its caller no longer waiting
+/// (its [`Pending`] dropped unanswered, with the request span). A wait that ended only when the
+/// queue dropped the image later would end after the request span it belongs to.
+#[derive(Clone, Default)]
+pub(crate) struct QueueWait(Option<Arc<Mutex<Option<tracing::Span>>>>);
+
+impl QueueWait {
+    pub fn start(request: &tracing::Span) -> Self {
+        let span = tracing::debug_span!(parent: request, "queue");
+        if span.is_disabled() {
+            return QueueWait(None);
+        }
+        QueueWait(Some(Arc::new(Mutex::new(Some(span)))))
+    }
+
+    /// Ends the span now (its last handle closes it); later calls do nothing.
+    pub fn end(&self) {
+        if let Some(span) = &self.0 {
+            drop(span.lock().unwrap_or_else(PoisonError::into_inner).take());
+        }
+    }
+}
+
+/// Receiver of one image's answer. Dropped before the answer comes (the caller stopped waiting),
+/// it ends the image's queue span if no batch took the image yet.
+pub struct Pending {
+    answer: oneshot::Receiver<Result<ImageOutput, BatchError>>,
+    queued: QueueWait,
+}
+
+impl Pending {
+    pub(super) fn new(
+        answer: oneshot::Receiver<Result<ImageOutput, BatchError>>,
+        queued: QueueWait,
+    ) -> Self {
+        Pending { answer, queued }
+    }
+}
+
+impl Future for Pending {
+    type Output = Result<Result<ImageOutput, BatchError>, oneshot::error::RecvError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer).poll(cx)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.queued.end();
+    }
+}
 
 /// A batch handed to an instance.
 pub(super) struct Batch {
@@ -174,9 +231,8 @@ fn take(core: &mut Core, shared: &Shared) -> Vec<Job> {
         // The entries' permits drop here: dispatched images no longer hold queue places; their
         // queue spans end.
         jobs.extend(queue.drain(..take).map(|entry| {
-            let mut job = entry.job;
-            job.queued = tracing::Span::none();
-            job
+            entry.job.queued.end();
+            entry.job
         }));
     }
     // A batch that took the last row claimed so far of the buffer its priority is filling has

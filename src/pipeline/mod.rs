@@ -368,7 +368,7 @@ impl Pipeline {
         async {
             let prepared = self
                 .preprocess(model, images, indices, places, preview)
-                .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n))
+                .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n as i64))
                 .await?;
             self.submit_and_await(model, prepared, indices, deadline, &span)
                 .await
@@ -380,10 +380,11 @@ impl Pipeline {
     fn span(&self, model: &ServedModel, images: usize, priority: Priority) -> tracing::Span {
         tracing::info_span!(
             "classify",
-            request = self.next_request.fetch_add(1, Ordering::Relaxed),
+            // Numbers as i64: OpenTelemetry exports an unsigned field as text.
+            request = self.next_request.fetch_add(1, Ordering::Relaxed) as i64,
             model = %model.spec.config.name,
             version = %model.spec.version,
-            images,
+            images = images as i64,
             priority = priority.as_str(),
         )
     }

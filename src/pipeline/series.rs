@@ -193,7 +193,7 @@ impl Pipeline {
             })
             .await
         }
-        .instrument(tracing::debug_span!(parent: &span, "preprocess", images = count))
+        .instrument(tracing::debug_span!(parent: &span, "preprocess", images = count as i64))
         .await?;
         let indices: Vec<usize> = (0..prepared.len()).collect();
         let results = self
