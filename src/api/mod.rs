@@ -2,13 +2,15 @@
 //! Open Inference Protocol (KServe v2) over gRPC and HTTP, [`rest`] the HTTP API port (OIP REST,
 //! `/v1/classify`, the upload page), [`prescan`] bounds what decoding a request may allocate,
 //! [`status`] corrects the statuses the transport gets wrong, [`trace`] opens each call's span,
-//! [`http`] serves `/metrics`, `/healthz` and `/readyz`, [`transport`] owns the connections of
-//! every port. Every request path goes through [`crate::pipeline`].
+//! [`probes`] serves the metrics and probes port (`/metrics`, `/healthz`, `/readyz`),
+//! [`transport`] owns the connections of every port and [`body`] bounds their request bodies.
+//! Every request path goes through [`crate::pipeline`].
 
+pub mod body;
 pub mod grpc;
-pub mod http;
 pub mod oip;
 pub mod prescan;
+pub mod probes;
 pub mod rest;
 pub mod status;
 pub mod trace;

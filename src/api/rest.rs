@@ -96,7 +96,10 @@ async fn not_found() -> Response {
     )
 }
 
-/// The request body, read up to the limit; `Err` is the ready 413 (or 400) response.
+/// The request body, read up to the limit; `Err` is the ready error response: 413 (over the
+/// limit), or what the transport's bounds say ([`super::body`]): 408 too slow, 413 a declared
+/// length over the limit, 503 request bodies in flight at their cap, 499 the client went away,
+/// 400 malformed.
 pub struct Body(pub Result<Bytes, Response>);
 
 impl FromRequest<Rest> for Body {
@@ -116,10 +119,13 @@ impl FromRequest<Rest> for Body {
                     format!("the request body is over the limit of {limit} bytes"),
                 ))
             }
-            Err(e) => Err(error_response(
-                StatusCode::BAD_REQUEST,
-                format!("the request body could not be read: {e}"),
-            )),
+            Err(e) => Err(match super::body::BodyError::find(&*e) {
+                Some(b) => error_response(b.kind().http_status(), b.message().to_string()),
+                None => error_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body could not be read: {e}"),
+                ),
+            }),
         }))
     }
 }
