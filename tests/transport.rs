@@ -244,9 +244,24 @@ async fn oversized_metadata_fails_that_call_alone() {
 struct Load {
     ok: usize,
     failed: Vec<String>,
-    /// Calls tonic cancelled before sending them, because their connection was going away (it
-    /// has no transparent retry, unlike grpc-go): sent again, as such a client's retry would.
+    /// Calls the server never processed, because their connection was going away (tonic has no
+    /// transparent retry, unlike grpc-go): cancelled by tonic before sending them, or refused by
+    /// the server's final GOAWAY (see [`refused_by_goaway`]). Callers send them again, as such
+    /// a client's retry would.
     unsent: usize,
+}
+
+/// A call that hyper's HTTP/2 client had opened but whose HEADERS it wrote after its answer to
+/// the server's shutdown PING (it answers PINGs before queued streams), so the server's final
+/// GOAWAY (RFC 9113 §6.8, sent on that answer) does not cover it: h2 fails it with the GOAWAY's
+/// NO_ERROR, which tonic reports as INTERNAL. The server never saw it (the tests check the
+/// server's count of answered calls); no server-side setting of hyper/h2 can wait longer.
+/// Told apart by the error's source (the h2 crate is no direct dependency to downcast to).
+fn refused_by_goaway(status: &tonic::Status) -> bool {
+    let source = format!("{:?}", std::error::Error::source(status));
+    status.code() == Code::Internal
+        && source.contains("GoAway(")
+        && source.contains("NO_ERROR, Remote")
 }
 
 /// Callers in a closed loop on one tonic channel until stopped.
@@ -269,8 +284,9 @@ async fn load(addr: SocketAddr, callers: usize, stop: Arc<AtomicBool>) -> Load {
                     {
                         Ok(_) => seen.ok += 1,
                         Err(s)
-                            if s.code() == Code::Cancelled
-                                && s.message() == "operation was canceled" =>
+                            if (s.code() == Code::Cancelled
+                                && s.message() == "operation was canceled")
+                                || refused_by_goaway(&s) =>
                         {
                             seen.unsent += 1
                         }
