@@ -836,8 +836,17 @@ fn the_deprecated_connection_cap_names_still_work_and_warn() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn brainai serve");
-    let (tx, log) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
+    // Killed however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Killed(child);
+    let (tx, log) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line);
@@ -906,6 +915,4 @@ fn the_deprecated_connection_cap_names_still_work_and_warn() {
             "{text}"
         );
     });
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
