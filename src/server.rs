@@ -13,12 +13,13 @@ use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::api::body::BodyBudget;
 use crate::api::call::CallLayer;
 use crate::api::grpc::ClassifierService;
 use crate::api::oip::grpc::InferenceService;
 use crate::api::prescan::PrescanLayer;
 use crate::api::status::StatusLayer;
-use crate::api::transport::{self, ConnectionPolicy, Connections, Stop};
+use crate::api::transport::{self, ConnectionPolicy, Connections, Protocol, Stop};
 use crate::backend::ort::{self as ort_backend, OrtBackend, OrtOptions};
 use crate::backend::{Backend, BackendFactory, EngineError};
 use crate::config::ServeArgs;
@@ -192,14 +193,19 @@ pub async fn start(
         },
     );
 
+    for deprecated in args.deprecations() {
+        tracing::warn!("{deprecated}");
+    }
     if let Some(limit) = transport::raise_fd_limit() {
-        // The gRPC and HTTP API ports each have --max-connections, the metrics port its own cap.
-        let wanted = (2 * args.max_connections + args.max_http_connections) as u64 + 256;
+        let wanted = (args.grpc_connections()
+            + args.http_api_connections()
+            + args.metrics_connections()) as u64
+            + 256;
         if limit < wanted {
             tracing::warn!(
                 open_file_limit = limit,
                 wanted,
-                "the open-file limit is low for --max-connections; raise it (ulimit -n) or lower the cap"
+                "the open-file limit is low for the connection caps (--max-grpc-connections, --max-http-api-connections, --max-metrics-connections); raise it (ulimit -n) or lower the caps"
             );
         }
     }
@@ -214,33 +220,20 @@ pub async fn start(
     // clients stop opening calls here at once; /metrics and the probes answer until the end.
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
     let (serve_stop_tx, serve_stop_rx) = watch::channel(Stop::Running);
-    let policy = |listener, max_connections| ConnectionPolicy {
-        listener,
-        max_connections,
-        first_request_timeout: Duration::from_secs(args.first_request_timeout_s),
-        idle_timeout: Duration::from_secs(args.idle_timeout_s),
-        max_age: (args.max_connection_age_s > 0)
-            .then(|| Duration::from_secs(args.max_connection_age_s)),
-        grace: Duration::from_secs(args.connection_grace_s),
-        keepalive: (args.keepalive_interval_s > 0).then(|| {
-            (
-                Duration::from_secs(args.keepalive_interval_s),
-                Duration::from_secs(args.keepalive_timeout_s),
-            )
-        }),
-        max_concurrent_streams: args.max_concurrent_streams,
-        // Far above --max-metadata-bytes: an oversized call is refused alone by StatusLayer
-        // instead of HTTP/2 closing the whole connection.
-        max_header_list_size: (args.max_metadata_bytes as u32)
-            .saturating_mul(4)
-            .max(1 << 20),
-        header_read_timeout: Duration::from_secs(args.header_read_timeout_s),
+    // Request bodies in flight: one budget for every port.
+    let budget = BodyBudget::new(args.max_body_bytes_in_flight_mib << 20);
+    let policy = |listener, protocol, max_connections| {
+        ConnectionPolicy::from_args(args, listener, protocol, max_connections, &budget)
     };
-    let http_connections = Connections::new(policy("http", args.max_http_connections));
-    let metrics_task = tokio::spawn(transport::serve_h1(
+    let http_connections = Connections::new(policy(
+        "metrics",
+        Protocol::Http1,
+        args.metrics_connections(),
+    ));
+    let metrics_task = tokio::spawn(transport::serve(
         metrics_listener,
         http_connections.clone(),
-        crate::api::http::service(crate::metrics::install(), state.clone()),
+        crate::api::probes::service(crate::metrics::install(), state.clone()),
         stop_rx.clone(),
         None,
     ));
@@ -297,8 +290,8 @@ pub async fn start(
     let health_addr = health_listener.as_ref().map(|(_, addr)| *addr);
     let health_only = health_listener.map(|(listener, addr)| {
         let routes = tonic::service::Routes::new(health_service.clone()).prepare();
-        let connections = Connections::new(policy("health", 64));
-        let task = tokio::spawn(transport::serve_h2(
+        let connections = Connections::new(policy("health", Protocol::Http2, 64));
+        let task = tokio::spawn(transport::serve(
             listener,
             connections.clone(),
             routes,
@@ -325,16 +318,18 @@ pub async fn start(
             max_images: args.max_images_per_request,
         })
         .service(routes);
-    let grpc_connections = Connections::new(policy("grpc", args.max_connections));
-    let grpc_task = tokio::spawn(transport::serve_h2(
+    let grpc_connections =
+        Connections::new(policy("grpc", Protocol::Http2, args.grpc_connections()));
+    let grpc_task = tokio::spawn(transport::serve(
         grpc_listener,
         grpc_connections.clone(),
         grpc_service,
         serve_stop_rx,
         security.tls.clone(),
     ));
-    let rest_connections = Connections::new(policy("rest", args.max_connections));
-    let rest_task = tokio::spawn(transport::serve_h1(
+    let rest_connections =
+        Connections::new(policy("rest", Protocol::Http1, args.http_api_connections()));
+    let rest_task = tokio::spawn(transport::serve(
         http_listener,
         rest_connections.clone(),
         crate::api::rest::router(

@@ -4,14 +4,16 @@
 //! ([`routes`]); [`call`] is the one layer that lets a call in and records it. [`prescan`] bounds
 //! what decoding a request may allocate,
 //! [`status`] corrects the statuses the transport gets wrong, [`trace`] opens each call's span,
-//! [`http`] serves `/metrics`, `/healthz` and `/readyz`, [`transport`] owns the connections of
-//! every port. Every request path goes through [`crate::pipeline`].
+//! [`probes`] serves the metrics and probes port (`/metrics`, `/healthz`, `/readyz`),
+//! [`transport`] owns the connections of every port and [`body`] bounds their request bodies.
+//! Every request path goes through [`crate::pipeline`].
 
+pub mod body;
 pub mod call;
 pub mod grpc;
-pub mod http;
 pub mod oip;
 pub mod prescan;
+pub mod probes;
 pub mod rest;
 pub mod routes;
 pub mod status;

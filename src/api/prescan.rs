@@ -19,7 +19,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Frame;
-use hyper::body::Incoming;
 use tonic::codegen::http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -55,9 +54,11 @@ pub struct Prescan<S> {
 /// A scan of one message, given as the pieces it arrived in.
 type Scan = fn(Wire<'_>, &PrescanLayer) -> Result<(), tonic::Status>;
 
-impl<S, ResBody> Service<Request<Incoming>> for Prescan<S>
+impl<S, B, ResBody> Service<Request<B>> for Prescan<S>
 where
     S: Service<Request<tonic::body::Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResBody: Default + Send + 'static,
@@ -70,7 +71,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let (scan, contiguous): (Scan, bool) = match request.uri().path() {
             CLASSIFY => (classify_request, false),
             CLASSIFY_SERIES => (classify_series_request, false),
@@ -96,12 +97,8 @@ where
                     ))
                     .into_http());
                 }
-                Err(e) => {
-                    return Ok(tonic::Status::cancelled(format!(
-                        "the request could not be read: {e}"
-                    ))
-                    .into_http());
-                }
+                // The transport's body error carries its status (too slow, client gone, ...).
+                Err(e) => return Ok(tonic::Status::from_error(e).into_http()),
             };
             // The body's pieces as they arrived (HTTP/2 DATA frames, 16 KiB each from most
             // clients), not copied into one buffer: tonic copies them into its own anyway. Only

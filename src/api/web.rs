@@ -71,8 +71,10 @@ pub type Answer = Result<Response, ApiError>;
 /// The request body, read up to the route's limit (413 beyond it).
 pub struct LimitedBody(pub Bytes);
 
-/// Why a request body was not read: answered with its own HTTP status (413 too large, 400
-/// unreadable), `{"error": ...}` like every other error.
+/// Why a request body was not read, answered with its own HTTP status and `{"error": ...}` like
+/// every other error: 413 over the limit, or what the transport's bounds say ([`super::body`]):
+/// 408 too slow, 413 a declared length over the limit, 503 request bodies in flight at their cap,
+/// 499 the client went away, 400 malformed.
 pub struct BodyRejection {
     pub status: StatusCode,
     pub message: String,
@@ -102,9 +104,15 @@ impl FromRequest<Rest> for LimitedBody {
                     message: format!("the request body is over the limit of {limit} bytes"),
                 })
             }
-            Err(e) => Err(BodyRejection {
-                status: StatusCode::BAD_REQUEST,
-                message: format!("the request body could not be read: {e}"),
+            Err(e) => Err(match super::body::BodyError::find(&*e) {
+                Some(b) => BodyRejection {
+                    status: b.kind().http_status(),
+                    message: b.message().to_string(),
+                },
+                None => BodyRejection {
+                    status: StatusCode::BAD_REQUEST,
+                    message: format!("the request body could not be read: {e}"),
+                },
             }),
         }
     }
