@@ -1,6 +1,6 @@
 //! Front ends: wire ↔ domain translation only. [`grpc`] serves `brainai.v1` over gRPC, [`oip`] the
 //! Open Inference Protocol (KServe v2) over gRPC and HTTP, [`rest`] the HTTP API port (OIP REST,
-//! `/v1/classify`, the upload page), [`prescan`] bounds what decoding a request may allocate,
+//! `/v1/classify`, the upload page of [`page`]), [`prescan`] bounds what decoding a request may allocate,
 //! [`status`] corrects the statuses the transport gets wrong, [`trace`] opens each call's span,
 //! [`http`] serves `/metrics`, `/healthz` and `/readyz`, [`transport`] owns the connections of
 //! every port. Every request path goes through [`crate::pipeline`].
@@ -8,6 +8,7 @@
 pub mod grpc;
 pub mod http;
 pub mod oip;
+pub mod page;
 pub mod prescan;
 pub mod rest;
 pub mod status;

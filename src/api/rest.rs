@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use axum::Router;
 use axum::extract::{FromRequest, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use bytes::Bytes;
@@ -35,7 +35,7 @@ pub struct Rest {
 /// The routes of the HTTP API port.
 pub fn router(pipeline: Pipeline, max_body: usize) -> Router {
     Router::new()
-        .route("/", get(page))
+        .merge(super::page::routes())
         .route("/v1/classify", post(classify))
         .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))
@@ -56,7 +56,18 @@ pub fn router(pipeline: Pipeline, max_body: usize) -> Router {
             post(oip::infer),
         )
         .fallback(not_found)
+        .layer(axum::middleware::map_response(nosniff))
         .with_state(Rest { pipeline, max_body })
+}
+
+/// Every answer of the router declares `X-Content-Type-Options: nosniff`: a browser takes the
+/// declared type and never guesses another (a JSON error read as HTML, an upload as script).
+async fn nosniff(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// An error as JSON with the HTTP status of its kind.
@@ -122,21 +133,6 @@ impl FromRequest<Rest> for Body {
             )),
         }))
     }
-}
-
-async fn page() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; \
-                 script-src 'self' 'unsafe-inline'",
-            ),
-        ],
-        Html(include_str!("page/index.html")),
-    )
-        .into_response()
 }
 
 /// One uploaded file.

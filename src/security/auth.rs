@@ -86,7 +86,7 @@ pub fn required_scope(front: FrontEnd, path: &str, open_reflection: bool) -> Opt
             }
         }
         FrontEnd::Rest => match path {
-            "/" | "/v2/health/live" | "/v2/health/ready" => None,
+            "/" | "/page.js" | "/page.css" | "/v2/health/live" | "/v2/health/ready" => None,
             "/v1/classify" => Some(Scope::Infer),
             p if p.starts_with("/v2/repository") => Some(Scope::Admin),
             p if p.starts_with("/v2/models/") && p.ends_with("/infer") => Some(Scope::Infer),
@@ -624,6 +624,8 @@ scopes = ["infer"]
             None
         );
         assert_eq!(required_scope(Rest, "/", false), None);
+        assert_eq!(required_scope(Rest, "/page.js", false), None);
+        assert_eq!(required_scope(Rest, "/page.css", false), None);
         assert_eq!(
             required_scope(Rest, "/v1/classify", false),
             Some(Scope::Infer)

@@ -181,6 +181,8 @@ fn method_name<B>(front: FrontEnd, request: &Request<B>) -> String {
         }
         FrontEnd::Rest => {
             let known = path == "/"
+                || path == "/page.js"
+                || path == "/page.css"
                 || path == "/v1/classify"
                 || path == "/v2"
                 || path.starts_with("/v2/health/")
