@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve models over gRPC (with health, reflection and Prometheus metrics).
     Serve(Box<ServeArgs>),
-    /// Classify image files with a running server; one line per file.
+    /// Classify image files with a running server; one line per file, in input order.
     Classify(Box<ClassifyArgs>),
 }
 
@@ -348,9 +348,24 @@ pub struct ClassifyArgs {
     #[arg(long, value_name = "DIR")]
     pub sr_out: Option<PathBuf>,
 
-    /// Call deadline in seconds.
+    /// Call deadline in seconds (each call of the run: one per `--images-per-call` files).
     #[arg(long, default_value_t = 60.0)]
     pub timeout_s: f64,
+
+    /// Most files in one call (default: the model's max batch size from GetModel, at most 64, the
+    /// server's default --max-images-per-request; a server with a lower limit is followed).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub images_per_call: Option<usize>,
+
+    /// Calls in flight at once; results are still printed in input order (default: the model's
+    /// instances + 1, from 2 to 4).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub in_flight: Option<usize>,
+
+    /// Tries per call while the server answers RESOURCE_EXHAUSTED (busy) or UNAVAILABLE, with
+    /// exponential backoff and jitter between them (0.1 s doubling up to 5 s); then the run stops.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tries: u32,
 
     /// TLS: the CA (PEM) the server's certificate must chain to. Implies https.
     #[arg(long, env = "BRAINAI_CA")]
@@ -376,6 +391,14 @@ pub struct ClassifyArgs {
     /// PNG, JPEG or DICOM files, or directories of them (searched recursively).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// A count of at least one.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
 }
 
 impl ServeArgs {

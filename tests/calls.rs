@@ -528,7 +528,25 @@ async fn oip_requests_are_checked_like_triton_checks_them() {
 /// `priority: 1` over the Open Inference Protocol rides the STAT queue, on both transports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oip_priority_reaches_the_stat_queue() {
-    let (t, gated) = serve_gated("tiny", &["--max-batch-size", "1"]).await;
+    // A model of its own: the queue-depth gauge is the process's, shared with the other tests'
+    // servers of `tiny`.
+    let repository = tempfile::tempdir().unwrap();
+    copy_model("tiny", repository.path(), "stat-queue");
+    let probed = probed_ort();
+    let t = serve(
+        repository_args(
+            repository.path(),
+            &[&["--max-batch-size", "1"], HELD_RUNS].concat(),
+        ),
+        Some(probed.factory),
+    )
+    .await;
+    probed.log.clear();
+    probed.gate.close();
+    let gated = Gated {
+        log: probed.log,
+        gate: probed.gate,
+    };
     let addr = t.server.http_addr;
     // One routine image holds the instance at the gate; the next wait in their queues.
     let body = |priority: i64| {
@@ -537,15 +555,13 @@ async fn oip_priority_reaches_the_stat_queue() {
             serde_json::json!({"parameters": {"priority": priority}}),
         )
     };
-    let hold =
-        tokio::spawn(
-            async move { http(addr, "POST", "/v2/models/tiny/infer", &[], &body(2)).await },
-        );
+    let hold = tokio::spawn(async move {
+        http(addr, "POST", "/v2/models/stat-queue/infer", &[], &body(2)).await
+    });
     until("the held run", || gated.log.len() >= 1).await;
-    let stat_http =
-        tokio::spawn(
-            async move { http(addr, "POST", "/v2/models/tiny/infer", &[], &body(1)).await },
-        );
+    let stat_http = tokio::spawn(async move {
+        http(addr, "POST", "/v2/models/stat-queue/infer", &[], &body(1)).await
+    });
     let mut oip =
         brainai::kserve_pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(
             t.channel.clone(),
@@ -553,7 +569,7 @@ async fn oip_priority_reaches_the_stat_queue() {
     let stat_grpc = tokio::spawn(async move {
         use brainai::kserve_pb::{infer_parameter::ParameterChoice, *};
         oip.model_infer(ModelInferRequest {
-            model_name: "tiny".into(),
+            model_name: "stat-queue".into(),
             parameters: [(
                 "priority".to_string(),
                 InferParameter {
@@ -580,7 +596,7 @@ async fn oip_priority_reaches_the_stat_queue() {
             let stat = scrape(
                 t.metrics_addr(),
                 "brainai_queue_depth",
-                &["priority=\"stat\""],
+                &["model=\"stat-queue\"", "priority=\"stat\""],
             )
             .await;
             if stat >= 2.0 {

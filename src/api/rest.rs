@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get, post};
 use base64::Engine;
 use bytes::Bytes;
@@ -35,6 +35,8 @@ use Protection::Open;
 mod declared {
     use super::*;
     pub static PAGE: Route = Route::new("/", "page", Open);
+    pub static PAGE_JS: Route = Route::new("/page.js", "page.js", Open);
+    pub static PAGE_CSS: Route = Route::new("/page.css", "page.css", Open);
     pub static CLASSIFY: Route = Route::new(
         "/v1/classify",
         "v1.classify",
@@ -84,7 +86,9 @@ pub fn router(pipeline: Pipeline, max_body: usize, calls: CallLayer) -> Router {
         router.route(route.path, handler.layer(calls.on(route)))
     };
     let router = Router::new();
-    let router = at(router, &PAGE, get(page));
+    let router = at(router, &PAGE, get(super::page::page));
+    let router = at(router, &PAGE_JS, get(super::page::page_js));
+    let router = at(router, &PAGE_CSS, get(super::page::page_css));
     let router = at(router, &CLASSIFY, post(classify));
     let router = at(router, &LIVE, get(oip::live));
     let router = at(router, &READY, get(oip::ready));
@@ -97,8 +101,20 @@ pub fn router(pipeline: Pipeline, max_body: usize, calls: CallLayer) -> Router {
     let router = at(router, &VERSION_INFER, post(oip::infer));
     router
         .fallback_service(any(not_found).layer(calls.on(&UNMATCHED_HTTP)))
+        .layer(axum::middleware::map_response(nosniff))
         .with_state(Rest { pipeline, max_body })
         .layer(super::trace::TraceLayer::http())
+}
+
+/// Every answer of the router declares `X-Content-Type-Options: nosniff` (the call layer's
+/// refusals and the 404 included): a browser takes the declared type and never guesses another (a
+/// JSON error read as HTML, an upload as script).
+async fn nosniff(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 async fn not_found() -> Response {
@@ -108,21 +124,6 @@ async fn not_found() -> Response {
             "error": "not found: try GET /, POST /v1/classify, or the /v2 routes of the Open \
                       Inference Protocol"
         })),
-    )
-        .into_response()
-}
-
-async fn page() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; \
-                 script-src 'self' 'unsafe-inline'",
-            ),
-        ],
-        Html(include_str!("page/index.html")),
     )
         .into_response()
 }
