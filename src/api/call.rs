@@ -21,11 +21,12 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{HeaderMap, Request, Response};
 use tower::{Layer, Service};
 
+use super::response::{End, FromBytes, Watch, Watched};
 use super::routes::{self, Route};
 use crate::error::{self, ErrorKind, InferError};
 use crate::metrics;
@@ -213,73 +214,29 @@ impl Drop for CallRecord {
     }
 }
 
-/// The response body: the handler's, watched for its end (and gRPC status), or a refusal.
-pub enum CallBody<B> {
-    Inner {
-        inner: B,
-        record: Option<Box<CallRecord>>,
-    },
-    Full(Option<Bytes>),
-}
-
-impl<B> Body for CallBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.get_mut() {
-            CallBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            CallBody::Inner { inner, record } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(trailers), Some(r)) = (frame.trailers_ref(), record.as_mut())
-                            && let Some(code) = grpc_code(trailers)
-                        {
-                            r.outcome = Some(Outcome::Grpc(code));
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        if let Some(mut r) = record.take() {
-                            // A gRPC body that ends without a status is a broken call.
-                            let outcome = r.outcome.unwrap_or(Outcome::Grpc(tonic::Code::Unknown));
-                            r.finish(outcome);
-                        }
-                    }
-                    Poll::Ready(Some(Err(_))) => {
-                        if let Some(mut r) = record.take() {
-                            let failed = Outcome::failed(r.front);
-                            r.finish(failed);
-                        }
-                    }
-                    Poll::Pending => {}
-                }
-                polled
-            }
+/// The record goes with the response body, which finishes it when it ends.
+impl Watch for Box<CallRecord> {
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(code) = grpc_code(trailers) {
+            self.outcome = Some(Outcome::Grpc(code));
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        match self {
-            CallBody::Full(data) => data.is_none(),
-            CallBody::Inner { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            CallBody::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
-            CallBody::Full(None) => SizeHint::with_exact(0),
-            CallBody::Inner { inner, .. } => inner.size_hint(),
-        }
+    fn end(mut self, how: End) {
+        let outcome = match how {
+            // A gRPC body that ends without a status is a broken call.
+            End::Done => self.outcome.unwrap_or(Outcome::Grpc(tonic::Code::Unknown)),
+            End::Failed => Outcome::failed(self.front),
+            // Not read to the end: the client left (or hyper stopped at `is_end_stream`, when the
+            // outcome is already known from the headers).
+            End::Dropped { .. } => self.outcome.unwrap_or(Outcome::cancelled(self.front)),
+        };
+        self.finish(outcome);
     }
 }
+
+/// A call's response body, watched by its record (or nothing, for a refusal already recorded).
+pub type CallBody<B> = Watched<B, Box<CallRecord>>;
 
 /// The gRPC status code in a header map (trailers, or trailers-only headers).
 fn grpc_code(headers: &HeaderMap) -> Option<tonic::Code> {
@@ -293,7 +250,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Body<Data = Bytes> + Default + Unpin + Send + 'static,
+    ResBody: Body<Data = Bytes> + FromBytes + Unpin + Send + 'static,
 {
     type Response = Response<CallBody<ResBody>>;
     type Error = S::Error;
@@ -403,10 +360,7 @@ where
                 FrontEnd::Grpc => grpc_code(response.headers()).map(Outcome::Grpc),
                 FrontEnd::Rest => Some(Outcome::Http(response.status().as_u16())),
             };
-            Ok(response.map(|inner| CallBody::Inner {
-                inner,
-                record: Some(record),
-            }))
+            Ok(response.map(|inner| Watched::new(inner, record)))
         })
     }
 }
@@ -422,31 +376,27 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    ResBody: Body,
 {
     let future = inner.call(request);
     Box::pin(async move {
         let response = future.await?;
-        Ok(response.map(|inner| CallBody::Inner {
-            inner,
-            record: None,
-        }))
+        Ok(response.map(Watched::plain))
     })
 }
 
 /// A refusal as the front end speaks it: a trailers-only gRPC status, or JSON `{"error": ...}`
 /// with the HTTP status of its kind.
-fn refuse<B: Default>(front: FrontEnd, error: InferError) -> Response<CallBody<B>> {
+fn refuse<B: Body + FromBytes>(front: FrontEnd, error: InferError) -> Response<CallBody<B>> {
     let unauthenticated = error.kind == ErrorKind::Unauthenticated;
     match front {
         FrontEnd::Grpc => tonic::Status::new(super::grpc::code(error.kind), error.message)
             .into_http::<B>()
-            .map(|inner| CallBody::Inner {
-                inner,
-                record: None,
-            }),
+            .map(Watched::plain),
         FrontEnd::Rest => {
-            let mut response =
-                Response::new(CallBody::Full(Some(super::web::error_json(&error.message))));
+            let mut response = Response::new(Watched::plain(B::from_bytes(
+                super::web::error_json(&error.message),
+            )));
             *response.status_mut() = super::web::status(error.kind);
             response
                 .headers_mut()

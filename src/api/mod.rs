@@ -15,6 +15,7 @@ pub mod oip;
 pub mod page;
 pub mod prescan;
 pub mod probes;
+pub mod response;
 pub mod rest;
 pub mod routes;
 pub mod status;

@@ -19,13 +19,15 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{Context, Poll};
 
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tonic::codegen::http::{HeaderMap, Request, Response};
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::response::{End, Watch, Watched};
 
 /// Which protocol a [`TraceLayer`] serves: it decides the span's name and which status counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +81,7 @@ where
     S::Error: Send + 'static,
     ResBody: Body + Send + 'static,
 {
-    type Response = Response<TracedBody<ResBody>>;
+    type Response = Response<Watched<ResBody, CallTrace>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -123,12 +125,15 @@ where
                 }
                 tracing::debug_span!(parent: &span, "response")
             };
-            Ok(response.map(|inner| TracedBody {
-                inner,
-                protocol,
-                call: span,
-                response: response_span,
-                ended: false,
+            Ok(response.map(|inner| {
+                Watched::new(
+                    inner,
+                    CallTrace {
+                        protocol,
+                        call: span,
+                        response: response_span,
+                    },
+                )
             }))
         })
     }
@@ -312,67 +317,40 @@ fn lower_hex(digits: &[u8]) -> Option<u128> {
     })
 }
 
-/// The response body: the `response` span lasts until it ends (or is dropped), and it reads the
-/// gRPC trailers' status. Dropped before its end (the client went away mid-answer), it records the
-/// call as cancelled.
-pub struct TracedBody<B: Body> {
-    inner: B,
+/// The spans of a call's answer: the `response` span (and the call's) last until its body ends,
+/// which reads the gRPC trailers' status. Dropped before its end (the client went away
+/// mid-answer), the call is recorded as cancelled.
+pub struct CallTrace {
     protocol: Protocol,
     call: tracing::Span,
     response: tracing::Span,
-    /// Its last frame (the end, or gRPC trailers) or an error has been handed on.
-    ended: bool,
 }
 
-impl<B: Body + Unpin> Body for TracedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
+impl Watch for CallTrace {
+    fn polling<R>(&mut self, poll: impl FnOnce() -> R) -> R {
         // Both entered: a span ends (for OpenTelemetry) when it is last exited, so the call span
         // lasts until the body's last frame too.
-        let _call = this.call.enter();
-        let _response = this.response.enter();
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => this.ended = true,
-            Poll::Ready(Some(Err(_))) => {
-                this.ended = true;
-                this.call.record("otel.status_code", "ERROR");
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    this.ended = true;
-                    if this.protocol == Protocol::Grpc && !this.call.is_disabled() {
-                        record_grpc_status(&this.call, trailers);
-                    }
-                }
-            }
-            Poll::Pending => {}
+        let _call = self.call.enter();
+        let _response = self.response.enter();
+        poll()
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if self.protocol == Protocol::Grpc && !self.call.is_disabled() {
+            record_grpc_status(&self.call, trailers);
         }
-        frame
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B: Body> Drop for TracedBody<B> {
-    fn drop(&mut self) {
+    fn end(mut self, how: End) {
         if self.call.is_disabled() {
             return;
         }
-        if !self.ended && !self.inner.is_end_stream() {
-            cancelled(&self.call, self.protocol, true);
+        match how {
+            End::Done | End::Dropped { at_end: true } => {}
+            End::Failed => {
+                self.call.record("otel.status_code", "ERROR");
+            }
+            End::Dropped { at_end: false } => cancelled(&self.call, self.protocol, true),
         }
         // The response ends here, then the call: a body the connection never polled (an empty
         // one, a trailers-only gRPC answer, one whose client left) entered neither span since

@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::body::{BodyPolicy, RequestBody, Reservation};
+use super::response::{End, Watch, Watched};
 use crate::metrics;
 use crate::security::ConnInfo;
 use crate::security::tls::{self, Alpn, Io, Tls};
@@ -201,32 +202,16 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is done, and the bytes
-/// its request body took from the budget held (the handler may hold them until it answers).
-pub struct TrackedBody<B> {
-    inner: B,
+/// What a response body holds until it is sent: its request counted as in flight, and the bytes
+/// its request body took from the budget (the handler may hold them until it answers).
+pub struct InFlight {
     _guard: ActiveGuard,
     _reservation: Option<Arc<Reservation>>,
 }
 
-impl<B: Body + Unpin> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+impl Watch for InFlight {
+    /// Both are released as it drops, however the body ended.
+    fn end(self, _how: End) {}
 }
 
 /// The service of one connection: counts its requests in flight and bounds their bodies.
@@ -243,9 +228,9 @@ impl<S, B> Service<Request<Incoming>> for Tracked<S>
 where
     S: Service<Request<RequestBody>, Response = Response<B>>,
     S::Future: Send + 'static,
-    B: Body + Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
-    type Response = Response<TrackedBody<B>>;
+    type Response = Response<Watched<B, InFlight>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -262,10 +247,14 @@ where
         let future = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let response = future.await?;
-            Ok(response.map(|inner| TrackedBody {
-                inner,
-                _guard: guard,
-                _reservation: reservation,
+            Ok(response.map(|inner| {
+                Watched::new(
+                    inner,
+                    InFlight {
+                        _guard: guard,
+                        _reservation: reservation,
+                    },
+                )
             }))
         })
     }

@@ -1,6 +1,7 @@
 //! The call span, end to end through the layer: an in-memory exporter collects what the
 //! OpenTelemetry layer ends.
 
+use http_body::Frame;
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
