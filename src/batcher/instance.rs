@@ -35,9 +35,16 @@ pub(super) async fn start_all(
         std::thread::Builder::new()
             .name(format!("brainai-instance-{instance}"))
             .spawn(move || {
-                let Some(backend) = warm_up(instance, &shared, &factory, warm_tx) else {
-                    return;
+                let backend = match warm_up(instance, &shared, &factory) {
+                    Ok(backend) => backend,
+                    Err(e) => {
+                        let _ = warm_tx.send(Err(e));
+                        return;
+                    }
                 };
+                // Reported warm once idle (below), not before: a call made as soon as start
+                // returns finds this instance idle and can run in place on it.
+                let mut warm_tx = Some(warm_tx);
                 *lock_engine(&shared, instance) = Some(Engine {
                     backend,
                     // Where scattered batches are gathered: allocated once, at its largest.
@@ -62,6 +69,10 @@ pub(super) async fn start_all(
                             };
                             if waiting {
                                 shared.wake.notify_one();
+                            }
+                            if let Some(warm_tx) = warm_tx.take() {
+                                let _ = warm_tx.send(Ok(()));
+                                tracing::info!(instance, "model instance warm");
                             }
                             match batch_rx.blocking_recv() {
                                 Some(batch) => batch,
@@ -152,15 +163,14 @@ pub(super) fn run_in_place(shared: &Shared, instance: usize, batch: Batch) {
 }
 
 /// Builds the backend and runs every warm-up batch size (through [`execute`], so warm-up checks
-/// the output exactly as serving does). Reports the outcome on `warm_tx`.
+/// the output exactly as serving does).
 fn warm_up(
     instance: usize,
     shared: &Shared,
     factory: &InstanceFactory,
-    warm_tx: oneshot::Sender<Result<(), EngineError>>,
-) -> Option<Box<dyn Backend>> {
+) -> Result<Box<dyn Backend>, EngineError> {
     let config = &shared.config;
-    let warm = catch_unwind(AssertUnwindSafe(|| {
+    catch_unwind(AssertUnwindSafe(|| {
         let mut backend = factory(instance)?;
         for size in config.sizes.warmup() {
             let input = vec![0f32; size * config.input_len];
@@ -176,18 +186,7 @@ fn warm_up(
             instance,
             message: panic_message(panic.as_ref()),
         })
-    });
-    match warm {
-        Ok(backend) => {
-            let _ = warm_tx.send(Ok(()));
-            tracing::info!(instance, "model instance warm");
-            Some(backend)
-        }
-        Err(e) => {
-            let _ = warm_tx.send(Err(e));
-            None
-        }
-    }
+    })
 }
 
 /// One model run: contains panics, and is the one place that checks the output's size.
