@@ -213,6 +213,39 @@ pub fn flat_image(id: &str, width: u32, height: u32, channels: u32, value: u8) -
     }
 }
 
+/// A DICOM instance of series `series` made from tests/data/dicom/ts_explicit_le.dcm (an axial
+/// MR FLAIR slice): SOP Instance UID `<series>.<number>`, Instance Number `number`, at
+/// z = 5·number mm, with Modality `modality`.
+pub fn dicom_slice(series: &str, number: u32, modality: &str) -> Vec<u8> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let bytes = data("dicom/ts_explicit_le.dcm");
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(&bytes[..])
+        .expect("the template parses");
+    let sop = format!("{series}.{number}");
+    let text = |tag, vr, value: String| DataElement::new(tag, vr, PrimitiveValue::from(value));
+    obj.put(text(tags::SOP_INSTANCE_UID, VR::UI, sop.clone()));
+    obj.put(text(tags::SERIES_INSTANCE_UID, VR::UI, series.into()));
+    obj.put(text(tags::INSTANCE_NUMBER, VR::IS, number.to_string()));
+    obj.put(text(tags::MODALITY, VR::CS, modality.into()));
+    obj.put(text(
+        tags::IMAGE_POSITION_PATIENT,
+        VR::DS,
+        format!("-100\\-90\\{}", 5 * number),
+    ));
+    obj.put(text(
+        tags::IMAGE_ORIENTATION_PATIENT,
+        VR::DS,
+        "1\\0\\0\\0\\1\\0".into(),
+    ));
+    obj.update_meta(|meta| meta.media_storage_sop_instance_uid = sop);
+    let mut out = Vec::new();
+    obj.write_all(&mut out).expect("written to memory");
+    out
+}
+
 /// Copies the fixture model `fixture` into `repository/name` (model.toml and every version).
 pub fn copy_model(fixture: &str, repository: &Path, name: &str) -> PathBuf {
     let src = fixture_model(fixture);
