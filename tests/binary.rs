@@ -179,8 +179,8 @@ async fn classify_cli_prints_one_line_per_file_and_json() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.lines().any(|l| l.contains("not_an_image.bin")
-            && l.contains("neither PNG, JPEG nor DICOM")),
+        err.lines()
+            .any(|l| l.contains("not_an_image.bin") && l.contains("neither PNG, JPEG nor DICOM")),
         "{err}"
     );
 
