@@ -18,6 +18,7 @@ use crate::api::call::CallLayer;
 use crate::api::grpc::ClassifierService;
 use crate::api::oip::grpc::InferenceService;
 use crate::api::prescan::PrescanLayer;
+use crate::api::routes::{self, GrpcRoutes};
 use crate::api::status::StatusLayer;
 use crate::api::transport::{self, ConnectionPolicy, Connections, Protocol, Stop};
 use crate::backend::ort::{self as ort_backend, OrtBackend, OrtOptions};
@@ -186,6 +187,15 @@ fn build_pipeline(
     Ok((registry, pipeline))
 }
 
+/// The routes of the gRPC port: the tables of the services [`grpc_stack`] mounts, which the call
+/// and trace layers look each request's path up in.
+pub const GRPC_ROUTES: GrpcRoutes = GrpcRoutes::new(&[
+    crate::api::grpc::ROUTES,
+    crate::api::oip::grpc::ROUTES,
+    routes::HEALTH_ROUTES,
+    routes::REFLECTION_ROUTES,
+]);
+
 /// The gRPC port's services (health, reflection, `brainai.v1`, the Open Inference Protocol)
 /// behind its layers, outermost first: the call's span, the call layer (access and the call's
 /// record), the status fixes, the protobuf pre-scan.
@@ -246,8 +256,8 @@ fn grpc_stack(
         .add_service(inference)
         .prepare();
     Ok(tower::ServiceBuilder::new()
-        .layer(crate::api::trace::TraceLayer::grpc())
-        .layer(CallLayer::grpc(security))
+        .layer(crate::api::trace::TraceLayer::grpc(GRPC_ROUTES))
+        .layer(CallLayer::grpc(security, GRPC_ROUTES))
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
         })
@@ -677,5 +687,111 @@ impl ShutdownSignals {
         {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::routes::Protection::*;
+    use crate::api::routes::UNKNOWN_GRPC;
+    use crate::security::auth::Scope::*;
+    use prost::Message;
+
+    /// Every method of every service on the gRPC port (by the descriptor sets: brainai.v1, the
+    /// Open Inference Protocol, health, both reflections) has exactly one declared route, and no
+    /// route names a method that does not exist.
+    #[test]
+    fn every_grpc_method_is_declared_once() {
+        let mut methods = Vec::new();
+        for set in [
+            crate::pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let set = prost_types::FileDescriptorSet::decode(set).expect("a descriptor set");
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.push(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(methods.len() >= 17, "{methods:?}");
+        for method in &methods {
+            assert_eq!(
+                GRPC_ROUTES.iter().filter(|r| r.path == *method).count(),
+                1,
+                "{method} must be declared once"
+            );
+        }
+        for route in GRPC_ROUTES.iter() {
+            assert!(methods.iter().any(|m| m == route.path), "{}", route.path);
+        }
+        let mut names: Vec<&str> = GRPC_ROUTES.iter().map(|r| r.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            GRPC_ROUTES.iter().count(),
+            "route names are unique"
+        );
+    }
+
+    #[test]
+    fn served_paths_get_their_routes_and_others_the_unknown_one() {
+        assert_eq!(GRPC_ROUTES.route("/DOE_JANE.Svc/1234567"), &UNKNOWN_GRPC);
+        assert_eq!(
+            GRPC_ROUTES
+                .route("/brainai.v1.TumorClassifier/Classify")
+                .name,
+            "Classify"
+        );
+        assert_eq!(
+            GRPC_ROUTES.route("/grpc.health.v1.Health/Check").protection,
+            Open
+        );
+    }
+
+    #[test]
+    fn scopes_of_methods() {
+        let scope =
+            |path: &str, open_reflection| GRPC_ROUTES.route(path).protection.scope(open_reflection);
+        assert_eq!(scope("/grpc.health.v1.Health/Check", false), None);
+        let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+        assert_eq!(scope(reflection, false), Some(Read));
+        assert_eq!(scope(reflection, true), None);
+        assert_eq!(
+            scope("/brainai.v1.TumorClassifier/ClassifySeries", false),
+            Some(Infer)
+        );
+        assert_eq!(
+            scope("/brainai.v1.TumorClassifier/ClassifyStream", false),
+            Some(Infer)
+        );
+        assert_eq!(
+            scope("/brainai.v1.TumorClassifier/ListModels", false),
+            Some(Read)
+        );
+        assert_eq!(
+            scope("/inference.GRPCInferenceService/ModelInfer", false),
+            Some(Infer)
+        );
+        assert_eq!(
+            scope("/inference.GRPCInferenceService/RepositoryModelLoad", false),
+            Some(Admin)
+        );
+        assert_eq!(
+            scope("/inference.GRPCInferenceService/ServerLive", false),
+            None
+        );
+        assert_eq!(scope("/nothing.Here/At", true), Some(Read));
     }
 }

@@ -27,7 +27,7 @@ use hyper::{HeaderMap, Request, Response};
 use tower::{Layer, Service};
 
 use super::response::{End, FromBytes, Watch, Watched};
-use super::routes::{self, Route};
+use super::routes::{self, GrpcRoutes, Route};
 use crate::error::{self, ErrorKind, InferError};
 use crate::metrics;
 use crate::security::audit::{self, Audit, CallFacts, Record};
@@ -41,20 +41,23 @@ pub struct CallLayer {
     access: Arc<Access>,
     audit: Option<Arc<Audit>>,
     /// HTTP API: the route this copy of the layer is mounted on. gRPC: `None`, the route is looked
-    /// up by the request's path.
+    /// up by the request's path in `grpc`.
     route: Option<&'static Route>,
+    /// The gRPC port's routes (empty on the HTTP API).
+    grpc: GrpcRoutes,
     /// Origins besides the server's own whose browser pages may call the HTTP API.
     allowed_origins: Arc<[String]>,
 }
 
 impl CallLayer {
     /// The layer of the gRPC port.
-    pub fn grpc(security: &Security) -> Self {
+    pub fn grpc(security: &Security, routes: GrpcRoutes) -> Self {
         CallLayer {
             front: FrontEnd::Grpc,
             access: security.access.clone(),
             audit: security.audit.clone(),
             route: None,
+            grpc: routes,
             allowed_origins: Arc::from([]),
         }
     }
@@ -66,6 +69,7 @@ impl CallLayer {
             access: security.access.clone(),
             audit: security.audit.clone(),
             route: None,
+            grpc: GrpcRoutes::new(&[]),
             allowed_origins: allowed_origins.iter().map(|o| normalise(o)).collect(),
         }
     }
@@ -266,7 +270,7 @@ where
         let front = layer.front;
         let route = layer
             .route
-            .unwrap_or_else(|| routes::grpc_route(request.uri().path()));
+            .unwrap_or_else(|| layer.grpc.route(request.uri().path()));
         // No handler sees the credential.
         let authorization = request.headers_mut().remove(AUTHORIZATION);
         let Some(scope) = route.protection.scope(layer.access.open_reflection()) else {

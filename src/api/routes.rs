@@ -1,9 +1,11 @@
 //! What every route is, declared once where the route is mounted: its path, the name the call's
 //! metrics, audit record and trace use, and what it takes to call it. The gRPC services declare
 //! their methods next to their handlers (`grpc::ROUTES`, `oip::grpc::ROUTES`, and the health and
-//! reflection services below); the HTTP API declares each route where its router mounts it
-//! (`rest::router`). The call layer ([`super::call`]) reads nothing else: there is no second table
-//! of path strings that must agree with the first.
+//! reflection services below), and the server composes the gRPC port's [`GrpcRoutes`] where it
+//! mounts those services (`server::GRPC_ROUTES`); the HTTP API declares each route where its
+//! router mounts it (`rest::router`). The call layer ([`super::call`]) and the trace layer read
+//! nothing else: there is no second table of path strings that must agree with the first. This
+//! module imports no front end.
 
 use crate::security::auth::Scope;
 
@@ -90,24 +92,30 @@ pub const UNKNOWN_GRPC: Route = Route::new("(unknown)", "unknown", Scope(Read));
 /// An HTTP API path no route matches.
 pub const UNMATCHED_HTTP: Route = Route::new("(unmatched)", "unmatched", Scope(Read));
 
-/// Every gRPC route of the gRPC port.
-pub fn grpc_routes() -> impl Iterator<Item = &'static Route> {
-    super::grpc::ROUTES
-        .iter()
-        .chain(super::oip::grpc::ROUTES)
-        .chain(HEALTH_ROUTES)
-        .chain(REFLECTION_ROUTES)
-}
+/// The routes of the gRPC port: the tables of the services mounted on it.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcRoutes(&'static [&'static [Route]]);
 
-/// The declared route of a gRPC request path, or [`UNKNOWN_GRPC`].
-pub fn grpc_route(path: &str) -> &'static Route {
-    known_grpc_route(path).unwrap_or(&UNKNOWN_GRPC)
-}
+impl GrpcRoutes {
+    pub const fn new(tables: &'static [&'static [Route]]) -> Self {
+        GrpcRoutes(tables)
+    }
 
-/// The declared route of a gRPC request path; `None` for a path no service serves (a client's
-/// invention, which must not name anything).
-pub fn known_grpc_route(path: &str) -> Option<&'static Route> {
-    grpc_routes().find(|route| route.path == path)
+    /// Every route, table by table.
+    pub fn iter(self) -> impl Iterator<Item = &'static Route> {
+        self.0.iter().flat_map(|table| table.iter())
+    }
+
+    /// The declared route of a gRPC request path, or [`UNKNOWN_GRPC`].
+    pub fn route(self, path: &str) -> &'static Route {
+        self.known(path).unwrap_or(&UNKNOWN_GRPC)
+    }
+
+    /// The declared route of a gRPC request path; `None` for a path no service serves (a
+    /// client's invention, which must not name anything).
+    pub fn known(self, path: &str) -> Option<&'static Route> {
+        self.iter().find(|route| route.path == path)
+    }
 }
 
 /// An HTTP method as a static name (`_OTHER` for an extension method, which is caller text).
@@ -129,94 +137,21 @@ pub fn http_verb(method: &hyper::Method) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
 
-    /// Every method of every service on the gRPC port (by the descriptor sets: brainai.v1, the
-    /// Open Inference Protocol, health, both reflections) has exactly one declared route, and no
-    /// route names a method that does not exist.
-    #[test]
-    fn every_grpc_method_is_declared_once() {
-        let mut methods = Vec::new();
-        for set in [
-            crate::pb::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-        ] {
-            let set = prost_types::FileDescriptorSet::decode(set).expect("a descriptor set");
-            for file in &set.file {
-                for service in &file.service {
-                    for method in &service.method {
-                        methods.push(format!(
-                            "/{}.{}/{}",
-                            file.package(),
-                            service.name(),
-                            method.name()
-                        ));
-                    }
-                }
-            }
-        }
-        assert!(methods.len() >= 17, "{methods:?}");
-        for method in &methods {
-            assert_eq!(
-                grpc_routes().filter(|r| r.path == *method).count(),
-                1,
-                "{method} must be declared once"
-            );
-        }
-        for route in grpc_routes() {
-            assert!(methods.iter().any(|m| m == route.path), "{}", route.path);
-        }
-        let mut names: Vec<&str> = grpc_routes().map(|r| r.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), grpc_routes().count(), "route names are unique");
-    }
+    const ROUTES: GrpcRoutes = GrpcRoutes::new(&[HEALTH_ROUTES, REFLECTION_ROUTES]);
 
     #[test]
     fn an_unknown_path_gets_the_fixed_unknown_route() {
-        assert_eq!(grpc_route("/DOE_JANE.Svc/1234567"), &UNKNOWN_GRPC);
+        assert_eq!(ROUTES.route("/DOE_JANE.Svc/1234567"), &UNKNOWN_GRPC);
+        assert_eq!(ROUTES.known("/DOE_JANE.Svc/1234567"), None);
         assert_eq!(
-            grpc_route("/brainai.v1.TumorClassifier/Classify").name,
-            "Classify"
-        );
-        assert_eq!(grpc_route("/grpc.health.v1.Health/Check").protection, Open);
-    }
-
-    #[test]
-    fn scopes_of_methods() {
-        let scope =
-            |path: &str, open_reflection| grpc_route(path).protection.scope(open_reflection);
-        assert_eq!(scope("/grpc.health.v1.Health/Check", false), None);
-        let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
-        assert_eq!(scope(reflection, false), Some(Read));
-        assert_eq!(scope(reflection, true), None);
-        assert_eq!(
-            scope("/brainai.v1.TumorClassifier/ClassifySeries", false),
-            Some(Infer)
+            ROUTES.route("/grpc.health.v1.Health/Check").protection,
+            Open
         );
         assert_eq!(
-            scope("/brainai.v1.TumorClassifier/ClassifyStream", false),
-            Some(Infer)
+            ROUTES.iter().count(),
+            HEALTH_ROUTES.len() + REFLECTION_ROUTES.len()
         );
-        assert_eq!(
-            scope("/brainai.v1.TumorClassifier/ListModels", false),
-            Some(Read)
-        );
-        assert_eq!(
-            scope("/inference.GRPCInferenceService/ModelInfer", false),
-            Some(Infer)
-        );
-        assert_eq!(
-            scope("/inference.GRPCInferenceService/RepositoryModelLoad", false),
-            Some(Admin)
-        );
-        assert_eq!(
-            scope("/inference.GRPCInferenceService/ServerLive", false),
-            None
-        );
-        assert_eq!(scope("/nothing.Here/At", true), Some(Read));
     }
 
     #[test]

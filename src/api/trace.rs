@@ -28,6 +28,7 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::response::{End, Watch, Watched};
+use super::routes::GrpcRoutes;
 
 /// Which protocol a [`TraceLayer`] serves: it decides the span's name and which status counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +41,16 @@ enum Protocol {
 #[derive(Debug, Clone, Copy)]
 pub struct TraceLayer {
     protocol: Protocol,
+    /// The gRPC port's routes, which name its spans (empty on the HTTP API).
+    grpc: GrpcRoutes,
 }
 
 impl TraceLayer {
     /// For the gRPC port.
-    pub fn grpc() -> Self {
+    pub fn grpc(routes: GrpcRoutes) -> Self {
         TraceLayer {
             protocol: Protocol::Grpc,
+            grpc: routes,
         }
     }
 
@@ -54,6 +58,7 @@ impl TraceLayer {
     pub fn http() -> Self {
         TraceLayer {
             protocol: Protocol::Http,
+            grpc: GrpcRoutes::new(&[]),
         }
     }
 }
@@ -64,6 +69,7 @@ impl<S> Layer<S> for TraceLayer {
         Traced {
             inner,
             protocol: self.protocol,
+            grpc: self.grpc,
         }
     }
 }
@@ -72,6 +78,7 @@ impl<S> Layer<S> for TraceLayer {
 pub struct Traced<S> {
     inner: S,
     protocol: Protocol,
+    grpc: GrpcRoutes,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Traced<S>
@@ -90,7 +97,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let span = call_span(self.protocol, &request);
+        let span = call_span(self.protocol, self.grpc, &request);
         let protocol = self.protocol;
         let future = span.in_scope(|| self.inner.call(request));
         let future = future.instrument(span.clone());
@@ -172,9 +179,9 @@ fn cancelled(call: &tracing::Span, protocol: Protocol, status_sent: bool) {
 }
 
 /// The call span, continuing the caller's trace when its `traceparent` is valid.
-fn call_span<B>(protocol: Protocol, request: &Request<B>) -> tracing::Span {
+fn call_span<B>(protocol: Protocol, grpc: GrpcRoutes, request: &Request<B>) -> tracing::Span {
     let span = match protocol {
-        Protocol::Grpc => match super::routes::known_grpc_route(request.uri().path()) {
+        Protocol::Grpc => match grpc.known(request.uri().path()) {
             Some(route) => {
                 let (service, method) = route.grpc_parts();
                 tracing::debug_span!(

@@ -15,6 +15,9 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use super::*;
 
+/// The brainai.v1 service's routes: the gRPC paths these tests call.
+const ROUTES: GrpcRoutes = GrpcRoutes::new(&[crate::api::grpc::ROUTES]);
+
 /// Collects the spans the SDK ends.
 #[derive(Debug, Clone, Default)]
 struct Collected(Arc<Mutex<Vec<SpanData>>>);
@@ -182,7 +185,7 @@ fn invalid_traceparents_are_ignored() {
     for value in &invalid {
         let spans = traced(|| {
             serve_once(
-                TraceLayer::grpc(),
+                TraceLayer::grpc(ROUTES),
                 grpc_request(CLASSIFY, &[("traceparent", value)]),
             )
         });
@@ -198,7 +201,7 @@ fn invalid_traceparents_are_ignored() {
     let tp = format!("00-{good_trace}-{good_parent}-01");
     let spans = traced(|| {
         serve_once(
-            TraceLayer::grpc(),
+            TraceLayer::grpc(ROUTES),
             grpc_request(CLASSIFY, &[("traceparent", &tp), ("traceparent", &tp)]),
         )
     });
@@ -220,7 +223,8 @@ fn valid_traceparents_are_continued() {
         if !state.is_empty() {
             headers.push(("tracestate", state));
         }
-        let spans = traced(|| serve_once(TraceLayer::grpc(), grpc_request(CLASSIFY, &headers)));
+        let spans =
+            traced(|| serve_once(TraceLayer::grpc(ROUTES), grpc_request(CLASSIFY, &headers)));
         let call = calls(&spans)[0];
         assert_eq!(call.span_context.trace_id().to_string(), trace, "{value}");
         assert_eq!(call.parent_span_id.to_string(), parent, "{value}");
@@ -230,7 +234,7 @@ fn valid_traceparents_are_continued() {
     let value = format!("00-{trace}-{parent}-00");
     let spans = traced(|| {
         serve_once(
-            TraceLayer::grpc(),
+            TraceLayer::grpc(ROUTES),
             grpc_request(CLASSIFY, &[("traceparent", &value)]),
         )
     });
@@ -241,7 +245,7 @@ fn valid_traceparents_are_continued() {
 fn only_served_grpc_methods_name_a_span() {
     let spans = traced(|| {
         serve_once(
-            TraceLayer::grpc(),
+            TraceLayer::grpc(ROUTES),
             grpc_request("/DOE_JANE.Svc/1234567", &[]),
         )
     });
@@ -261,10 +265,10 @@ fn only_served_grpc_methods_name_a_span() {
         "/brainai.v1.TumorClassifier/classify",
         "/",
     ] {
-        let spans = traced(|| serve_once(TraceLayer::grpc(), grpc_request(path, &[])));
+        let spans = traced(|| serve_once(TraceLayer::grpc(ROUTES), grpc_request(path, &[])));
         assert_eq!(calls(&spans)[0].name, "grpc unknown", "{path}");
     }
-    let spans = traced(|| serve_once(TraceLayer::grpc(), grpc_request(CLASSIFY, &[])));
+    let spans = traced(|| serve_once(TraceLayer::grpc(ROUTES), grpc_request(CLASSIFY, &[])));
     let call = calls(&spans)[0];
     assert_eq!(call.name, "brainai.v1.TumorClassifier/Classify");
     assert_eq!(
@@ -276,8 +280,8 @@ fn only_served_grpc_methods_name_a_span() {
 #[test]
 fn numbers_are_exported_as_numbers() {
     let spans = traced(|| async {
-        let mut service =
-            TraceLayer::grpc().layer(Handler(Some((StatusCode::OK, Empty::new())), Some("0")));
+        let mut service = TraceLayer::grpc(ROUTES)
+            .layer(Handler(Some((StatusCode::OK, Empty::new())), Some("0")));
         drop(service.call(grpc_request(CLASSIFY, &[])).await.unwrap());
     });
     let call = calls(&spans)[0];
@@ -303,7 +307,7 @@ fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
 #[test]
 fn a_call_dropped_before_its_answer_is_cancelled() {
     for (layer, attribute_key, expected) in [
-        (TraceLayer::grpc(), "rpc.grpc.status_code", 1),
+        (TraceLayer::grpc(ROUTES), "rpc.grpc.status_code", 1),
         (TraceLayer::http(), "http.response.status_code", 499),
     ] {
         let spans = traced(|| async move {
@@ -329,8 +333,8 @@ fn a_call_dropped_before_its_answer_is_cancelled() {
 #[test]
 fn a_body_dropped_before_its_end_is_cancelled() {
     let spans = traced(|| async {
-        let mut service =
-            TraceLayer::grpc().layer(Handler(Some((StatusCode::OK, Endless::default())), None));
+        let mut service = TraceLayer::grpc(ROUTES)
+            .layer(Handler(Some((StatusCode::OK, Endless::default())), None));
         let mut body = service
             .call(grpc_request(CLASSIFY, &[]))
             .await
@@ -369,8 +373,8 @@ fn a_finished_answer_is_not_cancelled() {
     // A trailers-only answer (an empty body the connection never polls) and a polled one.
     for poll in [false, true] {
         let spans = traced(|| async move {
-            let mut service =
-                TraceLayer::grpc().layer(Handler(Some((StatusCode::OK, Empty::new())), Some("5")));
+            let mut service = TraceLayer::grpc(ROUTES)
+                .layer(Handler(Some((StatusCode::OK, Empty::new())), Some("5")));
             let response = service.call(grpc_request(CLASSIFY, &[])).await.unwrap();
             let mut body = response.into_body();
             if poll {
