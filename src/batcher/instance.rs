@@ -140,14 +140,6 @@ fn run_on_engine(instance: usize, shared: &Shared, batch: Batch, in_place: bool)
     }
 }
 
-/// Whether a batch of `size` images runs on the thread that dispatches it: its measured run time
-/// is within [`super::BatcherConfig::inline_run`]. For very small models the hand-off to the
-/// instance thread and the answer's way back (two thread wake-ups) cost more than the run.
-pub(super) fn runs_in_place(shared: &Shared, size: usize) -> bool {
-    let limit = shared.config.inline_run;
-    !limit.is_zero() && shared.times.of(size) <= limit
-}
-
 /// Runs `batch` on idle `instance`'s engine here, on the dispatching thread, then makes the
 /// instance idle again (waking the queue task if images wait).
 pub(super) fn run_in_place(shared: &Shared, instance: usize, batch: Batch) {

@@ -9,6 +9,7 @@
 //! image's answer on a oneshot.
 
 mod buffers;
+mod dispatch;
 mod estimate;
 mod instance;
 pub(crate) mod policy;
@@ -261,6 +262,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether a batch of `size` images runs on the thread that dispatches it: its measured run
+    /// time is within [`BatcherConfig::inline_run`]. For very small models the hand-off to the
+    /// instance thread and the answer's way back (two thread wake-ups) cost more than the run.
+    fn runs_in_place(&self, size: usize) -> bool {
+        let limit = self.config.inline_run;
+        !limit.is_zero() && self.times.of(size) <= limit
+    }
+
     /// Images holding a place of `priority` now (being decoded, or queued).
     fn waiting(&self, priority: Priority) -> usize {
         let i = priority.index();
@@ -316,7 +325,7 @@ impl Batcher {
         });
         let instance_txs = instance::start_all(shared.clone(), factory).await?;
         let (handles, handles_rx) = mpsc::unbounded_channel();
-        let task = queue::QueueTask {
+        let task = dispatch::QueueTask {
             shared: shared.clone(),
             handles: handles_rx,
             instance_txs,

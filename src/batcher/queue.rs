@@ -5,7 +5,7 @@
 //! finishes a batch takes its next one itself when one is due (a backlog): no round trip through
 //! the queue task between two runs. A short batch (by its measured run time) runs where it is
 //! formed instead: on the caller that queued its last image ([`take_in_place`]) or on the queue
-//! task. Each batch is filled from the highest priority first.
+//! task (`dispatch.rs`). Each batch is filled from the highest priority first.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -13,11 +13,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::policy::{Decision, QueueState};
-use super::{BatchError, Entry, ImageOutput, Job, Priority, Shared, instance};
+use super::{BatchError, Entry, ImageOutput, Job, Priority, Shared};
 
 /// An image's wait in the queue: the `queue` span, a child of the request's span, ended by
 /// whichever comes first, a batch taking the image ([`take`]) or its caller no longer waiting
@@ -163,7 +163,7 @@ pub(super) fn take_in_place(
     now: Instant,
 ) -> Option<(usize, Batch)> {
     let size = core.queued().min(shared.policy.max_batch_size);
-    if core.idle.is_empty() || !instance::runs_in_place(shared, size) {
+    if core.idle.is_empty() || !shared.runs_in_place(size) {
         return None;
     }
     let batch = next_batch(core, shared, now, true).due()?;
@@ -249,65 +249,4 @@ fn take(core: &mut Core, shared: &Shared) -> Vec<Job> {
         }
     }
     jobs
-}
-
-/// The queue task: dispatches to instances that wait for work, on its timer (a partial batch whose
-/// oldest image has waited `max_queue_delay`) and on news. It ends, after flushing the queue, once
-/// every [`super::Batcher`] handle is gone (`handles` closes).
-pub(super) struct QueueTask {
-    pub shared: Arc<Shared>,
-    pub handles: mpsc::UnboundedReceiver<std::convert::Infallible>,
-    pub instance_txs: Vec<mpsc::UnboundedSender<Batch>>,
-}
-
-impl QueueTask {
-    pub async fn run(mut self) {
-        loop {
-            let now = Instant::now();
-            let step = {
-                let mut core = lock(&self.shared);
-                let idle = !core.idle.is_empty();
-                match next_batch(&mut core, &self.shared, now, idle) {
-                    Next::Due(batch) => {
-                        let instance = core.idle.pop().expect("dispatched to an idle instance");
-                        Ok((instance, batch))
-                    }
-                    Next::NotBefore(_) if core.closing && core.queued() == 0 => break,
-                    Next::NotBefore(until) => Err((until, core.closing)),
-                }
-            };
-            self.shared.publish_depth();
-            match step {
-                Ok((instance, batch)) => self.send(instance, batch),
-                Err((until, closing)) => {
-                    let timer = async {
-                        match until {
-                            Some(t) => tokio::time::sleep_until(t).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        biased;
-                        () = self.shared.wake.notified() => {}
-                        None = self.handles.recv(), if !closing => lock(&self.shared).closing = true,
-                        () = timer => {}
-                    }
-                }
-            }
-        }
-        // Dropping the instance senders ends the instance threads once they finish their batch.
-    }
-
-    fn send(&self, instance: usize, batch: Batch) {
-        if instance::runs_in_place(&self.shared, batch.jobs.len()) {
-            instance::run_in_place(&self.shared, instance, batch);
-            return;
-        }
-        if let Err(mpsc::error::SendError(batch)) = self.instance_txs[instance].send(batch) {
-            // The instance thread is gone (it only ends when this task ends): answer, don't hang.
-            for job in batch.jobs {
-                let _ = job.reply.send(Err(BatchError::Stopped));
-            }
-        }
-    }
 }
