@@ -470,3 +470,368 @@ fn geometry(object: &InMemDicomObject) -> Geometry {
         frame_positions,
     }
 }
+#[cfg(test)]
+mod tests {
+    use dicom_core::value::{DataSetSequence, PrimitiveValue};
+    use dicom_core::{DataElement, VR};
+    use dicom_object::FileMetaTableBuilder;
+    use dicom_object::mem::InMemElement;
+
+    use super::*;
+
+    /// An element; text with backslashes becomes several values, as a parsed file's does.
+    fn el(tag: Tag, vr: VR, value: impl Into<PrimitiveValue>) -> InMemElement {
+        let value = match value.into() {
+            PrimitiveValue::Str(text) if text.contains('\\') => {
+                PrimitiveValue::Strs(text.split('\\').map(str::to_string).collect())
+            }
+            value => value,
+        };
+        DataElement::new(tag, vr, value)
+    }
+
+    fn put(object: &mut InMemDicomObject, element: InMemElement) {
+        object.put(element);
+    }
+
+    fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
+        DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+    }
+
+    /// A 2×2 12-bit MR header, with `edit` applied to its elements.
+    fn object(edit: impl FnOnce(&mut InMemDicomObject)) -> DefaultDicomObject {
+        let mut obj = InMemDicomObject::from_element_iter([
+            el(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.4"),
+            el(tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4"),
+            el(tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3"),
+            el(tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.1"),
+            el(tags::MODALITY, VR::CS, "MR"),
+            el(tags::ROWS, VR::US, 2u16),
+            el(tags::COLUMNS, VR::US, 3u16),
+            el(tags::SAMPLES_PER_PIXEL, VR::US, 1u16),
+            el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+            el(tags::BITS_ALLOCATED, VR::US, 16u16),
+            el(tags::BITS_STORED, VR::US, 12u16),
+            el(tags::HIGH_BIT, VR::US, 11u16),
+            el(tags::PIXEL_REPRESENTATION, VR::US, 0u16),
+        ]);
+        edit(&mut obj);
+        obj.with_meta(FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"))
+            .unwrap()
+    }
+
+    fn refusal(edit: impl FnOnce(&mut InMemDicomObject)) -> String {
+        read(&object(edit)).unwrap_err().to_string()
+    }
+
+    fn lut_item(descriptor: [u16; 3], data: Vec<u16>) -> InMemDicomObject {
+        InMemDicomObject::from_element_iter([
+            el(
+                tags::LUT_DESCRIPTOR,
+                VR::US,
+                PrimitiveValue::U16(descriptor.into_iter().collect()),
+            ),
+            el(
+                tags::LUT_DATA,
+                VR::US,
+                PrimitiveValue::U16(data.into_iter().collect()),
+            ),
+        ])
+    }
+
+    #[test]
+    fn reads_the_pixel_module_and_the_identifiers() {
+        let h = read(&object(|_| {})).unwrap();
+        assert_eq!(
+            (h.columns, h.rows, h.frames, h.samples_per_pixel),
+            (3, 2, 1, 1)
+        );
+        assert_eq!((h.bits_allocated, h.bits_stored, h.signed), (16, 12, false));
+        assert_eq!(h.photometric, Photometric::Monochrome2);
+        assert_eq!(h.transfer_syntax, "1.2.840.10008.1.2.1");
+        assert_eq!(h.ids.sop_instance_uid, "1.2.3.4");
+        assert_eq!(h.ids.series_instance_uid, "1.2.3.1");
+        assert_eq!(h.modality, "MR");
+        assert_eq!(
+            (h.rescale, &h.windows, h.padding),
+            (None, &Vec::new(), None)
+        );
+    }
+
+    #[test]
+    fn reads_rescale_windows_function_and_padding() {
+        let h = read(&object(|o| {
+            put(o, el(tags::RESCALE_SLOPE, VR::DS, "2.5"));
+            put(o, el(tags::RESCALE_INTERCEPT, VR::DS, "-1024"));
+            put(o, el(tags::WINDOW_CENTER, VR::DS, "40\\400"));
+            put(o, el(tags::WINDOW_WIDTH, VR::DS, "80\\2000"));
+            put(o, el(tags::VOILUT_FUNCTION, VR::CS, "SIGMOID"));
+            put(o, el(tags::PIXEL_PADDING_VALUE, VR::US, 4095u16));
+            put(o, el(tags::PIXEL_PADDING_RANGE_LIMIT, VR::US, 4000u16));
+        }))
+        .unwrap();
+        assert_eq!(h.rescale, Some((2.5, -1024.0)));
+        assert_eq!(h.windows, [(40.0, 80.0), (400.0, 2000.0)]);
+        assert_eq!(h.voi_function, VoiFunction::Sigmoid);
+        assert_eq!(h.padding, Some((4095, Some(4000))));
+        assert_eq!(h.modality(100), 100.0 * 2.5 - 1024.0);
+        assert_eq!(h.window_range(), (-1024.0, 4095.0 * 2.5 - 1024.0));
+        // Rescale needs both values.
+        let h = read(&object(|o| put(o, el(tags::RESCALE_SLOPE, VR::DS, "2")))).unwrap();
+        assert_eq!((h.rescale, h.modality(7)), (None, 7.0));
+    }
+
+    #[test]
+    fn window_range_is_pydicoms() {
+        let signed = read(&object(|o| {
+            put(o, el(tags::PIXEL_REPRESENTATION, VR::US, 1u16));
+        }))
+        .unwrap();
+        assert_eq!(signed.window_range(), (-2048.0, 2047.0));
+        let lut = read(&object(|o| {
+            put(
+                o,
+                seq(
+                    tags::MODALITY_LUT_SEQUENCE,
+                    vec![lut_item([3, 10, 16], vec![100, 200, 300])],
+                ),
+            );
+        }))
+        .unwrap();
+        assert_eq!(lut.window_range(), (0.0, 65535.0));
+        // Below, inside and past the table.
+        assert_eq!(
+            [lut.modality(0), lut.modality(11), lut.modality(99)],
+            [100.0, 200.0, 300.0]
+        );
+    }
+
+    #[test]
+    fn reads_luts_packed_and_unpacked() {
+        let h = read(&object(|o| {
+            // Four 8-bit entries packed two per word.
+            put(
+                o,
+                seq(
+                    tags::VOILUT_SEQUENCE,
+                    vec![lut_item([4, 0, 8], vec![0x0201, 0x0403])],
+                ),
+            );
+        }))
+        .unwrap();
+        assert_eq!(h.voi_lut.unwrap().data, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn refuses_bad_luts() {
+        let with_lut = |item: InMemDicomObject| {
+            refusal(move |o| put(o, seq(tags::MODALITY_LUT_SEQUENCE, vec![item])))
+        };
+        let err = with_lut(InMemDicomObject::new_empty());
+        assert!(
+            err.contains("the Modality LUT has no valid LUT Descriptor"),
+            "{err}"
+        );
+        let err = with_lut(lut_item([2, 0, 0], vec![1, 2]));
+        assert!(
+            err.contains("the Modality LUT declares 0 bits per entry"),
+            "{err}"
+        );
+        let err = with_lut(lut_item([3, 0, 16], vec![1, 2]));
+        assert!(
+            err.contains("the Modality LUT declares 3 entries but holds 2"),
+            "{err}"
+        );
+        let mut no_data = lut_item([2, 0, 16], vec![1, 2]);
+        no_data.remove_element(tags::LUT_DATA);
+        let err = refusal(|o| put(o, seq(tags::VOILUT_SEQUENCE, vec![no_data])));
+        assert!(err.contains("the VOI LUT has no LUT Data"), "{err}");
+    }
+
+    type Edit = Box<dyn FnOnce(&mut InMemDicomObject)>;
+
+    #[test]
+    fn refuses_what_the_pixel_path_does_not_support() {
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|o| {
+                    o.remove_element(tags::ROWS);
+                }),
+                "Rows (0028,0010) is missing",
+            ),
+            (
+                Box::new(|o| put(o, el(tags::COLUMNS, VR::IS, "many"))),
+                "Columns (0028,0011) is not a valid number",
+            ),
+            (
+                Box::new(|o| {
+                    o.remove_element(tags::BITS_ALLOCATED);
+                }),
+                "Bits Allocated (0028,0100) is missing",
+            ),
+            (
+                Box::new(|o| put(o, el(tags::BITS_ALLOCATED, VR::US, 12u16))),
+                "Bits Allocated is 12; 8, 16 or 32 are supported",
+            ),
+            (
+                Box::new(|o| put(o, el(tags::BITS_STORED, VR::US, 17u16))),
+                "Bits Stored (17) must be between 1 and Bits Allocated (16)",
+            ),
+            (
+                Box::new(|o| put(o, el(tags::BITS_STORED, VR::US, 0u16))),
+                "Bits Stored (0) must be",
+            ),
+            (
+                Box::new(|o| {
+                    put(o, el(tags::BITS_ALLOCATED, VR::US, 32u16));
+                    put(o, el(tags::BITS_STORED, VR::US, 32u16));
+                    put(o, el(tags::HIGH_BIT, VR::US, 31u16));
+                }),
+                "unsigned 32-bit samples",
+            ),
+            (
+                Box::new(|o| put(o, el(tags::HIGH_BIT, VR::US, 15u16))),
+                "High Bit is 15; only High Bit = Bits Stored - 1 (11) is supported",
+            ),
+            (
+                Box::new(|o| {
+                    put(
+                        o,
+                        el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "PALETTE COLOR"),
+                    )
+                }),
+                "Photometric Interpretation \"PALETTE COLOR\" with 1 samples per pixel is not supported",
+            ),
+            (
+                Box::new(|o| {
+                    put(o, el(tags::SAMPLES_PER_PIXEL, VR::US, 3u16));
+                    put(o, el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB"));
+                }),
+                "colour images must have 8 bits per sample; this one has 16",
+            ),
+            (
+                Box::new(|o| {
+                    put(o, el(tags::RESCALE_SLOPE, VR::DS, "steep"));
+                    put(o, el(tags::RESCALE_INTERCEPT, VR::DS, "0"));
+                }),
+                "Rescale Slope is not a number",
+            ),
+            (
+                Box::new(|o| {
+                    put(o, el(tags::WINDOW_CENTER, VR::DS, "40"));
+                    put(o, el(tags::WINDOW_WIDTH, VR::DS, "wide"));
+                }),
+                "Window Width is not a number",
+            ),
+            (
+                Box::new(|o| put(o, el(tags::VOILUT_FUNCTION, VR::CS, "CUBIC"))),
+                "VOI LUT Function \"CUBIC\" is not one of LINEAR, LINEAR_EXACT, SIGMOID",
+            ),
+            (
+                Box::new(|o| put(o, el(tags::PIXEL_PADDING_VALUE, VR::LO, "none"))),
+                "Pixel Padding Value is not a number",
+            ),
+        ];
+        for (edit, reason) in cases {
+            let err = refusal(edit);
+            assert!(err.contains(reason), "{reason}: {err}");
+        }
+    }
+
+    #[test]
+    fn reads_acquisition_and_geometry_of_enhanced_mr_from_the_functional_groups() {
+        let item = |tag: Tag, inner: Vec<InMemElement>| {
+            seq(tag, vec![InMemDicomObject::from_element_iter(inner)])
+        };
+        let h = read(&object(|o| {
+            put(o, el(tags::NUMBER_OF_FRAMES, VR::IS, "2"));
+            put(o, el(tags::SERIES_DESCRIPTION, VR::LO, "AX FLAIR"));
+            put(o, el(tags::PULSE_SEQUENCE_NAME, VR::SH, "tir2d1"));
+            put(o, el(tags::CONTRAST_BOLUS_AGENT, VR::LO, "GAD"));
+            put(
+                o,
+                seq(
+                    tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE,
+                    vec![InMemDicomObject::from_element_iter([
+                        item(
+                            tags::MR_MODIFIER_SEQUENCE,
+                            vec![
+                                el(tags::INVERSION_RECOVERY, VR::CS, "YES"),
+                                el(tags::INVERSION_TIMES, VR::FD, 2500.0f64),
+                            ],
+                        ),
+                        item(
+                            tags::MR_ECHO_SEQUENCE,
+                            vec![el(tags::EFFECTIVE_ECHO_TIME, VR::FD, 90.0f64)],
+                        ),
+                        item(
+                            tags::MR_TIMING_AND_RELATED_PARAMETERS_SEQUENCE,
+                            vec![el(tags::REPETITION_TIME, VR::FD, 9000.0f64)],
+                        ),
+                        item(
+                            tags::PLANE_ORIENTATION_SEQUENCE,
+                            vec![el(
+                                tags::IMAGE_ORIENTATION_PATIENT,
+                                VR::DS,
+                                "1\\0\\0\\0\\1\\0",
+                            )],
+                        ),
+                    ])],
+                ),
+            );
+            let frame = |z: &str| {
+                InMemDicomObject::from_element_iter([item(
+                    tags::PLANE_POSITION_SEQUENCE,
+                    vec![el(tags::IMAGE_POSITION_PATIENT, VR::DS, z)],
+                )])
+            };
+            put(
+                o,
+                seq(
+                    tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE,
+                    vec![frame("0\\0\\1"), frame("0\\0\\2\\9")],
+                ),
+            );
+        }))
+        .unwrap();
+        assert_eq!(h.frames, 2);
+        let a = &h.acquisition;
+        assert_eq!(a.series_description, "AX FLAIR");
+        assert_eq!(a.sequence_name, "tir2d1");
+        assert!(a.inversion_recovery);
+        assert_eq!(
+            (a.inversion_time_ms, a.echo_time_ms, a.repetition_time_ms),
+            (Some(2500.0), Some(90.0), Some(9000.0))
+        );
+        assert_eq!(a.contrast_agent, "GAD");
+        let g = &h.geometry;
+        assert_eq!(g.orientation, Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]));
+        // A position of four values is no position.
+        assert_eq!(g.frame_positions, [Some([0.0, 0.0, 1.0]), None]);
+        assert_eq!(g.sop_class_uid, "1.2.840.10008.5.1.4.1.1.4");
+    }
+
+    #[test]
+    fn reads_classic_acquisition_attributes() {
+        let h = read(&object(|o| {
+            put(o, el(tags::SCANNING_SEQUENCE, VR::CS, "SE\\IR"));
+            put(o, el(tags::SEQUENCE_NAME, VR::SH, "*tir2d1"));
+            put(o, el(tags::INVERSION_TIME, VR::DS, "2400"));
+            put(o, el(tags::ECHO_TIME, VR::DS, "85"));
+            put(o, el(tags::REPETITION_TIME, VR::DS, "8000"));
+            put(o, el(tags::INSTANCE_NUMBER, VR::IS, "7"));
+            put(o, el(tags::IMAGE_POSITION_PATIENT, VR::DS, "1\\2\\3"));
+        }))
+        .unwrap();
+        let a = &h.acquisition;
+        assert_eq!(a.scanning_sequence, ["SE", "IR"]);
+        assert!(a.inversion_recovery);
+        assert_eq!(a.sequence_name, "*tir2d1");
+        assert_eq!(
+            (a.inversion_time_ms, a.echo_time_ms, a.repetition_time_ms),
+            (Some(2400.0), Some(85.0), Some(8000.0))
+        );
+        assert_eq!(h.geometry.instance_number, Some(7));
+        assert_eq!(h.geometry.position, Some([1.0, 2.0, 3.0]));
+    }
+}

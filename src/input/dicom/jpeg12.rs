@@ -119,3 +119,118 @@ pub fn decode(object: &DefaultDicomObject, header: &Header) -> Result<Vec<u8>, I
     }
     Ok(out)
 }
+#[cfg(test)]
+mod tests {
+    use dicom_core::value::PixelFragmentSequence;
+    use dicom_core::{DataElement, VR};
+
+    use super::*;
+    use crate::input::InputLimits;
+
+    const LIMITS: InputLimits = InputLimits {
+        max_image_bytes: 1 << 24,
+        max_pixels: 1 << 22,
+    };
+
+    /// tests/data/dicom/ts_jpeg_extended.dcm (dcmtk's 12-bit Process 4 encoder) and its header.
+    fn file() -> (DefaultDicomObject, Header) {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/dicom/ts_jpeg_extended.dcm"
+        );
+        let data = std::fs::read(path).unwrap();
+        let object = crate::input::dicom::parse(&data, &LIMITS, None).unwrap();
+        let header = crate::input::dicom::header::read(&object).unwrap();
+        (object, header)
+    }
+
+    fn fragments(object: &DefaultDicomObject) -> Vec<Vec<u8>> {
+        let Value::PixelSequence(sequence) = object.get(tags::PIXEL_DATA).unwrap().value() else {
+            panic!("encapsulated")
+        };
+        sequence.fragments().to_vec()
+    }
+
+    fn with_fragments(object: &mut DefaultDicomObject, fragments: Vec<Vec<u8>>) {
+        object.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PixelFragmentSequence::new(vec![], fragments),
+        ));
+    }
+
+    #[test]
+    fn decodes_12_bit_samples_as_16_bit_little_endian() {
+        let (object, header) = file();
+        assert_eq!(header.bits_stored, 12);
+        let out = decode(&object, &header).unwrap();
+        assert_eq!(
+            out.len(),
+            header.rows as usize * header.columns as usize * 2
+        );
+        let samples: Vec<u16> = out
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert!(samples.iter().all(|&s| s < 4096));
+        assert!(
+            samples.iter().any(|&s| s > 255),
+            "12-bit values, not 8-bit ones"
+        );
+    }
+
+    #[test]
+    fn a_frame_split_over_fragments_is_joined() {
+        let (mut object, header) = file();
+        let whole = decode(&object, &header).unwrap();
+        let codestream = fragments(&object).concat();
+        let (a, b) = codestream.split_at((codestream.len() / 2) & !1);
+        with_fragments(&mut object, vec![a.to_vec(), b.to_vec()]);
+        assert_eq!(decode(&object, &header).unwrap(), whole);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_decode() {
+        let (object, header) = file();
+        let colour = Header {
+            samples_per_pixel: 3,
+            ..header.clone()
+        };
+        let err = decode(&object, &colour).unwrap_err().to_string();
+        assert!(err.contains("monochrome images only"), "{err}");
+        // Two frames need two fragments.
+        let two = Header {
+            frames: 2,
+            ..header.clone()
+        };
+        let (mut split, _) = file();
+        let codestream = fragments(&split).concat();
+        with_fragments(&mut split, vec![codestream.clone(), vec![0; 2], vec![0; 2]]);
+        let err = decode(&split, &two).unwrap_err().to_string();
+        assert!(err.contains("3 fragments for 2 frames"), "{err}");
+        // A header that disagrees with the codestream.
+        let wider = Header {
+            columns: header.columns + 1,
+            ..header.clone()
+        };
+        let err = decode(&object, &wider).unwrap_err().to_string();
+        assert!(err.contains("the header says"), "{err}");
+        // Not a JPEG codestream.
+        let (mut junk, _) = file();
+        with_fragments(&mut junk, vec![vec![0x55; 64]]);
+        let err = decode(&junk, &header).unwrap_err().to_string();
+        assert!(
+            err.contains("12-bit JPEG Extended pixel data could not be decoded (header)"),
+            "{err}"
+        );
+        // Native pixel data.
+        let (mut native, _) = file();
+        native.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            dicom_core::PrimitiveValue::from(vec![0u8; 8]),
+        ));
+        let err = decode(&native, &header).unwrap_err().to_string();
+        assert!(err.contains("not encapsulated in fragments"), "{err}");
+    }
+}

@@ -247,3 +247,54 @@ fn parse(
 fn unwind<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_dicom_finds_the_marker_after_the_preamble_or_at_the_start() {
+        let mut preambled = vec![0; 128];
+        preambled.extend_from_slice(b"DICM\x02\x00");
+        assert!(is_dicom(&preambled));
+        assert!(is_dicom(b"DICM\x02\x00\x00\x00"));
+        assert!(!is_dicom(&preambled[..130]));
+        assert!(!is_dicom(b"\x89PNG\r\n\x1a\n"));
+    }
+
+    #[test]
+    fn transfer_syntaxes_are_named_with_their_uid() {
+        assert_eq!(
+            ts_name("1.2.840.10008.1.2.5"),
+            "RLE Lossless, 1.2.840.10008.1.2.5"
+        );
+        assert_eq!(
+            ts_name("1.2.840.10008.1.2.4.102"),
+            "MPEG-4 AVC/H.264, 1.2.840.10008.1.2.4.102"
+        );
+        assert_eq!(ts_name("1.2.3"), "1.2.3");
+    }
+
+    #[test]
+    fn the_patient_context_copies_its_attributes_and_never_shows_them() {
+        let object = InMemDicomObject::from_element_iter([
+            dicom_core::DataElement::new(
+                tags::PATIENT_NAME,
+                dicom_core::VR::PN,
+                dicom_core::PrimitiveValue::from("Doe^Jane"),
+            ),
+            dicom_core::DataElement::new(
+                tags::ROWS,
+                dicom_core::VR::US,
+                dicom_core::PrimitiveValue::from(2u16),
+            ),
+        ]);
+        let context = PatientContext::of(&object);
+        assert!(context.0.get(tags::PATIENT_NAME).is_some());
+        assert!(context.0.get(tags::ROWS).is_none());
+        assert_eq!(
+            format!("{context:?}"),
+            "PatientContext(1 attributes, redacted)"
+        );
+    }
+}

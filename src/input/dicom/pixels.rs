@@ -204,3 +204,186 @@ fn ybr_full_to_rgb(data: &mut [u8]) {
         }
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::dicom::header::{Acquisition, Geometry, VoiFunction};
+    use crate::input::dicom::{DicomIds, PatientContext};
+
+    const LIMITS: InputLimits = InputLimits {
+        max_image_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+
+    fn header(columns: u32, rows: u32, frames: u32, bits: (u16, u16), signed: bool) -> Header {
+        Header {
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            ids: DicomIds::default(),
+            modality: "MR".into(),
+            rows,
+            columns,
+            frames,
+            samples_per_pixel: 1,
+            bits_allocated: bits.0,
+            bits_stored: bits.1,
+            signed,
+            photometric: Photometric::Monochrome2,
+            rescale: None,
+            modality_lut: None,
+            windows: Vec::new(),
+            voi_function: VoiFunction::Linear,
+            voi_lut: None,
+            padding: None,
+            acquisition: Acquisition::default(),
+            geometry: Geometry::default(),
+        }
+    }
+
+    fn rgb(columns: u32, rows: u32, frames: u32, photometric: Photometric) -> Header {
+        Header {
+            samples_per_pixel: 3,
+            photometric,
+            ..header(columns, rows, frames, (8, 8), false)
+        }
+    }
+
+    fn le16(values: &[u16]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn mono(frame: &Frame) -> (&[i32], Option<&[bool]>) {
+        match frame {
+            Frame::Mono {
+                stored, padding, ..
+            } => (stored, padding.as_deref()),
+            Frame::Color(_) => panic!("a colour frame"),
+        }
+    }
+
+    #[test]
+    fn stored_values_keep_the_bits_stored_and_extend_the_sign() {
+        // 12 of 16 bits, unsigned: the high bits (overlay or garbage) are masked off.
+        let h = header(4, 1, 1, (16, 12), false);
+        let data = le16(&[0xF123, 0x0FFF, 0x0800, 0x0000]);
+        assert_eq!(stored_values(&data, &h), [0x123, 4095, 2048, 0]);
+        // 12 of 16 bits, signed: bit 11 is the sign.
+        let h = header(4, 1, 1, (16, 12), true);
+        assert_eq!(stored_values(&data, &h), [291, -1, -2048, 0]);
+        // 16 bits signed, 8 bits signed, 32 bits signed.
+        let h = header(2, 1, 1, (16, 16), true);
+        assert_eq!(stored_values(&le16(&[0x8000, 0x7FFF]), &h), [-32768, 32767]);
+        let h = header(3, 1, 1, (8, 8), true);
+        assert_eq!(stored_values(&[0x80, 0x7F, 0xFF], &h), [-128, 127, -1]);
+        let h = header(2, 1, 1, (8, 8), false);
+        assert_eq!(stored_values(&[0x80, 0xFF], &h), [128, 255]);
+        let h = header(2, 1, 1, (32, 32), true);
+        let data: Vec<u8> = [0xFFFF_FFFFu32, 0x8000_0000]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(stored_values(&data, &h), [-1, i32::MIN]);
+    }
+
+    #[test]
+    fn frames_split_multi_frame_data_and_mark_padding() {
+        let mut h = header(2, 1, 3, (16, 16), false);
+        h.padding = Some((7, None));
+        let data = le16(&[1, 7, 7, 2, 3, 4]);
+        let split = frames(&h, &data, false, false).unwrap();
+        assert_eq!(split.len(), 3);
+        assert_eq!(mono(&split[0]), (&[1, 7][..], Some(&[false, true][..])));
+        assert_eq!(mono(&split[2]), (&[3, 4][..], Some(&[false, false][..])));
+        // A padding range, given in either order.
+        h.padding = Some((4, Some(2)));
+        let split = frames(&h, &data, false, false).unwrap();
+        assert_eq!(mono(&split[1]).1, Some(&[false, true][..]));
+        assert_eq!(mono(&split[2]).1, Some(&[true, true][..]));
+    }
+
+    #[test]
+    fn frames_refuse_short_pixel_data() {
+        let h = header(3, 2, 2, (16, 16), false);
+        let err = frames(&h, &[0; 23], false, false).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "the pixel data holds 23 bytes; 3×2 × 2 frames × 1 samples × 2 bytes need 24"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn colour_frames_are_interleaved_and_converted_from_ybr_full() {
+        let planar = [1, 2, 10, 20, 100, 200];
+        let split = frames(&rgb(2, 1, 1, Photometric::Rgb), &planar, true, false).unwrap();
+        let Frame::Color(pixels) = &split[0] else {
+            panic!("colour")
+        };
+        assert_eq!(pixels.data, [1, 10, 100, 2, 20, 200]);
+        // YBR_FULL still to convert (pydicom's numbers for these samples).
+        let ybr = [128, 128, 128, 76, 85, 255];
+        let h = rgb(2, 1, 1, Photometric::YbrFull);
+        let Frame::Color(pixels) = &frames(&h, &ybr, false, true).unwrap()[0] else {
+            panic!("colour")
+        };
+        assert_eq!(pixels.data, [128, 128, 128, 254, 0, 0]);
+        // Already converted by the decoder: left alone.
+        let Frame::Color(pixels) = &frames(&h, &ybr, false, false).unwrap()[0] else {
+            panic!("colour")
+        };
+        assert_eq!(pixels.data, ybr);
+    }
+
+    #[test]
+    fn ybr_full_to_rgb_matches_pydicom() {
+        // pydicom 3.0.2's convert_color_space(arr, "YBR_FULL", "RGB") of these samples.
+        let mut data = [
+            128, 128, 128, 255, 128, 128, 76, 85, 255, 0, 0, 0, 255, 255, 255, 150, 44, 21,
+        ];
+        ybr_full_to_rgb(&mut data);
+        assert_eq!(
+            data,
+            [
+                128, 128, 128, 255, 255, 255, 254, 0, 0, 0, 135, 0, 255, 121, 255, 0, 255, 1
+            ]
+        );
+    }
+
+    #[test]
+    fn check_geometry_refuses_empty_and_oversized_images() {
+        let err = check_geometry(&header(0, 5, 1, (16, 16), false), &LIMITS).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the image is 0×5 with 1 frames: no pixels")
+        );
+        let err = check_geometry(&header(2048, 1024, 1, (16, 16), false), &LIMITS).unwrap_err();
+        assert!(matches!(
+            err,
+            InputError::TooManyPixels {
+                pixels: 2_097_152,
+                ..
+            }
+        ));
+        let err =
+            check_geometry(&header(1024, 1024, u32::MAX, (16, 16), false), &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("is too large to decode"), "{err}");
+        assert!(check_geometry(&header(64, 64, 2, (16, 16), false), &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn decodes_a_file_end_to_end() {
+        // Exercised with real files in tests/dicom.rs; here one native file, through dicom-rs.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/dicom/ts_explicit_le.dcm"
+        );
+        let data = std::fs::read(path).unwrap();
+        let object = crate::input::dicom::parse(&data, &LIMITS, None).unwrap();
+        let header = crate::input::dicom::header::read(&object).unwrap();
+        let split = decode(&object, &header).unwrap();
+        assert_eq!(split.len(), 1);
+        let (stored, _) = mono(&split[0]);
+        assert_eq!(stored.len(), (header.rows * header.columns) as usize);
+        let _ = PatientContext::of(&object);
+    }
+}

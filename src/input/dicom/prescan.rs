@@ -330,3 +330,356 @@ impl Walker<'_> {
         }
     }
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: InputLimits = InputLimits {
+        max_image_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+    /// An explicit VR element in little endian (a long header for the VRs that have one).
+    fn el(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        el_len(tag, vr, value.len() as u32, value)
+    }
+
+    /// An explicit VR little-endian element whose declared length is `len`.
+    fn el_len(tag: (u16, u16), vr: &[u8; 2], len: u32, value: &[u8]) -> Vec<u8> {
+        let mut out = [tag.0.to_le_bytes(), tag.1.to_le_bytes()].concat();
+        out.extend_from_slice(vr);
+        if long_length_vr(*vr) {
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&len.to_le_bytes());
+        } else {
+            out.extend_from_slice(&(len as u16).to_le_bytes());
+        }
+        out.extend_from_slice(value);
+        out
+    }
+
+    /// An implicit VR little-endian element (also an item or delimiter header).
+    fn implicit(tag: (u16, u16), len: u32, value: &[u8]) -> Vec<u8> {
+        let mut out = [tag.0.to_le_bytes(), tag.1.to_le_bytes()].concat();
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn uid(value: &str) -> Vec<u8> {
+        let mut v = value.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        v
+    }
+
+    /// `DICM`, a meta group with its group length and the transfer syntax, then `dataset`.
+    fn file(ts: &str, dataset: &[u8]) -> Vec<u8> {
+        let group = el((0x0002, 0x0010), b"UI", &uid(ts));
+        let mut out = b"DICM".to_vec();
+        out.extend(el(
+            (0x0002, 0x0000),
+            b"UL",
+            &(group.len() as u32).to_le_bytes(),
+        ));
+        out.extend(group);
+        out.extend_from_slice(dataset);
+        out
+    }
+
+    /// The same with the 128-byte preamble.
+    fn preambled(ts: &str, dataset: &[u8]) -> Vec<u8> {
+        [vec![0; 128], file(ts, dataset)].concat()
+    }
+
+    fn refusal(data: &[u8]) -> String {
+        prescan(data, &LIMITS).unwrap_err().to_string()
+    }
+
+    fn patient_name() -> Vec<u8> {
+        el((0x0010, 0x0010), b"PN", b"Doe^Jane")
+    }
+
+    #[test]
+    fn accepts_the_file_from_dicm_on_with_or_without_the_preamble() {
+        let data = preambled(EXPLICIT_LE, &patient_name());
+        assert_eq!(prescan(&data, &LIMITS).unwrap(), &data[128..]);
+        let data = file(EXPLICIT_LE, &patient_name());
+        assert_eq!(prescan(&data, &LIMITS).unwrap(), &data[..]);
+    }
+
+    #[test]
+    fn refuses_data_without_the_dicm_marker() {
+        let err = prescan(b"\x89PNG\r\n\x1a\n", &LIMITS).unwrap_err();
+        assert!(matches!(err, InputError::UnknownFormat(_)), "{err}");
+        assert!(err.to_string().contains("no DICM marker"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_meta_group_cut_short_or_past_the_end() {
+        let whole = file(EXPLICIT_LE, &[]);
+        // A long-length VR whose length field is cut off.
+        let mut cut = b"DICM".to_vec();
+        cut.extend_from_slice(&[0x02, 0x00, 0x01, 0x00, b'O', b'B', 0, 0, 2]);
+        assert!(refusal(&cut).contains("file meta information is cut short"));
+        // The transfer syntax's value cut off.
+        let err = refusal(&whole[..whole.len() - 4]);
+        assert!(
+            err.contains("file meta element (0002,0010) declares 20 bytes past the end"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_a_meta_group_without_a_transfer_syntax() {
+        let mut data = b"DICM".to_vec();
+        data.extend(el((0x0002, 0x0000), b"UL", &0u32.to_le_bytes()));
+        data.extend(patient_name());
+        assert!(refusal(&data).contains("has no Transfer Syntax UID"));
+    }
+
+    #[test]
+    fn refuses_transfer_syntaxes_this_build_cannot_decode_by_name() {
+        let err = refusal(&file("1.2.840.10008.1.2.4.100", &patient_name()));
+        assert!(
+            err.contains(
+                "transfer syntax MPEG2 Main Profile, 1.2.840.10008.1.2.4.100 is not supported"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("supported: Implicit VR Little Endian"),
+            "{err}"
+        );
+        let err = refusal(&file("1.2.3.4", &patient_name()));
+        assert!(
+            err.contains("transfer syntax 1.2.3.4 is not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn walks_every_supported_encoding() {
+        // Implicit VR: sequences known from the dictionary, of defined and undefined length.
+        let item = implicit((0x0008, 0x1150), 4, b"1.2\0");
+        let defined = [implicit(ITEM, item.len() as u32, &[]), item.clone()].concat();
+        let undefined = [
+            implicit(ITEM, UNDEFINED, &[]),
+            item.clone(),
+            implicit(ITEM_END, 0, &[]),
+            implicit(SEQUENCE_END, 0, &[]),
+        ]
+        .concat();
+        let dataset = [
+            implicit((0x0008, 0x1140), defined.len() as u32, &defined),
+            implicit((0x0008, 0x1140), UNDEFINED, &undefined),
+            implicit((0x0010, 0x0010), 8, b"Doe^Jane"),
+        ]
+        .concat();
+        assert!(prescan(&file(IMPLICIT_LE, &dataset), &LIMITS).is_ok());
+        // Explicit VR big endian.
+        let mut be = vec![0x00, 0x10, 0x00, 0x10, b'P', b'N', 0x00, 0x08];
+        be.extend_from_slice(b"Doe^Jane");
+        assert!(prescan(&file(EXPLICIT_BE, &be), &LIMITS).is_ok());
+        // Deflated explicit VR little endian.
+        let mut deflated = Vec::new();
+        std::io::Write::write_all(
+            &mut flate2::write::DeflateEncoder::new(&mut deflated, flate2::Compression::fast()),
+            &patient_name(),
+        )
+        .unwrap();
+        assert!(prescan(&file(DEFLATED, &deflated), &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn refuses_a_corrupt_or_oversized_deflated_data_set() {
+        let err = refusal(&file(DEFLATED, &[0xFF; 16]));
+        assert!(err.contains("the deflated data set is corrupt"), "{err}");
+        // 2 MiB of zeros inflate past the 1 MiB limit.
+        let mut bomb = Vec::new();
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(&mut bomb, flate2::Compression::best());
+        std::io::Write::write_all(&mut encoder, &vec![0; 2 << 20]).unwrap();
+        encoder.finish().unwrap();
+        let err = refusal(&file(DEFLATED, &bomb));
+        assert!(
+            err.contains("inflates to more than 1048576 bytes, the limit for one image"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_a_length_past_the_end_of_the_data() {
+        let data = file(
+            EXPLICIT_LE,
+            &el_len((0x0010, 0x0010), b"PN", 0xFFF0, b"Doe^Jane"),
+        );
+        let err = refusal(&data);
+        assert!(
+            err.contains("element (0010,0010) declares 65520 bytes, but only 8 remain"),
+            "{err}"
+        );
+        let data = file(
+            EXPLICIT_LE,
+            &el_len((0x7FE0, 0x0010), b"OW", 0xFFFF_FFF0, &[0; 8]),
+        );
+        assert!(refusal(&data).contains("declares 4294967280 bytes, but only 8 remain"));
+    }
+
+    #[test]
+    fn refuses_a_data_set_cut_inside_an_element_header() {
+        let mut data = file(EXPLICIT_LE, &patient_name());
+        data.extend_from_slice(&[0x10, 0x00, 0x20]);
+        assert!(refusal(&data).contains("the data set is cut short at byte"));
+    }
+
+    #[test]
+    fn refuses_delimiters_and_items_outside_a_sequence() {
+        let data = file(EXPLICIT_LE, &implicit(ITEM_END, 0, &[]));
+        assert!(refusal(&data).contains("unexpected delimiter at byte 8"));
+        let data = file(EXPLICIT_LE, &implicit(SEQUENCE_END, 0, &[]));
+        assert!(refusal(&data).contains("unexpected delimiter"));
+        let data = file(EXPLICIT_LE, &implicit(ITEM, 0, &[]));
+        assert!(refusal(&data).contains("an item outside a sequence at byte 0"));
+    }
+
+    #[test]
+    fn refuses_an_undefined_length_on_an_element_that_is_not_a_sequence() {
+        let data = file(
+            EXPLICIT_LE,
+            &el_len((0x0010, 0x0010), b"UT", UNDEFINED, &[]),
+        );
+        assert!(
+            refusal(&data)
+                .contains("element (0010,0010) has an undefined length but is not a sequence")
+        );
+    }
+
+    /// A sequence of undefined length holding one item of undefined length around `inner`.
+    fn nest(inner: &[u8]) -> Vec<u8> {
+        [
+            el_len((0x0008, 0x1140), b"SQ", UNDEFINED, &[]),
+            implicit(ITEM, UNDEFINED, &[]),
+            inner.to_vec(),
+            implicit(ITEM_END, 0, &[]),
+            implicit(SEQUENCE_END, 0, &[]),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn accepts_nesting_up_to_the_limit_and_refuses_deeper() {
+        let mut dataset = patient_name();
+        for _ in 0..MAX_DEPTH {
+            dataset = nest(&dataset);
+        }
+        assert!(prescan(&file(EXPLICIT_LE, &dataset), &LIMITS).is_ok());
+        let err = refusal(&file(EXPLICIT_LE, &nest(&dataset)));
+        assert!(err.contains("nested more than 32 levels deep"), "{err}");
+        // UN of undefined length is a sequence too.
+        let un = |inner: &[u8]| {
+            [
+                el_len((0x0009, 0x1010), b"UN", UNDEFINED, &[]),
+                implicit(ITEM, UNDEFINED, &[]),
+                inner.to_vec(),
+                implicit(ITEM_END, 0, &[]),
+                implicit(SEQUENCE_END, 0, &[]),
+            ]
+            .concat()
+        };
+        assert!(refusal(&file(EXPLICIT_LE, &un(&dataset))).contains("nested more than 32 levels"));
+        let mut open = un(&patient_name());
+        assert!(prescan(&file(EXPLICIT_LE, &open), &LIMITS).is_ok());
+        open.truncate(open.len() - 8);
+        assert!(refusal(&file(EXPLICIT_LE, &open)).contains("sequence (0009,1010) has no end"));
+    }
+
+    #[test]
+    fn refuses_malformed_sequences() {
+        let item = patient_name();
+        // A sequence delimiter in a sequence of defined length.
+        let body = [implicit(SEQUENCE_END, 0, &[])].concat();
+        let data = file(EXPLICIT_LE, &el((0x0008, 0x1140), b"SQ", &body));
+        assert!(refusal(&data).contains("a sequence delimiter in a sequence of defined length"));
+        // Something other than an item.
+        let data = file(EXPLICIT_LE, &el((0x0008, 0x1140), b"SQ", &item));
+        let err = refusal(&data);
+        assert!(
+            err.contains("sequence (0008,1140) holds (0010,0010) where an item belongs"),
+            "{err}"
+        );
+        // An item of defined length that ends with an item delimiter.
+        let inner = [item.clone(), implicit(ITEM_END, 0, &[])].concat();
+        let body = [implicit(ITEM, inner.len() as u32, &[]), inner].concat();
+        let data = file(EXPLICIT_LE, &el((0x0008, 0x1140), b"SQ", &body));
+        assert!(refusal(&data).contains("an item ends in the wrong place"));
+        // An item of undefined length ended by the sequence delimiter.
+        let body = [
+            implicit(ITEM, UNDEFINED, &[]),
+            item.clone(),
+            implicit(SEQUENCE_END, 0, &[]),
+        ]
+        .concat();
+        let data = file(
+            EXPLICIT_LE,
+            &[el_len((0x0008, 0x1140), b"SQ", UNDEFINED, &[]), body].concat(),
+        );
+        assert!(refusal(&data).contains("an item ends in the wrong place"));
+        // An item longer than its sequence, and a sequence longer than the data.
+        let body = [implicit(ITEM, 100, &[]), item.clone()].concat();
+        let data = file(EXPLICIT_LE, &el((0x0008, 0x1140), b"SQ", &body));
+        assert!(refusal(&data).contains("element (0008,1140) declares 100 bytes, but only"));
+        let data = file(EXPLICIT_LE, &el_len((0x0008, 0x1140), b"SQ", 1000, &body));
+        assert!(refusal(&data).contains("element (0008,1140) declares 1000 bytes, but only"));
+        // A sequence of undefined length with no delimiter.
+        let data = file(
+            EXPLICIT_LE,
+            &[
+                el_len((0x0008, 0x1140), b"SQ", UNDEFINED, &[]),
+                implicit(ITEM, item.len() as u32, &item),
+            ]
+            .concat(),
+        );
+        assert!(refusal(&data).contains("sequence (0008,1140) has no end"));
+    }
+
+    #[test]
+    fn checks_every_fragment_of_encapsulated_pixel_data() {
+        let pixel_data = |fragments: &[u8]| {
+            file(
+                "1.2.840.10008.1.2.5",
+                &[
+                    el_len((0x7FE0, 0x0010), b"OB", UNDEFINED, &[]),
+                    fragments.to_vec(),
+                ]
+                .concat(),
+            )
+        };
+        let good = [
+            implicit(ITEM, 0, &[]),
+            implicit(ITEM, 4, &[1, 2, 3, 4]),
+            implicit(SEQUENCE_END, 0, &[]),
+        ]
+        .concat();
+        assert!(prescan(&pixel_data(&good), &LIMITS).is_ok());
+        let err = refusal(&pixel_data(&[implicit(ITEM, 400, &[1, 2, 3, 4])].concat()));
+        assert!(
+            err.contains("element (7FE0,0010) declares 400 bytes, but only 4 remain"),
+            "{err}"
+        );
+        let err = refusal(&pixel_data(&implicit(ITEM, UNDEFINED, &[])));
+        assert!(
+            err.contains("holds something other than fragments"),
+            "{err}"
+        );
+        let err = refusal(&pixel_data(&patient_name()));
+        assert!(
+            err.contains("holds something other than fragments"),
+            "{err}"
+        );
+        let err = refusal(&pixel_data(&implicit(ITEM, 0, &[])));
+        assert!(err.contains("the data set is cut short"), "{err}");
+    }
+}
