@@ -9,10 +9,8 @@ use std::path::Path;
 use prost::Message;
 
 use crate::api::grpc::{image_input, parse_grpc_timeout, priority};
-use crate::input::{self, Encoding, InputLimits};
-use crate::model::{
-    ColorMode, DicomWindow, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling, SixteenBit,
-};
+use crate::input::{self, Encoding, InputLimits, SixteenBit};
+use crate::model::{ColorMode, DicomWindow, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling};
 use crate::pb;
 use crate::preprocess::Preprocessor;
 

@@ -379,7 +379,7 @@ impl Preprocessor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::SixteenBit;
+    use crate::input::SixteenBit;
 
     fn spec(layout: Layout, color: ColorMode) -> InputSpec {
         InputSpec {
