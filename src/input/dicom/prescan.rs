@@ -1,9 +1,14 @@
 //! The structural pre-scan: every element header of the file is walked, without allocating, before
-//! the parser sees it.
+//! the parser sees it. It reads each header exactly as dicom-rs will (the meta group up to its
+//! group length, an unknown VR as UN with a 4-byte length, group FFFE without a VR, Pixel Data
+//! declared SQ as a sequence): a length read differently is a length never checked, which dicom-rs
+//! then allocates (issue 22: 1.8 GB for an 8 KB file whose VR was mutated).
 
 use std::io::Read;
 
-use dicom_core::Tag;
+use dicom_core::dictionary::{DataDictionary, VirtualVr};
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::StandardDataDictionary;
 
 use super::{SUPPORTED_TRANSFER_SYNTAXES, invalid, ts_name};
 use crate::input::{InputError, InputLimits};
@@ -80,61 +85,84 @@ pub fn prescan<'a>(data: &'a [u8], limits: &InputLimits) -> Result<&'a [u8], Inp
     }
 }
 
-/// The File Meta Information (always explicit VR little endian): the transfer syntax UID and
-/// where the data set starts, relative to `DICM`.
+/// The File Meta Information (always explicit VR little endian), read as dicom-object reads it:
+/// the group length (0002,0000) first, then whole elements until that many bytes are read, whatever
+/// their group. Returns the transfer syntax UID and where the data set starts, relative to `DICM`.
+/// (Walking on while the group is 0002 instead would start the data set elsewhere than the parser
+/// does, and leave what it reads there unchecked.)
 fn meta(body: &[u8]) -> Result<(String, usize), InputError> {
-    let mut pos = 4;
+    let mut walker = Walker {
+        data: body,
+        pos: 4,
+        explicit: true,
+        big_endian: false,
+    };
+    let cut = |_| invalid("the file meta information is cut short");
+    let (tag, _, len) = walker.explicit_header().map_err(cut)?;
+    if tag != (0x0002, 0x0000) || len != 4 {
+        return Err(invalid(format!(
+            "the file meta information starts with ({:04X},{:04X}) of {len} bytes, not its group \
+             length (0002,0000) of 4 bytes",
+            tag.0, tag.1
+        )));
+    }
+    let group_length = u32::from_le_bytes(walker.bytes::<4>().map_err(cut)?);
+    let mut read = 0u32;
     let mut transfer_syntax = None;
-    while let Some(head) = body.get(pos..pos + 8) {
-        let group = u16::from_le_bytes([head[0], head[1]]);
-        if group != 0x0002 {
-            break;
-        }
-        let element = u16::from_le_bytes([head[2], head[3]]);
-        let vr = [head[4], head[5]];
-        let (len, header_len) = if long_length_vr(vr) {
-            let l = body
-                .get(pos + 8..pos + 12)
-                .ok_or_else(|| invalid("the file meta information is cut short"))?;
-            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
-        } else {
-            (u16::from_le_bytes([head[6], head[7]]) as usize, 8)
-        };
-        let value = body.get(pos + header_len..pos + header_len + len).ok_or_else(|| {
-            invalid(format!(
-                "file meta element (0002,{element:04X}) declares {len} bytes past the end of the file"
-            ))
-        })?;
-        if element == 0x0010 {
+    while read < group_length {
+        let start = walker.pos;
+        let (tag, _, len) = walker.explicit_header().map_err(cut)?;
+        let value = (len != UNDEFINED)
+            .then(|| body.get(walker.pos..walker.pos.saturating_add(len as usize)))
+            .flatten()
+            .ok_or_else(|| {
+                invalid(format!(
+                    "file meta element ({:04X},{:04X}) declares {len} bytes past the end of the \
+                     file",
+                    tag.0, tag.1
+                ))
+            })?;
+        if tag == (0x0002, 0x0010) {
             transfer_syntax = Some(
                 String::from_utf8_lossy(value)
                     .trim_matches(['\0', ' '])
                     .to_string(),
             );
         }
-        pos += header_len + len;
+        walker.pos += len as usize;
+        read = read.saturating_add((walker.pos - start) as u32);
     }
     let transfer_syntax = transfer_syntax
         .ok_or_else(|| invalid("the file meta information has no Transfer Syntax UID"))?;
-    Ok((transfer_syntax, pos))
+    Ok((transfer_syntax, walker.pos))
 }
 
-fn long_length_vr(vr: [u8; 2]) -> bool {
+/// Whether dicom-rs reads a 2-byte length after this explicit VR (PS3.5 7.1.2); every other VR,
+/// including one it does not know (read as UN), has 2 reserved bytes and a 4-byte length.
+fn short_length(vr: VR) -> bool {
     matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
+        vr,
+        VR::AE
+            | VR::AS
+            | VR::AT
+            | VR::CS
+            | VR::DA
+            | VR::DS
+            | VR::DT
+            | VR::FL
+            | VR::FD
+            | VR::IS
+            | VR::LO
+            | VR::LT
+            | VR::PN
+            | VR::SH
+            | VR::SL
+            | VR::SS
+            | VR::ST
+            | VR::TM
+            | VR::UI
+            | VR::UL
+            | VR::US
     )
 }
 
@@ -199,55 +227,67 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Elements until `end`, or until an item or sequence delimiter.
+    /// An element's tag, VR and length, read as dicom-rs's explicit VR decoders read them: a VR it
+    /// does not know is UN (a 4-byte length), and elements of group FFFE have no VR.
+    fn explicit_header(&mut self) -> Result<((u16, u16), Option<VR>, u32), InputError> {
+        let tag = (self.u16()?, self.u16()?);
+        if tag.0 == 0xFFFE {
+            return Ok((tag, None, self.u32()?));
+        }
+        let vr = VR::from_binary(self.bytes::<2>()?).unwrap_or(VR::UN);
+        let len = if short_length(vr) {
+            u32::from(self.u16()?)
+        } else {
+            self.bytes::<2>()?;
+            self.u32()?
+        };
+        Ok((tag, Some(vr), len))
+    }
+
+    /// Elements until `end`, or until an item or sequence delimiter. What is a sequence, and what
+    /// encapsulated pixel data, is decided as dicom-rs's data set reader decides it.
     fn dataset(&mut self, end: usize, depth: usize) -> Result<Stop, InputError> {
         while self.pos < end {
-            let tag = (self.u16()?, self.u16()?);
-            if tag == ITEM_END || tag == SEQUENCE_END {
-                self.u32()?;
-                return Ok(if tag == ITEM_END {
-                    Stop::ItemEnd
-                } else {
-                    Stop::SequenceEnd
-                });
-            }
-            if tag == ITEM {
-                return Err(invalid(format!(
-                    "an item outside a sequence at byte {}",
-                    self.pos - 4
-                )));
-            }
-            let (sequence, len) = if self.explicit {
-                let vr = self.bytes::<2>()?;
-                let len = if long_length_vr(vr) {
-                    self.bytes::<2>()?;
-                    self.u32()?
-                } else {
-                    u32::from(self.u16()?)
-                };
-                (&vr == b"SQ" || (&vr == b"UN" && len == UNDEFINED), len)
+            let (tag, vr, len) = if self.explicit {
+                self.explicit_header()?
             } else {
-                let len = self.u32()?;
-                let is_sq = dicom_core::dictionary::DataDictionary::by_tag(
-                    &dicom_dictionary_std::StandardDataDictionary,
-                    Tag(tag.0, tag.1),
-                )
-                .is_some_and(|entry| {
-                    matches!(entry.vr, dicom_core::dictionary::VirtualVr::Exact(vr) if vr == dicom_core::VR::SQ)
-                });
-                (is_sq || len == UNDEFINED, len)
+                ((self.u16()?, self.u16()?), None, self.u32()?)
             };
-            if tag == (0x7FE0, 0x0010) && len == UNDEFINED {
-                self.fragments(end)?;
-            } else if sequence {
+            match tag {
+                ITEM_END => return Ok(Stop::ItemEnd),
+                SEQUENCE_END => return Ok(Stop::SequenceEnd),
+                ITEM => {
+                    return Err(invalid(format!(
+                        "an item outside a sequence at byte {}",
+                        self.pos - 8
+                    )));
+                }
+                _ => {}
+            }
+            let declared_sequence = match vr {
+                Some(vr) => vr == VR::SQ,
+                // Implicit VR: the dictionary's.
+                None if !self.explicit => StandardDataDictionary
+                    .by_tag(Tag(tag.0, tag.1))
+                    .is_some_and(|entry| matches!(entry.vr, VirtualVr::Exact(VR::SQ))),
+                // Group FFFE in explicit VR.
+                None => false,
+            };
+            if declared_sequence {
                 self.sequence(len, end, depth + 1, tag)?;
-            } else if len == UNDEFINED {
+            } else if len != UNDEFINED {
+                self.skip(len, end, tag)?;
+            } else if tag == (0x7FE0, 0x0010) {
+                self.fragments(end)?;
+            } else if vr == Some(VR::UN) || !self.explicit {
+                // dicom-rs reads any other element of undefined length as a sequence; UN (and
+                // implicit VR) may be one in a valid file.
+                self.sequence(len, end, depth + 1, tag)?;
+            } else {
                 return Err(invalid(format!(
                     "element ({:04X},{:04X}) has an undefined length but is not a sequence",
                     tag.0, tag.1
                 )));
-            } else {
-                self.skip(len, end, tag)?;
             }
         }
         Ok(Stop::End)
@@ -349,7 +389,7 @@ mod tests {
     fn el_len(tag: (u16, u16), vr: &[u8; 2], len: u32, value: &[u8]) -> Vec<u8> {
         let mut out = [tag.0.to_le_bytes(), tag.1.to_le_bytes()].concat();
         out.extend_from_slice(vr);
-        if long_length_vr(*vr) {
+        if !short_length(VR::from_binary(*vr).unwrap_or(VR::UN)) {
             out.extend_from_slice(&[0, 0]);
             out.extend_from_slice(&len.to_le_bytes());
         } else {
@@ -681,5 +721,149 @@ mod tests {
         );
         let err = refusal(&pixel_data(&implicit(ITEM, 0, &[])));
         assert!(err.contains("the data set is cut short"), "{err}");
+    }
+
+    // The element headers as dicom-rs reads them (issue 22, finding 36): a length the pre-scan
+    // reads differently from the parser is a length it never checked.
+
+    #[test]
+    fn an_unknown_vr_has_a_4_byte_length_as_dicom_rs_reads_it() {
+        // "PM" is no VR: dicom-rs reads UN, 2 reserved bytes and a 4-byte length.
+        let mut element = [0x10, 0x00, 0x10, 0x00, b'P', b'M', 0, 0].to_vec();
+        element.extend_from_slice(&8u32.to_le_bytes());
+        element.extend_from_slice(b"Doe^Jane");
+        assert!(prescan(&file(EXPLICIT_LE, &element), &LIMITS).is_ok());
+        // As a short header, its value bytes are the length: "Anon" is 1,852,796,481 bytes.
+        let mut element = [0x10, 0x00, 0x10, 0x00, b'P', b'M', 10, 0].to_vec();
+        element.extend_from_slice(b"Anon^Test ");
+        let err = refusal(&file(EXPLICIT_LE, &element));
+        assert!(
+            err.contains("element (0010,0010) declares 1852796481 bytes, but only 6 remain"),
+            "{err}"
+        );
+        // The same in big endian, and in the file meta information.
+        let mut element = [0x00, 0x10, 0x00, 0x10, b'P', b'M', 0, 10].to_vec();
+        element.extend_from_slice(b"Anon^Test ");
+        let err = refusal(&file(EXPLICIT_BE, &element));
+        assert!(err.contains("declares 1097756526 bytes"), "{err}");
+        let mut data = file(EXPLICIT_LE, &patient_name());
+        let at = data
+            .windows(6)
+            .position(|w| w == b"\x02\x00\x10\x00UI")
+            .unwrap();
+        data[at + 4..at + 6].copy_from_slice(b"UX");
+        let err = refusal(&data);
+        assert!(
+            err.contains("file meta element (0002,0010) declares 775040561 bytes past the end"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn elements_of_group_fffe_have_no_vr_in_explicit_vr() {
+        let data = file(
+            EXPLICIT_LE,
+            &[implicit((0xFFFE, 0x0001), 4, b"abcd"), patient_name()].concat(),
+        );
+        assert!(prescan(&data, &LIMITS).is_ok());
+        // Read with a VR, "PN" and a length of 0x2000 are a 4-byte length of 512 MiB.
+        let mut odd = implicit((0xFFFE, 0x0001), 0, &[]);
+        odd.truncate(4);
+        odd.extend_from_slice(b"PN\x00\x20");
+        odd.extend_from_slice(&[0; 0x2000]);
+        let err = refusal(&file(EXPLICIT_LE, &odd));
+        assert!(
+            err.contains("element (FFFE,0001) declares 536890960 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_meta_group_ends_where_its_group_length_says() {
+        // Group 2 elements past the group length are data set elements (here implicit VR): the
+        // "LT" and 2-byte length of an explicit header read as a 4-byte length.
+        let extra = el((0x0002, 0x0099), b"LT", &[b' '; 16]);
+        let mut data = file(IMPLICIT_LE, &[]);
+        data.extend(extra.clone());
+        data.extend(implicit((0x0010, 0x0010), 8, b"Doe^Jane"));
+        let err = refusal(&data);
+        assert!(
+            err.contains("element (0002,0099) declares 1070156 bytes"),
+            "{err}"
+        );
+        // Counted in the group length, it is part of the meta group.
+        let group = [el((0x0002, 0x0010), b"UI", &uid(IMPLICIT_LE)), extra].concat();
+        let mut data = b"DICM".to_vec();
+        data.extend(el(
+            (0x0002, 0x0000),
+            b"UL",
+            &(group.len() as u32).to_le_bytes(),
+        ));
+        data.extend(group);
+        data.extend(implicit((0x0010, 0x0010), 8, b"Doe^Jane"));
+        assert!(prescan(&data, &LIMITS).is_ok());
+        // A group length that runs into the data set takes its first element into the meta
+        // group, read as explicit VR (implicit "\x08\x00\x00\x00" is no VR: a 4-byte length).
+        let dataset = [
+            implicit((0x0008, 0x0005), 8, b"ISO_IR 6"),
+            implicit((0x0010, 0x0010), 8, b"Doe^Jane"),
+        ]
+        .concat();
+        let mut data = file(IMPLICIT_LE, &dataset);
+        data[12..16].copy_from_slice(&(28u32 + 4).to_le_bytes());
+        let err = refusal(&data);
+        assert!(
+            err.contains("file meta element (0008,0005) declares"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_meta_group_must_start_with_its_group_length() {
+        let mut data = b"DICM".to_vec();
+        data.extend(el((0x0002, 0x0010), b"UI", &uid(EXPLICIT_LE)));
+        let err = refusal(&data);
+        assert!(
+            err.contains("starts with (0002,0010) of 20 bytes, not its group length (0002,0000)"),
+            "{err}"
+        );
+        let mut data = file(EXPLICIT_LE, &[]);
+        data.truncate(10);
+        assert!(refusal(&data).contains("the file meta information is cut short"));
+        // An undefined length in the meta group.
+        let group = el_len((0x0002, 0x0001), b"OB", UNDEFINED, &[]);
+        let mut data = b"DICM".to_vec();
+        data.extend(el(
+            (0x0002, 0x0000),
+            b"UL",
+            &(group.len() as u32).to_le_bytes(),
+        ));
+        data.extend(group);
+        let err = refusal(&data);
+        assert!(
+            err.contains("file meta element (0002,0001) declares 4294967295 bytes past the end"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pixel_data_declared_a_sequence_is_walked_as_one() {
+        // dicom-rs parses the items of Pixel Data with VR SQ as data sets, not as fragments: here
+        // an OB element of 1.75 GiB inside one.
+        let inner = el_len((0x0010, 0x0010), b"OB", 0x7000_0000, &[0; 4]);
+        let data = file(
+            EXPLICIT_LE,
+            &[
+                el_len((0x7FE0, 0x0010), b"SQ", UNDEFINED, &[]),
+                implicit(ITEM, inner.len() as u32, &inner),
+                implicit(SEQUENCE_END, 0, &[]),
+            ]
+            .concat(),
+        );
+        let err = refusal(&data);
+        assert!(
+            err.contains("element (0010,0010) declares 1879048192 bytes"),
+            "{err}"
+        );
     }
 }
