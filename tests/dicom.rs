@@ -162,7 +162,10 @@ fn every_file_and_policy_matches_the_pydicom_reference() {
 const HOSTILE: &[(&str, &str)] = &[
     ("bad/not_dicom.dcm", "not its group length (0002,0000)"),
     ("bad/truncated.dcm", "declares 9450 bytes, but only"),
-    ("bad/no_pixel_data.dcm", "no Pixel Data (7FE0,0010)"),
+    (
+        "bad/no_pixel_data.dcm",
+        "no Pixel Data (7FE0,0010): not an image",
+    ),
     (
         "bad/huge_length.dcm",
         "declares 4294967280 bytes, but only 8 remain",
@@ -198,13 +201,50 @@ fn hostile_files_are_refused_with_a_reason() {
         let err = dicom::decode(&data, &LIMITS).unwrap_err().to_string();
         assert!(err.contains(reason), "{file}: {err}");
         // The header-only size check (run before any decoding budget is taken) refuses the same
-        // files, except a missing Pixel Data, which only decoding notices.
+        // files for the same reason.
         let size = brainai::input::decoded_size(&data, brainai::input::Encoding::Dicom, &LIMITS);
-        assert_eq!(
-            size.is_err(),
-            *file != "bad/no_pixel_data.dcm",
-            "{file}: {size:?}"
+        let err = size.expect_err(file).to_string();
+        assert!(err.contains(reason), "{file}: size check: {err}");
+    }
+}
+
+/// pydicom's own test files (`pydicom/data/test_files` of the pinned wheel): files nobody here
+/// wrote.
+fn pydicom_test_files() -> PathBuf {
+    let out = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import pathlib, pydicom; print(pathlib.Path(pydicom.__file__).parent / 'data' / 'test_files')",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn instances_that_are_not_images_are_refused_as_such() {
+    // pydicom's structured reports, ECG waveform and RT plan: no Pixel Data, so no Rows either;
+    // the reason is that they are not images (issue 22, finding 23).
+    let dir = pydicom_test_files();
+    for (file, sop_class) in [
+        ("test-SR.dcm", "1.2.840.10008.5.1.4.1.1.88.33"),
+        ("reportsi.dcm", "1.2.840.10008.5.1.4.1.1.88.11"),
+        ("waveform_ecg.dcm", "1.2.840.10008.5.1.4.1.1.9.1.1"),
+        ("rtplan.dcm", "1.2.840.10008.5.1.4.1.1.481.5"),
+    ] {
+        let data = std::fs::read(dir.join(file)).unwrap();
+        let want = format!(
+            "the instance has no Pixel Data (7FE0,0010): not an image (SOP Class UID {sop_class})"
         );
+        let err = dicom::decode(&data, &LIMITS).unwrap_err().to_string();
+        assert!(err.contains(&want), "{file}: {err}");
+        let err = dicom::read_header(&data, &LIMITS).unwrap_err().to_string();
+        assert!(err.contains(&want), "{file}: read_header: {err}");
     }
 }
 

@@ -233,14 +233,36 @@ fn parse(
     until: Option<Tag>,
 ) -> Result<DefaultDicomObject, InputError> {
     limits.check_size(data)?;
-    let body = prescan(data, limits)?;
+    let scan = prescan::scan(data, limits)?;
     let mut options = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
     if let Some(tag) = until {
         options = options.read_until(tag);
     }
-    unwind(|| options.from_reader(body))
+    let object = unwind(|| options.from_reader(scan.body))
         .map_err(|()| invalid("the DICOM parser failed on malformed data"))?
-        .map_err(|e| invalid(format!("the file could not be parsed: {}", error_chain(&e))))
+        .map_err(|e| invalid(format!("the file could not be parsed: {}", error_chain(&e))))?;
+    match scan.pixel_data {
+        Some((0x7FE0, 0x0010)) => Ok(object),
+        Some((group, element)) => Err(invalid(format!(
+            "the instance holds floating-point pixel data ({group:04X},{element:04X}), which is \
+             not supported"
+        ))),
+        // A structured report, a waveform, an RT plan: say so, rather than what an image would
+        // miss (Rows, ...).
+        None => Err(invalid(format!(
+            "the instance has no Pixel Data (7FE0,0010): not an image (SOP Class UID {})",
+            object
+                .get(tags::SOP_CLASS_UID)
+                .and_then(|e| e.to_str().ok())
+                .map(|uid| uid
+                    .trim_matches(['\0', ' '])
+                    .chars()
+                    .take(64)
+                    .collect::<String>())
+                .filter(|uid| !uid.is_empty())
+                .unwrap_or_else(|| "absent".into())
+        ))),
+    }
 }
 
 /// Runs third-party parsing or decoding, turning a panic into `Err(())`.

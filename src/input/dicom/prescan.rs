@@ -25,6 +25,21 @@ const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 /// undefined lengths where none may be, nesting deeper than [`MAX_DEPTH`] and transfer syntaxes
 /// this build cannot decode.
 pub fn prescan<'a>(data: &'a [u8], limits: &InputLimits) -> Result<&'a [u8], InputError> {
+    scan(data, limits).map(|scan| scan.body)
+}
+
+/// What the pre-scan learned on its way.
+pub(super) struct Scan<'a> {
+    /// The file from `DICM` on.
+    pub body: &'a [u8],
+    /// The pixel data element of the data set (not of an item): (7FE0,0010), or else Float
+    /// (7FE0,0008) or Double Float (7FE0,0009) Pixel Data; `None` for an instance that is no image
+    /// (a structured report, a waveform, an RT plan).
+    pub pixel_data: Option<(u16, u16)>,
+}
+
+/// [`prescan`], with what it learned.
+pub(super) fn scan<'a>(data: &'a [u8], limits: &InputLimits) -> Result<Scan<'a>, InputError> {
     let body = if data.get(128..132) == Some(b"DICM") {
         &data[128..]
     } else if data.starts_with(b"DICM") {
@@ -75,9 +90,13 @@ pub fn prescan<'a>(data: &'a [u8], limits: &InputLimits) -> Result<&'a [u8], Inp
         pos: 0,
         explicit: transfer_syntax != IMPLICIT_LE,
         big_endian: transfer_syntax == EXPLICIT_BE,
+        pixel_data: None,
     };
     match walker.dataset(dataset.len(), 0)? {
-        Stop::End => Ok(body),
+        Stop::End => Ok(Scan {
+            body,
+            pixel_data: walker.pixel_data,
+        }),
         Stop::ItemEnd | Stop::SequenceEnd => Err(invalid(format!(
             "unexpected delimiter at byte {} of the data set",
             walker.pos
@@ -96,6 +115,7 @@ fn meta(body: &[u8]) -> Result<(String, usize), InputError> {
         pos: 4,
         explicit: true,
         big_endian: false,
+        pixel_data: None,
     };
     let cut = |_| invalid("the file meta information is cut short");
     let (tag, _, len) = walker.explicit_header().map_err(cut)?;
@@ -184,6 +204,8 @@ struct Walker<'a> {
     pos: usize,
     explicit: bool,
     big_endian: bool,
+    /// The data set's pixel data element, once seen.
+    pixel_data: Option<(u16, u16)>,
 }
 
 impl Walker<'_> {
@@ -263,6 +285,10 @@ impl Walker<'_> {
                     )));
                 }
                 _ => {}
+            }
+            if depth == 0 && matches!(tag, (0x7FE0, 0x0008 | 0x0009 | 0x0010)) {
+                // (7FE0,0010) wins over the float forms, whatever the order.
+                self.pixel_data = self.pixel_data.max(Some(tag));
             }
             let declared_sequence = match vr {
                 Some(vr) => vr == VR::SQ,
@@ -865,5 +891,24 @@ mod tests {
             err.contains("element (0010,0010) declares 1879048192 bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn notes_the_pixel_data_element_of_the_data_set() {
+        let pixel_data = |element: u16| el((0x7FE0, element), b"OW", &[0; 4]);
+        let scanned = |dataset: &[u8]| {
+            scan(&file(EXPLICIT_LE, dataset), &LIMITS)
+                .unwrap()
+                .pixel_data
+        };
+        assert_eq!(scanned(&patient_name()), None);
+        assert_eq!(scanned(&pixel_data(0x0010)), Some((0x7FE0, 0x0010)));
+        assert_eq!(scanned(&pixel_data(0x0008)), Some((0x7FE0, 0x0008)));
+        assert_eq!(
+            scanned(&[pixel_data(0x0008), pixel_data(0x0010)].concat()),
+            Some((0x7FE0, 0x0010))
+        );
+        // Pixel Data in an item (an icon) is not the instance's.
+        assert_eq!(scanned(&nest(&pixel_data(0x0010))), None);
     }
 }
