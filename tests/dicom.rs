@@ -248,6 +248,46 @@ fn instances_that_are_not_images_are_refused_as_such() {
     }
 }
 
+#[test]
+fn attributes_stored_as_un_are_read_with_their_dictionary_vr() {
+    // un_attributes.dcm: signed_rescale.dcm's image, its rescale, window, modality, UIDs, pixel
+    // representation and position written with VR UN by make_dicom.py (issue 22, finding 19).
+    // dicom-rs keeps UN as bytes ("2 " read as 50, 32); pydicom, the reference, reads them with
+    // the dictionary's VR. The pixels are compared under every policy with the rest of the
+    // manifest.
+    let data = std::fs::read(data_dir().join("un_attributes.dcm")).unwrap();
+    let image = dicom::decode(&data, &LIMITS).unwrap();
+    let h = &image.header;
+    assert_eq!(h.rescale, Some((2.0, -1024.0)));
+    assert_eq!(h.windows, [(1800.0, 5000.0)]);
+    assert_eq!(h.modality, "MR");
+    assert!(h.signed);
+    assert_eq!(h.geometry.position, Some([-120.0, -100.8, 0.0]));
+    let [study, series, sop] = pydicom_uids(&["un_attributes.dcm".to_string()])
+        .pop()
+        .unwrap();
+    assert_eq!(
+        [
+            &h.ids.study_instance_uid,
+            &h.ids.series_instance_uid,
+            &h.ids.sop_instance_uid
+        ],
+        [&study, &series, &sop]
+    );
+    let reference = std::fs::read(data_dir().join("signed_rescale.dcm")).unwrap();
+    assert_eq!(
+        image.frames,
+        dicom::decode(&reference, &LIMITS).unwrap().frames
+    );
+    // The structured report copies the context with the right VRs.
+    let uid = image
+        .context
+        .0
+        .get(dicom_dictionary_std::tags::STUDY_INSTANCE_UID)
+        .unwrap();
+    assert_eq!(uid.vr(), dicom_core::VR::UI);
+}
+
 /// Single-frame files the service classifies, with whether they are lossy DCT JPEG.
 fn classifiable() -> Vec<(String, bool)> {
     manifest()

@@ -10,14 +10,15 @@
 //! syntaxes; the pixel geometry is checked against the limits before anything is decoded.
 //! Decoding itself is dicom-rs (`dicom-object`, `dicom-pixeldata`).
 //!
-//! [`prescan`] (the structural checks), `header` (the attributes read), `pixels` (frames and the
-//! bytes decoding allocates) and `jpeg12` (12-bit JPEG through libjpeg-turbo); this module ties
-//! them together.
+//! [`prescan`] (the structural checks), `un` (attributes stored as UN, read with the dictionary's
+//! VR), `header` (the attributes read), `pixels` (frames and the bytes decoding allocates) and
+//! `jpeg12` (12-bit JPEG through libjpeg-turbo); this module ties them together.
 
 mod header;
 mod jpeg12;
 mod pixels;
 mod prescan;
+mod un;
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
@@ -52,6 +53,9 @@ pub const SUPPORTED_TRANSFER_SYNTAXES: &[(&str, &str)] = &[
     ("1.2.840.10008.1.2.4.91", "JPEG 2000"),
 ];
 
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 
 /// Names of a few transfer syntaxes that are refused, for a clearer message.
@@ -238,9 +242,11 @@ fn parse(
     if let Some(tag) = until {
         options = options.read_until(tag);
     }
-    let object = unwind(|| options.from_reader(scan.body))
+    let mut object = unwind(|| options.from_reader(scan.body))
         .map_err(|()| invalid("the DICOM parser failed on malformed data"))?
         .map_err(|e| invalid(format!("the file could not be parsed: {}", error_chain(&e))))?;
+    let big_endian = object.meta().transfer_syntax().trim_matches(['\0', ' ']) == EXPLICIT_BE;
+    un::resolve(&mut object, big_endian);
     match scan.pixel_data {
         Some((0x7FE0, 0x0010)) => Ok(object),
         Some((group, element)) => Err(invalid(format!(

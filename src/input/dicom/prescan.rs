@@ -10,15 +10,11 @@ use dicom_core::dictionary::{DataDictionary, VirtualVr};
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::StandardDataDictionary;
 
-use super::{SUPPORTED_TRANSFER_SYNTAXES, invalid, ts_name};
+use super::{DEFLATED, EXPLICIT_BE, IMPLICIT_LE, SUPPORTED_TRANSFER_SYNTAXES, invalid, ts_name};
 use crate::input::{InputError, InputLimits};
 
 /// Deepest nesting of sequences accepted. Enhanced MR functional groups nest 3–4 levels.
 pub const MAX_DEPTH: usize = 32;
-
-const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
-const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
-const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 
 /// Structural checks before parsing; returns the file from `DICM` on. Walks every element header
 /// (of the inflated data set, for the deflated transfer syntax) and refuses lengths past the end,
