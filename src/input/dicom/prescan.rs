@@ -187,6 +187,9 @@ const ITEM: (u16, u16) = (0xFFFE, 0xE000);
 const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
 const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
 
+/// An element header: tag, VR (none in implicit VR, and for group FFFE) and length.
+type ElementHeader = ((u16, u16), Option<VR>, u32);
+
 /// What ended a walk over elements.
 enum Stop {
     End,
@@ -247,7 +250,7 @@ impl Walker<'_> {
 
     /// An element's tag, VR and length, read as dicom-rs's explicit VR decoders read them: a VR it
     /// does not know is UN (a 4-byte length), and elements of group FFFE have no VR.
-    fn explicit_header(&mut self) -> Result<((u16, u16), Option<VR>, u32), InputError> {
+    fn explicit_header(&mut self) -> Result<ElementHeader, InputError> {
         let tag = (self.u16()?, self.u16()?);
         if tag.0 == 0xFFFE {
             return Ok((tag, None, self.u32()?));
