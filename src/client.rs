@@ -1,9 +1,16 @@
 //! `brainai classify`: a real gRPC client that classifies image files with a running server.
+//! `calls.rs`: the files in calls the server accepts, a few in flight; `retry.rs`: backoff while
+//! the server is busy; `output.rs`: what is printed.
+
+mod calls;
+mod output;
+mod retry;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
+use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::batcher::Priority;
 use crate::config::ClassifyArgs;
@@ -63,105 +70,68 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Adds `authorization: Bearer <token>` when `--token` (or BRAINAI_TOKEN) is set.
-fn authorize<T>(request: &mut tonic::Request<T>, args: &ClassifyArgs) -> Result<(), String> {
-    if let Some(token) = &args.token {
-        let value = format!("Bearer {token}")
-            .parse()
-            // Not echoed: it is a secret.
-            .map_err(|_| "--token: not a valid header value (printable ASCII only)".to_string())?;
-        request.metadata_mut().insert("authorization", value);
-    }
-    Ok(())
+/// What every call of a run needs: the client, the call options and the credential.
+pub(crate) struct Caller<'a> {
+    client: TumorClassifierClient<Channel>,
+    args: &'a ClassifyArgs,
+    /// `Bearer <token>` when `--token` (or BRAINAI_TOKEN) is set.
+    bearer: Option<MetadataValue<Ascii>>,
 }
 
-/// Files per request, so a long file list stays under the server's per-request limit.
-const FILES_PER_REQUEST: usize = 32;
+impl Caller<'_> {
+    /// A request with the call deadline (`--timeout-s`) and the credential.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(Duration::from_secs_f64(self.args.timeout_s));
+        if let Some(bearer) = &self.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
+        request
+    }
+}
 
+/// `Bearer <token>` as a header value, when `--token` (or BRAINAI_TOKEN) is set.
+fn bearer(args: &ClassifyArgs) -> Result<Option<MetadataValue<Ascii>>, String> {
+    let Some(token) = &args.token else {
+        return Ok(None);
+    };
+    let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+        .parse()
+        // Not echoed: it is a secret.
+        .map_err(|_| "--token: not a valid header value (printable ASCII only)".to_string())?;
+    value.set_sensitive(true);
+    Ok(Some(value))
+}
+
+/// `brainai classify`: exit status 0 when every file was classified, 1 when any failed (`Err`:
+/// the run could not start, or stopped).
 pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
+    let bearer = bearer(args)?;
     let channel = connect(args).await?;
-    let mut client = TumorClassifierClient::new(channel)
+    let client = TumorClassifierClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
-
+    let caller = Caller {
+        client,
+        args,
+        bearer,
+    };
     let files = expand(&args.files)?;
     if args.series || args.sr_out.is_some() {
-        return series(args, &mut client, &files).await;
+        return series(&caller, &files).await;
     }
-    let mut rows = Vec::new();
-    for chunk in files.chunks(FILES_PER_REQUEST) {
-        let mut images = Vec::with_capacity(chunk.len());
-        for path in chunk {
-            let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let format = if has_extension(path, &["dcm", "dicom"]) {
-                pb::ImageFormat::Dicom
-            } else {
-                pb::ImageFormat::Unspecified
-            };
-            images.push(pb::Image {
-                id: path.display().to_string(),
-                data: data.into(),
-                format: format as i32,
-                raw: None,
-            });
-        }
-        let mut request = tonic::Request::new(pb::ClassifyRequest {
-            images,
-            model: args.model.clone().unwrap_or_default(),
-            version: args.model_version.clone().unwrap_or_default(),
-            priority: priority(args),
-        });
-        request.set_timeout(Duration::from_secs_f64(args.timeout_s));
-        authorize(&mut request, args)?;
-        let response = client.classify(request).await.map_err(|status| {
-            format!(
-                "server answered {:?}: {} (files: {})",
-                status.code(),
-                status.message(),
-                chunk
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
-        rows.extend(response.into_inner().results);
-    }
+    calls::classify(&caller, files).await
+}
 
-    if args.json {
-        let results: Vec<_> = rows.iter().map(to_json).collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({ "results": results }))
-                .expect("JSON values serialise")
-        );
+/// How a file is declared: DICOM by its extension, else left to the server's detection.
+fn format_of(path: &std::path::Path) -> pb::ImageFormat {
+    if has_extension(path, &["dcm", "dicom"]) {
+        pb::ImageFormat::Dicom
     } else {
-        let mut warned = std::collections::BTreeSet::new();
-        for row in &rows {
-            let probabilities: Vec<String> = row
-                .probabilities
-                .iter()
-                .map(|p| format!("{}={:.4}", p.label, p.probability))
-                .collect();
-            let model = row.model.clone().unwrap_or_default();
-            println!(
-                "{}\t{}\t{:.4}\t[{}]\tmodel={} v{} sha256={}",
-                row.image_id,
-                row.label,
-                row.probability,
-                probabilities.join(" "),
-                model.name,
-                model.version,
-                &model.sha256[..model.sha256.len().min(12)]
-            );
-            for warning in &row.warnings {
-                if warned.insert(warning.clone()) {
-                    eprintln!("warning: {warning}");
-                }
-            }
-        }
+        pb::ImageFormat::Unspecified
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn priority(args: &ClassifyArgs) -> i32 {
@@ -174,11 +144,8 @@ fn priority(args: &ClassifyArgs) -> i32 {
 }
 
 /// One ClassifySeries call with every file; the SR into `--sr-out` when asked.
-async fn series(
-    args: &ClassifyArgs,
-    client: &mut TumorClassifierClient<tonic::transport::Channel>,
-    files: &[std::path::PathBuf],
-) -> Result<ExitCode, String> {
+async fn series(caller: &Caller<'_>, files: &[std::path::PathBuf]) -> Result<ExitCode, String> {
+    let args = caller.args;
     let mut instances = Vec::with_capacity(files.len());
     for path in files {
         let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -189,20 +156,20 @@ async fn series(
             raw: None,
         });
     }
-    let mut request = tonic::Request::new(pb::ClassifySeriesRequest {
-        instances,
-        model: args.model.clone().unwrap_or_default(),
-        version: args.model_version.clone().unwrap_or_default(),
-        priority: priority(args),
-        structured_report: args.sr_out.is_some(),
-    });
-    request.set_timeout(Duration::from_secs_f64(args.timeout_s));
-    authorize(&mut request, args)?;
-    let response = client
-        .classify_series(request)
-        .await
-        .map_err(|status| format!("server answered {:?}: {}", status.code(), status.message()))?
-        .into_inner();
+    let response = retry::with_retries(args.max_tries, || {
+        let mut client = caller.client.clone();
+        let request = caller.request(pb::ClassifySeriesRequest {
+            instances: instances.clone(),
+            model: args.model.clone().unwrap_or_default(),
+            version: args.model_version.clone().unwrap_or_default(),
+            priority: priority(args),
+            structured_report: args.sr_out.is_some(),
+        });
+        async move { client.classify_series(request).await }
+    })
+    .await
+    .map_err(|failed| failed.describe())?
+    .into_inner();
     let mut written = None;
     if let Some(dir) = &args.sr_out {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -229,7 +196,7 @@ async fn series(
                     "frame": s.frame,
                     "position_mm": s.position_mm,
                     "selected": s.selected,
-                    "result": s.classification.as_ref().map(to_json),
+                    "result": s.classification.as_ref().map(output::to_json),
                 })
             })
             .collect();
@@ -340,33 +307,4 @@ fn is_dicom_file(path: &std::path::Path) -> bool {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut head))
         .is_ok_and(|_| crate::input::dicom::is_dicom(&head))
-}
-
-fn to_json(row: &pb::Classification) -> serde_json::Value {
-    let model = row.model.clone().unwrap_or_default();
-    let timing = row.timing.unwrap_or_default();
-    json!({
-        "file": row.image_id,
-        "label": row.label,
-        "probability": row.probability,
-        "probabilities": row.probabilities.iter().map(|p| (p.label.clone(), json!(p.probability))).collect::<serde_json::Map<_, _>>(),
-        "model": {
-            "name": model.name,
-            "version": model.version,
-            "sha256": model.sha256,
-            "clinically_trained": model.clinically_trained,
-        },
-        "batch_size": row.batch_size,
-        "timing": {
-            "queue_seconds": timing.queue_seconds,
-            "preprocess_seconds": timing.preprocess_seconds,
-            "inference_seconds": timing.inference_seconds,
-        },
-        "warnings": row.warnings,
-        "dicom": row.dicom.as_ref().map(|d| json!({
-            "study_instance_uid": d.study_instance_uid,
-            "series_instance_uid": d.series_instance_uid,
-            "sop_instance_uid": d.sop_instance_uid,
-        })),
-    })
 }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::backend::Device;
 use crate::batcher::Priority;
 use crate::model::BatchingOverrides;
+use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve models over gRPC (with health, reflection and Prometheus metrics).
     Serve(Box<ServeArgs>),
-    /// Classify image files with a running server; one line per file.
+    /// Classify image files with a running server; one line per file, in input order.
     Classify(Box<ClassifyArgs>),
 }
 
@@ -212,14 +213,49 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_CONNECTION_GRACE_S", default_value_t = 30)]
     pub connection_grace_s: u64,
 
-    /// Most open gRPC connections (each is a file descriptor). At the cap the longest-idle
-    /// connection is closed to make room; with none idle, new connections are refused.
-    #[arg(long, env = "BRAINAI_MAX_CONNECTIONS", default_value_t = 1024)]
-    pub max_connections: usize,
+    /// Most open connections to the gRPC port (each is a file descriptor). At the cap the
+    /// longest-idle connection is closed to make room; with none idle, new connections are
+    /// refused. Default: 1024.
+    #[arg(long, env = "BRAINAI_MAX_GRPC_CONNECTIONS")]
+    pub max_grpc_connections: Option<usize>,
 
-    /// Most open connections to the metrics/health port.
-    #[arg(long, env = "BRAINAI_MAX_HTTP_CONNECTIONS", default_value_t = 128)]
-    pub max_http_connections: usize,
+    /// Most open connections to the HTTP API port (`--http-addr`), capped like the gRPC port's.
+    /// Default: 1024.
+    #[arg(long, env = "BRAINAI_MAX_HTTP_API_CONNECTIONS")]
+    pub max_http_api_connections: Option<usize>,
+
+    /// Most open connections to the metrics and probes port (`--metrics-addr`). Default: 128.
+    #[arg(long, env = "BRAINAI_MAX_METRICS_CONNECTIONS")]
+    pub max_metrics_connections: Option<usize>,
+
+    /// Deprecated: --max-grpc-connections and --max-http-api-connections (both ports).
+    #[arg(long, env = "BRAINAI_MAX_CONNECTIONS", hide = true)]
+    pub max_connections: Option<usize>,
+
+    /// Deprecated: --max-metrics-connections (it never capped the HTTP API port).
+    #[arg(long, env = "BRAINAI_MAX_HTTP_CONNECTIONS", hide = true)]
+    pub max_http_connections: Option<usize>,
+
+    /// A request body (HTTP API, and gRPC calls other than request streams) may pause this many
+    /// seconds at most; it is also the allowance before --min-body-rate-bytes-s applies. Too
+    /// slow: 408 on the HTTP API, DEADLINE_EXCEEDED on gRPC.
+    #[arg(long, env = "BRAINAI_BODY_READ_TIMEOUT_S", default_value_t = 20)]
+    pub body_read_timeout_s: u64,
+
+    /// Once --body-read-timeout-s is spent, a request body must have averaged this many bytes a
+    /// second, counted over the time the server waited for it (0: no minimum rate).
+    #[arg(long, env = "BRAINAI_MIN_BODY_RATE_BYTES_S", default_value_t = 4096)]
+    pub min_body_rate_bytes_s: u64,
+
+    /// Most bytes of request bodies held by calls in flight over every port, in MiB (a declared
+    /// length counts in full from the first read); a call over it is refused (503 on the HTTP
+    /// API, RESOURCE_EXHAUSTED on gRPC).
+    #[arg(
+        long,
+        env = "BRAINAI_MAX_BODY_BYTES_IN_FLIGHT_MIB",
+        default_value_t = 512
+    )]
+    pub max_body_bytes_in_flight_mib: u64,
 
     /// A new connection that has not started a request within this many seconds is closed.
     #[arg(long, env = "BRAINAI_FIRST_REQUEST_TIMEOUT_S", default_value_t = 10)]
@@ -229,7 +265,7 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_IDLE_TIMEOUT_S", default_value_t = 300)]
     pub idle_timeout_s: u64,
 
-    /// HTTP/1 (metrics port): seconds to receive a request's headers.
+    /// HTTP/1 (HTTP API and metrics ports): seconds to receive a request's headers.
     #[arg(long, env = "BRAINAI_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
     pub header_read_timeout_s: u64,
 
@@ -246,8 +282,9 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
-    /// Largest request metadata (headers) of one call; a larger one is refused RESOURCE_EXHAUSTED
-    /// alone, without disturbing the other calls on its connection.
+    /// Largest request metadata (headers) of one call; a larger one (up to HTTP/2's limit of
+    /// 16 MiB) is refused RESOURCE_EXHAUSTED alone, without disturbing the other calls on its
+    /// connection.
     #[arg(long, env = "BRAINAI_MAX_METADATA_BYTES", default_value_t = 16384)]
     pub max_metadata_bytes: usize,
 
@@ -255,10 +292,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Export OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://collector:4317
-    /// (unset: no traces are exported). See README "Traces".
-    #[arg(long, env = "BRAINAI_OTLP_ENDPOINT")]
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector: http://host:port, or
+    /// https://host:port for TLS (unset: no traces are exported). See README "Traces".
+    #[arg(long, env = "BRAINAI_OTLP_ENDPOINT", value_parser = crate::telemetry::parse_endpoint)]
     pub otlp_endpoint: Option<String>,
+
+    /// With an https:// --otlp-endpoint: PEM file of the CA certificates that may sign the
+    /// collector's certificate (unset: the system's trusted roots).
+    #[arg(long, env = "BRAINAI_OTLP_CA")]
+    pub otlp_ca: Option<PathBuf>,
 
     /// The service.name of exported traces.
     #[arg(
@@ -272,12 +314,6 @@ pub struct ServeArgs {
     /// sampling decision.
     #[arg(long, env = "BRAINAI_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = crate::telemetry::parse_ratio)]
     pub otlp_sample_ratio: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -312,9 +348,24 @@ pub struct ClassifyArgs {
     #[arg(long, value_name = "DIR")]
     pub sr_out: Option<PathBuf>,
 
-    /// Call deadline in seconds.
+    /// Call deadline in seconds (each call of the run: one per `--images-per-call` files).
     #[arg(long, default_value_t = 60.0)]
     pub timeout_s: f64,
+
+    /// Most files in one call (default: the model's max batch size from GetModel, at most 64, the
+    /// server's default --max-images-per-request; a server with a lower limit is followed).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub images_per_call: Option<usize>,
+
+    /// Calls in flight at once; results are still printed in input order (default: the model's
+    /// instances + 1, from 2 to 4).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub in_flight: Option<usize>,
+
+    /// Tries per call while the server answers RESOURCE_EXHAUSTED (busy) or UNAVAILABLE, with
+    /// exponential backoff and jitter between them (0.1 s doubling up to 5 s); then the run stops.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tries: u32,
 
     /// TLS: the CA (PEM) the server's certificate must chain to. Implies https.
     #[arg(long, env = "BRAINAI_CA")]
@@ -340,6 +391,14 @@ pub struct ClassifyArgs {
     /// PNG, JPEG or DICOM files, or directories of them (searched recursively).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+/// A count of at least one.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
 }
 
 impl ServeArgs {
@@ -397,8 +456,24 @@ impl ServeArgs {
                 self.max_request_decode_mib, self.max_decode_in_flight_mib
             ));
         }
-        if self.max_connections == 0 || self.max_http_connections == 0 {
-            return Err("--max-connections and --max-http-connections must be at least 1".into());
+        for (flag, cap) in [
+            ("--max-grpc-connections", self.grpc_connections()),
+            ("--max-http-api-connections", self.http_api_connections()),
+            ("--max-metrics-connections", self.metrics_connections()),
+        ] {
+            if cap == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.body_read_timeout_s == 0 {
+            return Err("--body-read-timeout-s must be at least 1".into());
+        }
+        let largest = (self.max_http_body_bytes as u64).max(self.max_message_bytes as u64 + 5);
+        if self.max_body_bytes_in_flight_mib.saturating_mul(1 << 20) < largest {
+            return Err(format!(
+                "--max-body-bytes-in-flight-mib ({}) must hold the largest body one call may send ({largest} bytes: --max-http-body-bytes, --max-message-bytes)",
+                self.max_body_bytes_in_flight_mib
+            ));
         }
         if self.first_request_timeout_s == 0
             || self.idle_timeout_s == 0
@@ -410,6 +485,44 @@ impl ServeArgs {
             );
         }
         self.overrides().map(|_| ())
+    }
+
+    /// Open connections the gRPC port takes (`--max-grpc-connections`).
+    pub fn grpc_connections(&self) -> usize {
+        self.max_grpc_connections
+            .or(self.max_connections)
+            .unwrap_or(1024)
+    }
+
+    /// Open connections the HTTP API port takes (`--max-http-api-connections`).
+    pub fn http_api_connections(&self) -> usize {
+        self.max_http_api_connections
+            .or(self.max_connections)
+            .unwrap_or(1024)
+    }
+
+    /// Open connections the metrics port takes (`--max-metrics-connections`).
+    pub fn metrics_connections(&self) -> usize {
+        self.max_metrics_connections
+            .or(self.max_http_connections)
+            .unwrap_or(128)
+    }
+
+    /// One warning per deprecated option in use (flag or environment variable), naming what
+    /// replaces it; the server logs them at start. They go away in the next release.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(n) = self.max_connections {
+            out.push(format!(
+                "--max-connections / BRAINAI_MAX_CONNECTIONS ({n}) is deprecated: use --max-grpc-connections and --max-http-api-connections (it sets both where they are not given)"
+            ));
+        }
+        if let Some(n) = self.max_http_connections {
+            out.push(format!(
+                "--max-http-connections / BRAINAI_MAX_HTTP_CONNECTIONS ({n}) is deprecated: use --max-metrics-connections (it caps the metrics port, not the HTTP API)"
+            ));
+        }
+        out
     }
 
     /// The `--model-override NAME:KEY=VALUE` flags, by model name.
@@ -431,5 +544,85 @@ impl ServeArgs {
                 .map_err(|e| format!("--model-override {flag:?}: {e}"))?;
         }
         Ok(by_model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(argv: &[&str]) -> ServeArgs {
+        let argv = ["brainai", "serve"].iter().chain(argv);
+        match Cli::try_parse_from(argv).expect("valid arguments").command {
+            Command::Serve(args) => *args,
+            Command::Classify(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn connection_caps_are_named_after_their_ports() {
+        let args = serve(&[
+            "--max-grpc-connections",
+            "5",
+            "--max-http-api-connections",
+            "6",
+            "--max-metrics-connections",
+            "7",
+        ]);
+        assert_eq!(
+            (
+                args.grpc_connections(),
+                args.http_api_connections(),
+                args.metrics_connections()
+            ),
+            (5, 6, 7)
+        );
+        assert!(args.deprecations().is_empty());
+        let defaults = serve(&[]);
+        assert_eq!(
+            (
+                defaults.grpc_connections(),
+                defaults.http_api_connections(),
+                defaults.metrics_connections()
+            ),
+            (1024, 1024, 128)
+        );
+    }
+
+    #[test]
+    fn the_old_names_still_work_and_warn() {
+        let args = serve(&["--max-connections", "3", "--max-http-connections", "4"]);
+        assert_eq!(
+            (
+                args.grpc_connections(),
+                args.http_api_connections(),
+                args.metrics_connections()
+            ),
+            (3, 3, 4)
+        );
+        let warnings = args.deprecations();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("--max-grpc-connections"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].contains("--max-metrics-connections"),
+            "{warnings:?}"
+        );
+        // The new names win where both are given.
+        let both = serve(&["--max-connections", "3", "--max-grpc-connections", "9"]);
+        assert_eq!(
+            (both.grpc_connections(), both.http_api_connections()),
+            (9, 3)
+        );
+    }
+
+    #[test]
+    fn the_body_budget_must_hold_the_largest_body() {
+        let args = serve(&["--max-body-bytes-in-flight-mib", "8"]);
+        let err = args.validate().unwrap_err();
+        assert!(err.contains("--max-body-bytes-in-flight-mib"), "{err}");
+        assert!(serve(&[]).validate().is_ok());
     }
 }

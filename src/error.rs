@@ -1,6 +1,7 @@
 //! The one error type every front end receives from the pipeline: a transport-neutral kind plus a
 //! message that names the input and the reason. Each transport maps [`ErrorKind`] once (gRPC in
-//! `api::grpc`); metrics use [`ErrorKind::as_str`], the canonical status name, as their label.
+//! `api::grpc`, HTTP in `api::web`); metrics use [`ErrorKind::as_str`], the canonical status name,
+//! as their label, and [`code_name`] / [`http_outcome`] name any transport status the same way.
 
 /// What went wrong, independent of the transport. The names and meanings are those of the
 /// canonical status codes (google.rpc.Code), which HTTP and gRPC front ends both map from.
@@ -23,6 +24,10 @@ pub enum ErrorKind {
     /// The input is well formed but not what the model accepts (e.g. a T1 series sent to a
     /// FLAIR model).
     FailedPrecondition,
+    /// No credential, or one nobody issued.
+    Unauthenticated,
+    /// A known caller without the scope the method needs, or a browser request from another site.
+    PermissionDenied,
 }
 
 impl ErrorKind {
@@ -37,7 +42,55 @@ impl ErrorKind {
             ErrorKind::Cancelled => "CANCELLED",
             ErrorKind::Internal => "INTERNAL",
             ErrorKind::FailedPrecondition => "FAILED_PRECONDITION",
+            ErrorKind::Unauthenticated => "UNAUTHENTICATED",
+            ErrorKind::PermissionDenied => "PERMISSION_DENIED",
         }
+    }
+}
+
+/// A gRPC status code as its canonical upper-case name (`OK`, `INVALID_ARGUMENT`, …), the same
+/// vocabulary as [`ErrorKind::as_str`].
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => OK,
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// An HTTP status in the same vocabulary (the `code` label of an HTTP API call's metrics): the
+/// inverse of the HTTP API's mapping of [`ErrorKind`], plus the statuses the transport answers
+/// itself (413 too large, 408 too slow, 405, 415).
+pub fn http_outcome(status: u16) -> &'static str {
+    match status {
+        200..=299 => OK,
+        400 | 405 | 411 | 415 => "INVALID_ARGUMENT",
+        422 => "FAILED_PRECONDITION",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        408 | 504 => "DEADLINE_EXCEEDED",
+        413 | 429 | 431 => "RESOURCE_EXHAUSTED",
+        499 => "CANCELLED",
+        501 => "UNIMPLEMENTED",
+        503 => "UNAVAILABLE",
+        500..=599 => "INTERNAL",
+        _ => "UNKNOWN",
     }
 }
 
@@ -117,6 +170,41 @@ pub fn echo(text: &str) -> String {
     }
 }
 
+/// A parser's message with what it quotes of the caller's input (between `"` or `` ` ``) cut to
+/// 64 characters each, and the whole to 512: JSON parsers quote the offending value.
+pub fn bounded_quotes(message: &str) -> String {
+    const MAX: usize = 64;
+    let mut out = String::with_capacity(message.len().min(512));
+    let mut rest = message;
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest.as_bytes()[open] as char;
+        out.push_str(&rest[..=open]);
+        let after = &rest[open + 1..];
+        let (quoted, tail) = match after.find(quote) {
+            Some(close) => (&after[..close], &after[close..]),
+            None => (after, ""),
+        };
+        if quoted.chars().count() > MAX {
+            out.extend(quoted.chars().take(MAX));
+            out.push_str(&format!("… ({} bytes)", quoted.len()));
+        } else {
+            out.push_str(quoted);
+        }
+        match tail.strip_prefix(quote) {
+            Some(tail) => {
+                out.push(quote);
+                rest = tail;
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    if out.chars().count() > 512 {
+        out = out.chars().take(512).collect::<String>() + "…";
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +215,22 @@ mod tests {
         assert_eq!(e.to_string(), "image 3: image data is empty");
         assert_eq!(e.kind, ErrorKind::InvalidArgument);
         assert_eq!(e.kind.as_str(), "INVALID_ARGUMENT");
+    }
+
+    #[test]
+    fn quoted_caller_text_in_parser_messages_is_bounded() {
+        let long = "A".repeat(100_000);
+        let message = format!("invalid type: string \"{long}\", expected a sequence at line 1");
+        let shown = bounded_quotes(&message);
+        assert!(shown.len() < 200, "{} bytes", shown.len());
+        assert!(shown.starts_with("invalid type: string \"AAAA"), "{shown}");
+        assert!(shown.ends_with("expected a sequence at line 1"), "{shown}");
+        assert_eq!(
+            bounded_quotes("unknown field `x`, expected `inputs`"),
+            "unknown field `x`, expected `inputs`"
+        );
+        // An unterminated quote is cut too.
+        assert!(bounded_quotes(&format!("bad `{long}")).len() < 120);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod preprocess;
+pub mod priority;
 pub mod report;
 pub mod security;
 pub mod server;

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use brainai::config::{Cli, Command, LogFormat};
-use brainai::telemetry::{self, TraceExport};
+use brainai::config::{Cli, Command};
+use brainai::telemetry::{self, LogFormat, TraceExport};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -13,6 +13,7 @@ fn main() -> ExitCode {
             args.log_format,
             args.otlp_endpoint.as_ref().map(|endpoint| TraceExport {
                 endpoint: endpoint.clone(),
+                ca: args.otlp_ca.clone(),
                 service_name: args.otlp_service_name.clone(),
                 sample_ratio: args.otlp_sample_ratio,
             }),

@@ -1,6 +1,6 @@
 //! Every Prometheus metric the service exports, described once. Per-model metrics carry `model` and
 //! `version` labels; [`ModelMetrics`] holds one version's handles, made when it loads. The HTTP
-//! endpoint that serves them lives with the other HTTP routes (`api::http`).
+//! endpoint that serves them is on the probes port (`api::probes`).
 //!
 //! Metric names are an interface (dashboards, alerts and the autoscaler use them): they are listed
 //! in the README. Labels never carry patient data, image ids or caller-supplied strings.
@@ -13,7 +13,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::batcher::Priority;
+use crate::priority::Priority;
 
 pub const REQUESTS_TOTAL: &str = "brainai_requests_total";
 pub const REQUEST_DURATION: &str = "brainai_request_duration_seconds";
@@ -39,6 +39,8 @@ pub const MODEL_LOAD_FAILURES: &str = "brainai_model_load_failures_total";
 pub const CONNECTIONS_OPEN: &str = "brainai_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "brainai_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "brainai_connections_closed_total";
+pub const BODIES_REFUSED: &str = "brainai_request_bodies_refused_total";
+pub const BODY_BYTES_IN_FLIGHT: &str = "brainai_request_body_bytes_in_flight";
 pub const GPU_UTILIZATION: &str = "brainai_gpu_utilization_ratio";
 pub const GPU_MEMORY_USED: &str = "brainai_gpu_memory_used_bytes";
 pub const GPU_MEMORY_TOTAL: &str = "brainai_gpu_memory_total_bytes";
@@ -73,6 +75,9 @@ pub const CLOSE_REASONS: [&str; 5] = [
     "evicted",
     "shutdown",
 ];
+
+/// Why a request body was refused (the `reason` label of [`BODIES_REFUSED`]).
+pub const BODY_REFUSALS: [&str; 3] = ["too_slow", "too_large", "in_flight_cap"];
 
 /// Why an image was dropped before it ran (the `reason` label): its deadline passed or would pass
 /// before its batch ran; its caller left; the queue was full; the model was too busy to answer it
@@ -229,7 +234,7 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         Unit::Count,
-        "Client connections open, by listener (grpc, rest: the HTTP API, http: the metrics port)."
+        "Client connections open, by listener (grpc, rest: the HTTP API, metrics: the metrics and probes port, health: the plaintext health-only port)."
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
@@ -240,6 +245,16 @@ fn describe() {
         CONNECTIONS_CLOSED,
         Unit::Count,
         "Connections the server closed, by listener and reason (idle, first_request_timeout, age, evicted, shutdown)."
+    );
+    describe_counter!(
+        BODIES_REFUSED,
+        Unit::Count,
+        "Request bodies refused, by listener and reason: too_slow (a pause over --body-read-timeout-s, or under --min-body-rate-bytes-s after it), too_large (a declared length over the port's limit, refused unread), in_flight_cap (request bodies in flight at --max-body-bytes-in-flight-mib)."
+    );
+    describe_gauge!(
+        BODY_BYTES_IN_FLIGHT,
+        Unit::Bytes,
+        "Bytes of request bodies held by calls in flight, every port together (a declared length counts in full from the first read); capped by --max-body-bytes-in-flight-mib."
     );
     describe_gauge!(
         GPU_UTILIZATION,
@@ -363,6 +378,27 @@ pub fn connection_refused(listener: &'static str) {
 
 pub fn connection_closed(listener: &'static str, reason: &'static str) {
     counter!(CONNECTIONS_CLOSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// Exports the request-body metrics of `listener` at zero.
+pub fn bodies_known(listener: &'static str) {
+    for reason in BODY_REFUSALS {
+        counter!(BODIES_REFUSED, "listener" => listener, "reason" => reason).increment(0);
+    }
+}
+
+pub fn body_refused(listener: &'static str, reason: &'static str) {
+    counter!(BODIES_REFUSED, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// Exports the in-flight gauge (at its current value, zero at the start).
+pub fn body_bytes_in_flight_known() {
+    gauge!(BODY_BYTES_IN_FLIGHT).increment(0.0);
+}
+
+/// Request-body bytes taken (positive) or given back (negative).
+pub fn body_bytes_in_flight(delta: f64) {
+    gauge!(BODY_BYTES_IN_FLIGHT).increment(delta);
 }
 
 /// The result cache's metrics of one model version.

@@ -13,11 +13,13 @@ use tokio::task::JoinHandle;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::api::body::BodyBudget;
+use crate::api::call::CallLayer;
 use crate::api::grpc::ClassifierService;
 use crate::api::oip::grpc::InferenceService;
 use crate::api::prescan::PrescanLayer;
 use crate::api::status::StatusLayer;
-use crate::api::transport::{self, ConnectionPolicy, Connections, Stop};
+use crate::api::transport::{self, ConnectionPolicy, Connections, Protocol, Stop};
 use crate::backend::ort::{self as ort_backend, OrtBackend, OrtOptions};
 use crate::backend::{Backend, BackendFactory, EngineError};
 use crate::config::ServeArgs;
@@ -25,8 +27,7 @@ use crate::input::InputLimits;
 use crate::pipeline::registry::{RegistryConfig, Source};
 use crate::pipeline::served::BatchingDefaults;
 use crate::pipeline::{Pipeline, Registry};
-use crate::security::auth::FrontEnd;
-use crate::security::{Security, SecurityLayer};
+use crate::security::Security;
 use crate::state::{Phase, ServingState};
 use crate::{model, pb};
 
@@ -126,18 +127,14 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError>
     Ok((listener, local))
 }
 
-/// Binds both listeners and starts serving; the models load and warm up in the background (health
-/// says NOT_SERVING until they are ready). `factory` overrides the ONNX Runtime backend (tests use
-/// it to control warm-up and runs); `None` serves with ONNX Runtime.
-pub async fn start(
+/// The model registry and the one pipeline every front end calls. Fails fast, before anything is
+/// bound, when the models' location itself is wrong; everything else about the models is checked
+/// while they load.
+fn build_pipeline(
     args: &ServeArgs,
-    factory: Option<BackendFactory>,
-) -> Result<RunningServer, ServeError> {
-    args.validate().map_err(ServeError::Config)?;
-    let factory = match factory {
-        Some(f) => f,
-        None => ort_factory(args)?,
-    };
+    factory: BackendFactory,
+    state: Arc<ServingState>,
+) -> Result<(Arc<Registry>, Pipeline), ServeError> {
     let source = match &args.model_repository {
         Some(dir) => Source::Repository(dir.clone()),
         None => Source::Single {
@@ -145,16 +142,11 @@ pub async fn start(
             version: args.model_version,
         },
     };
-    // Fail fast, before binding ports, when the models' location itself is wrong; everything else
-    // about the models is checked while they load.
     match &source {
         Source::Repository(dir) => model::repository::model_dirs(dir).map(drop),
         Source::Single { dir, .. } => model::ModelConfig::load(dir).map(drop),
     }
     .map_err(|e| ServeError::Models(e.to_string()))?;
-    // TLS files, callers and the audit trail: wrong ones stop the start, naming the flag and file.
-    let security = Security::load(&args.security).map_err(ServeError::Config)?;
-    let state = Arc::new(ServingState::new());
     let registry = Arc::new(Registry::new(
         RegistryConfig {
             source,
@@ -183,7 +175,7 @@ pub async fn start(
     ));
     let pipeline = Pipeline::new(
         registry.clone(),
-        state.clone(),
+        state,
         crate::pipeline::Limits {
             max_images_per_request: args.max_images_per_request,
             max_request_decode_bytes: args.max_request_decode_mib << 20,
@@ -191,91 +183,36 @@ pub async fn start(
             inline_decode_bytes: args.inline_decode_kib << 10,
         },
     );
+    Ok((registry, pipeline))
+}
 
-    if let Some(limit) = transport::raise_fd_limit() {
-        // The gRPC and HTTP API ports each have --max-connections, the metrics port its own cap.
-        let wanted = (2 * args.max_connections + args.max_http_connections) as u64 + 256;
-        if limit < wanted {
-            tracing::warn!(
-                open_file_limit = limit,
-                wanted,
-                "the open-file limit is low for --max-connections; raise it (ulimit -n) or lower the cap"
-            );
-        }
-    }
-    let (grpc_listener, grpc_addr) = bind(args.grpc_addr).await?;
-    let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
-    let (http_listener, http_addr) = bind(args.http_addr).await?;
-    let health_listener = match args.security.health_addr {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-    // Two stops: the inference ports (gRPC, REST) get their GOAWAY the moment the drain starts, so
-    // clients stop opening calls here at once; /metrics and the probes answer until the end.
-    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-    let (serve_stop_tx, serve_stop_rx) = watch::channel(Stop::Running);
-    let policy = |listener, max_connections| ConnectionPolicy {
-        listener,
-        max_connections,
-        first_request_timeout: Duration::from_secs(args.first_request_timeout_s),
-        idle_timeout: Duration::from_secs(args.idle_timeout_s),
-        max_age: (args.max_connection_age_s > 0)
-            .then(|| Duration::from_secs(args.max_connection_age_s)),
-        grace: Duration::from_secs(args.connection_grace_s),
-        keepalive: (args.keepalive_interval_s > 0).then(|| {
-            (
-                Duration::from_secs(args.keepalive_interval_s),
-                Duration::from_secs(args.keepalive_timeout_s),
-            )
-        }),
-        max_concurrent_streams: args.max_concurrent_streams,
-        // Far above --max-metadata-bytes: an oversized call is refused alone by StatusLayer
-        // instead of HTTP/2 closing the whole connection.
-        max_header_list_size: (args.max_metadata_bytes as u32)
-            .saturating_mul(4)
-            .max(1 << 20),
-        header_read_timeout: Duration::from_secs(args.header_read_timeout_s),
-    };
-    let http_connections = Connections::new(policy("http", args.max_http_connections));
-    let metrics_task = tokio::spawn(transport::serve_h1(
-        metrics_listener,
-        http_connections.clone(),
-        crate::api::http::service(crate::metrics::install(), state.clone()),
-        stop_rx.clone(),
-        None,
-    ));
-    // (The recorder is installed now.) GPU metrics from NVML with the CUDA device; on a machine without NVML, one log line.
-    let gpu_sampler = match args.device {
-        crate::backend::Device::Cuda(_) => {
-            crate::gpu::start(Duration::from_millis(args.gpu_metrics_interval_ms.max(100)))
-        }
-        crate::backend::Device::Cpu => None,
-    };
-    crate::metrics::security_known(
-        &["grpc", "rest"],
-        security.tls.is_some(),
-        security.audit.is_some(),
-    );
-    let mut background = Vec::new();
-    if let Some(tls) = &security.tls {
-        background
-            .push(tls.spawn_reloader(Duration::from_secs(args.security.credentials_reload_s)));
-    }
-    background.extend(
-        security
-            .access
-            .spawn_reloader(Duration::from_secs(args.security.credentials_reload_s)),
-    );
-    let secured = |front| SecurityLayer {
-        front,
-        access: security.access.clone(),
-        audit: security.audit.clone(),
-    };
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_overall(&health, ServingStatus::NotServing).await;
-    let health_task = tokio::spawn(follow_health(state.clone(), health));
-
+/// The gRPC port's services (health, reflection, `brainai.v1`, the Open Inference Protocol)
+/// behind its layers, outermost first: the call's span, the call layer (access and the call's
+/// record), the status fixes, the protobuf pre-scan.
+fn grpc_stack(
+    args: &ServeArgs,
+    pipeline: &Pipeline,
+    security: &Security,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<
+    impl tower::Service<
+        hyper::Request<crate::api::body::RequestBody>,
+        Response = hyper::Response<
+            impl http_body::Body<
+                Data = bytes::Bytes,
+                Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+            > + Send
+            + 'static,
+        >,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static,
+    ServeError,
+> {
     let reflection = |builder: tonic_reflection::server::Builder<'static>| {
         builder
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -298,30 +235,15 @@ pub async fn start(
         )
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    // The plaintext health-only port: the same health service, nothing else.
-    let health_addr = health_listener.as_ref().map(|(_, addr)| *addr);
-    let health_only = health_listener.map(|(listener, addr)| {
-        let routes = tonic::service::Routes::new(health_service.clone()).prepare();
-        let connections = Connections::new(policy("health", 64));
-        let task = tokio::spawn(transport::serve_h2(
-            listener,
-            connections.clone(),
-            routes,
-            stop_rx.clone(),
-            None,
-        ));
-        tracing::info!(health_addr = %addr, "plaintext gRPC health-only listener");
-        (task, connections)
-    });
-    let routes = tonic::service::Routes::new(health_service)
+    let routes = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier)
         .add_service(inference)
         .prepare();
-    let grpc_service = tower::ServiceBuilder::new()
+    Ok(tower::ServiceBuilder::new()
         .layer(crate::api::trace::TraceLayer::grpc())
-        .layer(secured(FrontEnd::Grpc))
+        .layer(CallLayer::grpc(security))
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
         })
@@ -329,27 +251,199 @@ pub async fn start(
             max_message_bytes: args.max_message_bytes,
             max_images: args.max_images_per_request,
         })
-        .service(routes);
-    let grpc_connections = Connections::new(policy("grpc", args.max_connections));
-    let grpc_task = tokio::spawn(transport::serve_h2(
+        .service(routes))
+}
+
+/// The HTTP API port's router: every route behind the call layer, all behind the trace layer.
+fn http_api(args: &ServeArgs, pipeline: Pipeline, security: &Security) -> axum::Router {
+    crate::api::rest::router(
+        pipeline,
+        args.max_http_body_bytes,
+        CallLayer::http(security, &args.security.http_allowed_origins),
+    )
+}
+
+/// Raises the open-file limit and warns when it is still low for the connection caps.
+fn check_open_files(args: &ServeArgs) {
+    if let Some(limit) = transport::raise_fd_limit() {
+        let wanted = (args.grpc_connections()
+            + args.http_api_connections()
+            + args.metrics_connections()) as u64
+            + 256;
+        if limit < wanted {
+            tracing::warn!(
+                open_file_limit = limit,
+                wanted,
+                "the open-file limit is low for the connection caps (--max-grpc-connections, --max-http-api-connections, --max-metrics-connections); raise it (ulimit -n) or lower the caps"
+            );
+        }
+    }
+}
+
+/// The reloaders of the TLS files and the callers file.
+fn spawn_reloaders(args: &ServeArgs, security: &Security) -> Vec<JoinHandle<()>> {
+    let every = Duration::from_secs(args.security.credentials_reload_s);
+    let mut background = Vec::new();
+    if let Some(tls) = &security.tls {
+        background.push(tls.spawn_reloader(every));
+    }
+    background.extend(security.access.spawn_reloader(every));
+    background
+}
+
+/// What the shutdown sequence stops: the serving tasks and the connections of each port.
+struct Ports {
+    /// The inference ports' (gRPC, HTTP API) stop.
+    serve_stop: watch::Sender<Stop>,
+    /// The metrics and health-only ports' stop.
+    stop: watch::Sender<Stop>,
+    connections: Vec<Arc<Connections>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Ports {
+    fn open(&self) -> usize {
+        self.connections.iter().map(|c| c.count()).sum()
+    }
+
+    /// After the drain: stop accepting on the metrics port too, GOAWAY to every connection; what
+    /// has not closed after a second (calls the drain timeout cut off) is closed for good, so the
+    /// drain timeout bounds the exit.
+    async fn close(self) {
+        let _ = self.serve_stop.send(Stop::Graceful);
+        let _ = self.stop.send(Stop::Graceful);
+        let closed = tokio::time::timeout(Duration::from_secs(1), async {
+            while self.open() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if closed.is_err() {
+            tracing::warn!(
+                open = self.open(),
+                "connections still open after the drain: closing them"
+            );
+        }
+        let _ = self.serve_stop.send(Stop::Now);
+        let _ = self.stop.send(Stop::Now);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Binds every listener and starts serving; the models load and warm up in the background (health
+/// says NOT_SERVING until they are ready). `factory` overrides the ONNX Runtime backend (tests use
+/// it to control warm-up and runs); `None` serves with ONNX Runtime.
+pub async fn start(
+    args: &ServeArgs,
+    factory: Option<BackendFactory>,
+) -> Result<RunningServer, ServeError> {
+    args.validate().map_err(ServeError::Config)?;
+    let factory = match factory {
+        Some(f) => f,
+        None => ort_factory(args)?,
+    };
+    let state = Arc::new(ServingState::new());
+    let (registry, pipeline) = build_pipeline(args, factory, state.clone())?;
+    // TLS files, callers and the audit trail: wrong ones stop the start, naming the flag and file.
+    let security = Security::load(&args.security).map_err(ServeError::Config)?;
+    for deprecated in args.deprecations() {
+        tracing::warn!("{deprecated}");
+    }
+    check_open_files(args);
+    let (grpc_listener, grpc_addr) = bind(args.grpc_addr).await?;
+    let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
+    let (http_listener, http_addr) = bind(args.http_addr).await?;
+    let health_listener = match args.security.health_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    // Two stops: the inference ports (gRPC, REST) get their GOAWAY the moment the drain starts, so
+    // clients stop opening calls here at once; /metrics and the probes answer until the end.
+    let (stop, stop_rx) = watch::channel(Stop::Running);
+    let (serve_stop, serve_stop_rx) = watch::channel(Stop::Running);
+    // Request bodies in flight: one budget for every port.
+    let budget = BodyBudget::new(args.max_body_bytes_in_flight_mib << 20);
+    let policy = |listener, protocol, max_connections| {
+        Connections::new(ConnectionPolicy::from_args(
+            args,
+            listener,
+            protocol,
+            max_connections,
+            &budget,
+        ))
+    };
+    let mut ports = Ports {
+        serve_stop,
+        stop,
+        connections: Vec::new(),
+        tasks: Vec::new(),
+    };
+
+    let metrics_connections = policy("metrics", Protocol::Http1, args.metrics_connections());
+    ports.tasks.push(tokio::spawn(transport::serve(
+        metrics_listener,
+        metrics_connections.clone(),
+        crate::api::probes::service(crate::metrics::install(), state.clone()),
+        stop_rx.clone(),
+        None,
+    )));
+    ports.connections.push(metrics_connections);
+    // (The recorder is installed now.) GPU metrics from NVML with the CUDA device; on a machine
+    // without NVML, one log line.
+    let gpu_sampler = match args.device {
+        crate::backend::Device::Cuda(_) => {
+            crate::gpu::start(Duration::from_millis(args.gpu_metrics_interval_ms.max(100)))
+        }
+        crate::backend::Device::Cpu => None,
+    };
+    crate::metrics::security_known(
+        &["grpc", "rest"],
+        security.tls.is_some(),
+        security.audit.is_some(),
+    );
+    ports.tasks.extend(spawn_reloaders(args, &security));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_overall(&health, ServingStatus::NotServing).await;
+    ports
+        .tasks
+        .push(tokio::spawn(follow_health(state.clone(), health)));
+    // The plaintext health-only port: the same health service, nothing else.
+    let health_addr = health_listener.as_ref().map(|(_, addr)| *addr);
+    if let Some((listener, addr)) = health_listener {
+        let routes = tonic::service::Routes::new(health_service.clone()).prepare();
+        let connections = policy("health", Protocol::Http2, 64);
+        ports.tasks.push(tokio::spawn(transport::serve(
+            listener,
+            connections.clone(),
+            routes,
+            stop_rx.clone(),
+            None,
+        )));
+        tracing::info!(health_addr = %addr, "plaintext gRPC health-only listener");
+    }
+
+    let grpc_connections = policy("grpc", Protocol::Http2, args.grpc_connections());
+    ports.tasks.push(tokio::spawn(transport::serve(
         grpc_listener,
         grpc_connections.clone(),
-        grpc_service,
-        serve_stop_rx,
+        grpc_stack(args, &pipeline, &security, health_service)?,
+        serve_stop_rx.clone(),
         security.tls.clone(),
-    ));
-    let rest_connections = Connections::new(policy("rest", args.max_connections));
-    let rest_task = tokio::spawn(transport::serve_h1(
+    )));
+    ports.connections.push(grpc_connections);
+    let rest_connections = policy("rest", Protocol::Http1, args.http_api_connections());
+    ports.tasks.push(tokio::spawn(transport::serve(
         http_listener,
         rest_connections.clone(),
-        tower::Layer::layer(
-            &secured(FrontEnd::Rest),
-            crate::api::rest::router(pipeline, args.max_http_body_bytes)
-                .layer(crate::api::trace::TraceLayer::http()),
-        ),
-        serve_stop_tx.subscribe(),
+        http_api(args, pipeline, &security),
+        serve_stop_rx,
         security.tls.clone(),
-    ));
+    )));
+    ports.connections.push(rest_connections);
     tracing::info!(%grpc_addr, %http_addr, %metrics_addr, "listening; loading and warming up the models");
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
@@ -358,41 +452,12 @@ pub async fn start(
         state: state.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         poll: (args.repository_poll_s > 0).then(|| Duration::from_secs(args.repository_poll_s)),
-        serve_stop: serve_stop_tx.clone(),
+        serve_stop: ports.serve_stop.clone(),
     };
     let task = tokio::spawn(async move {
         let _gpu_sampler = gpu_sampler;
         let result = lifecycle.run(shutdown_rx).await;
-        // Stop accepting on the metrics port too, GOAWAY to every connection; what has not closed
-        // after a second (calls the drain timeout cut off) is closed for good, so the drain
-        // timeout bounds the exit.
-        let _ = serve_stop_tx.send(Stop::Graceful);
-        let _ = stop_tx.send(Stop::Graceful);
-        let closed = tokio::time::timeout(Duration::from_secs(1), async {
-            while grpc_connections.count() + http_connections.count() + rest_connections.count() > 0
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        if closed.is_err() {
-            tracing::warn!(
-                open =
-                    grpc_connections.count() + http_connections.count() + rest_connections.count(),
-                "connections still open after the drain: closing them"
-            );
-        }
-        let _ = serve_stop_tx.send(Stop::Now);
-        let _ = stop_tx.send(Stop::Now);
-        let health_only = health_only.map(|(task, _connections)| task);
-        for task in [grpc_task, metrics_task, rest_task, health_task]
-            .into_iter()
-            .chain(health_only)
-            .chain(background)
-        {
-            task.abort();
-            let _ = task.await;
-        }
+        ports.close().await;
         tracing::info!("stopped");
         result
     });

@@ -2,9 +2,12 @@
 //! this test (the collector's TraceService on tonic). A call's W3C `traceparent` (gRPC metadata or
 //! an HTTP header) is continued; the call, request, preprocessing, queue-wait and response spans
 //! form one chain in the caller's trace; the batch span, in its own trace, links to the request
-//! span of each call it served; a call without (or with a broken) traceparent starts a new trace;
-//! nothing identifies a patient or an image; the spans buffered at exit are exported; and without
-//! `--otlp-endpoint` nothing is exported at all.
+//! span of each call it served and is sampled with them; a call without (or with a broken)
+//! traceparent starts a new trace; numbers are exported as numbers; a call the client leaves is
+//! recorded as cancelled; a gRPC path no service serves names no span; nothing identifies a
+//! patient or an image; the spans buffered at exit are exported; the exporter speaks TLS, and a
+//! collector that refuses is logged at a bounded rate; and without `--otlp-endpoint` nothing is
+//! exported at all.
 
 mod common;
 
@@ -12,6 +15,7 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -53,14 +57,18 @@ impl TraceService for Receiver {
 
 impl Receiver {
     async fn start() -> (Receiver, SocketAddr) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        Self::start_with(tonic::transport::Server::builder()).await
+    }
+
+    /// With TLS: `identity` is the receiver's certificate and key.
+    async fn start_tls(identity: tonic::transport::Identity) -> (Receiver, SocketAddr) {
+        let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        Self::start_with(tonic::transport::Server::builder().tls_config(tls).unwrap()).await
+    }
+
+    async fn start_with(server: tonic::transport::Server) -> (Receiver, SocketAddr) {
         let receiver = Receiver::default();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(receiver.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let addr = collector(receiver.clone(), server).await;
         (receiver, addr)
     }
 
@@ -91,11 +99,55 @@ impl Receiver {
     }
 }
 
+/// Serves a collector's `service` on an ephemeral port of `server`; its address.
+async fn collector<T: TraceService>(
+    service: T,
+    mut server: tonic::transport::Server,
+) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        server
+            .add_service(TraceServiceServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+/// A collector that refuses every export (non-retryable), counting them.
+#[derive(Clone, Default)]
+struct Refusing(Arc<AtomicUsize>);
+
+#[tonic::async_trait]
+impl TraceService for Refusing {
+    async fn export(
+        &self,
+        _: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Err(tonic::Status::permission_denied("this collector refuses"))
+    }
+}
+
+impl Refusing {
+    async fn start() -> (Refusing, SocketAddr) {
+        let refusing = Refusing::default();
+        let addr = collector(refusing.clone(), tonic::transport::Server::builder()).await;
+        (refusing, addr)
+    }
+
+    fn exports(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// A `brainai serve` process on ephemeral ports.
 struct Served {
     child: Child,
     grpc: SocketAddr,
     http: SocketAddr,
+    /// Its log lines so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Served {
@@ -147,9 +199,31 @@ impl Served {
             }
         };
         // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || while log.recv().is_ok() {});
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let kept = lines.clone();
+        std::thread::spawn(move || {
+            while let Ok(line) = log.recv() {
+                kept.lock().unwrap().push(line);
+            }
+        });
         wait_for_health(&connect(grpc).await, ServingStatus::Serving).await;
-        Served { child, grpc, http }
+        Served {
+            child,
+            grpc,
+            http,
+            log: lines,
+        }
+    }
+
+    /// The log lines so far that `pick` selects.
+    fn log_lines(&self, pick: impl Fn(&str) -> bool) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| pick(l))
+            .cloned()
+            .collect()
     }
 
     /// SIGTERM, then waits for a clean exit.
@@ -256,6 +330,20 @@ fn attr(span: &Span, key: &str) -> Option<String> {
     }
 }
 
+/// An attribute that must be an integer (semantic conventions): `None` when absent or text.
+fn int(span: &Span, key: &str) -> Option<i64> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)?
+        .value
+        .as_ref()?;
+    match value.value.as_ref()? {
+        Value::IntValue(i) => Some(*i),
+        _ => None,
+    }
+}
+
 fn named<'a>(spans: &'a [Span], name: &str, trace: &str) -> Vec<&'a Span> {
     spans
         .iter()
@@ -331,10 +419,15 @@ fn assert_chain<'a>(
     );
     let classify = child(spans, "classify", trace, &call.span_id);
     assert_eq!(attr(classify, "model").as_deref(), Some("tiny"));
-    assert_eq!(attr(classify, "images").as_deref(), Some("1"));
+    assert_eq!(int(classify, "images"), Some(1), "images, an integer");
+    assert!(int(classify, "request").is_some(), "request, an integer");
     let preprocess = child(spans, "preprocess", trace, &classify.span_id);
     let queue = child(spans, "queue", trace, &classify.span_id);
     let response = child(spans, "response", trace, &call.span_id);
+    assert!(
+        queue.end_time_unix_nano <= classify.end_time_unix_nano,
+        "the queue wait ends within its request"
+    );
     assert!(
         preprocess.end_time_unix_nano <= queue.start_time_unix_nano,
         "an image is queued after it is preprocessed"
@@ -369,7 +462,11 @@ fn assert_chain<'a>(
     let batch = batches[0];
     assert!(batch.parent_span_id.is_empty(), "a batch span is a root");
     assert_ne!(hex_id(&batch.trace_id), trace, "a batch has its own trace");
-    assert_eq!(attr(batch, "size").as_deref(), Some("1"));
+    assert_eq!(int(batch, "size"), Some(1), "size, an integer");
+    assert!(
+        int(batch, "batch").is_some() && int(batch, "instance").is_some(),
+        "batch and instance, integers: {batch:#?}"
+    );
     assert!(
         queue.end_time_unix_nano <= batch.start_time_unix_nano,
         "the queue wait ends when the batch takes the image"
@@ -392,6 +489,18 @@ async fn spans_continue_the_callers_trace_on_every_front_end() {
     )
     .await;
 
+    // First (its spans would be exported before the others'): a caller that did not sample its
+    // trace. Nothing of it is exported, its model run included.
+    let unsampled_trace = "6e0c63257de34c926f9efcd03927272e";
+    served
+        .classify(
+            "PATIENT^OTEL-unsampled",
+            &[(
+                "traceparent",
+                &format!("00-{unsampled_trace}-a1b2c3d4e5f60718-00"),
+            )],
+        )
+        .await;
     let (grpc_trace, grpc_parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let (rest_trace, rest_parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
     let (stream_trace, stream_parent) = ("5c1b4e3b2a3c4d5e8f9a0b1c2d3e4f50", "1122334455667788");
@@ -453,8 +562,30 @@ async fn spans_continue_the_callers_trace_on_every_front_end() {
         "the caller's tracestate is kept"
     );
     assert_eq!(
-        attr(call, "http.response.status_code").as_deref(),
-        Some("200")
+        int(call, "http.response.status_code"),
+        Some(200),
+        "an integer status"
+    );
+    assert_eq!(int(call, "rpc.grpc.status_code"), Some(0));
+    assert_eq!(
+        int(
+            named(&spans, REST, rest_trace)[0],
+            "http.response.status_code"
+        ),
+        Some(200)
+    );
+    let unsampled: Vec<&Span> = spans
+        .iter()
+        .filter(|s| {
+            hex_id(&s.trace_id) == unsampled_trace
+                || s.links
+                    .iter()
+                    .any(|l| hex_id(&l.trace_id) == unsampled_trace)
+        })
+        .collect();
+    assert!(
+        unsampled.is_empty(),
+        "spans of (or a batch only for) a caller that did not sample: {unsampled:#?}"
     );
     assert_chain(
         &spans,
@@ -584,4 +715,445 @@ async fn without_an_endpoint_nothing_is_exported() {
         receiver.requests().is_empty(),
         "spans were exported without --otlp-endpoint"
     );
+}
+
+/// A raw HTTP/2 gRPC call on `path`: one framed `message`, the request stream ended or left open
+/// (`end`); the response headers and the request stream (to reset it: a client that leaves).
+async fn h2_call(
+    addr: SocketAddr,
+    path: &str,
+    traceparent: &str,
+    message: Vec<u8>,
+    end: bool,
+) -> (
+    tonic::codegen::http::Response<h2::RecvStream>,
+    h2::SendStream<bytes::Bytes>,
+) {
+    let tcp = bounded("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let (client, connection) = bounded("HTTP/2 handshake", h2::client::handshake(tcp))
+        .await
+        .expect("HTTP/2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = bounded("HTTP/2 ready", client.ready())
+        .await
+        .expect("ready");
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("traceparent", traceparent)
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).expect("send headers");
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    send.send_data(framed.into(), end)
+        .expect("send the message");
+    let response = bounded("response headers", response)
+        .await
+        .expect("response headers");
+    (response, send)
+}
+
+/// At ratio 0 only callers' sampled traces are exported: a model run with the calls it served
+/// (not left out because its own trace was not sampled); nothing of a call whose `traceparent` is
+/// invalid (ignored, so a new unsampled trace, not a zero-padded "parent"); a gRPC path no service
+/// serves as `grpc unknown`, without the caller's text; a stream its client left as CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_callers_are_exported_whole_and_only_they() {
+    use prost::Message;
+    let (receiver, addr) = Receiver::start().await;
+    let endpoint = format!("http://{addr}");
+    let served = Served::start(
+        &["--otlp-endpoint", &endpoint, "--otlp-sample-ratio", "0"],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await;
+
+    // Invalid traceparents, each flagged sampled: all ignored, so nothing of them is exported.
+    let (t, p) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let invalid = [
+        "00-1-1-01".to_string(),
+        "00-01-01-01".into(),
+        format!("00-{}-{p}-01", t.to_uppercase()),
+        format!("00-{t}-{}-01", p.to_uppercase()),
+        format!("00-{}-{p}-01", "0".repeat(32)),
+        format!("00-{t}-{}-01", "0".repeat(16)),
+        format!("ff-{t}-{p}-01"),
+        format!("00-{t}-{p}-01-extra"),
+        format!("00-{t}-{p}-1"),
+        format!("00-{}-{p}-01", &t[..31]),
+        format!("00-{t}-{}-01", &p[..15]),
+        format!("0-{t}-{p}-01"),
+    ];
+    for tp in &invalid {
+        served
+            .classify("PATIENT^OTEL-invalid", &[("traceparent", tp)])
+            .await;
+    }
+
+    // A gRPC path no service serves: UNIMPLEMENTED, a trailers-only answer.
+    let unknown_trace = "1f2e3d4c5b6a79880123456789abcdef";
+    let (answer, _request) = h2_call(
+        served.grpc,
+        "/DOE_JANE.Svc/1234567",
+        &traceparent(unknown_trace, "1111111111111111"),
+        Vec::new(),
+        true,
+    )
+    .await;
+    assert_eq!(
+        answer.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"12"[..]),
+        "UNIMPLEMENTED: {answer:?}"
+    );
+
+    // A ClassifyStream its client leaves after the first answer (RST_STREAM CANCEL).
+    let left_trace = "2a3b4c5d6e7f80910a1b2c3d4e5f6071";
+    let message = pb::ClassifyStreamRequest {
+        image: Some(flat_image("PATIENT^OTEL-left", 32, 32, 3, 40)),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let (answer, mut request) = h2_call(
+        served.grpc,
+        "/brainai.v1.TumorClassifier/ClassifyStream",
+        &traceparent(left_trace, "2222222222222222"),
+        message,
+        false,
+    )
+    .await;
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let first = bounded("the first answer", body.data())
+        .await
+        .expect("an answer")
+        .expect("an answer");
+    assert!(!first.is_empty());
+    request.send_reset(h2::Reason::CANCEL);
+
+    // Last, a caller that sampled its trace.
+    let sampled_trace = "3c4d5e6f708192a3b4c5d6e7f8091a2b";
+    let sampled_parent = "3333333333333333";
+    served
+        .classify(
+            "PATIENT^OTEL-sampled",
+            &[("traceparent", &traceparent(sampled_trace, sampled_parent))],
+        )
+        .await;
+
+    const CLASSIFY: &str = "brainai.v1.TumorClassifier/Classify";
+    const STREAM: &str = "brainai.v1.TumorClassifier/ClassifyStream";
+    let spans = receiver
+        .wait_for(|spans| {
+            chain_complete(spans, CLASSIFY, sampled_trace)
+                && spans.iter().any(|s| s.name == "run")
+                && !named(spans, "grpc unknown", unknown_trace).is_empty()
+                && named(spans, STREAM, left_trace)
+                    .iter()
+                    .any(|c| int(c, "rpc.grpc.status_code").is_some())
+        })
+        .await;
+
+    // The model run of the sampled call: a batch (its own trace) linked to it, and its run.
+    let classify = assert_chain(
+        &spans,
+        CLASSIFY,
+        sampled_trace,
+        sampled_parent,
+        ("rpc.grpc.status_code", "0"),
+    );
+    let batch = spans
+        .iter()
+        .find(|s| s.name == "batch" && s.links.iter().any(|l| l.span_id == classify.span_id))
+        .expect("the batch, sampled with the call it served");
+    child(&spans, "run", &hex_id(&batch.trace_id), &batch.span_id);
+
+    // The unknown path: a fixed name, nothing of the path.
+    let unknown = named(&spans, "grpc unknown", unknown_trace);
+    assert_eq!(unknown.len(), 1, "{spans:#?}");
+    let unknown = unknown[0];
+    assert_eq!(attr(unknown, "rpc.service"), None);
+    assert_eq!(attr(unknown, "rpc.method"), None);
+    assert_eq!(int(unknown, "rpc.grpc.status_code"), Some(12));
+    let response = child(&spans, "response", unknown_trace, &unknown.span_id);
+    assert!(
+        response.end_time_unix_nano <= unknown.end_time_unix_nano,
+        "a trailers-only answer's response span ends within its call"
+    );
+
+    // The stream its client left: cancelled, an error, and its response within it.
+    let left = named(&spans, STREAM, left_trace);
+    assert_eq!(left.len(), 1, "{spans:#?}");
+    let left = left[0];
+    assert_eq!(int(left, "rpc.grpc.status_code"), Some(1), "CANCELLED");
+    assert_eq!(attr(left, "error.type").as_deref(), Some("cancelled"));
+    assert_eq!(
+        left.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+    let response = child(&spans, "response", left_trace, &left.span_id);
+    assert!(response.end_time_unix_nano <= left.end_time_unix_nano);
+
+    // Nothing else: no trace of the invalid traceparents (each would have been its own,
+    // zero-padded or not), no caller text anywhere.
+    let known: HashSet<String> = [sampled_trace, unknown_trace, left_trace]
+        .map(String::from)
+        .into();
+    let batch_traces: HashSet<String> = spans
+        .iter()
+        .filter(|s| s.name == "batch")
+        .map(|s| hex_id(&s.trace_id))
+        .collect();
+    for span in &spans {
+        let trace = hex_id(&span.trace_id);
+        assert!(
+            known.contains(&trace) || batch_traces.contains(&trace),
+            "a span outside the sampled callers' traces: {span:#?}"
+        );
+    }
+    for batch in spans.iter().filter(|s| s.name == "batch") {
+        assert!(
+            batch
+                .links
+                .iter()
+                .any(|l| known.contains(&hex_id(&l.trace_id))),
+            "a batch exported for calls none of which was sampled: {batch:#?}"
+        );
+    }
+    let everything = format!("{:?}", receiver.requests());
+    for text in ["DOE_JANE", "1234567", "PATIENT", "OTEL-"] {
+        assert!(
+            !everything.contains(text),
+            "{text} reached the exported spans"
+        );
+    }
+    served.stop();
+}
+
+/// A collector that refuses every export: the first failure is logged at once, then at most one
+/// line a minute (not an error and a warning per export, ~8,600 lines an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_collector_is_logged_at_a_bounded_rate() {
+    let (refusing, addr) = Refusing::start().await;
+    let endpoint = format!("http://{addr}");
+    let started = std::time::Instant::now();
+    let served = Served::start(
+        &["--otlp-endpoint", &endpoint],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await;
+    // Five exports refused, one after another (each call's spans make one).
+    for _ in 0..5 {
+        let before = refusing.exports();
+        served.classify("PATIENT^OTEL-refused", &[]).await;
+        until("the collector to refuse another export", || {
+            refusing.exports() > before
+        })
+        .await;
+    }
+    let about_exports = |l: &str| {
+        (l.contains(" WARN ") || l.contains(" ERROR ")) && l.to_lowercase().contains("export")
+    };
+    until("the first failure to be logged", || {
+        !served.log_lines(about_exports).is_empty()
+    })
+    .await;
+    let lines = served.log_lines(about_exports);
+    // One line, and one more per whole minute this test has run (on a slow machine).
+    let minutes = started.elapsed().as_secs() / 60;
+    assert!(
+        lines.len() as u64 <= 1 + minutes && lines.len() < refusing.exports(),
+        "{} refused exports logged as: {lines:#?}",
+        refusing.exports()
+    );
+    assert!(
+        lines[0].contains("exporting traces to")
+            && lines[0].contains(&endpoint)
+            && lines[0].contains("failed"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1..].iter().all(|l| l.contains("still fails")),
+        "{lines:?}"
+    );
+    served.stop();
+}
+
+/// `--otlp-endpoint https://…` exports over TLS, trusting the `--otlp-ca` file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "collector test CA");
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("collector-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (receiver, addr) = Receiver::start_tls(tonic::transport::Identity::from_pem(
+        cert.pem(),
+        key.serialize_pem(),
+    ))
+    .await;
+    let endpoint = format!("https://{addr}");
+    let served = Served::start(
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-ca",
+            &ca_file.display().to_string(),
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await;
+    let trace = "4d5e6f708192a3b4c5d6e7f8091a2b3c";
+    served
+        .classify(
+            "PATIENT^OTEL-tls",
+            &[("traceparent", &traceparent(trace, "0102030405060708"))],
+        )
+        .await;
+    let spans = receiver
+        .wait_for(|spans| !named(spans, "classify", trace).is_empty())
+        .await;
+    let calls = named(&spans, "brainai.v1.TumorClassifier/Classify", trace);
+    assert_eq!(calls.len(), 1, "the call span arrived over TLS");
+    served.stop();
+}
+
+/// `brainai serve` with `args`: its exit status and log, once it exits by itself.
+fn refused_start(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(["--model-dir", &fixture_model("tiny").display().to_string()])
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("BRAINAI_OTLP_ENDPOINT")
+        .env_remove("BRAINAI_OTLP_CA")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn brainai serve");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("brainai serve {args:?} did not refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    (status, log)
+}
+
+/// An endpoint without a scheme (or with a path, or no port) stops the start with one line
+/// saying what it must be, not a message about build features.
+#[test]
+fn an_endpoint_that_is_not_a_url_is_refused_at_start() {
+    for endpoint in [
+        "127.0.0.1:4317",
+        "collector:4317",
+        "http://collector",
+        "grpc://collector:4317",
+    ] {
+        let (status, log) = refused_start(&["--otlp-endpoint", endpoint]);
+        assert!(!status.success(), "{endpoint}: started");
+        assert!(
+            log.contains("it must be http://host:port or https://host:port"),
+            "{endpoint}: {log}"
+        );
+        assert!(!log.to_lowercase().contains("feature"), "{endpoint}: {log}");
+    }
+    // A CA file is for TLS only.
+    let (status, log) = refused_start(&[
+        "--otlp-endpoint",
+        "http://127.0.0.1:4317",
+        "--otlp-ca",
+        "/nonexistent/ca.pem",
+    ]);
+    assert!(!status.success());
+    assert!(
+        log.contains("--otlp-ca") && log.contains("https://"),
+        "{log}"
+    );
+}
+
+/// A call the access check refuses is traced on both front ends: the call span (and its status)
+/// is opened before access is decided, on the HTTP API as on gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_are_traced_on_every_front_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let callers = dir.path().join("callers.toml");
+    std::fs::write(
+        &callers,
+        "[[caller]]\nname = \"pacs\"\ntoken = \"pacs-0123456789abcdef-secret\"\n",
+    )
+    .unwrap();
+    let (receiver, addr) = Receiver::start().await;
+    let endpoint = format!("http://{addr}");
+    let callers = callers.display().to_string();
+    let served = Served::start(
+        &["--otlp-endpoint", &endpoint, "--auth-callers", &callers],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    )
+    .await;
+    let (rest_trace, rest_parent) = ("9af7651916cd43dd8448eb211c80319d", "c7ad6b7169203332");
+    let (grpc_trace, grpc_parent) = ("8bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8");
+    let tp = traceparent(rest_trace, rest_parent);
+    let r = http(
+        served.http,
+        "POST",
+        "/v1/classify",
+        &[("content-type", "image/png"), ("traceparent", &tp)],
+        &data("flair_256_a.png"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let mut client =
+        pb::tumor_classifier_client::TumorClassifierClient::new(connect(served.grpc).await);
+    let mut request = tonic::Request::new(request(vec![flat_image("x", 32, 32, 3, 40)]));
+    request.metadata_mut().insert(
+        "traceparent",
+        MetadataValue::try_from(traceparent(grpc_trace, grpc_parent)).unwrap(),
+    );
+    let err = bounded("Classify", client.classify(request))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    const REST: &str = "POST /v1/classify";
+    const CLASSIFY: &str = "brainai.v1.TumorClassifier/Classify";
+    let spans = receiver
+        .wait_for(|spans| {
+            !named(spans, REST, rest_trace).is_empty()
+                && !named(spans, CLASSIFY, grpc_trace).is_empty()
+        })
+        .await;
+    let rest = named(&spans, REST, rest_trace)[0];
+    assert_eq!(hex_id(&rest.parent_span_id), rest_parent);
+    assert_eq!(int(rest, "http.response.status_code"), Some(401));
+    let grpc = named(&spans, CLASSIFY, grpc_trace)[0];
+    assert_eq!(
+        int(grpc, "rpc.grpc.status_code"),
+        Some(tonic::Code::Unauthenticated as i64)
+    );
+    served.stop();
 }

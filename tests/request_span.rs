@@ -1,7 +1,8 @@
 //! A request's tracing span crosses the queue into its batch: what a model instance logs about an
-//! image (on its own OS thread) is logged inside the span of the request the image came from. The
-//! test installs a capturing subscriber for this whole test binary (its own process) and serves
-//! the real tiny models.
+//! image (on its own OS thread) is logged inside the span of the request the image came from; an
+//! image's `queue` span ends within its request's span, even when the caller leaves while the
+//! image waits. The tests install a capturing subscriber for this whole test binary (its own
+//! process) and serve the real tiny models.
 
 mod common;
 
@@ -25,7 +26,21 @@ struct Captured {
 }
 
 #[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<Captured>>>);
+struct Capture(Arc<Mutex<Vec<Captured>>>, Arc<Mutex<Vec<Lifecycle>>>);
+
+/// A span's life, in the order it happened: `New` with its name, fields and parent, its exits,
+/// its close.
+#[derive(Debug, Clone, PartialEq)]
+enum Lifecycle {
+    New {
+        id: u64,
+        name: &'static str,
+        fields: String,
+        parent: Option<u64>,
+    },
+    Exit(u64),
+    Close(u64),
+}
 
 struct Fields(String);
 
@@ -39,9 +54,33 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let mut fields = Fields(String::new());
         attrs.record(&mut fields);
+        let parent = attrs
+            .parent()
+            .cloned()
+            .or_else(|| {
+                attrs
+                    .is_contextual()
+                    .then(|| ctx.current_span().id().cloned())
+                    .flatten()
+            })
+            .map(|p| p.into_u64());
+        self.1.lock().unwrap().push(Lifecycle::New {
+            id: id.into_u64(),
+            name: attrs.metadata().name(),
+            fields: fields.0.clone(),
+            parent,
+        });
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(fields);
         }
+    }
+
+    fn on_exit(&self, id: &Id, _: Context<'_, S>) {
+        self.1.lock().unwrap().push(Lifecycle::Exit(id.into_u64()));
+    }
+
+    fn on_close(&self, id: Id, _: Context<'_, S>) {
+        self.1.lock().unwrap().push(Lifecycle::Close(id.into_u64()));
     }
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
@@ -92,12 +131,17 @@ fn events_with(text: &str) -> Vec<Captured> {
         .collect()
 }
 
+/// The tests of this binary share the capturing subscriber: one at a time, so that neither reads
+/// the other's events.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Each case: the extra server flags, and whether a batch's log lines come from the instance
 /// thread (else from the async worker that ran the tiny model's batch in place).
 const PATHS: [(&[&str], bool); 2] = [(&["--inline-run-us", "0"], true), (&[], false)];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_logs_carry_the_request_span_and_no_image_id() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     capture();
     for (flags, on_instance_thread) in PATHS {
         capture().0.lock().unwrap().clear();
@@ -157,4 +201,94 @@ async fn instance_logs_carry_the_request_span_and_no_image_id() {
         );
         t.server.shutdown().await.unwrap();
     }
+}
+
+/// The spans called `name` created so far whose fields contain `fields`: (id, parent).
+fn spans_named(name: &str, fields: &str) -> Vec<(u64, Option<u64>)> {
+    capture()
+        .1
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| match l {
+            Lifecycle::New {
+                id,
+                name: n,
+                fields: f,
+                parent,
+            } if *n == name && f.contains(fields) => Some((*id, *parent)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Where in the recorded lifecycle `event` happened (the last time, for an exit).
+fn position(event: &Lifecycle) -> Option<usize> {
+    capture().1.lock().unwrap().iter().rposition(|l| l == event)
+}
+
+/// A caller that leaves while its image waits in the queue: the image's `queue` span ends then,
+/// inside the request's span, not when the queue later drops the image (which would end it after
+/// its parent: trace viewers then draw the wait outliving the request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_wait_ends_within_its_request_when_the_caller_leaves() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    capture();
+    let (t, gated) = serve_gated("tiny", &["--max-queue-delay-us", "0", "--instances", "1"]).await;
+    // The first image's run waits at the gate, holding the only instance.
+    let mut first = t.client.clone();
+    let running = tokio::spawn(async move {
+        first
+            .classify(request(vec![flat_image("span-first", 32, 32, 3, 40)]))
+            .await
+    });
+    until("the first run to reach the gate", || gated.log.len() == 1).await;
+    let before = spans_named("classify", "model=tiny ").len();
+    // The second image waits in the queue behind it; then its caller gives up.
+    let mut second = t.client.clone();
+    let waiting = tokio::spawn(async move {
+        second
+            .classify(request(vec![flat_image("span-second", 32, 32, 3, 40)]))
+            .await
+    });
+    let classify = bounded("the second request span", async {
+        loop {
+            let spans = spans_named("classify", "model=tiny ");
+            if spans.len() > before
+                && let Some(queue) = spans.iter().skip(before).find_map(|(c, _)| {
+                    spans_named("queue", "")
+                        .into_iter()
+                        .find(|(_, p)| *p == Some(*c))
+                })
+            {
+                break (queue.1.unwrap(), queue.0);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let (request_span, queue_span) = classify;
+    waiting.abort();
+    // Bounded well below the gate's patience: the queue span must end while the image is
+    // still queued (the instance is held), not when a later batch drops it.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while position(&Lifecycle::Close(queue_span)).is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the queue span of a request whose caller left lives on while the image is queued"
+    );
+    // The request span is exited once more as the call is dropped (its end, for OpenTelemetry):
+    // after the queue span closed.
+    let queue_closed = position(&Lifecycle::Close(queue_span)).unwrap();
+    until("the request span's last exit", || {
+        position(&Lifecycle::Exit(request_span)).is_some_and(|exit| exit > queue_closed)
+    })
+    .await;
+    gated.gate.open();
+    running.await.unwrap().expect("the first call completes");
+    t.server.shutdown().await.unwrap();
 }

@@ -106,7 +106,7 @@ CLOSE_AFTER_DRAIN_S = 1
 LISTENERS = {
     "grpc": ("BRAINAI_GRPC_ADDR", "0.0.0.0:50051", "grpc"),
     "http": ("BRAINAI_HTTP_ADDR", "0.0.0.0:8000", "rest"),
-    "metrics": ("BRAINAI_METRICS_ADDR", "0.0.0.0:9090", "http"),
+    "metrics": ("BRAINAI_METRICS_ADDR", "0.0.0.0:9090", "metrics"),
     # plaintext grpc.health.v1 only, for the kubelet's probes; off unless BRAINAI_HEALTH_ADDR is set
     "health": ("BRAINAI_HEALTH_ADDR", None, "health"),
 }
@@ -1241,7 +1241,7 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         "no refused connections alert": (drop_alert("BrainAIConnectionsRefused"), "required alerts"),
         "connection alert on a listener the service does not have": (edit(
             "BrainAIConnectionsRefused", 'brainai_connections_refused_total{job="brainai-metrics"}',
-            'brainai_connections_refused_total{job="brainai-metrics", listener="metrics"}'), "not a value of listener"),
+            'brainai_connections_refused_total{job="brainai-metrics", listener="http"}'), "not a value of listener"),
         "shedding alert on a connection close reason (reasons are per metric)": (
             edit("BrainAIOverloadShedding", 'reason="overload"', 'reason="idle"'), "not a value of reason"),
         "liveness that trips in the second after the drain": (
@@ -1386,7 +1386,7 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         "latency panels that never show the Open Inference Protocol's RPCs": (dash_edit(lambda dash: exprs(
             dash, 'rpc=~"Classify|ModelInfer|v2\\\\.infer|v1\\\\.classify"', 'rpc="Classify"')), "every value of brainai_request_duration_seconds{rpc}"),
         "connection panels without the HTTP API listener": (dash_edit(lambda dash: exprs(
-            dash, 'brainai_connections_open{job="brainai-metrics"', 'brainai_connections_open{listener=~"grpc|http", job="brainai-metrics"')),
+            dash, 'brainai_connections_open{job="brainai-metrics"', 'brainai_connections_open{listener=~"grpc|metrics", job="brainai-metrics"')),
             "every value of brainai_connections_open{listener}"),
         "a typo'd prometheus-adapter key": (adapter_edit(lambda r: r.__setitem__("metricQuery", r.pop("metricsQuery"))), "known keys"),
         "an adapter rule taking the max of a pod's queues": (adapter_edit(lambda r: r.__setitem__("metricsQuery", r["metricsQuery"].replace("sum by", "max by"))), "sum over the pod's series"),

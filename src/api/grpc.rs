@@ -1,8 +1,8 @@
 //! The `brainai.v1.TumorClassifier` gRPC front end: protobuf ↔ pipeline types, and nothing else.
-//! The one place where [`InferError`] becomes a gRPC `Status`.
+//! Its routes are declared here ([`ROUTES`]); the call layer (`api::call`) admits and records every
+//! call. The one place where [`InferError`] becomes a gRPC `Status`.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -12,15 +12,47 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::batcher::Priority;
-use crate::error::{self, ErrorKind, InferError};
+use super::routes::{Protection, Route};
+use crate::error::{ErrorKind, InferError};
 use crate::input::Encoding;
-use crate::metrics;
 use crate::model::Scaling;
 use crate::pb;
 use crate::pipeline::registry::{ModelStatus, VersionState};
 use crate::pipeline::series::{SeriesRequest, SeriesResult};
-use crate::pipeline::{ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
+use crate::pipeline::{Admitted, ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
+use crate::priority::Priority;
+use crate::security::audit;
+use crate::security::auth::Scope;
+
+/// The methods of `brainai.v1.TumorClassifier`: classification needs the `infer` scope, the
+/// model list and metadata `read`.
+pub const ROUTES: &[Route] = &[
+    Route::new(
+        "/brainai.v1.TumorClassifier/Classify",
+        "Classify",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
+        "/brainai.v1.TumorClassifier/ClassifyStream",
+        "ClassifyStream",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
+        "/brainai.v1.TumorClassifier/ClassifySeries",
+        "ClassifySeries",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
+        "/brainai.v1.TumorClassifier/GetModel",
+        "GetModel",
+        Protection::Scope(Scope::Read),
+    ),
+    Route::new(
+        "/brainai.v1.TumorClassifier/ListModels",
+        "ListModels",
+        Protection::Scope(Scope::Read),
+    ),
+];
 
 /// The one mapping from the transport-neutral error kind to a gRPC status code.
 pub fn code(kind: ErrorKind) -> Code {
@@ -33,11 +65,16 @@ pub fn code(kind: ErrorKind) -> Code {
         ErrorKind::Cancelled => Code::Cancelled,
         ErrorKind::Internal => Code::Internal,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
     }
 }
 
+/// A call's error as its gRPC status. Its reason (as logs may show it) goes into the call's facts,
+/// for the call layer's rejection log.
 impl From<InferError> for Status {
     fn from(e: InferError) -> Status {
+        audit::note_error(e.log_message());
         Status::new(code(e.kind), e.message)
     }
 }
@@ -286,30 +323,6 @@ fn model_status(m: ModelStatus) -> pb::ModelStatus {
     }
 }
 
-/// Records the call's metrics and turns its result into a gRPC response.
-fn finish<T>(
-    rpc: &'static str,
-    started: Instant,
-    model: Option<&ServedModel>,
-    result: Result<T, InferError>,
-) -> Result<Response<T>, Status> {
-    let outcome = result
-        .as_ref()
-        .map_or_else(|e| e.kind.as_str(), |_| error::OK);
-    let (name, version) = model.map_or(("", ""), |m| (&m.spec.config.name, &m.spec.version));
-    metrics::request_done(rpc, outcome, name, version, started.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        // Messages name the image index and the reason, never image ids or pixel data.
-        tracing::debug!(
-            rpc,
-            code = outcome,
-            error = e.log_message(),
-            "request rejected"
-        );
-    }
-    result.map(Response::new).map_err(Status::from)
-}
-
 type ResponseStream =
     Pin<Box<dyn futures_util::Stream<Item = Result<pb::ClassifyStreamResponse, Status>> + Send>>;
 
@@ -319,67 +332,52 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         &self,
         request: Request<pb::ClassifyRequest>,
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
-        let started = Instant::now();
         let deadline = request_deadline(&request);
-        let mut served = None;
-        let result = async {
-            let _guard = self.pipeline.admit()?;
-            let request = request.into_inner();
-            let model = self.pipeline.resolve(&request.model, &request.version)?;
-            served = Some(model.clone());
-            let priority = priority(request.priority)?;
-            let (ids, images) = image_inputs(request.images)?;
-            let infer = InferRequest {
-                images,
-                priority,
-                first_index: 0,
-                deadline,
-            };
-            let results = self.pipeline.classify(&model, infer).await?;
-            Ok(pb::ClassifyResponse {
-                results: results
-                    .into_iter()
-                    .zip(ids)
-                    .map(|(r, id)| classification(&model, id, r))
-                    .collect(),
-            })
-        }
-        .await;
-        finish("Classify", started, served.as_deref(), result)
+        let call = self.pipeline.admit()?;
+        let request = request.into_inner();
+        let model = call.resolve(&request.model, &request.version)?;
+        let (ids, images) = image_inputs(request.images)?;
+        let infer = InferRequest {
+            images,
+            priority: priority(request.priority)?,
+            first_index: 0,
+            deadline,
+            preview: false,
+        };
+        let results = call.classify(&model, infer).await?;
+        Ok(Response::new(pb::ClassifyResponse {
+            results: results
+                .into_iter()
+                .zip(ids)
+                .map(|(r, id)| classification(&model, id, r))
+                .collect(),
+        }))
     }
 
     async fn classify_series(
         &self,
         request: Request<pb::ClassifySeriesRequest>,
     ) -> Result<Response<pb::ClassifySeriesResponse>, Status> {
-        let started = Instant::now();
         let deadline = request_deadline(&request);
-        let mut served = None;
-        let result = async {
-            let _guard = self.pipeline.admit()?;
-            let request = request.into_inner();
-            let model = self.pipeline.resolve(&request.model, &request.version)?;
-            served = Some(model.clone());
-            let priority = priority(request.priority)?;
-            let (ids, images) = image_inputs(request.instances)?;
-            let instances = images
-                .into_iter()
-                .map(|image| match image {
-                    ImageInput::Encoded { data, encoding } => (data, encoding),
-                    ImageInput::Tensor(_) => unreachable!("image_input never makes tensors"),
-                })
-                .collect();
-            let series = SeriesRequest {
-                instances,
-                priority,
-                deadline,
-                structured_report: request.structured_report,
-            };
-            let result = self.pipeline.classify_series(&model, series).await?;
-            Ok(series_response(&model, &ids, result))
-        }
-        .await;
-        finish("ClassifySeries", started, served.as_deref(), result)
+        let call = self.pipeline.admit()?;
+        let request = request.into_inner();
+        let model = call.resolve(&request.model, &request.version)?;
+        let (ids, images) = image_inputs(request.instances)?;
+        let instances = images
+            .into_iter()
+            .map(|image| match image {
+                ImageInput::Encoded { data, encoding } => (data, encoding),
+                ImageInput::Tensor(_) => unreachable!("image_input never makes tensors"),
+            })
+            .collect();
+        let series = SeriesRequest {
+            instances,
+            priority: priority(request.priority)?,
+            deadline,
+            structured_report: request.structured_report,
+        };
+        let result = call.classify_series(&model, series).await?;
+        Ok(Response::new(series_response(&model, &ids, result)))
     }
 
     type ClassifyStreamStream = ResponseStream;
@@ -388,30 +386,24 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         &self,
         request: Request<Streaming<pb::ClassifyStreamRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
-        let started = Instant::now();
-        let guard = match self.pipeline.admit() {
-            Ok(guard) => guard,
-            Err(e) => return finish("ClassifyStream", started, None, Err(e)),
-        };
+        let call = self.pipeline.admit()?;
         let mut incoming = request.into_inner();
         let window = self.pipeline.max_images_per_request();
         let (tx, rx) = mpsc::channel(window);
-        let pipeline = self.pipeline.clone();
-        // The stream is served by its own task: it carries the call's audit facts along.
-        let facts = crate::security::audit::current();
-        tokio::spawn(crate::security::audit::maybe_scope(
+        // The stream is served by its own task: it carries the call's facts along, and the
+        // admitted call (the drain waits for it).
+        let facts = audit::current();
+        tokio::spawn(audit::maybe_scope(
             facts,
             tracing::Instrument::in_current_span(async move {
-                let _guard = guard;
-                let state = pipeline.state().clone();
+                let call = &call;
+                let state = call.pipeline().state().clone();
                 let draining = state.draining();
                 tokio::pin!(draining);
                 let mut running = FuturesUnordered::new();
                 let mut sequence: u64 = 0;
                 let mut open = true;
                 let mut drained = false;
-                let mut outcome = error::OK;
-                let mut first_model: Option<Arc<ServedModel>> = None;
                 let mut request_error: Option<Status> = None;
                 while open || !running.is_empty() {
                     tokio::select! {
@@ -422,12 +414,9 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                             open = false;
                             drained = true;
                         }
-                        Some((response, model)) = running.next() => {
-                            if first_model.is_none() {
-                                first_model = model;
-                            }
+                        Some(response) = running.next() => {
                             if tx.send(Ok(response)).await.is_err() {
-                                outcome = ErrorKind::Cancelled.as_str();
+                                // The client left: the call layer records CANCELLED.
                                 break;
                             }
                         }
@@ -435,15 +424,12 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                             Some(Ok(message)) => {
                                 let seq = sequence;
                                 sequence += 1;
-                                let pipeline = pipeline.clone();
-                                running.push(async move { classify_one(&pipeline, seq, message).await });
+                                running.push(classify_one(call, seq, message));
                             }
                             Some(Err(status)) => {
                                 // A message that could not be read (not protobuf, too large): answer
                                 // what was read, then end the call with that error.
-                                let status = crate::api::status::fix(status);
-                                outcome = crate::api::code_name(status.code());
-                                request_error = Some(status);
+                                request_error = Some(crate::api::status::fix(status));
                                 open = false;
                             }
                             None => open = false,
@@ -453,7 +439,6 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                 if let Some(status) = request_error {
                     let _ = tx.send(Err(status)).await;
                 } else if drained {
-                    outcome = ErrorKind::Unavailable.as_str();
                     let _ = tx
                         .send(Err(Status::unavailable(format!(
                             "the server is shutting down: this stream was closed after {sequence} \
@@ -461,16 +446,6 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                         ))))
                         .await;
                 }
-                let (name, version) = first_model.as_deref().map_or(("", ""), |m| {
-                    (m.spec.config.name.as_str(), m.spec.version.as_str())
-                });
-                metrics::request_done(
-                    "ClassifyStream",
-                    outcome,
-                    name,
-                    version,
-                    started.elapsed().as_secs_f64(),
-                );
             }),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -480,49 +455,42 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         &self,
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
-        let started = Instant::now();
         let request = request.get_ref();
-        let model = self.pipeline.resolve(&request.model, &request.version);
-        let info = model.as_ref().map(|m| model_info(m)).map_err(Clone::clone);
-        finish("GetModel", started, model.as_deref().ok(), info)
+        let model = self.pipeline.resolve(&request.model, &request.version)?;
+        Ok(Response::new(model_info(&model)))
     }
 
     async fn list_models(
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let started = Instant::now();
         let registry = self.pipeline.registry();
-        let response = pb::ListModelsResponse {
+        Ok(Response::new(pb::ListModelsResponse {
             models: registry.list().into_iter().map(model_status).collect(),
             default_model: registry.default_model().unwrap_or_default(),
-        };
-        finish("ListModels", started, None, Ok(response))
+        }))
     }
 }
 
-/// One image of a stream: a result or an error response, never a broken stream. Also returns the
-/// model that served it (for the stream's metrics).
+/// One image of a stream: a result or an error response, never a broken stream.
 async fn classify_one(
-    pipeline: &Pipeline,
+    call: &Admitted,
     sequence: u64,
     message: pb::ClassifyStreamRequest,
-) -> (pb::ClassifyStreamResponse, Option<Arc<ServedModel>>) {
+) -> pb::ClassifyStreamResponse {
     let image_id = message
         .image
         .as_ref()
         .map(|i| i.id.clone())
         .unwrap_or_default();
     let index = sequence as usize;
-    let mut served = None;
     let result = async {
-        if pipeline.state().is_draining() {
+        if call.pipeline().state().is_draining() {
             return Err(InferError::unavailable(
                 "the server is shutting down; retry on another replica",
             ));
         }
-        let model = pipeline.resolve(&message.model, &message.version)?;
-        served = Some(model.clone());
+        let model = call.resolve(&message.model, &message.version)?;
         let image = message.image.ok_or_else(|| {
             InferError::invalid(format!("stream message {sequence} has no image"))
         })?;
@@ -532,8 +500,9 @@ async fn classify_one(
             first_index: index,
             // A stream has no per-message deadline; the call's own deadline cancels the stream.
             deadline: None,
+            preview: false,
         };
-        let mut results = pipeline.classify(&model, infer).await?;
+        let mut results = call.classify(&model, infer).await?;
         Ok(classification(
             &model,
             image_id.clone(),
@@ -548,12 +517,11 @@ async fn classify_one(
             message: e.message,
         }),
     };
-    let response = pb::ClassifyStreamResponse {
+    pb::ClassifyStreamResponse {
         image_id,
         sequence,
         outcome: Some(outcome),
-    };
-    (response, served)
+    }
 }
 
 #[cfg(test)]
@@ -577,22 +545,10 @@ mod tests {
     }
 
     #[test]
-    fn errors_map_to_grpc_codes() {
+    fn an_error_becomes_its_status_with_its_message() {
         let bad = InferError::invalid("image data is empty").for_image(3);
         let status = Status::from(bad);
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "image 3: image data is empty");
-        for (kind, expected) in [
-            (ErrorKind::NotFound, Code::NotFound),
-            (ErrorKind::ResourceExhausted, Code::ResourceExhausted),
-            (ErrorKind::DeadlineExceeded, Code::DeadlineExceeded),
-            (ErrorKind::Unavailable, Code::Unavailable),
-            (ErrorKind::Cancelled, Code::Cancelled),
-            (ErrorKind::Internal, Code::Internal),
-        ] {
-            assert_eq!(code(kind), expected);
-            // The metric label is the status code's canonical name.
-            assert_eq!(kind.as_str(), crate::api::code_name(expected));
-        }
     }
 }

@@ -3,8 +3,8 @@
 //! Protobuf decoding amplifies: an empty `Image` is 2 bytes on the wire and ~70 bytes decoded, so
 //! one 64 MiB `Classify` of empty images would make prost allocate gigabytes (measured: 4.3 GB of
 //! resident memory and 20 s of CPU) before the image limit is ever checked. This layer reads the
-//! (already size-limited) message of the two unary calls that carry repeated data, `Classify` and
-//! `ModelInfer`, walks its wire format without allocating (a `Classify` body in the pieces it
+//! (already size-limited) message of the unary calls that carry repeated data, `Classify`,
+//! `ClassifySeries` and `ModelInfer`, walks its wire format without allocating (a `Classify` body in the pieces it
 //! arrived in, without copying it into one buffer), and refuses it `INVALID_ARGUMENT` when a
 //! repeated field holds more elements than the request may have: images over
 //! `--max-images-per-request`, tensors, dimensions and parameters over small fixed caps. Anything
@@ -19,19 +19,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Frame;
-use hyper::body::Incoming;
 use tonic::codegen::http::{Request, Response};
 use tower::{Layer, Service};
 
-/// Most inputs, outputs or raw contents in one `ModelInfer` (the server takes one input and has
-/// two outputs; the cap only has to keep decoding bounded).
-pub const MAX_TENSORS: usize = 16;
-/// Most dimensions of a tensor shape.
-pub const MAX_DIMS: usize = 8;
-/// Most entries of one parameters map.
-pub const MAX_PARAMETERS: usize = 64;
+use super::oip::{MAX_DIMS, MAX_PARAMETERS, MAX_TENSORS};
 
 const CLASSIFY: &str = "/brainai.v1.TumorClassifier/Classify";
+const CLASSIFY_SERIES: &str = "/brainai.v1.TumorClassifier/ClassifySeries";
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// The limits the scan enforces.
@@ -60,9 +54,11 @@ pub struct Prescan<S> {
 /// A scan of one message, given as the pieces it arrived in.
 type Scan = fn(Wire<'_>, &PrescanLayer) -> Result<(), tonic::Status>;
 
-impl<S, ResBody> Service<Request<Incoming>> for Prescan<S>
+impl<S, B, ResBody> Service<Request<B>> for Prescan<S>
 where
     S: Service<Request<tonic::body::Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResBody: Default + Send + 'static,
@@ -75,9 +71,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let (scan, contiguous): (Scan, bool) = match request.uri().path() {
             CLASSIFY => (classify_request, false),
+            CLASSIFY_SERIES => (classify_series_request, false),
             MODEL_INFER => (model_infer_request, true),
             _ => return Box::pin(self.inner.call(request.map(tonic::body::Body::new))),
         };
@@ -100,12 +97,8 @@ where
                     ))
                     .into_http());
                 }
-                Err(e) => {
-                    return Ok(tonic::Status::cancelled(format!(
-                        "the request could not be read: {e}"
-                    ))
-                    .into_http());
-                }
+                // The transport's body error carries its status (too slow, client gone, ...).
+                Err(e) => return Ok(tonic::Status::from_error(e).into_http()),
             };
             // The body's pieces as they arrived (HTTP/2 DATA frames, 16 KiB each from most
             // clients), not copied into one buffer: tonic copies them into its own anyway. Only
@@ -301,6 +294,18 @@ fn classify_request(message: Wire<'_>, limits: &PrescanLayer) -> Result<(), toni
     Ok(())
 }
 
+/// `ClassifySeriesRequest`: at most `--max-images-per-request` instances (field 1).
+fn classify_series_request(message: Wire<'_>, limits: &PrescanLayer) -> Result<(), tonic::Status> {
+    let n = count(message, 1);
+    if n > limits.max_images {
+        return Err(invalid(format!(
+            "the series has {n} instances, over the limit of {} per request",
+            limits.max_images
+        )));
+    }
+    Ok(())
+}
+
 /// `ModelInferRequest`: parameters (4), inputs (5: shape 3, parameters 4, contents 5), outputs
 /// (6: parameters 2), raw_input_contents (7).
 fn model_infer_request(mut wire: Wire<'_>, limits: &PrescanLayer) -> Result<(), tonic::Status> {
@@ -401,6 +406,13 @@ mod tests {
     #[test]
     fn classify_counts_images_as_prost_would_decode_them() {
         assert!(classify_request(Wire::one(&classify(4)), &LIMITS).is_ok());
+        // A series' instances are field 1 too.
+        assert!(classify_series_request(Wire::one(&classify(4)), &LIMITS).is_ok());
+        let err = classify_series_request(Wire::one(&classify(5)), &LIMITS).unwrap_err();
+        assert_eq!(
+            err.message(),
+            "the series has 5 instances, over the limit of 4 per request"
+        );
         let err = classify_request(Wire::one(&classify(5)), &LIMITS).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(

@@ -4,7 +4,8 @@
 //! - a message that is not valid protobuf (e.g. an image id that is not UTF-8): tonic answers
 //!   INTERNAL; it is the caller's error, INVALID_ARGUMENT;
 //! - request metadata over `--max-metadata-bytes`: that call alone is refused RESOURCE_EXHAUSTED
-//!   (HTTP/2 would otherwise tear down the whole connection, failing every call on it).
+//!   (up to HTTP/2's own limit, [`super::transport::MAX_HEADER_LIST_SIZE`], past which h2
+//!   answers by itself).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,7 +57,7 @@ where
         let size = metadata_size(request.headers());
         if size > self.max_metadata_bytes {
             let status = tonic::Status::resource_exhausted(format!(
-                "request metadata is {size} bytes, over the limit of {} bytes",
+                "request metadata is {size} bytes, over the limit of {} bytes (--max-metadata-bytes)",
                 self.max_metadata_bytes
             ));
             return Box::pin(std::future::ready(Ok(status.into_http())));

@@ -4,27 +4,30 @@
 //! metadata are HTTP/2 headers), runs the handler inside the call span (so the request's spans
 //! below it nest there), opens a `response` span from the handler's answer until the last byte of
 //! the body (with gRPC: the trailers) has been handed to the connection, and records the outcome:
-//! the HTTP status and, with gRPC, the `grpc-status`.
+//! the HTTP status and, with gRPC, the `grpc-status`; a call whose client went away before the
+//! answer was complete is recorded as cancelled.
 //!
-//! A missing traceparent starts a new trace; an invalid one is ignored (never a reason to refuse a
-//! call). The call span's name is the gRPC method (`package.Service/Method`) or the HTTP method
-//! and route template (`POST /v2/models/{model}/infer`), never anything else from the request.
+//! A missing traceparent starts a new trace; an invalid one (W3C Trace Context, strictly) is
+//! ignored, never a reason to refuse a call. The call span's name is a gRPC method this server
+//! serves (`package.Service/Method`, else `grpc unknown`) or the HTTP method and route template
+//! (`POST /v2/models/{model}/infer`), never anything else from the request.
 //! Without the OpenTelemetry layer (no `--otlp-endpoint`) the spans are disabled and the headers
 //! are not even parsed.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::str::FromStr;
 use std::task::{Context, Poll};
 
-use http_body::{Body, Frame, SizeHint};
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use http_body::Body;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tonic::codegen::http::{HeaderMap, Request, Response};
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::response::{End, Watch, Watched};
 
 /// Which protocol a [`TraceLayer`] serves: it decides the span's name and which status counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +81,7 @@ where
     S::Error: Send + 'static,
     ResBody: Body + Send + 'static,
 {
-    type Response = Response<TracedBody<ResBody>>;
+    type Response = Response<Watched<ResBody, CallTrace>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -91,8 +94,17 @@ where
         let protocol = self.protocol;
         let future = span.in_scope(|| self.inner.call(request));
         let future = future.instrument(span.clone());
+        // Disarmed once the handler answers: dropped before that (the client reset the stream or
+        // closed the connection), it records the call as cancelled.
+        let unanswered = Unanswered {
+            call: span.clone(),
+            protocol,
+        };
         Box::pin(async move {
-            let response = match future.await {
+            let mut unanswered = unanswered;
+            let result = future.await;
+            unanswered.call = tracing::Span::none();
+            let response = match result {
                 Ok(response) => response,
                 Err(e) => {
                     span.record("otel.status_code", "ERROR");
@@ -100,7 +112,7 @@ where
                 }
             };
             let status = response.status().as_u16();
-            span.record("http.response.status_code", status);
+            span.record("http.response.status_code", i64::from(status));
             if protocol == Protocol::Http && status >= 500 {
                 span.record("otel.status_code", "ERROR");
             }
@@ -113,35 +125,85 @@ where
                 }
                 tracing::debug_span!(parent: &span, "response")
             };
-            Ok(response.map(|inner| TracedBody {
-                inner,
-                protocol,
-                call: span,
-                response: response_span,
+            Ok(response.map(|inner| {
+                Watched::new(
+                    inner,
+                    CallTrace {
+                        protocol,
+                        call: span,
+                        response: response_span,
+                    },
+                )
             }))
         })
+    }
+}
+
+/// Records a call whose handler never answered as cancelled, when dropped armed.
+struct Unanswered {
+    /// `Span::none()` once disarmed.
+    call: tracing::Span,
+    protocol: Protocol,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.call.is_disabled() {
+            cancelled(&self.call, self.protocol, false);
+        }
+    }
+}
+
+/// The call ended before its answer was complete because the client went away: an error
+/// (`error.type` `cancelled`), with gRPC's `CANCELLED` or, when no status was sent, HTTP's 499
+/// (client closed request).
+fn cancelled(call: &tracing::Span, protocol: Protocol, status_sent: bool) {
+    call.record("otel.status_code", "ERROR");
+    call.record("error.type", "cancelled");
+    match protocol {
+        Protocol::Grpc => {
+            call.record("rpc.grpc.status_code", tonic::Code::Cancelled as i64);
+        }
+        Protocol::Http if !status_sent => {
+            call.record("http.response.status_code", 499_i64);
+        }
+        Protocol::Http => {}
     }
 }
 
 /// The call span, continuing the caller's trace when its `traceparent` is valid.
 fn call_span<B>(protocol: Protocol, request: &Request<B>) -> tracing::Span {
     let span = match protocol {
-        Protocol::Grpc => {
-            let (service, method) = grpc_method(request.uri().path());
-            tracing::debug_span!(
+        Protocol::Grpc => match super::routes::known_grpc_route(request.uri().path()) {
+            Some(route) => {
+                let (service, method) = route.grpc_parts();
+                tracing::debug_span!(
                 "call",
                 otel.name = %format_args!("{service}/{method}"),
                 otel.kind = "server",
                 otel.status_code = Empty,
+                error.type = Empty,
                 rpc.system = "grpc",
                 rpc.service = service,
                 rpc.method = method,
                 rpc.grpc.status_code = Empty,
                 http.response.status_code = Empty,
-            )
-        }
+                )
+            }
+            // A path no service serves: nothing of it is recorded (it is the caller's text).
+            None => tracing::debug_span!(
+                "call",
+                otel.name = "grpc unknown",
+                otel.kind = "server",
+                otel.status_code = Empty,
+                error.type = Empty,
+                rpc.system = "grpc",
+                rpc.grpc.status_code = Empty,
+                http.response.status_code = Empty,
+            ),
+        },
         Protocol::Http => {
-            let method = http_method(request.method());
+            let method = super::routes::http_verb(request.method());
             let route = request
                 .extensions()
                 .get::<axum::extract::MatchedPath>()
@@ -155,52 +217,20 @@ fn call_span<B>(protocol: Protocol, request: &Request<B>) -> tracing::Span {
                 otel.name = %name,
                 otel.kind = "server",
                 otel.status_code = Empty,
+                error.type = Empty,
                 http.request.method = method,
                 http.route = route.as_deref(),
                 http.response.status_code = Empty,
             )
         }
     };
-    if !span.is_disabled() {
-        let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
-        if parent.span().span_context().is_valid() {
-            // Fails only without the OpenTelemetry layer, when there is nothing to continue.
-            let _ = span.set_parent(parent);
-        }
+    if !span.is_disabled()
+        && let Some(parent) = caller_context(request.headers())
+    {
+        // Fails only without the OpenTelemetry layer, when there is nothing to continue.
+        let _ = span.set_parent(parent);
     }
     span
-}
-
-/// `/package.Service/Method` → (`package.Service`, `Method`); anything else (a path the client
-/// made up) → `unknown`, so no request text becomes a span name.
-fn grpc_method(path: &str) -> (&str, &str) {
-    let plausible = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 96
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
-    };
-    path.strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .filter(|(service, method)| plausible(service) && plausible(method))
-        .unwrap_or(("unknown", "unknown"))
-}
-
-/// The HTTP method as semantic conventions name it (`_OTHER` for one they do not know).
-fn http_method(method: &tonic::codegen::http::Method) -> &'static str {
-    use tonic::codegen::http::Method;
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        Method::TRACE => "TRACE",
-        Method::CONNECT => "CONNECT",
-        _ => "_OTHER",
-    }
 }
 
 /// Records `grpc-status` from response headers or trailers on the call span; the codes that mean
@@ -213,7 +243,7 @@ fn record_grpc_status(span: &tracing::Span, headers: &HeaderMap) {
     else {
         return;
     };
-    span.record("rpc.grpc.status_code", code);
+    span.record("rpc.grpc.status_code", i64::from(code));
     use tonic::Code;
     if matches!(
         Code::from(code),
@@ -228,74 +258,109 @@ fn record_grpc_status(span: &tracing::Span, headers: &HeaderMap) {
     }
 }
 
-/// The response body: the `response` span lasts until it ends (or is dropped), and it reads the
-/// gRPC trailers' status.
-pub struct TracedBody<B> {
-    inner: B,
+/// The caller's trace context: one valid W3C `traceparent` (see [`parse_traceparent`]) and the
+/// `tracestate` that goes with it (all its headers, in order; an invalid one is dropped alone).
+fn caller_context(headers: &HeaderMap) -> Option<opentelemetry::Context> {
+    let mut traceparents = headers.get_all("traceparent").iter();
+    let traceparent = traceparents.next()?;
+    if traceparents.next().is_some() {
+        // Two parents: neither is the caller's for sure.
+        return None;
+    }
+    let (trace_id, span_id, flags) = parse_traceparent(traceparent.as_bytes())?;
+    let state = headers
+        .get_all("tracestate")
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect::<Option<Vec<_>>>()
+        .and_then(|parts| TraceState::from_str(&parts.join(",")).ok())
+        .unwrap_or_default();
+    let parent = SpanContext::new(trace_id, span_id, flags, true, state);
+    Some(opentelemetry::Context::new().with_remote_span_context(parent))
+}
+
+/// A W3C Trace Context `traceparent` (`version-traceid-parentid-flags`), strictly: two, 32, 16
+/// and two lowercase hex digits; version `ff` is invalid; version `00` has exactly these four
+/// fields, a later version may have more after a `-` (not read); trace and parent ids of all
+/// zeros are invalid. Of the flags only `sampled` is kept. Anything else → `None` (ignored).
+fn parse_traceparent(value: &[u8]) -> Option<(TraceId, SpanId, TraceFlags)> {
+    const LEN: usize = 55;
+    if value.len() < LEN || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+        return None;
+    }
+    let version = lower_hex(&value[..2])?;
+    if version == 0xff || (value.len() > LEN && (version == 0 || value[LEN] != b'-')) {
+        return None;
+    }
+    let trace = lower_hex(&value[3..35])?;
+    let parent = lower_hex(&value[36..52])?;
+    let flags = lower_hex(&value[53..55])?;
+    if trace == 0 || parent == 0 {
+        return None;
+    }
+    Some((
+        TraceId::from_bytes(trace.to_be_bytes()),
+        SpanId::from_bytes((parent as u64).to_be_bytes()),
+        TraceFlags::new(flags as u8) & TraceFlags::SAMPLED,
+    ))
+}
+
+/// Lowercase hex digits (at most 32) as a number; anything else → `None`.
+fn lower_hex(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u128::from(v))
+    })
+}
+
+/// The spans of a call's answer: the `response` span (and the call's) last until its body ends,
+/// which reads the gRPC trailers' status. Dropped before its end (the client went away
+/// mid-answer), the call is recorded as cancelled.
+pub struct CallTrace {
     protocol: Protocol,
     call: tracing::Span,
     response: tracing::Span,
 }
 
-impl<B: Body + Unpin> Body for TracedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
+impl Watch for CallTrace {
+    fn polling<R>(&mut self, poll: impl FnOnce() -> R) -> R {
         // Both entered: a span ends (for OpenTelemetry) when it is last exited, so the call span
         // lasts until the body's last frame too.
-        let _call = this.call.enter();
-        let _response = this.response.enter();
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if this.protocol == Protocol::Grpc
-            && !this.call.is_disabled()
-            && let Poll::Ready(Some(Ok(frame))) = &frame
-            && let Some(trailers) = frame.trailers_ref()
-        {
-            record_grpc_status(&this.call, trailers);
+        let _call = self.call.enter();
+        let _response = self.response.enter();
+        poll()
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if self.protocol == Protocol::Grpc && !self.call.is_disabled() {
+            record_grpc_status(&self.call, trailers);
         }
-        frame
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Request headers as the propagator reads them.
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+    fn end(mut self, how: End) {
+        if self.call.is_disabled() {
+            return;
+        }
+        match how {
+            End::Done | End::Dropped { at_end: true } => {}
+            End::Failed => {
+                self.call.record("otel.status_code", "ERROR");
+            }
+            End::Dropped { at_end: false } => cancelled(&self.call, self.protocol, true),
+        }
+        // The response ends here, then the call: a body the connection never polled (an empty
+        // one, a trailers-only gRPC answer, one whose client left) entered neither span since
+        // the handler answered, and a span never exited again ends when it closes — the
+        // response, closed here, would end after its call.
+        self.response.in_scope(|| {});
+        self.response = tracing::Span::none();
+        self.call.in_scope(|| {});
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_names_come_from_plausible_paths_only() {
-        assert_eq!(
-            grpc_method("/brainai.v1.TumorClassifier/Classify"),
-            ("brainai.v1.TumorClassifier", "Classify")
-        );
-        assert_eq!(grpc_method("/a b/c"), ("unknown", "unknown"));
-        assert_eq!(grpc_method("/PATIENT^JANE/x"), ("unknown", "unknown"));
-        assert_eq!(grpc_method("/only"), ("unknown", "unknown"));
-        assert_eq!(grpc_method(""), ("unknown", "unknown"));
-    }
-}
+mod tests;

@@ -2,9 +2,18 @@
 //! one is closed to make room), a deadline for a new connection's first request, an idle timeout,
 //! a maximum connection age that closes *gracefully* (GOAWAY, the calls in flight finish, then the
 //! connection closes; tonic's own option cut connections off without a GOAWAY), HTTP/2 keepalive
-//! and stream limits, and shutdown in two steps (GOAWAY to everyone, then close what is left). The
-//! gRPC port speaks HTTP/2 only; the metrics port HTTP/1.1 only, with a header-read timeout.
-//! Open, refused and server-closed connections are counted per listener.
+//! and stream limits, and shutdown in two steps (GOAWAY to everyone, then close what is left). One
+//! [`serve`] for every port: the gRPC ports speak HTTP/2 only, the HTTP API and metrics ports
+//! HTTP/1.1 only, with a header-read timeout. Every request's body is bounded on the way in
+//! ([`super::body`]: read timeout, minimum rate, declared length, bytes in flight). Open, refused
+//! and server-closed connections are counted per listener.
+//!
+//! A graceful close of an HTTP/2 connection (age, idle, eviction, shutdown) is h2's two-step
+//! GOAWAY of RFC 9113 §6.8: a first GOAWAY with the last stream id 2^31-1 and a PING; streams the
+//! client opened before it saw that GOAWAY are still accepted and served; when the PING's answer
+//! comes (one round trip later), the final GOAWAY names the last stream served, and the connection
+//! closes once those streams are done. A peer that never answers the PING is closed after the
+//! grace period (`--connection-grace-s`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,15 +34,29 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tower::Service;
 
+use super::body::{BodyPolicy, RequestBody, Reservation};
+use super::response::{End, Watch, Watched};
 use crate::metrics;
 use crate::security::ConnInfo;
 use crate::security::tls::{self, Alpn, Io, Tls};
 
+/// The HTTP version a port speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 (the HTTP API and metrics ports).
+    Http1,
+    /// HTTP/2 (the gRPC ports).
+    Http2,
+}
+
 /// How one listener's connections are limited and closed.
 #[derive(Debug, Clone)]
 pub struct ConnectionPolicy {
-    /// `grpc` or `http`: the `listener` label of the connection metrics.
+    /// `grpc`, `rest` (the HTTP API), `metrics` or `health`: the `listener` label of the
+    /// connection metrics.
     pub listener: &'static str,
+    /// What the port speaks.
+    pub protocol: Protocol,
     /// Most connections open at once. At the cap, the connection idle the longest is closed to
     /// make room; with none idle, the new connection is refused (closed at once).
     pub max_connections: usize,
@@ -50,11 +73,77 @@ pub struct ConnectionPolicy {
     pub keepalive: Option<(Duration, Duration)>,
     /// Most concurrent HTTP/2 streams (calls) per connection.
     pub max_concurrent_streams: u32,
-    /// Largest header block (request metadata) HTTP/2 accepts before it must tear the whole
-    /// connection down; calls over `--max-metadata-bytes` but under this are refused one by one.
+    /// Largest header block (request metadata) HTTP/2 takes in ([`MAX_HEADER_LIST_SIZE`]).
     pub max_header_list_size: u32,
     /// HTTP/1: time to read a request's headers.
     pub header_read_timeout: Duration,
+    /// How the requests' bodies are bounded.
+    pub bodies: Arc<BodyPolicy>,
+}
+
+/// The largest HTTP/2 header block (all of a call's metadata) h2 takes in. Calls over
+/// `--max-metadata-bytes` but within this are refused alone, RESOURCE_EXHAUSTED, by
+/// [`super::status::StatusLayer`]. Past it h2 answers by itself: HTTP 431 for that stream alone
+/// (no gRPC status: tonic reports INTERNAL, grpc-go UNKNOWN) up to about 1.25× this much on the
+/// wire, and beyond that (more CONTINUATION frames than the limit needs, or a block decoding to
+/// over 4× it) a GOAWAY with ENHANCE_YOUR_CALM that ends every call on the connection; h2 0.4
+/// offers no other answer. 16 MiB is h2's and grpc-go's own default; grpc-go and grpc-java
+/// clients read it from SETTINGS and fail a larger call themselves, unsent.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 << 20;
+
+impl ConnectionPolicy {
+    /// The policy of one port from the serve options: `listener` names it in the metrics.
+    pub fn from_args(
+        args: &crate::config::ServeArgs,
+        listener: &'static str,
+        protocol: Protocol,
+        max_connections: usize,
+        budget: &Arc<super::body::BodyBudget>,
+    ) -> Self {
+        let secs = Duration::from_secs;
+        let (max_declared, max_declared_flag, streams): (u64, _, &'static [&'static str]) =
+            match protocol {
+                // A unary call's body is one gRPC frame: 5 bytes of header, then the message.
+                Protocol::Http2 => (
+                    args.max_message_bytes as u64 + 5,
+                    "--max-message-bytes",
+                    &super::body::GRPC_REQUEST_STREAMS,
+                ),
+                Protocol::Http1 => (
+                    args.max_http_body_bytes as u64,
+                    "--max-http-body-bytes",
+                    &[],
+                ),
+            };
+        ConnectionPolicy {
+            listener,
+            protocol,
+            max_connections,
+            first_request_timeout: secs(args.first_request_timeout_s),
+            idle_timeout: secs(args.idle_timeout_s),
+            max_age: (args.max_connection_age_s > 0).then(|| secs(args.max_connection_age_s)),
+            grace: secs(args.connection_grace_s),
+            keepalive: (args.keepalive_interval_s > 0).then(|| {
+                (
+                    secs(args.keepalive_interval_s),
+                    secs(args.keepalive_timeout_s),
+                )
+            }),
+            max_concurrent_streams: args.max_concurrent_streams,
+            max_header_list_size: MAX_HEADER_LIST_SIZE
+                .max(u32::try_from(args.max_metadata_bytes).unwrap_or(u32::MAX)),
+            header_read_timeout: secs(args.header_read_timeout_s),
+            bodies: Arc::new(BodyPolicy {
+                listener,
+                read_timeout: secs(args.body_read_timeout_s),
+                min_rate: args.min_body_rate_bytes_s,
+                max_declared,
+                max_declared_flag,
+                streams,
+                budget: budget.clone(),
+            }),
+        }
+    }
 }
 
 /// What the server asks of its connections.
@@ -113,48 +202,35 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is done.
-pub struct TrackedBody<B> {
-    inner: B,
+/// What a response body holds until it is sent: its request counted as in flight, and the bytes
+/// its request body took from the budget (the handler may hold them until it answers).
+pub struct InFlight {
     _guard: ActiveGuard,
+    _reservation: Option<Arc<Reservation>>,
 }
 
-impl<B: Body + Unpin> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+impl Watch for InFlight {
+    /// Both are released as it drops, however the body ended.
+    fn end(self, _how: End) {}
 }
 
-/// The service of one connection: counts its requests in flight.
+/// The service of one connection: counts its requests in flight and bounds their bodies.
 #[derive(Clone)]
 pub struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
     /// The peer's address and verified client certificate, attached to every request.
     conn: ConnInfo,
+    bodies: Arc<BodyPolicy>,
 }
 
 impl<S, B> Service<Request<Incoming>> for Tracked<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>>,
+    S: Service<Request<RequestBody>, Response = Response<B>>,
     S::Future: Send + 'static,
-    B: Body + Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
-    type Response = Response<TrackedBody<B>>;
+    type Response = Response<Watched<B, InFlight>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -162,15 +238,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
-        request.extensions_mut().insert(self.conn.clone());
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let declared = request.body().size_hint().exact();
+        let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(self.conn.clone());
+        let (body, reservation) = RequestBody::new(body, &self.bodies, parts.uri.path(), declared);
         let guard = self.activity.begin();
-        let future = self.inner.call(request);
+        let future = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let response = future.await?;
-            Ok(response.map(|inner| TrackedBody {
-                inner,
-                _guard: guard,
+            Ok(response.map(|inner| {
+                Watched::new(
+                    inner,
+                    InFlight {
+                        _guard: guard,
+                        _reservation: reservation,
+                    },
+                )
             }))
         })
     }
@@ -193,6 +277,7 @@ pub struct Connections {
 impl Connections {
     pub fn new(policy: ConnectionPolicy) -> Arc<Self> {
         metrics::connections_known(policy.listener);
+        metrics::bodies_known(policy.listener);
         Arc::new(Connections {
             policy,
             open: Mutex::new(HashMap::new()),
@@ -346,65 +431,85 @@ async fn supervise<C>(
     }
 }
 
-/// Bytes read from a gRPC connection's socket at a time. HTTP/2's framing reads a few kB per
+/// Bytes read from an HTTP/2 connection's socket at a time. HTTP/2's framing reads a few kB per
 /// call of the socket, so a 256² PNG slice (a 44 kB message) took five `recvfrom` per request; with
 /// this buffer it takes one, which saves about 10 µs of CPU per call (docs/PERFORMANCE.md). It
-/// costs 64 KiB per open connection: 64 MiB at the default `--max-connections` of 1024.
+/// costs 64 KiB per open connection: 64 MiB at the default `--max-grpc-connections` of 1024.
 const GRPC_READ_BUFFER: usize = 64 << 10;
 
-/// Accepts connections until the server stops; serves each with `service` over HTTP/2 (gRPC),
-/// behind TLS when `tls` is set.
-pub async fn serve_h2<S, B>(
+/// Accepts connections until the server stops; serves each with `service` over the port's
+/// protocol, behind TLS when `tls` is set.
+pub async fn serve<S, B>(
     listener: TcpListener,
     connections: Arc<Connections>,
     service: S,
     stop: watch::Receiver<Stop>,
     tls: Option<Arc<Tls>>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let policy = connections.policy.clone();
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(policy.max_concurrent_streams)
         .max_header_list_size(policy.max_header_list_size);
     if let Some((interval, timeout)) = policy.keepalive {
-        builder
-            .keep_alive_interval(interval)
-            .keep_alive_timeout(timeout);
+        h2.keep_alive_interval(interval).keep_alive_timeout(timeout);
     }
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(policy.header_read_timeout);
     accept_loop(
         listener,
         connections,
         stop,
         move |stream, activity, close, stop, policy| {
-            let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
+            let (service, h1, h2, tls) = (service.clone(), h1.clone(), h2.clone(), tls.clone());
             Box::pin(async move {
-                let Some((io, conn)) = secure(stream, tls, Alpn::H2, &policy).await else {
+                let alpn = match policy.protocol {
+                    Protocol::Http1 => Alpn::Http1,
+                    Protocol::Http2 => Alpn::H2,
+                };
+                let Some((io, conn)) = secure(stream, tls, alpn, &policy).await else {
                     return;
                 };
-                let service = Tracked {
+                let service = TowerToHyperService::new(Tracked {
                     inner: service,
                     activity: activity.clone(),
                     conn,
-                };
-                let io = tokio::io::BufReader::with_capacity(GRPC_READ_BUFFER, io);
-                let conn =
-                    builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
-                supervise(
-                    conn,
-                    |c| c.graceful_shutdown(),
-                    &policy,
-                    activity,
-                    close,
-                    stop,
-                )
-                .await;
+                    bodies: policy.bodies.clone(),
+                });
+                match policy.protocol {
+                    Protocol::Http2 => {
+                        let io = tokio::io::BufReader::with_capacity(GRPC_READ_BUFFER, io);
+                        let conn = h2.serve_connection(TokioIo::new(io), service);
+                        supervise(
+                            conn,
+                            |c| c.graceful_shutdown(),
+                            &policy,
+                            activity,
+                            close,
+                            stop,
+                        )
+                        .await;
+                    }
+                    Protocol::Http1 => {
+                        let conn = h1.serve_connection(TokioIo::new(io), service);
+                        supervise(
+                            conn,
+                            |c| c.graceful_shutdown(),
+                            &policy,
+                            activity,
+                            close,
+                            stop,
+                        )
+                        .await;
+                    }
+                }
             })
         },
     )
@@ -440,58 +545,6 @@ async fn secure(
             certificate,
         },
     ))
-}
-
-/// Accepts connections until the server stops; serves each over HTTP/1.1, behind TLS when `tls`
-/// is set.
-pub async fn serve_h1<S, B>(
-    listener: TcpListener,
-    connections: Arc<Connections>,
-    service: S,
-    stop: watch::Receiver<Stop>,
-    tls: Option<Arc<Tls>>,
-) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let policy = connections.policy.clone();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(policy.header_read_timeout);
-    accept_loop(
-        listener,
-        connections,
-        stop,
-        move |stream, activity, close, stop, policy| {
-            let (service, builder, tls) = (service.clone(), builder.clone(), tls.clone());
-            Box::pin(async move {
-                let Some((io, conn)) = secure(stream, tls, Alpn::Http1, &policy).await else {
-                    return;
-                };
-                let service = Tracked {
-                    inner: service,
-                    activity: activity.clone(),
-                    conn,
-                };
-                let conn =
-                    builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
-                supervise(
-                    conn,
-                    |c| c.graceful_shutdown(),
-                    &policy,
-                    activity,
-                    close,
-                    stop,
-                )
-                .await;
-            })
-        },
-    )
-    .await;
 }
 
 type ConnTask = Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -10,8 +10,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::Priority;
 use crate::backend::host::{HostBuffer, HostMemory};
+use crate::priority::Priority;
 
 /// The rows of one batch buffer.
 struct Buffer {

@@ -35,9 +35,16 @@ pub(super) async fn start_all(
         std::thread::Builder::new()
             .name(format!("brainai-instance-{instance}"))
             .spawn(move || {
-                let Some(backend) = warm_up(instance, &shared, &factory, warm_tx) else {
-                    return;
+                let backend = match warm_up(instance, &shared, &factory) {
+                    Ok(backend) => backend,
+                    Err(e) => {
+                        let _ = warm_tx.send(Err(e));
+                        return;
+                    }
                 };
+                // Reported warm once idle (below), not before: a call made as soon as start
+                // returns finds this instance idle and can run in place on it.
+                let mut warm_tx = Some(warm_tx);
                 *lock_engine(&shared, instance) = Some(Engine {
                     backend,
                     // Where scattered batches are gathered: allocated once, at its largest.
@@ -63,6 +70,10 @@ pub(super) async fn start_all(
                             if waiting {
                                 shared.wake.notify_one();
                             }
+                            if let Some(warm_tx) = warm_tx.take() {
+                                let _ = warm_tx.send(Ok(()));
+                                tracing::info!(instance, "model instance warm");
+                            }
                             match batch_rx.blocking_recv() {
                                 Some(batch) => batch,
                                 None => break,
@@ -76,7 +87,7 @@ pub(super) async fn start_all(
                     next = {
                         let _clock = runtime.enter();
                         let now = tokio::time::Instant::now();
-                        queue::next_batch(&mut queue::lock(&shared), &shared, now, true).ok()
+                        queue::next_batch(&mut queue::lock(&shared), &shared, now, true).due()
                     };
                     if next.is_some() {
                         shared.publish_depth();
@@ -152,15 +163,14 @@ pub(super) fn run_in_place(shared: &Shared, instance: usize, batch: Batch) {
 }
 
 /// Builds the backend and runs every warm-up batch size (through [`execute`], so warm-up checks
-/// the output exactly as serving does). Reports the outcome on `warm_tx`.
+/// the output exactly as serving does).
 fn warm_up(
     instance: usize,
     shared: &Shared,
     factory: &InstanceFactory,
-    warm_tx: oneshot::Sender<Result<(), EngineError>>,
-) -> Option<Box<dyn Backend>> {
+) -> Result<Box<dyn Backend>, EngineError> {
     let config = &shared.config;
-    let warm = catch_unwind(AssertUnwindSafe(|| {
+    catch_unwind(AssertUnwindSafe(|| {
         let mut backend = factory(instance)?;
         for size in config.sizes.warmup() {
             let input = vec![0f32; size * config.input_len];
@@ -176,18 +186,7 @@ fn warm_up(
             instance,
             message: panic_message(panic.as_ref()),
         })
-    });
-    match warm {
-        Ok(backend) => {
-            let _ = warm_tx.send(Ok(()));
-            tracing::info!(instance, "model instance warm");
-            Some(backend)
-        }
-        Err(e) => {
-            let _ = warm_tx.send(Err(e));
-            None
-        }
-    }
+    })
 }
 
 /// One model run: contains panics, and is the one place that checks the output's size.
@@ -230,8 +229,15 @@ fn run_batch(
     let n = batch.jobs.len();
     let number = shared.next_batch.fetch_add(1, Ordering::Relaxed);
     // Its own trace (a batch serves many requests), linked once to each request span it serves
-    // (OpenTelemetry links, through `follows_from`).
-    let span = tracing::debug_span!(parent: None, "batch", batch = number, instance, size = n);
+    // (OpenTelemetry links, through `follows_from`); sampled when any of them is (the sampler in
+    // `telemetry` reads the links). Numbers as i64: an unsigned field is exported as text.
+    let span = tracing::debug_span!(
+        parent: None,
+        "batch",
+        batch = number as i64,
+        instance = instance as i64,
+        size = n as i64
+    );
     if !span.is_disabled() {
         let mut linked = Vec::with_capacity(n);
         for job in &batch.jobs {
@@ -272,7 +278,7 @@ fn run_batch(
     metrics.stage(Stage::Assemble, assembling.elapsed());
     shared.busy.fetch_add(1, Ordering::SeqCst);
     let started = std::time::Instant::now();
-    let result = tracing::debug_span!("run", size = n)
+    let result = tracing::debug_span!("run", size = n as i64)
         .in_scope(|| execute(instance, backend, input, n, config.output_len));
     let finished = std::time::Instant::now();
     let inference_time = finished - started;

@@ -3,8 +3,10 @@
 //! batches are formed by the policy in [`policy`], by the queue task for an idle instance and by an
 //! instance for itself as it finishes a batch; each model instance ([`instance`]) runs batches on
 //! its own OS thread. Callers hold a cloneable [`Batcher`]: they [`Batcher::reserve`] queue places
-//! (one semaphore permit per image, released on dispatch, expiry or cancel), then
-//! [`Batcher::submit`] the tensors and await each image's answer on a oneshot.
+//! (one semaphore permit per image, released on dispatch, expiry or cancel), split the
+//! [`Reservation`] into [`Place`]s, [`Place::claim`] each image's row of a batch buffer as its
+//! preprocessing starts, then [`Batcher::submit`] the [`Ticket`]s (place + row) and await each
+//! image's answer on a oneshot.
 
 mod buffers;
 mod estimate;
@@ -22,45 +24,8 @@ use tokio::time::Instant;
 use crate::backend::host::HostMemory;
 use crate::backend::{BatchSizes, EngineError, InstanceFactory};
 use crate::metrics::ModelMetrics;
-pub use buffers::Slot;
-
-/// Urgency of a request. The batcher fills each batch from the highest waiting priority first, and
-/// each priority has its own queue limit, so routine floods cannot starve urgent reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Priority {
-    /// Urgent ("stat") reads: served first.
-    Stat,
-    /// Everything else.
-    Routine,
-}
-
-impl Priority {
-    /// Highest first.
-    pub const ALL: [Priority; 2] = [Priority::Stat, Priority::Routine];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::Stat => "stat",
-            Priority::Routine => "routine",
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl std::str::FromStr for Priority {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "stat" => Ok(Priority::Stat),
-            "routine" => Ok(Priority::Routine),
-            _ => Err(format!("unknown priority {s:?}: use stat or routine")),
-        }
-    }
-}
+pub use crate::priority::Priority;
+pub(crate) use buffers::Slot;
 
 /// Batching knobs of one model version.
 #[derive(Debug, Clone)]
@@ -158,14 +123,14 @@ impl BatchError {
     }
 }
 
-/// Receiver of one image's answer.
-pub type Pending = oneshot::Receiver<Result<ImageOutput, BatchError>>;
+pub use queue::Pending;
 
 /// Queue places for the images of one request, taken before they are decoded. Dropping it (a
 /// request that failed before submitting) gives the places back.
 pub struct Reservation {
     permits: OwnedSemaphorePermit,
     priority: Priority,
+    shared: Arc<Shared>,
 }
 
 impl Reservation {
@@ -181,6 +146,71 @@ impl Reservation {
     pub fn priority(&self) -> Priority {
         self.priority
     }
+
+    /// One place per image, each to [`Place::claim`] its image's row when its preprocessing
+    /// starts (rows follow the order images reach the queue).
+    pub fn into_places(mut self) -> Vec<Place> {
+        let n = self.len();
+        let mut places = Vec::with_capacity(n);
+        for _ in 0..n {
+            let permit = self
+                .permits
+                .split(1)
+                .expect("one permit per place, counted above");
+            places.push(Place {
+                permit,
+                priority: self.priority,
+                shared: self.shared.clone(),
+            });
+        }
+        places
+    }
+}
+
+/// One image's queue place, not yet holding a tensor.
+pub struct Place {
+    permit: OwnedSemaphorePermit,
+    priority: Priority,
+    shared: Arc<Shared>,
+}
+
+impl Place {
+    /// The next free row of the batch buffer of this place's priority, to preprocess the image
+    /// into ([`Ticket::as_mut_slice`], `input_len` values), then [`Batcher::submit`] it.
+    pub fn claim(self) -> Ticket {
+        Ticket {
+            slot: self.shared.pool.claim(self.priority),
+            place: self.permit,
+            priority: self.priority,
+        }
+    }
+
+    /// A row holding a copy of `tensor` (`input_len` values).
+    pub fn fill(self, tensor: &[f32]) -> Ticket {
+        let mut ticket = self.claim();
+        ticket.as_mut_slice().copy_from_slice(tensor);
+        ticket
+    }
+}
+
+/// One image ready to queue: its queue place and its row of a batch buffer. Each ticket carries
+/// its own place, so what is submitted can never outnumber what was reserved.
+pub struct Ticket {
+    slot: Slot,
+    place: OwnedSemaphorePermit,
+    priority: Priority,
+}
+
+impl Ticket {
+    /// The image's row, to write its tensor into.
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        self.slot.as_mut_slice()
+    }
+
+    /// The row's values.
+    pub fn as_slice(&self) -> &[f32] {
+        self.slot.as_slice()
+    }
 }
 
 /// What the work of one image carries through the queue into its batch.
@@ -192,8 +222,9 @@ pub(crate) struct Job {
     reply: oneshot::Sender<Result<ImageOutput, BatchError>>,
     /// The request's span: instance logs about this image are emitted inside it.
     span: tracing::Span,
-    /// The image's wait in the queue, a child of `span`: closed when a batch takes the image.
-    queued: tracing::Span,
+    /// The image's wait in the queue, a child of `span`: ends when a batch takes the image or
+    /// the caller stops waiting.
+    queued: queue::QueueWait,
 }
 
 /// One queued image: its job, its deadline and its queue place.
@@ -335,7 +366,11 @@ impl Batcher {
         match shared.places[i].clone().try_acquire_many_owned(n32) {
             Ok(permits) => {
                 shared.publish_depth();
-                Ok(Reservation { permits, priority })
+                Ok(Reservation {
+                    permits,
+                    priority,
+                    shared: shared.clone(),
+                })
             }
             Err(_) => {
                 shared.metrics.dropped("queue_full", n);
@@ -367,61 +402,44 @@ impl Batcher {
         estimate::time_to_finish(&backlog, |size| shared.times.of(size))
     }
 
-    /// A row of a batch buffer for one image of `priority`, to preprocess it into
-    /// ([`Slot::as_mut_slice`], `input_len` values), then [`Batcher::submit`] it.
-    pub fn claim(&self, priority: Priority) -> Slot {
-        self.shared.pool.claim(priority)
-    }
-
-    /// A slot holding a copy of `tensor` (`input_len` values).
-    pub fn slot_with(&self, priority: Priority, tensor: &[f32]) -> Slot {
-        let mut slot = self.claim(priority);
-        slot.as_mut_slice().copy_from_slice(tensor);
-        slot
-    }
-
-    /// Queues one tensor per reserved place (`tensors.len()` must equal `reservation.len()`). Each
-    /// receiver yields that image's answer; `span` is the request's tracing span.
+    /// Queues the images of `tickets`, each in its own reserved place. Each receiver yields that
+    /// image's answer; `span` is the request's tracing span.
     pub fn submit(
         &self,
-        mut reservation: Reservation,
-        tensors: Vec<Slot>,
+        tickets: Vec<Ticket>,
         deadline: Option<Instant>,
         span: &tracing::Span,
     ) -> Result<Vec<Pending>, BatchError> {
-        assert_eq!(
-            tensors.len(),
-            reservation.len(),
-            "one tensor per reserved place: this is a bug"
-        );
         if self.handles.is_closed() {
             // The queue task is gone (the runtime is shutting down): nothing would run these.
             return Err(BatchError::Stopped);
         }
         let now = Instant::now();
-        let mut pending = Vec::with_capacity(tensors.len());
-        let mut entries = Vec::with_capacity(tensors.len());
-        for tensor in tensors {
-            debug_assert_eq!(tensor.as_slice().len(), self.shared.config.input_len);
-            let permit = reservation
-                .permits
-                .split(1)
-                .expect("a permit per tensor, checked above");
+        let mut pending = Vec::with_capacity(tickets.len());
+        let mut entries = Vec::with_capacity(tickets.len());
+        for Ticket {
+            slot,
+            place,
+            priority,
+        } in tickets
+        {
+            debug_assert_eq!(slot.as_slice().len(), self.shared.config.input_len);
             let (reply, rx) = oneshot::channel();
+            let queued = queue::QueueWait::start(span);
+            pending.push(Pending::new(rx, queued.clone()));
             let entry = Entry {
                 job: Job {
-                    tensor,
-                    priority: reservation.priority,
+                    tensor: slot,
+                    priority,
                     enqueued: now,
                     reply,
                     span: span.clone(),
-                    queued: tracing::debug_span!(parent: span, "queue"),
+                    queued,
                 },
                 deadline,
-                _place: permit,
+                _place: place,
             };
             entries.push(entry);
-            pending.push(rx);
         }
         let in_place = {
             let mut core = queue::lock(&self.shared);

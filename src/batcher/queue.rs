@@ -8,13 +8,70 @@
 //! task. Each batch is filled from the highest priority first.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::policy::{Decision, QueueState};
-use super::{BatchError, Entry, Job, Priority, Shared, instance};
+use super::{BatchError, Entry, ImageOutput, Job, Priority, Shared, instance};
+
+/// An image's wait in the queue: the `queue` span, a child of the request's span, ended by
+/// whichever comes first, a batch taking the image ([`take`]) or its caller no longer waiting
+/// (its [`Pending`] dropped unanswered, with the request span). A wait that ended only when the
+/// queue dropped the image later would end after the request span it belongs to.
+#[derive(Clone, Default)]
+pub(crate) struct QueueWait(Option<Arc<Mutex<Option<tracing::Span>>>>);
+
+impl QueueWait {
+    pub fn start(request: &tracing::Span) -> Self {
+        let span = tracing::debug_span!(parent: request, "queue");
+        if span.is_disabled() {
+            return QueueWait(None);
+        }
+        QueueWait(Some(Arc::new(Mutex::new(Some(span)))))
+    }
+
+    /// Ends the span now (its last handle closes it); later calls do nothing.
+    pub fn end(&self) {
+        if let Some(span) = &self.0 {
+            drop(span.lock().unwrap_or_else(PoisonError::into_inner).take());
+        }
+    }
+}
+
+/// Receiver of one image's answer. Dropped before the answer comes (the caller stopped waiting),
+/// it ends the image's queue span if no batch took the image yet.
+pub struct Pending {
+    answer: oneshot::Receiver<Result<ImageOutput, BatchError>>,
+    queued: QueueWait,
+}
+
+impl Pending {
+    pub(super) fn new(
+        answer: oneshot::Receiver<Result<ImageOutput, BatchError>>,
+        queued: QueueWait,
+    ) -> Self {
+        Pending { answer, queued }
+    }
+}
+
+impl Future for Pending {
+    type Output = Result<Result<ImageOutput, BatchError>, oneshot::error::RecvError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer).poll(cx)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.queued.end();
+    }
+}
 
 /// A batch handed to an instance.
 pub(super) struct Batch {
@@ -55,15 +112,26 @@ pub(super) fn lock(shared: &Shared) -> MutexGuard<'_, Core> {
     shared.core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Under the lock: drops dead entries, then decides for an instance that is free (`idle`). A due
-/// batch is taken out of the queue (`Ok`); otherwise `Err` says until when nothing is due (`None`:
-/// until news).
-pub(super) fn next_batch(
-    core: &mut Core,
-    shared: &Shared,
-    now: Instant,
-    idle: bool,
-) -> Result<Batch, Option<Instant>> {
+/// What the queue holds for an instance now.
+pub(super) enum Next {
+    /// A due batch, taken out of the queue.
+    Due(Batch),
+    /// Nothing is due before this instant (`None`: before news: an image, an idle instance).
+    NotBefore(Option<Instant>),
+}
+
+impl Next {
+    /// The due batch, if any.
+    pub(super) fn due(self) -> Option<Batch> {
+        match self {
+            Next::Due(batch) => Some(batch),
+            Next::NotBefore(_) => None,
+        }
+    }
+}
+
+/// Under the lock: drops dead entries, then decides for an instance that is free (`idle`).
+pub(super) fn next_batch(core: &mut Core, shared: &Shared, now: Instant, idle: bool) -> Next {
     drop_dead(core, shared, now);
     let state = QueueState {
         queued: core.queued(),
@@ -79,11 +147,11 @@ pub(super) fn next_batch(
         closing: core.closing,
     };
     match shared.policy.decide(&state) {
-        Decision::Dispatch => Ok(Batch {
+        Decision::Dispatch => Next::Due(Batch {
             jobs: take(core, shared),
             dispatched: Instant::now(),
         }),
-        Decision::Wait(until) => Err(until),
+        Decision::Wait(until) => Next::NotBefore(until),
     }
 }
 
@@ -98,7 +166,7 @@ pub(super) fn take_in_place(
     if core.idle.is_empty() || !instance::runs_in_place(shared, size) {
         return None;
     }
-    let batch = next_batch(core, shared, now, true).ok()?;
+    let batch = next_batch(core, shared, now, true).due()?;
     let instance = core.idle.pop().expect("checked above");
     Some((instance, batch))
 }
@@ -163,9 +231,8 @@ fn take(core: &mut Core, shared: &Shared) -> Vec<Job> {
         // The entries' permits drop here: dispatched images no longer hold queue places; their
         // queue spans end.
         jobs.extend(queue.drain(..take).map(|entry| {
-            let mut job = entry.job;
-            job.queued = tracing::Span::none();
-            job
+            entry.job.queued.end();
+            entry.job
         }));
     }
     // A batch that took the last row claimed so far of the buffer its priority is filling has
@@ -201,12 +268,12 @@ impl QueueTask {
                 let mut core = lock(&self.shared);
                 let idle = !core.idle.is_empty();
                 match next_batch(&mut core, &self.shared, now, idle) {
-                    Ok(batch) => {
+                    Next::Due(batch) => {
                         let instance = core.idle.pop().expect("dispatched to an idle instance");
                         Ok((instance, batch))
                     }
-                    Err(_) if core.closing && core.queued() == 0 => break,
-                    Err(until) => Err((until, core.closing)),
+                    Next::NotBefore(_) if core.closing && core.queued() == 0 => break,
+                    Next::NotBefore(until) => Err((until, core.closing)),
                 }
             };
             self.shared.publish_depth();

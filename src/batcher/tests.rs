@@ -71,9 +71,13 @@ fn send_at(
     priority: Priority,
 ) -> Vec<Pending> {
     let places = b.reserve(images.len(), priority, deadline).unwrap();
-    let slots = images.iter().map(|i| b.slot_with(priority, i)).collect();
-    b.submit(places, slots, deadline, &tracing::Span::none())
-        .unwrap()
+    let tickets = places
+        .into_places()
+        .into_iter()
+        .zip(&images)
+        .map(|(place, i)| place.fill(i))
+        .collect();
+    b.submit(tickets, deadline, &tracing::Span::none()).unwrap()
 }
 
 /// Every answer, awaited for at most a minute of real time, so a lost answer fails instead of
@@ -531,23 +535,24 @@ async fn start_where_from() -> (Batcher, Arc<std::sync::Mutex<Vec<(usize, usize)
     (batcher, seen)
 }
 
-/// Claims `n` rows in order, each filled with its value.
-fn claimed(b: &Batcher, values: &[f32]) -> Vec<(usize, Slot)> {
-    values
-        .iter()
-        .map(|&v| {
-            let mut slot = b.claim(Priority::Routine);
-            slot.as_mut_slice().fill(v);
-            (slot.as_slice().as_ptr() as usize, slot)
+/// Reserves and claims `n` rows in order, each filled with its value.
+fn claimed(b: &Batcher, values: &[f32]) -> Vec<(usize, Ticket)> {
+    let places = b.reserve(values.len(), Priority::Routine, None).unwrap();
+    places
+        .into_places()
+        .into_iter()
+        .zip(values)
+        .map(|(place, &v)| {
+            let mut ticket = place.claim();
+            ticket.as_mut_slice().fill(v);
+            (ticket.as_slice().as_ptr() as usize, ticket)
         })
         .collect()
 }
 
-/// Submits the slots in the given order, in one request.
-fn submit_slots(b: &Batcher, slots: Vec<Slot>) -> Vec<Pending> {
-    let places = b.reserve(slots.len(), Priority::Routine, None).unwrap();
-    b.submit(places, slots, None, &tracing::Span::none())
-        .unwrap()
+/// Submits the tickets in the given order, in one request.
+fn submit_slots(b: &Batcher, tickets: Vec<Ticket>) -> Vec<Pending> {
+    b.submit(tickets, None, &tracing::Span::none()).unwrap()
 }
 
 fn firsts(answers: &[Result<ImageOutput, BatchError>]) -> Vec<f32> {
@@ -580,8 +585,8 @@ async fn scattered_rows_are_gathered_and_each_image_keeps_its_answer() {
     // Rows 0-3 of one buffer and 0-1 of the next; the batch takes rows 2, 3 and the next 0, 1.
     let slots = claimed(&batcher, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     let rows: Vec<usize> = slots.iter().map(|(p, _)| *p).collect();
-    let mut slots: Vec<Slot> = slots.into_iter().map(|(_, s)| s).collect();
-    let straddling: Vec<Slot> = slots.drain(2..).rev().collect();
+    let mut slots: Vec<Ticket> = slots.into_iter().map(|(_, s)| s).collect();
+    let straddling: Vec<Ticket> = slots.drain(2..).rev().collect();
     let pending = submit_slots(&batcher, straddling);
     assert_eq!(firsts(&answers(pending).await), [6.0, 5.0, 4.0, 3.0]);
     let (input, size) = seen.lock().unwrap()[0];
@@ -604,8 +609,8 @@ async fn under_backlog_a_batch_ends_at_its_buffer_so_the_next_ones_run_in_place(
     // Rows 0-3 of one buffer, 0-3 of the next; rows 2, 3 and the whole next buffer are queued.
     let slots = claimed(&batcher, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
     let rows: Vec<usize> = slots.iter().map(|(p, _)| *p).collect();
-    let mut slots: Vec<Slot> = slots.into_iter().map(|(_, s)| s).collect();
-    let queued: Vec<Slot> = slots.drain(2..).collect();
+    let mut slots: Vec<Ticket> = slots.into_iter().map(|(_, s)| s).collect();
+    let queued: Vec<Ticket> = slots.drain(2..).collect();
     let pending = submit_slots(&batcher, queued);
     assert_eq!(
         firsts(&answers(pending).await),

@@ -1,7 +1,7 @@
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::batcher::Priority;
+use crate::priority::Priority;
 
 const GOOD: &str = r#"
 [model]

@@ -2,13 +2,16 @@
 //! resolve the model ([`registry`]) → reserve queue places → preprocess (off the async runtime) →
 //! submit to the model's batcher → await → postprocess. Front ends translate wire ↔ these types and
 //! nothing else, so admission, batching, metrics and drain behave the same behind each of them.
+//!
+//! Admission is a value: only an [`Admitted`] call (from [`Pipeline::admit`]) can classify, so no
+//! front end can skip it. What a call learns (model, images, DICOM UIDs) goes into the call's audit
+//! facts, which the one call layer (`api::call`) records when the call ends.
 
 pub mod cache;
 pub mod registry;
 pub mod series;
 pub mod served;
 
-use crate::security::audit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::batcher::{BatchError, Priority, Reservation, Slot};
+use crate::batcher::{BatchError, Place, Reservation, Ticket};
 use crate::error::{ErrorKind, InferError};
 use crate::input::Encoding;
 use crate::input::InputError;
@@ -25,6 +28,8 @@ use crate::input::dicom::DicomIds;
 use crate::metrics::Stage;
 use crate::model::task::Classification;
 use crate::preprocess::DicomSource;
+use crate::priority::Priority;
+use crate::security::audit;
 use crate::state::{InflightGuard, Phase, ServingState};
 use crate::threads::ThreadCpu;
 pub use registry::Registry;
@@ -64,6 +69,9 @@ pub struct InferRequest {
     pub first_index: usize,
     /// When the caller stops waiting.
     pub deadline: Option<Instant>,
+    /// Also return each image as the model saw it, as a PNG ([`ImageResult::preview`]), made
+    /// from the same decode, within the same budgets.
+    pub preview: bool,
 }
 
 /// Where one image's time went.
@@ -89,6 +97,9 @@ pub struct ImageResult {
     pub warnings: Vec<String>,
     /// Answered from the model's result cache (the same input was classified before).
     pub from_cache: bool,
+    /// The image after colour conversion and resizing, before scaling, as a PNG (when the
+    /// request asked for previews).
+    pub preview: Option<Vec<u8>>,
 }
 
 /// Limits of the request path.
@@ -150,11 +161,15 @@ impl Pipeline {
         self.limits.max_images_per_request
     }
 
-    /// Lets a call in (counted until the guard drops) unless the server is warming up or draining.
-    pub fn admit(&self) -> Result<InflightGuard, InferError> {
-        let guard = self.state.inflight().enter();
+    /// Lets a call in (counted for the drain until the [`Admitted`] drops) unless the server is
+    /// warming up or draining.
+    pub fn admit(&self) -> Result<Admitted, InferError> {
+        let inflight = self.state.inflight().enter();
         match self.state.phase() {
-            Phase::Serving => Ok(guard),
+            Phase::Serving => Ok(Admitted {
+                pipeline: self.clone(),
+                _inflight: inflight,
+            }),
             Phase::Starting => Err(InferError::unavailable(
                 "the model is loading and warming up; retry shortly",
             )),
@@ -172,6 +187,23 @@ impl Pipeline {
         audit::note_model(&spec.config.name, &spec.version, &spec.sha256);
         Ok(resolved)
     }
+}
+
+/// A call the pipeline let in: the only way to classify. Counted for the drain while it lives.
+pub struct Admitted {
+    pipeline: Pipeline,
+    _inflight: InflightGuard,
+}
+
+impl Admitted {
+    /// [`Pipeline::resolve`].
+    pub fn resolve(&self, model: &str, version: &str) -> Result<Arc<ServedModel>, InferError> {
+        self.pipeline.resolve(model, version)
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
 
     /// Classifies the request's images with `model`; one result per image, in order. Answers
     /// DEADLINE_EXCEEDED at the request's deadline at the latest.
@@ -180,19 +212,58 @@ impl Pipeline {
         model: &Arc<ServedModel>,
         request: InferRequest,
     ) -> Result<Vec<ImageResult>, InferError> {
-        match request.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, self.run(model, request))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(InferError::deadline(
-                        "deadline exceeded before the images were classified",
-                    ))
-                }),
-            None => self.run(model, request).await,
-        }
+        within(
+            request.deadline,
+            "deadline exceeded before the images were classified",
+            self.pipeline.classify_through_cache(model, request),
+        )
+        .await
     }
+}
 
-    async fn run(
+/// `work`, answered DEADLINE_EXCEEDED (`what`) once `deadline` passes.
+async fn within<T>(
+    deadline: Option<Instant>,
+    what: &'static str,
+    work: impl Future<Output = Result<T, InferError>>,
+) -> Result<T, InferError> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| Err(InferError::deadline(what))),
+        None => work.await,
+    }
+}
+
+/// Refuses work whose images would decode to more than `limit` bytes (`what`: "the request's
+/// images", "the series"), before anything is reserved or decoded.
+fn check_decode_budget(total: u64, limit: u64, what: &str, advice: &str) -> Result<(), InferError> {
+    if total > limit {
+        return Err(InferError::new(
+            ErrorKind::ResourceExhausted,
+            format!(
+                "{what} would decode to {} MiB, over the limit of {} MiB per request; {advice}",
+                total.div_ceil(1 << 20),
+                limit >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `job` on the preprocessing (rayon) pool and awaits it, off the async runtime.
+async fn on_rayon<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(job());
+    });
+    rx.await.expect("a preprocessing job always answers")
+}
+
+impl Pipeline {
+    /// The images of a request: those the model's result cache holds are answered from it, the
+    /// rest reserved, decoded and run ([`Pipeline::reserve_and_classify`]).
+    async fn classify_through_cache(
         &self,
         model: &Arc<ServedModel>,
         request: InferRequest,
@@ -209,11 +280,12 @@ impl Pipeline {
             )));
         }
         let priority = request.priority.unwrap_or(model.settings.default_priority);
-        let (first, deadline) = (request.first_index, request.deadline);
-        let Some(cache) = &model.cache else {
+        let (first, deadline, preview) = (request.first_index, request.deadline, request.preview);
+        // A cached result has no preview: a request for previews decodes every image.
+        let Some(cache) = model.cache.as_ref().filter(|_| !preview) else {
             let indices: Vec<usize> = (first..first + n).collect();
             return self
-                .run_images(model, request.images, &indices, priority, deadline)
+                .reserve_and_classify(model, request.images, &indices, priority, deadline, preview)
                 .await;
         };
         // The result cache: hits answer at once; only the misses are decoded and queued.
@@ -226,13 +298,7 @@ impl Pipeline {
                 let keys: Vec<_> = images.iter().map(|i| cache.key(i)).collect();
                 (images, keys)
             };
-            if big {
-                tokio::task::spawn_blocking(hash)
-                    .await
-                    .expect("hashing never panics")
-            } else {
-                hash()
-            }
+            if big { on_rayon(hash).await } else { hash() }
         };
         let (images, keys) = keys;
         let mut results: Vec<Option<ImageResult>> = vec![None; n];
@@ -251,6 +317,7 @@ impl Pipeline {
                         dicom: hit.dicom,
                         warnings: hit.warnings,
                         from_cache: true,
+                        preview: None,
                     });
                 }
                 None => {
@@ -262,7 +329,7 @@ impl Pipeline {
         }
         if !misses.is_empty() {
             let fresh = self
-                .run_images(model, misses, &indices, priority, deadline)
+                .reserve_and_classify(model, misses, &indices, priority, deadline, false)
                 .await?;
             for (result, key) in fresh.into_iter().zip(miss_keys) {
                 cache.insert(
@@ -285,13 +352,14 @@ impl Pipeline {
 
     /// Reserves queue places, preprocesses and runs `images`; `indices` are their positions in
     /// the request (for results and errors).
-    async fn run_images(
+    async fn reserve_and_classify(
         &self,
         model: &Arc<ServedModel>,
         images: Vec<ImageInput>,
         indices: &[usize],
         priority: Priority,
         deadline: Option<Instant>,
+        preview: bool,
     ) -> Result<Vec<ImageResult>, InferError> {
         let n = images.len();
         // Queue places first: a full queue is refused before anything is decoded.
@@ -299,10 +367,10 @@ impl Pipeline {
         let span = self.span(model, n, priority);
         async {
             let prepared = self
-                .preprocess(model, images, indices, priority)
-                .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n))
+                .preprocess(model, images, indices, places, preview)
+                .instrument(tracing::debug_span!(parent: &span, "preprocess", images = n as i64))
                 .await?;
-            self.run_prepared(model, places, prepared, indices, deadline, &span)
+            self.submit_and_await(model, prepared, indices, deadline, &span)
                 .await
         }
         .instrument(span.clone())
@@ -312,38 +380,38 @@ impl Pipeline {
     fn span(&self, model: &ServedModel, images: usize, priority: Priority) -> tracing::Span {
         tracing::info_span!(
             "classify",
-            request = self.next_request.fetch_add(1, Ordering::Relaxed),
+            // Numbers as i64: OpenTelemetry exports an unsigned field as text.
+            request = self.next_request.fetch_add(1, Ordering::Relaxed) as i64,
             model = %model.spec.config.name,
             version = %model.spec.version,
-            images,
+            images = images as i64,
             priority = priority.as_str(),
         )
     }
 
     /// Submits preprocessed images to the model's batcher in the reserved places and awaits
     /// their results, in order.
-    async fn run_prepared(
+    async fn submit_and_await(
         &self,
         model: &Arc<ServedModel>,
-        places: Reservation,
         prepared: Vec<Prepared>,
         indices: &[usize],
         deadline: Option<Instant>,
         span: &tracing::Span,
     ) -> Result<Vec<ImageResult>, InferError> {
         let n = prepared.len();
-        let mut tensors = Vec::with_capacity(n);
+        let mut tickets = Vec::with_capacity(n);
         let mut sources = Vec::with_capacity(n);
         for prepared in prepared {
-            tensors.push(prepared.tensor);
-            sources.push((prepared.dicom, prepared.took));
+            tickets.push(prepared.ticket);
+            sources.push((prepared.dicom, prepared.took, prepared.preview));
         }
         let pending = model
             .batcher
-            .submit(places, tensors, deadline, span)
+            .submit(tickets, deadline, span)
             .map_err(|e| batch_error(e, indices[0]))?;
         let mut results = Vec::with_capacity(n);
-        for (offset, (rx, (dicom, took))) in pending.into_iter().zip(sources).enumerate() {
+        for (offset, (rx, (dicom, took, preview))) in pending.into_iter().zip(sources).enumerate() {
             let index = indices[offset];
             let output = rx
                 .await
@@ -369,6 +437,7 @@ impl Pipeline {
                     d.ids
                 }),
                 from_cache: false,
+                preview,
             });
         }
         model.metrics.images_done(results.len());
@@ -403,31 +472,12 @@ fn reserve(
         })
 }
 
-impl Pipeline {
-    /// The image as the model sees it (after colour conversion and resizing, before scaling), as
-    /// a PNG: what the upload page shows next to a result.
-    pub async fn preview(
-        &self,
-        model: &Arc<ServedModel>,
-        data: Vec<u8>,
-        encoding: Encoding,
-    ) -> Result<Vec<u8>, InferError> {
-        let model = model.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        rayon::spawn(move || {
-            let _ = tx.send(model.preprocessor.preview_png(&data, encoding));
-        });
-        rx.await
-            .expect("the preview job always answers")
-            .map_err(input_error)
-    }
-}
-
 /// One image, preprocessed into its row of a batch buffer.
 struct Prepared {
-    tensor: Slot,
+    ticket: Ticket,
     dicom: Option<DicomSource>,
     took: Duration,
+    preview: Option<Vec<u8>>,
 }
 
 /// The error for a rejected input: FAILED_PRECONDITION when the model does not accept it,
@@ -466,7 +516,8 @@ impl Pipeline {
         model: &Arc<ServedModel>,
         images: Vec<ImageInput>,
         indices: &[usize],
-        priority: Priority,
+        places: Reservation,
+        preview: bool,
     ) -> Result<Vec<Prepared>, InferError> {
         use futures_util::{StreamExt, TryStreamExt};
         let limits = model.preprocessor.input_limits();
@@ -497,25 +548,21 @@ impl Pipeline {
             sizes.push(size);
         }
         let total: u64 = sizes.iter().sum();
-        if total > self.limits.max_request_decode_bytes {
-            return Err(InferError::new(
-                ErrorKind::ResourceExhausted,
-                format!(
-                    "the request's images would decode to {} MiB, over the limit of {} MiB per \
-                     request; send fewer or smaller images per call",
-                    total.div_ceil(1 << 20),
-                    self.limits.max_request_decode_bytes >> 20
-                ),
-            ));
-        }
+        check_decode_budget(
+            total,
+            self.limits.max_request_decode_bytes,
+            "the request's images",
+            "send fewer or smaller images per call",
+        )?;
         // A small request (one PNG or JPEG slice) costs less to decode here than to hand to a
         // preprocessing thread and back; larger ones keep the async workers free for the network.
         // DICOM always takes the pool: its compressed transfer syntaxes (JPEG 2000, JPEG-LS) cost
         // far more per pixel than the decoded size suggests.
         let inline = !dicom && total <= self.limits.inline_decode_bytes;
         let parallel = rayon::current_num_threads().max(1);
-        futures_util::stream::iter(images.into_iter().zip(sizes).enumerate())
-            .map(|(offset, (image, size))| {
+        let places: Vec<Place> = places.into_places();
+        futures_util::stream::iter(images.into_iter().zip(sizes).zip(places).enumerate())
+            .map(|(offset, ((image, size), place))| {
                 let (model, decoding, large_lane) = (
                     model.clone(),
                     self.decoding.clone(),
@@ -526,9 +573,10 @@ impl Pipeline {
                     let (data, encoding) = match image {
                         ImageInput::Tensor(values) => {
                             return Ok(Prepared {
-                                tensor: model.batcher.slot_with(priority, &values),
+                                ticket: place.fill(&values),
                                 dicom: None,
                                 took: Duration::ZERO,
+                                preview: None,
                             });
                         }
                         ImageInput::Encoded { data, encoding } => (data, encoding),
@@ -545,38 +593,33 @@ impl Pipeline {
                     };
                     // The image's row of the batch buffer being filled, claimed just before it is
                     // preprocessed so that rows follow the order images reach the queue.
-                    let mut tensor = model.batcher.claim(priority);
+                    let mut ticket = place.claim();
                     let job = move || {
                         let started = std::time::Instant::now();
                         let cpu = ThreadCpu::sampled();
                         model.metrics.stage(Stage::DecodeWait, started - waiting);
-                        let result =
-                            model
-                                .preprocessor
-                                .preprocess(&data, encoding, tensor.as_mut_slice());
+                        let result = model.preprocessor.preprocess_with(
+                            &data,
+                            encoding,
+                            ticket.as_mut_slice(),
+                            preview,
+                        );
                         let (took, cpu) = (started.elapsed(), cpu.elapsed());
                         drop((room, lane));
-                        result.map(|dicom| {
+                        result.map(|(dicom, preview)| {
                             model.metrics.preprocess_duration(took.as_secs_f64());
                             if let Some(cpu) = cpu {
                                 model.metrics.preprocess_cpu(cpu);
                             }
                             Prepared {
-                                tensor,
+                                ticket,
                                 dicom,
                                 took,
+                                preview,
                             }
                         })
                     };
-                    let result = if inline {
-                        job()
-                    } else {
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        rayon::spawn(move || {
-                            let _ = tx.send(job());
-                        });
-                        rx.await.expect("the preprocessing job always answers")
-                    };
+                    let result = if inline { job() } else { on_rayon(job).await };
                     result.map_err(|e| input_error(e).for_image(indices[offset]))
                 }
             })

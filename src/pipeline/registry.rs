@@ -436,9 +436,10 @@ impl Registry {
                 ))
             });
         }
-        version
-            .parse::<u64>()
-            .ok()
+        // Digits only: `+1` or ` 1` name no version (u64's parser would take the sign).
+        Some(version)
+            .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
             .and_then(|v| slot.versions.get(&v).cloned())
             .ok_or_else(|| {
                 InferError::not_found(format!(

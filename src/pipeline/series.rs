@@ -10,14 +10,18 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{ImageResult, Pipeline, Prepared, input_error, reserve};
-use crate::batcher::Priority;
+use super::{
+    Admitted, ImageResult, Pipeline, Prepared, check_decode_budget, input_error, on_rayon, reserve,
+    within,
+};
+use crate::batcher::Place;
 use crate::error::{ErrorKind, InferError};
 use crate::input::Encoding;
 use crate::input::dicom::{self, DicomIds, Header};
 use crate::input::sequence::{self, Sequence};
 use crate::model::Aggregation;
 use crate::preprocess::DicomSource;
+use crate::priority::Priority;
 use crate::report::{self, ModelIdentity, SeriesFinding, SeriesReport, SliceFinding};
 use crate::threads::ThreadCpu;
 
@@ -78,25 +82,23 @@ const SAME_POSITION_MM: f64 = 0.01;
 /// A step this many times the median spacing is a gap.
 const GAP_FACTOR: f64 = 1.5;
 
-impl Pipeline {
+impl Admitted {
     /// Classifies one series; answers DEADLINE_EXCEEDED at the deadline at the latest.
     pub async fn classify_series(
         &self,
         model: &Arc<crate::pipeline::ServedModel>,
         request: SeriesRequest,
     ) -> Result<SeriesResult, InferError> {
-        match request.deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, self.run_series(model, request))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(InferError::deadline(
-                        "deadline exceeded before the series was classified",
-                    ))
-                }),
-            None => self.run_series(model, request).await,
-        }
+        within(
+            request.deadline,
+            "deadline exceeded before the series was classified",
+            self.pipeline.run_series(model, request),
+        )
+        .await
     }
+}
 
+impl Pipeline {
     async fn run_series(
         &self,
         model: &Arc<crate::pipeline::ServedModel>,
@@ -117,7 +119,7 @@ impl Pipeline {
         let instances = Arc::new(request.instances);
         let headers = {
             let (model, instances) = (model.clone(), instances.clone());
-            run_blocking(move || headers(&model, &instances)).await?
+            on_rayon(move || headers(&model, &instances)).await?
         };
         let first = &headers[0].0;
         for (i, (header, _)) in headers.iter().enumerate() {
@@ -156,17 +158,12 @@ impl Pipeline {
             .filter(|(_, needed)| **needed)
             .map(|((_, size), _)| size)
             .sum();
-        if total > self.limits.max_request_decode_bytes {
-            return Err(InferError::new(
-                ErrorKind::ResourceExhausted,
-                format!(
-                    "the series would decode to {} MiB, over the limit of {} MiB per request; \
-                     send fewer or smaller instances",
-                    total.div_ceil(1 << 20),
-                    self.limits.max_request_decode_bytes >> 20
-                ),
-            ));
-        }
+        check_decode_budget(
+            total,
+            self.limits.max_request_decode_bytes,
+            "the series",
+            "send fewer or smaller instances",
+        )?;
         let priority = request.priority.unwrap_or(model.settings.default_priority);
         let places = reserve(model, count, priority, request.deadline)?;
         let span = self.span(model, count, priority);
@@ -188,18 +185,19 @@ impl Pipeline {
                 .expect("the decoding budget is never closed");
             let (model, instances) = (model.clone(), instances.clone());
             let headers: Vec<Header> = headers.iter().map(|(h, _)| h.clone()).collect();
-            run_blocking(move || {
-                let result = prepare(&model, &instances, &headers, &needed, &wanted, priority);
+            let places = places.into_places();
+            on_rayon(move || {
+                let result = prepare(&model, &instances, &headers, &needed, &wanted, places);
                 drop(room);
                 result
             })
             .await
         }
-        .instrument(tracing::debug_span!(parent: &span, "preprocess", images = count))
+        .instrument(tracing::debug_span!(parent: &span, "preprocess", images = count as i64))
         .await?;
         let indices: Vec<usize> = (0..prepared.len()).collect();
         let results = self
-            .run_prepared(model, places, prepared, &indices, request.deadline, &span)
+            .submit_and_await(model, prepared, &indices, request.deadline, &span)
             .await?;
         for (slice, result) in slices[selected.clone()].iter_mut().zip(results) {
             slice.result = Some(result);
@@ -226,17 +224,6 @@ impl Pipeline {
             structured_report,
         })
     }
-}
-
-/// Runs `job` on the rayon pool and awaits it.
-async fn run_blocking<T: Send + 'static>(
-    job: impl FnOnce() -> Result<T, InferError> + Send + 'static,
-) -> Result<T, InferError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    rayon::spawn(move || {
-        let _ = tx.send(job());
-    });
-    rx.await.expect("the job always answers")
 }
 
 /// Every instance's header and decoded size.
@@ -393,7 +380,7 @@ fn prepare(
     headers: &[Header],
     needed: &[bool],
     wanted: &[(usize, Option<u32>)],
-    priority: crate::batcher::Priority,
+    places: Vec<Place>,
 ) -> Result<(Vec<Prepared>, Option<dicom::PatientContext>), InferError> {
     let limits = model.preprocessor.input_limits();
     let mut frames: Vec<Option<Vec<Option<dicom::Frame>>>> = vec![None; instances.len()];
@@ -412,7 +399,7 @@ fn prepare(
         cpu[i] = thread_cpu.elapsed().unwrap_or_default();
     }
     let mut prepared = Vec::with_capacity(wanted.len());
-    for &(i, frame) in wanted {
+    for (&(i, frame), place) in wanted.iter().zip(places) {
         let (started, thread_cpu) = (std::time::Instant::now(), ThreadCpu::start());
         let index = frame.map_or(0, |f| f as usize - 1);
         let decoded = frames[i]
@@ -420,10 +407,10 @@ fn prepare(
             .and_then(|f| f.get_mut(index))
             .and_then(Option::take)
             .expect("every wanted frame was decoded once");
-        let mut tensor = model.batcher.claim(priority);
+        let mut ticket = place.claim();
         model
             .preprocessor
-            .frame_into(decoded, &headers[i], tensor.as_mut_slice())
+            .frame_into(decoded, &headers[i], ticket.as_mut_slice())
             .map_err(|e| input_error(e).for_image(i))?;
         let share = headers[i].frames.max(1);
         let took = started.elapsed() + took[i] / share;
@@ -432,12 +419,13 @@ fn prepare(
             .metrics
             .preprocess_cpu(thread_cpu.elapsed().unwrap_or_default() + cpu[i] / share);
         prepared.push(Prepared {
-            tensor,
+            ticket,
             dicom: Some(DicomSource {
                 ids: headers[i].ids.clone(),
                 warnings: Vec::new(),
             }),
             took,
+            preview: None,
         });
     }
     Ok((prepared, context))

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use crate::backend::host::HostMemory;
 use crate::backend::{BackendFactory, BatchSizes, Device, InstanceFactory};
-use crate::batcher::{Batcher, BatcherConfig, Priority};
+use crate::batcher::{Batcher, BatcherConfig};
 use crate::input::InputLimits;
 use crate::metrics::{self, ModelMetrics};
 use crate::model::task::Classifier;
 use crate::model::{BatchingOverrides, ModelSpec};
 use crate::preprocess::Preprocessor;
+use crate::priority::Priority;
 
 /// Server-wide batching defaults (the command line's flags).
 #[derive(Debug, Clone)]

@@ -2,11 +2,11 @@
 //! written straight into the model's layout. Mirrors what training did with Pillow (filters, luma
 //! formula, rounding), which `tests/reference` checks across sizes, channels and formats.
 
+mod guard;
 pub mod resample;
 pub mod voi;
 
 use crate::input::dicom::{self, DicomIds};
-use crate::input::sequence;
 use crate::input::{self, Encoding, InputError, InputLimits, Pixels};
 use crate::model::{ColorMode, DicomOutput, InputSpec, Layout, ResizeFilter, Scaling};
 use resample::Filter;
@@ -71,14 +71,43 @@ impl Preprocessor {
         encoding: Encoding,
         out: &mut [f32],
     ) -> Result<Option<DicomSource>, InputError> {
+        self.preprocess_with(data, encoding, out, false)
+            .map(|(ids, _)| ids)
+    }
+
+    /// [`Preprocessor::preprocess`], and with `preview` also the image as the model sees it, as
+    /// a PNG ([`Preprocessor::preview_png`]), from the same decode: what the upload page shows
+    /// next to a result.
+    pub fn preprocess_with(
+        &self,
+        data: &[u8],
+        encoding: Encoding,
+        out: &mut [f32],
+        preview: bool,
+    ) -> Result<(Option<DicomSource>, Option<Vec<u8>>), InputError> {
         assert_eq!(
             out.len(),
             self.spec.image_len(),
             "output buffer has the wrong size: this is a bug"
         );
         let (plane, ids) = self.decode(data, encoding)?;
-        self.write_plane(plane, out);
-        Ok(ids)
+        let preview = match plane {
+            Plane::Bytes(pixels) => {
+                let pixels = self.resize(self.convert_color(pixels));
+                self.write_tensor(&pixels, out);
+                preview.then(|| png(&pixels)).transpose()?
+            }
+            Plane::Float {
+                width,
+                height,
+                data,
+            } => {
+                let levels = self.resize_levels(data, width, height);
+                self.write_levels(&levels, out);
+                preview.then(|| png(&self.rounded(&levels))).transpose()?
+            }
+        };
+        Ok((ids, preview))
     }
 
     /// Converts, resizes and scales decoded pixels into `out`.
@@ -175,7 +204,7 @@ impl Preprocessor {
     pub fn guard(&self, header: &dicom::Header) -> Result<Vec<String>, InputError> {
         match &self.spec.dicom_guard {
             None => Ok(Vec::new()),
-            Some(guard) => sequence::check(guard, header).map_err(InputError::NotAccepted),
+            Some(guard) => guard::check(guard, header).map_err(InputError::NotAccepted),
         }
     }
 
@@ -243,40 +272,26 @@ impl Preprocessor {
     pub fn preview_png(&self, data: &[u8], encoding: Encoding) -> Result<Vec<u8>, InputError> {
         let pixels = match self.decode(data, encoding)?.0 {
             Plane::Bytes(pixels) => self.resize(self.convert_color(pixels)),
-            // The preview of float levels: rounded to 8 bits after the float resize.
             Plane::Float {
                 width,
                 height,
                 data,
-            } => Pixels {
-                width: self.spec.width,
-                height: self.spec.height,
-                channels: 1,
-                data: self
-                    .resize_levels(data, width, height)
-                    .iter()
-                    .map(|v| v.round().clamp(0.0, 255.0) as u8)
-                    .collect(),
-            },
+            } => self.rounded(&self.resize_levels(data, width, height)),
         };
-        let color = if pixels.channels == 1 {
-            image::ExtendedColorType::L8
-        } else {
-            image::ExtendedColorType::Rgb8
-        };
-        let mut png = Vec::new();
-        image::ImageEncoder::write_image(
-            image::codecs::png::PngEncoder::new(&mut png),
-            &pixels.data,
-            pixels.width,
-            pixels.height,
-            color,
-        )
-        .map_err(|e| InputError::Decode {
-            format: "PNG",
-            message: format!("cannot encode the preview: {e}"),
-        })?;
-        Ok(png)
+        png(&pixels)
+    }
+
+    /// The preview of float levels: rounded to 8 bits after the float resize.
+    fn rounded(&self, levels: &[f32]) -> Pixels {
+        Pixels {
+            width: self.spec.width,
+            height: self.spec.height,
+            channels: 1,
+            data: levels
+                .iter()
+                .map(|v| v.round().clamp(0.0, 255.0) as u8)
+                .collect(),
+        }
     }
 
     /// A freshly allocated tensor for one image.
@@ -374,6 +389,28 @@ impl Preprocessor {
             }
         }
     }
+}
+
+/// Pixels as a PNG (gray or RGB).
+fn png(pixels: &Pixels) -> Result<Vec<u8>, InputError> {
+    let color = if pixels.channels == 1 {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
+    };
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        &pixels.data,
+        pixels.width,
+        pixels.height,
+        color,
+    )
+    .map_err(|e| InputError::Decode {
+        format: "PNG",
+        message: format!("cannot encode the preview: {e}"),
+    })?;
+    Ok(png)
 }
 
 #[cfg(test)]

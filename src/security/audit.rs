@@ -64,6 +64,8 @@ pub struct Facts {
     pub images: u64,
     pub dicom: Vec<DicomRef>,
     pub dicom_truncated: bool,
+    /// Why the call was refused, as logs may show it (never caller text): for the rejection log.
+    pub error: Option<String>,
 }
 
 /// The facts of the call being handled (shared with tasks the call spawns).
@@ -126,6 +128,14 @@ pub fn note_dicom(study: &str, series: &str, sop_instance: &str) {
     });
 }
 
+/// The call is refused for this reason (the first one noted stays). `message` is the error's
+/// log form: it never quotes the caller.
+pub fn note_error(message: &str) {
+    with(|facts| {
+        facts.error.get_or_insert_with(|| message.to_string());
+    });
+}
+
 /// One record, as written.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
@@ -136,7 +146,8 @@ pub struct Record<'a> {
     pub auth: &'static str,
     pub peer: Option<String>,
     pub front_end: &'static str,
-    /// `package.Service/Method` for gRPC, `METHOD /route` for REST.
+    /// `package.Service/Method` for gRPC, `METHOD /route/{template}` for the HTTP API: a declared
+    /// route, never the path as sent.
     pub method: &'a str,
     pub model: Option<&'a ModelRef>,
     pub images: u64,

@@ -57,44 +57,6 @@ impl FrontEnd {
     }
 }
 
-/// The scope a request needs; `None`: open to everyone (health, the upload page itself).
-pub fn required_scope(front: FrontEnd, path: &str, open_reflection: bool) -> Option<Scope> {
-    match front {
-        FrontEnd::Grpc => {
-            let (service, method) = path
-                .trim_start_matches('/')
-                .split_once('/')
-                .unwrap_or(("", ""));
-            match service {
-                "grpc.health.v1.Health" => None,
-                "grpc.reflection.v1.ServerReflection"
-                | "grpc.reflection.v1alpha.ServerReflection"
-                    if open_reflection =>
-                {
-                    None
-                }
-                "inference.GRPCInferenceService" => match method {
-                    "ServerLive" | "ServerReady" => None,
-                    "ModelInfer" | "ModelStreamInfer" => Some(Scope::Infer),
-                    m if m.starts_with("Repository") => Some(Scope::Admin),
-                    _ => Some(Scope::Read),
-                },
-                "brainai.v1.TumorClassifier" if method.starts_with("Classify") => {
-                    Some(Scope::Infer)
-                }
-                _ => Some(Scope::Read),
-            }
-        }
-        FrontEnd::Rest => match path {
-            "/" | "/v2/health/live" | "/v2/health/ready" => None,
-            "/v1/classify" => Some(Scope::Infer),
-            p if p.starts_with("/v2/repository") => Some(Scope::Admin),
-            p if p.starts_with("/v2/models/") && p.ends_with("/infer") => Some(Scope::Infer),
-            _ => Some(Scope::Read),
-        },
-    }
-}
-
 /// A caller as configured (the token only as its digest).
 #[derive(Clone)]
 struct Caller {
@@ -573,68 +535,6 @@ scopes = ["infer"]
             Access::new(Some(path), false, false)
                 .unwrap_err()
                 .contains("shares")
-        );
-    }
-
-    #[test]
-    fn scopes_of_methods() {
-        use FrontEnd::*;
-        assert_eq!(
-            required_scope(Grpc, "/grpc.health.v1.Health/Check", false),
-            None
-        );
-        assert_eq!(
-            required_scope(
-                Grpc,
-                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                false
-            ),
-            Some(Scope::Read)
-        );
-        assert_eq!(
-            required_scope(
-                Grpc,
-                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                true
-            ),
-            None
-        );
-        assert_eq!(
-            required_scope(Grpc, "/brainai.v1.TumorClassifier/ClassifySeries", false),
-            Some(Scope::Infer)
-        );
-        assert_eq!(
-            required_scope(Grpc, "/brainai.v1.TumorClassifier/ListModels", false),
-            Some(Scope::Read)
-        );
-        assert_eq!(
-            required_scope(Grpc, "/inference.GRPCInferenceService/ModelInfer", false),
-            Some(Scope::Infer)
-        );
-        assert_eq!(
-            required_scope(
-                Grpc,
-                "/inference.GRPCInferenceService/RepositoryModelLoad",
-                false
-            ),
-            Some(Scope::Admin)
-        );
-        assert_eq!(
-            required_scope(Grpc, "/inference.GRPCInferenceService/ServerLive", false),
-            None
-        );
-        assert_eq!(required_scope(Rest, "/", false), None);
-        assert_eq!(
-            required_scope(Rest, "/v1/classify", false),
-            Some(Scope::Infer)
-        );
-        assert_eq!(
-            required_scope(Rest, "/v2/models/m/versions/1/infer", false),
-            Some(Scope::Infer)
-        );
-        assert_eq!(
-            required_scope(Rest, "/v2/models/m", false),
-            Some(Scope::Read)
         );
     }
 }

@@ -1,13 +1,12 @@
 //! Transport security and access, one mechanism for every front end: [`tls`] (TLS and mutual TLS
 //! on the gRPC and HTTP API listeners, reloaded when the files change), [`auth`] (bearer tokens
-//! and client certificates, scopes per method), [`audit`] (one JSON line per call) and
-//! [`layer`] (the tower layer that applies them to the gRPC services and the REST router alike).
+//! and client certificates, scopes per method) and [`audit`] (one JSON line per call); the call
+//! layer (`api::call`) applies them to every route of the gRPC port and the HTTP API alike.
 //! The metrics port and the optional health-only port stay plaintext: they carry no patient data
 //! and Kubernetes' probes cannot speak TLS to a gRPC port.
 
 pub mod audit;
 pub mod auth;
-pub mod layer;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -15,8 +14,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-
-pub use layer::SecurityLayer;
 
 /// The security flags of `brainai serve`.
 #[derive(Debug, Clone, Default, Args)]
@@ -52,6 +49,12 @@ pub struct SecurityArgs {
     /// Audit trail: a file to append one JSON line per call to, or `-` for standard output.
     #[arg(long, env = "BRAINAI_AUDIT_LOG")]
     pub audit_log: Option<String>,
+
+    /// Origins (`https://viewer.example:8443`) besides the server's own whose web pages may call
+    /// the HTTP API from a browser (comma-separated). Browser requests from any other site are
+    /// refused 403 (cross-site request forgery); clients that are not browsers are not affected.
+    #[arg(long, env = "BRAINAI_HTTP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub http_allowed_origins: Vec<String>,
 
     /// Refuse calls (UNAVAILABLE) while audit records cannot be written, instead of serving on
     /// and counting the failures.

@@ -4,8 +4,9 @@
 #      (npm ci from tests/browser/package-lock.json) into tests/browser/node_modules;
 #   2. the release binary on free loopback ports with the tiny test model;
 #   3. `brainai classify --json` of the test images: the gRPC API's answers;
-#   4. tests/browser/upload.test.mjs loads GET / in chromium, uploads the images, compares what the
-#      page shows with those answers; screenshots in target/browser/.
+#   4. tests/browser/upload.test.mjs loads GET / in chromium (under its Content-Security-Policy),
+#      uploads the images, compares what the page shows with those answers, then many files with a
+#      bad one among them; screenshots in target/browser/.
 # Exit status non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -60,6 +61,12 @@ IMAGES=()
 for f in flair_256_a.png flair_512_a.jpg flair_300x220.png flair_256_tumor.png; do IMAGES+=("$PWD/tests/data/$f"); done
 "$BIN" classify --json --server "http://127.0.0.1:$GRPC" "${IMAGES[@]}" >"$OUT/expected.json"
 
+# Many files, one bad among them: copies of the first image, and many_05.png that is no image.
+MANY=$OUT/many
+rm -rf "$MANY" && mkdir -p "$MANY"
+for i in $(seq -w 0 12); do cp "${IMAGES[0]}" "$MANY/many_$i.png"; done
+cp tests/data/bad/not_an_image.bin "$MANY/many_05.png"
+
 BRAINAI_URL=http://127.0.0.1:$HTTP BRAINAI_EXPECTED=$OUT/expected.json \
-BRAINAI_BAD=$PWD/tests/data/bad/not_an_image.bin CHROMIUM=$CHROMIUM SCREENSHOTS=$OUT \
+BRAINAI_BAD=$PWD/tests/data/bad/not_an_image.bin BRAINAI_MANY=$PWD/$MANY CHROMIUM=$CHROMIUM SCREENSHOTS=$OUT \
     timeout 300 node tests/browser/upload.test.mjs

@@ -13,8 +13,11 @@ Scenarios (the hostile-input battery itself is tests/bad_input.rs):
   sigterm      unary load and open ClassifyStreams, SIGTERM in the middle. Targets: exit 0 within
                the drain timeout + 1 s; no accepted call lost (each call either succeeded or was
                refused up front).
-  age          --max-connection-age-s 2 under load. Target: no failed call (grpc-go's own
-               draining race, grpc/grpc-go#2767, at most once per aged connection).
+  age          --max-connection-age-s 2 under load, from ghz (grpc-go without a retry policy) and
+               then from tests/resilience/retryclient (grpc-go with a retryPolicy for UNAVAILABLE,
+               as deployments configure it). Targets: ghz fails no call except by grpc-go's own
+               draining race (grpc/grpc-go#2767: counted and reported, never reaching the server:
+               the server answered exactly ghz's successes); the retrying client fails none.
   idle         2,000 idle TCP connections to the gRPC port, then a new client. Target: answered
                within 100 ms; /metrics still answers.
   slow         500 half-sent HTTP requests to the metrics port and 500 half-opened HTTP/2
@@ -283,38 +286,85 @@ def scenario_sigterm(a, work: Path) -> dict:
     return fig
 
 
+def metric_sum(text: str, name: str, *labels: str) -> float:
+    """Sum of the samples of `name` whose labels include all of `labels`."""
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith(name + "{") and all(lab in l for lab in labels))
+
+
+def retry_client() -> str:
+    """Builds tests/resilience/retryclient (grpc-go with a retry policy, pinned in its go.mod)."""
+    out = ROOT / "target/resilience/retryclient"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["go", "build", "-buildvcs=false", "-o", str(out), "."],
+                   cwd=ROOT / "tests/resilience/retryclient", check=True)
+    return str(out)
+
+
 def scenario_age(a, work: Path) -> dict:
     print("\n== age: connections reaching --max-connection-age-s 2 under load", flush=True)
     server = Server(TINY, "--max-connection-age-s", "2", "--connection-grace-s", "5",
                     "--intra-op-threads", "1", log=work / "age.log")
     seconds = 8 if a.short else 30
+
+    def served() -> float:
+        """Classify calls the server answered (any status)."""
+        return metric_sum(server.metrics(), "brainai_requests_total", 'rpc="Classify"')
+
+    def aged() -> float:
+        return metric_sum(server.metrics(), "brainai_connections_closed_total", 'reason="age"',
+                          'listener="grpc"')
+
+    # 1. ghz: grpc-go without a retry policy, as a raw count of what such a client sees.
+    served_before = served()
     rep = ghz(server.host, work / "age.json", classify_request(["flair_256_a.png"]), "--concurrency", "16",
               "--duration", f"{seconds}s", "--timeout", "20s", "--duration-stop", "wait")
-    metrics = server.metrics()
-    aged = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
-               if l.startswith("brainai_connections_closed_total") and 'reason="age"' in l
-               and 'listener="grpc"' in l)
+    ghz_served = served() - served_before
+    ghz_aged = aged()
+    # 2. grpc-go with the retry policy deployments configure (UNAVAILABLE retried with backoff).
+    served_before = served()
+    retry = json.loads(subprocess.run(
+        [retry_client(), "-addr", server.host, "-image", str(ROOT / "tests/data/flair_256_a.png"),
+         "-duration", f"{seconds}s", "-concurrency", "16", "-timeout", "20s"],
+        check=True, capture_output=True, text=True).stdout)
+    retry_served = served() - served_before
+    retry_aged = aged() - ghz_aged
     code, _ = server.stop()
+
     counts = statuses(rep)
-    failed = sum(v for k, v in counts.items() if k != "OK")
     errors: dict[str, int] = {}
     for d in rep.get("details", []):
         if d["status"] != "OK" and not client_cut(d):
             key = f"{d['status']}: {(d.get('error') or '')[:160]}"
             errors[key] = errors.get(key, 0) + 1
-    # grpc-go's own race between picking a connection and that connection's GOAWAY: a call it
-    # starts on a connection it has just seen draining fails "the connection is draining" without
-    # reaching the server (grpc/grpc-go#2767: "still technically possible ... extremely unlikely").
-    # Seen once in 22,000 calls; allowed at most once per aged connection, and counted.
+    # grpc-go's race between starting a stream and that connection's GOAWAY (grpc/grpc-go#2767):
+    # a stream whose headers grpc-go had not yet written when it read the server's first GOAWAY is
+    # failed by grpc-go itself, UNAVAILABLE "the connection is draining", without a byte of it
+    # reaching the server, so no server can prevent it (the server already sends the two-step
+    # GOAWAY of RFC 9113 section 6.8 and serves every stream opened before the client saw it).
+    # How many a run sees depends on the machine's load, so their number is reported, not bounded.
+    # What is checked exactly: they are the only failures, and none reached the server (it
+    # answered exactly the calls ghz saw succeed); and a client with a retry policy fails none.
     draining = sum(1 for d in rep.get("details", []) if d["status"] == "Unavailable"
                    and (d.get("error") or "").endswith("the connection is draining"))
+    failed = sum(v for k, v in counts.items() if k != "OK")
+    ok = counts.get("OK", 0)
     fig = {"calls": sum(counts.values()), "statuses": counts, "errors": errors,
-           "connections_aged_out": aged, "client_draining_races": draining}
+           "connections_aged_out": ghz_aged, "client_draining_races": draining,
+           "server_answered": ghz_served, "retrying_client": retry,
+           "retrying_client_server_answered": retry_served, "retrying_client_connections_aged_out": retry_aged}
     if errors:
-        print(f"  failed calls: {errors}", flush=True)
-    check("age", f"{sum(counts.values())} calls, {aged:.0f} connections sent away for their age, "
-          f"{failed - draining} failed (and {draining} refused by grpc-go's draining race)",
-          failed - draining == 0 and draining <= aged and aged >= 2)
+        print(f"  ghz failed calls: {errors}", flush=True)
+    print(f"  retrying client: {retry}", flush=True)
+    check("age", f"ghz (no retry policy): {sum(counts.values())} calls, {ghz_aged:.0f} connections sent away "
+                 f"for their age, {failed - draining} failed; {draining} refused by grpc-go's draining race "
+                 f"(client-side, reported), none of which reached the server ({ghz_served:.0f} answered, {ok} OK)",
+          failed == draining and ghz_served == ok and ghz_aged >= 2)
+    check("age", f"grpc-go with a retry policy: {retry['calls']} calls, {retry_aged:.0f} connections aged out, "
+                 f"{retry['calls'] - retry['ok']} failed ({retry['policy_retries']} retried by the policy, "
+                 f"{retry['transparent_retries']} transparently)",
+          retry["ok"] == retry["calls"] > 0 and not retry["failed"] and retry_served == retry["ok"]
+          and retry_aged >= 2)
     check("age", "exit 0 after SIGTERM", code == 0)
     return fig
 
@@ -364,7 +414,7 @@ def scenario_slow(a, work: Path) -> dict:
     raise_fd_limit(4096)
     timeout = 2
     server = Server(TINY, "--intra-op-threads", "1", "--header-read-timeout-s", str(timeout),
-                    "--first-request-timeout-s", str(timeout), "--max-http-connections", "1024",
+                    "--first-request-timeout-s", str(timeout), "--max-metrics-connections", "1024",
                     log=work / "slow.log")
     n = 200 if a.short else 500
     http1, h2 = [], []

@@ -1,5 +1,6 @@
 //! `inference.GRPCInferenceService` (the Open Inference Protocol over gRPC): protobuf ↔ the OIP
-//! types of [`super`], and nothing else. Errors are the same `Status`es as `brainai.v1`.
+//! types of [`super`], and nothing else. Its routes are declared here ([`ROUTES`]). Errors are the
+//! same `Status`es as `brainai.v1`.
 
 use std::collections::HashMap;
 
@@ -7,11 +8,57 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{InputTensor, OipRequest, OipResponse, Param, RequestedOutput, TensorData};
-use crate::api::grpc::{priority, request_deadline};
-use crate::error::{self, InferError};
+use crate::api::grpc::request_deadline;
+use crate::api::routes::{Protection, Route};
+use crate::error::InferError;
 use crate::kserve_pb as pb;
-use crate::metrics;
 use crate::pipeline::Pipeline;
+use crate::security::auth::Scope;
+
+/// The methods of `inference.GRPCInferenceService`: liveness and readiness of the server are open
+/// (probes), inference needs `infer`, the repository extension `admin`, the rest `read`.
+pub const ROUTES: &[Route] = &[
+    Route::new(
+        "/inference.GRPCInferenceService/ServerLive",
+        "ServerLive",
+        Protection::Open,
+    ),
+    Route::new(
+        "/inference.GRPCInferenceService/ServerReady",
+        "ServerReady",
+        Protection::Open,
+    ),
+    Route::new(
+        "/inference.GRPCInferenceService/ModelReady",
+        "ModelReady",
+        Protection::Scope(Scope::Read),
+    ),
+    Route::new(
+        "/inference.GRPCInferenceService/ServerMetadata",
+        "ServerMetadata",
+        Protection::Scope(Scope::Read),
+    ),
+    Route::new(
+        "/inference.GRPCInferenceService/ModelMetadata",
+        "ModelMetadata",
+        Protection::Scope(Scope::Read),
+    ),
+    Route::new(
+        "/inference.GRPCInferenceService/ModelInfer",
+        "ModelInfer",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
+        "/inference.GRPCInferenceService/RepositoryModelLoad",
+        "RepositoryModelLoad",
+        Protection::Scope(Scope::Admin),
+    ),
+    Route::new(
+        "/inference.GRPCInferenceService/RepositoryModelUnload",
+        "RepositoryModelUnload",
+        Protection::Scope(Scope::Admin),
+    ),
+];
 
 /// The service; cheap to clone.
 #[derive(Clone)]
@@ -110,10 +157,7 @@ pub(crate) fn decode(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let priority = match int_param(&request.parameters, "priority")? {
-        None => None,
-        Some(p) => priority(p as i32)?,
-    };
+    let priority = super::priority(int_param(&request.parameters, "priority")?)?;
     Ok(OipRequest {
         model: request.model_name,
         version: request.model_version,
@@ -229,40 +273,13 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let started = Instant::now();
         let deadline = request_deadline(&request);
+        let call = self.pipeline.admit()?;
         let request = request.into_inner();
         let raw = !request.raw_input_contents.is_empty();
-        let result = match decode(request, deadline, self.pipeline.max_images_per_request()) {
-            Ok(request) => super::infer(&self.pipeline, request).await,
-            Err(e) => Err((None, e)),
-        };
-        let (model, outcome) = match &result {
-            Ok(r) => (Some(r.model.clone()), error::OK),
-            Err((model, e)) => (model.clone(), e.kind.as_str()),
-        };
-        let (name, version) = model.as_deref().map_or(("", ""), |m| {
-            (m.spec.config.name.as_str(), m.spec.version.as_str())
-        });
-        metrics::request_done(
-            "ModelInfer",
-            outcome,
-            name,
-            version,
-            started.elapsed().as_secs_f64(),
-        );
-        match result {
-            Ok(response) => Ok(Response::new(encode(response, raw))),
-            Err((_, e)) => {
-                tracing::debug!(
-                    rpc = "ModelInfer",
-                    code = outcome,
-                    error = e.log_message(),
-                    "request rejected"
-                );
-                Err(e.into())
-            }
-        }
+        let request = decode(request, deadline, self.pipeline.max_images_per_request())?;
+        let response = super::infer(&call, request).await?;
+        Ok(Response::new(encode(response, raw)))
     }
 
     async fn repository_model_load(

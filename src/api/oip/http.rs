@@ -10,17 +10,17 @@
 //!   (`parameters.binary_data` on an output, or `binary_data_output` on the request).
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
-use tokio::time::Instant;
 
-use super::{InputTensor, OipRequest, OipResponse, Param, RequestedOutput, TensorData};
-use crate::api::rest::{ApiError, Body, Rest};
-use crate::error::{self, InferError};
-use crate::metrics;
+use super::{
+    InputTensor, MAX_DIMS, MAX_TENSORS, OipRequest, OipResponse, Param, RequestedOutput, TensorData,
+};
+use crate::api::web::{Answer, LimitedBody, Rest};
+use crate::error::InferError;
 
 /// Header of the binary-data extension: how many leading bytes of the body are JSON.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -74,19 +74,16 @@ fn model_and_version(path: &[(String, String)]) -> (String, String) {
     (get("model"), get("version"))
 }
 
-pub async fn model_metadata(State(rest): State<Rest>, Path(path): ModelPath) -> Response {
+pub async fn model_metadata(State(rest): State<Rest>, Path(path): ModelPath) -> Answer {
     let (name, version) = model_and_version(&path);
-    let model = match rest.pipeline.resolve(&name, &version) {
-        Ok(model) => model,
-        Err(e) => return ApiError(e).into_response(),
-    };
+    let model = rest.pipeline.resolve(&name, &version)?;
     let (inputs, outputs) = super::tensors(&model);
     let tensors = |list: Vec<(String, &str, Vec<i64>)>| {
         list.into_iter()
             .map(|(name, datatype, shape)| json!({"name": name, "datatype": datatype, "shape": shape}))
             .collect::<Vec<_>>()
     };
-    axum::Json(json!({
+    Ok(axum::Json(json!({
         "name": model.spec.config.name,
         "versions": super::versions(&rest.pipeline, &model),
         "platform": super::PLATFORM,
@@ -94,62 +91,71 @@ pub async fn model_metadata(State(rest): State<Rest>, Path(path): ModelPath) -> 
         "outputs": tensors(outputs),
         "parameters": params_json(super::parameters(&model)),
     }))
-    .into_response()
+    .into_response())
 }
 
-pub async fn model_ready(State(rest): State<Rest>, Path(path): ModelPath) -> Response {
+pub async fn model_ready(State(rest): State<Rest>, Path(path): ModelPath) -> Answer {
     let (name, version) = model_and_version(&path);
-    match rest.pipeline.resolve(&name, &version) {
-        Ok(_) if rest.pipeline.state().get().server_ready() => StatusCode::OK.into_response(),
-        Ok(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
-        Err(e) => ApiError(e).into_response(),
+    rest.pipeline.resolve(&name, &version)?;
+    Ok(if rest.pipeline.state().get().server_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     }
+    .into_response())
 }
 
 pub async fn infer(
     State(rest): State<Rest>,
     Path(path): ModelPath,
     headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let started = Instant::now();
+    LimitedBody(body): LimitedBody,
+) -> Answer {
+    let call = rest.pipeline.admit()?;
     let (name, version) = model_and_version(&path);
-    let decoded = match body.0 {
-        Ok(bytes) => decode(
-            &name,
-            &version,
-            &headers,
-            &bytes,
-            rest.pipeline.max_images_per_request(),
-        ),
-        Err(too_large) => return too_large,
-    };
-    let (binary_all, result) = match decoded {
-        Ok((request, binary_all)) => (binary_all, super::infer(&rest.pipeline, request).await),
-        Err(e) => (false, Err((None, e))),
-    };
-    let (model, outcome) = match &result {
-        Ok(r) => (Some(r.model.clone()), error::OK),
-        Err((model, e)) => (model.clone(), e.kind.as_str()),
-    };
-    let (model_name, model_version) = model.as_deref().map_or(("", ""), |m| {
-        (m.spec.config.name.as_str(), m.spec.version.as_str())
-    });
-    metrics::request_done(
-        "v2.infer",
-        outcome,
-        model_name,
-        model_version,
-        started.elapsed().as_secs_f64(),
-    );
-    match result {
-        Ok(response) => encode(response, binary_all),
-        Err((_, e)) => ApiError(e).into_response(),
-    }
+    let (request, binary_all) = decode(
+        &name,
+        &version,
+        &headers,
+        &body,
+        rest.pipeline.max_images_per_request(),
+    )?;
+    let response = super::infer(&call, request).await?;
+    Ok(encode(response, binary_all))
 }
 
 fn invalid(message: impl Into<String>) -> InferError {
     InferError::invalid(message)
+}
+
+/// The body is JSON (or JSON and binary tensors): sent as `application/json`,
+/// `application/octet-stream` or with no type (tritonclient sends none). The content types a web
+/// page may send to another site without asking first (`text/plain`, forms) are refused: no
+/// other site's page can make a browser post an inference request here.
+fn check_content_type(headers: &HeaderMap) -> Result<(), InferError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if matches!(
+        essence.as_str(),
+        "application/json" | "application/octet-stream"
+    ) {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "Content-Type {}: send the inference request as application/json (or \
+         application/octet-stream with {HEADER_LENGTH})",
+        crate::error::echo(&essence)
+    ))
+    .quoting_caller())
 }
 
 /// A v2 inference request as JSON. `data` is kept as raw JSON text and read straight into the
@@ -284,7 +290,7 @@ fn flat<T: FlatElement>(raw: &serde_json::value::RawValue, max: usize) -> Result
     let mut d = serde_json::Deserializer::from_str(raw.get());
     Flat { out: &mut out, max }
         .deserialize(&mut d)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::error::bounded_quotes(&e.to_string()))?;
     Ok(out)
 }
 
@@ -297,6 +303,7 @@ pub(crate) fn decode(
     body: &[u8],
     max_images: usize,
 ) -> Result<(OipRequest, bool), InferError> {
+    check_content_type(headers)?;
     let json_len = match headers.get(HEADER_LENGTH) {
         Some(v) => v
             .to_str()
@@ -315,8 +322,10 @@ pub(crate) fn decode(
     let doc: JsonRequest = serde_json::from_slice(json_part).map_err(|e| {
         invalid(format!(
             "the request is not valid JSON for an inference request (a JSON object with \
-             `inputs`): {e}"
+             `inputs`): {}",
+            crate::error::bounded_quotes(&e.to_string())
         ))
+        .quoting_caller()
     })?;
     let params = doc.parameters.as_ref();
     let int = |p: Option<&Map<String, Value>>, k: &str| -> Result<Option<i64>, InferError> {
@@ -335,10 +344,10 @@ pub(crate) fn decode(
     let json_inputs = doc
         .inputs
         .ok_or_else(|| invalid("the request has no `inputs` array"))?;
-    if json_inputs.len() > super::super::prescan::MAX_TENSORS {
+    if json_inputs.len() > MAX_TENSORS {
         return Err(invalid(format!(
             "a request has at most {} inputs (this server takes one)",
-            super::super::prescan::MAX_TENSORS
+            MAX_TENSORS
         )));
     }
     let mut inputs = Vec::new();
@@ -346,10 +355,10 @@ pub(crate) fn decode(
         let shape = input
             .shape
             .ok_or_else(|| invalid(format!("input {i} has no `shape`")))?;
-        if shape.len() > super::super::prescan::MAX_DIMS {
+        if shape.len() > MAX_DIMS {
             return Err(invalid(format!(
                 "input {i}: a shape has at most {} dimensions",
-                super::super::prescan::MAX_DIMS
+                MAX_DIMS
             )));
         }
         let input_params = input.parameters.as_ref();
@@ -405,10 +414,10 @@ pub(crate) fn decode(
         )));
     }
     let json_outputs = doc.outputs.unwrap_or_default();
-    if json_outputs.len() > super::super::prescan::MAX_TENSORS {
+    if json_outputs.len() > MAX_TENSORS {
         return Err(invalid(format!(
             "a request has at most {} outputs",
-            super::super::prescan::MAX_TENSORS
+            MAX_TENSORS
         )));
     }
     let mut outputs = Vec::new();
@@ -422,10 +431,7 @@ pub(crate) fn decode(
             binary: flag(out_params, "binary_data").unwrap_or(binary_all),
         });
     }
-    let priority = match int(params, "priority")? {
-        None => None,
-        Some(p) => crate::api::grpc::priority(p as i32)?,
-    };
+    let priority = super::priority(int(params, "priority")?)?;
     Ok((
         OipRequest {
             model: model.to_string(),

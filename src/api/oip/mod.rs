@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::batcher::Priority;
-use crate::error::InferError;
+use crate::error::{InferError, echo};
 use crate::input::Encoding;
 use crate::model::{Layout, ModelConfig};
-use crate::pipeline::{ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
+use crate::pipeline::{Admitted, ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
+use crate::priority::Priority;
 
 /// Name of the `BYTES` input of encoded images.
 pub const IMAGE_INPUT: &str = "IMAGE";
@@ -31,6 +31,30 @@ pub const LABEL: &str = "label";
 pub const PLATFORM: &str = "onnxruntime_onnx";
 /// Protocol extensions this server implements (server metadata).
 pub const EXTENSIONS: [&str; 2] = ["classification", "binary_tensor_data"];
+
+/// Most inputs, outputs or raw contents in one request (the server takes one input and has two
+/// outputs; the cap only has to keep decoding bounded). The gRPC pre-scan applies it before
+/// protobuf decoding, the HTTP decoder while reading the JSON.
+pub const MAX_TENSORS: usize = 16;
+/// Most dimensions of a tensor shape.
+pub const MAX_DIMS: usize = 8;
+/// Most entries of one parameters map.
+pub const MAX_PARAMETERS: usize = 64;
+
+/// The `priority` request parameter: 0 (or absent) the model's default, 1 STAT, 2 ROUTINE — the
+/// values of `brainai.v1.Priority`. Anything else is refused whole, never truncated (a value that
+/// wrapped into range would ride the wrong queue).
+pub fn priority(value: Option<i64>) -> Result<Option<Priority>, InferError> {
+    match value {
+        None | Some(0) => Ok(None),
+        Some(1) => Ok(Some(Priority::Stat)),
+        Some(2) => Ok(Some(Priority::Routine)),
+        Some(other) => Err(InferError::invalid(format!(
+            "parameter priority is {other}: use 0 (the model's default), 1 (stat) or 2 (routine)"
+        ))
+        .quoting_caller()),
+    }
+}
 
 /// The data of one tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,26 +196,19 @@ pub fn versions(pipeline: &Pipeline, model: &ServedModel) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Runs an inference request through the pipeline. The model is returned with the error when it
-/// was resolved (for the call's metrics).
-pub async fn infer(
-    pipeline: &Pipeline,
-    request: OipRequest,
-) -> Result<OipResponse, (Option<Arc<ServedModel>>, InferError)> {
-    let _guard = pipeline.admit().map_err(|e| (None, e))?;
-    let model = pipeline
-        .resolve(&request.model, &request.version)
-        .map_err(|e| (None, e))?;
-    let fail = |e| (Some(model.clone()), e);
-    let images = images(&model.spec.config, request.inputs).map_err(fail)?;
-    check_outputs(&model.spec.config, &request.outputs).map_err(fail)?;
+/// Runs an inference request of an admitted call through the pipeline.
+pub async fn infer(call: &Admitted, request: OipRequest) -> Result<OipResponse, InferError> {
+    let model = call.resolve(&request.model, &request.version)?;
+    let images = images(&model.spec.config, request.inputs)?;
+    check_outputs(&model.spec.config, &request.outputs)?;
     let infer = InferRequest {
         images,
         priority: request.priority,
         first_index: 0,
         deadline: request.deadline,
+        preview: false,
     };
-    let results = pipeline.classify(&model, infer).await.map_err(fail)?;
+    let results = call.classify(&model, infer).await?;
     let outputs = outputs(&model, &results, &request.outputs);
     Ok(OipResponse {
         model,
@@ -212,8 +229,23 @@ pub(crate) fn images(
             inputs.len()
         ))
     })?;
-    let name = crate::error::echo(&input.name);
-    let datatype = crate::error::echo(&input.datatype);
+    let name = echo(&input.name);
+    let datatype = echo(&input.datatype);
+    // The name says which input this is, as Triton checks it: the encoded images, or the model's
+    // own tensor.
+    let expected = match input.data {
+        Some(TensorData::Bytes(_)) => IMAGE_INPUT,
+        Some(TensorData::Fp32(_)) => config.input.tensor_name.as_str(),
+        None => "",
+    };
+    if !expected.is_empty() && input.name != expected {
+        return Err(InferError::invalid(format!(
+            "input {name} is not an input of model {}: send the encoded images as \
+             {IMAGE_INPUT} (BYTES) or the model's tensor as {} (FP32)",
+            config.name, config.input.tensor_name
+        ))
+        .quoting_caller());
+    }
     // Checked: a product that wrapped could equal the number of values sent (fuzzing found the
     // overflow; in a release build it would have wrapped silently).
     let count = input
@@ -297,7 +329,14 @@ pub(crate) fn check_outputs(
     config: &ModelConfig,
     requested: &[RequestedOutput],
 ) -> Result<(), InferError> {
-    for output in requested {
+    for (i, output) in requested.iter().enumerate() {
+        if requested[..i].iter().any(|o| o.name == output.name) {
+            return Err(InferError::invalid(format!(
+                "output {} is requested twice",
+                echo(&output.name)
+            ))
+            .quoting_caller());
+        }
         match output.name.as_str() {
             PROBABILITIES => {
                 if output.classification == Some(0) {
@@ -315,7 +354,7 @@ pub(crate) fn check_outputs(
             other => {
                 return Err(InferError::invalid(format!(
                     "output {} is not an output of model {} ({PROBABILITIES}, {LABEL})",
-                    crate::error::echo(other),
+                    echo(other),
                     config.name
                 ))
                 .quoting_caller());
@@ -461,6 +500,19 @@ pub fn fp32_to_raw(values: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn priority_values_are_taken_whole() {
+        assert_eq!(priority(None), Ok(None));
+        assert_eq!(priority(Some(0)), Ok(None));
+        assert_eq!(priority(Some(1)), Ok(Some(Priority::Stat)));
+        assert_eq!(priority(Some(2)), Ok(Some(Priority::Routine)));
+        // 2^32 + 1 truncated to 32 bits is 1 (STAT): it must be refused, not promoted.
+        for bad in [(1i64 << 32) + 1, (1 << 32) + 2, 3, -1, i64::MAX, i64::MIN] {
+            let e = priority(Some(bad)).unwrap_err();
+            assert!(e.message.contains("use 0"), "{bad}: {}", e.message);
+        }
+    }
 
     #[test]
     fn raw_bytes_round_trip_and_reject_short_data() {

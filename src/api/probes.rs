@@ -1,6 +1,6 @@
-//! The plain-HTTP side: `/metrics` (Prometheus text), `/healthz` (the process is up) and
-//! `/readyz` (200 while the server is serving; `/readyz?model=NAME` for one model), both read from
-//! the one [`ServingState`].
+//! The metrics and probes port (`--metrics-addr`, plain HTTP/1.1): `/metrics` (Prometheus text),
+//! `/healthz` (the process is up) and `/readyz` (200 while the server is serving;
+//! `/readyz?model=NAME` for one model), both read from the one [`ServingState`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Incoming};
+use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::state::ServingState;
 
-/// The routes as a service for [`crate::api::transport::serve_h1`]; also runs the exporter's
+/// The routes as a service for [`crate::api::transport::serve`]; also runs the exporter's
 /// upkeep every few seconds (histograms are drained into their buckets by it).
-pub fn service(handle: PrometheusHandle, state: Arc<ServingState>) -> HttpService {
+pub fn service(handle: PrometheusHandle, state: Arc<ServingState>) -> ProbesService {
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -24,17 +24,17 @@ pub fn service(handle: PrometheusHandle, state: Arc<ServingState>) -> HttpServic
             upkeep.run_upkeep();
         }
     });
-    HttpService { handle, state }
+    ProbesService { handle, state }
 }
 
-/// The routes of the metrics port.
+/// The routes of the metrics and probes port (they read no request body).
 #[derive(Clone)]
-pub struct HttpService {
+pub struct ProbesService {
     handle: PrometheusHandle,
     state: Arc<ServingState>,
 }
 
-impl tower::Service<Request<Incoming>> for HttpService {
+impl<B> tower::Service<Request<B>> for ProbesService {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
     type Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>;
@@ -46,13 +46,13 @@ impl tower::Service<Request<Incoming>> for HttpService {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         std::future::ready(Ok(route(&req, &self.handle, &self.state)))
     }
 }
 
-fn route(
-    req: &Request<Incoming>,
+fn route<B>(
+    req: &Request<B>,
     handle: &PrometheusHandle,
     state: &ServingState,
 ) -> Response<Full<Bytes>> {
