@@ -44,6 +44,9 @@ pub enum Photometric {
     Monochrome2,
     Rgb,
     YbrFull,
+    /// YBR_FULL with Cb and Cr halved horizontally: JPEG decoders return RGB for it, native data
+    /// is expanded and converted.
+    YbrFull422,
 }
 
 /// What the header says about how the series was acquired: what the sequence guard
@@ -287,11 +290,12 @@ pub(super) fn read(object: &DefaultDicomObject) -> Result<Header, InputError> {
         ("RGB", 3) => Photometric::Rgb,
         // Decoders of JPEG-family syntaxes return RGB for these.
         ("YBR_FULL", 3) => Photometric::YbrFull,
-        ("YBR_FULL_422" | "YBR_ICT" | "YBR_RCT", 3) => Photometric::Rgb,
+        ("YBR_FULL_422", 3) => Photometric::YbrFull422,
+        ("YBR_ICT" | "YBR_RCT", 3) => Photometric::Rgb,
         (other, n) => {
             return Err(invalid(format!(
                 "Photometric Interpretation {other:?} with {n} samples per pixel is not supported \
-                 (MONOCHROME1, MONOCHROME2, RGB and YBR_FULL are)"
+                 (MONOCHROME1, MONOCHROME2, RGB, YBR_FULL, YBR_FULL_422, YBR_ICT and YBR_RCT are)"
             )));
         }
     };

@@ -12,10 +12,11 @@
 //!
 //! [`prescan`] (the structural checks), `un` (attributes stored as UN, read with the dictionary's
 //! VR), `header` (the attributes read), `pixels` (frames and the bytes decoding allocates) and
-//! `jpeg12` (12-bit JPEG through libjpeg-turbo); this module ties them together.
+//! `jpeg` (the JPEG dicom-rs's adapter gets wrong: 12-bit, through libjpeg-turbo, and RGB without a
+//! colour-transform marker); this module ties them together.
 
 mod header;
-mod jpeg12;
+mod jpeg;
 mod pixels;
 mod prescan;
 mod un;
@@ -56,6 +57,7 @@ pub const SUPPORTED_TRANSFER_SYNTAXES: &[(&str, &str)] = &[
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 const EXPLICIT_BE: &str = "1.2.840.10008.1.2.2";
 const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
 const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 
 /// Names of a few transfer syntaxes that are refused, for a clearer message.

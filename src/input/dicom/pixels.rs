@@ -5,7 +5,7 @@ use dicom_object::DefaultDicomObject;
 use dicom_pixeldata::PixelDecoder;
 
 use super::header::{Header, Photometric};
-use super::{JPEG_EXTENDED, error_chain, invalid, jpeg12, ts_name, unwind};
+use super::{JPEG_BASELINE, JPEG_EXTENDED, error_chain, invalid, jpeg, ts_name, unwind};
 use crate::input::{InputError, InputLimits, Pixels};
 
 /// One frame's pixels.
@@ -30,7 +30,16 @@ pub(super) fn decode(
 ) -> Result<Vec<Frame>, InputError> {
     if header.transfer_syntax == JPEG_EXTENDED && header.bits_stored > 8 {
         // jpeg-decoder, dicom-rs's JPEG decoder, has no 12-bit DCT: libjpeg-turbo decodes it.
-        let data = jpeg12::decode(object, header)?;
+        let data = jpeg::decode_12_bit(object, header)?;
+        return frames(header, &data, false, false);
+    }
+    if matches!(
+        header.transfer_syntax.as_str(),
+        JPEG_BASELINE | JPEG_EXTENDED
+    ) && header.photometric == Photometric::Rgb
+        && header.samples_per_pixel == 3
+        && let Some(data) = jpeg::decode_untransformed_rgb(object, header)?
+    {
         return frames(header, &data, false, false);
     }
     // The codecs are third-party code fed hostile bytes: a panic in one (dicom-rs's RLE decoder
@@ -58,7 +67,45 @@ pub(super) fn decode(
         decoded.photometric_interpretation(),
         dicom_pixeldata::PhotometricInterpretation::YbrFull
     );
+    let pixels = header.rows as usize * header.columns as usize;
+    if header.photometric == Photometric::YbrFull422
+        && matches!(
+            decoded.photometric_interpretation(),
+            dicom_pixeldata::PhotometricInterpretation::YbrFull422
+        )
+        && decoded.data().len() < header.frames as usize * pixels * 3
+    {
+        // Native YBR_FULL_422: two Y samples share one Cb and one Cr (PS3.3 C.7.6.3.1.2).
+        let full = expand_ybr_422(header, decoded.data())?;
+        return frames(header, &full, false, true);
+    }
     frames(header, decoded.data(), planar, ybr)
+}
+
+/// Native YBR_FULL_422 samples (Y1 Y2 Cb Cr for each pair of pixels of a row) as YBR_FULL
+/// (Y1 Cb Cr Y2 Cb Cr), as pydicom expands them before converting to RGB.
+fn expand_ybr_422(header: &Header, data: &[u8]) -> Result<Vec<u8>, InputError> {
+    let (width, height, frames) = (header.columns, header.rows, header.frames as usize);
+    let pixels = width as usize * height as usize;
+    if width % 2 == 1 {
+        return Err(invalid(format!(
+            "YBR_FULL_422 pixel data needs an even number of columns; this image has {width}"
+        )));
+    }
+    let need = frames * pixels * 2;
+    if data.len() < need {
+        return Err(invalid(format!(
+            "the pixel data holds {} bytes; {width}×{height} × {frames} frames of YBR_FULL_422 \
+             (2 bytes a pixel) need {need}",
+            data.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(frames * pixels * 3);
+    for pair in data[..need].chunks_exact(4) {
+        let [y1, y2, cb, cr] = [pair[0], pair[1], pair[2], pair[3]];
+        out.extend_from_slice(&[y1, cb, cr, y2, cb, cr]);
+    }
+    Ok(out)
 }
 
 /// Refuses empty and oversized geometry; returns what decoding will allocate: the decoded
@@ -119,7 +166,11 @@ fn frames(header: &Header, data: &[u8], planar: bool, ybr: bool) -> Result<Vec<F
             } else {
                 frame.to_vec()
             };
-            if header.photometric == Photometric::YbrFull && ybr {
+            if matches!(
+                header.photometric,
+                Photometric::YbrFull | Photometric::YbrFull422
+            ) && ybr
+            {
                 ybr_full_to_rgb(&mut rgb);
             }
             out.push(Frame::Color(Pixels {
@@ -385,5 +436,36 @@ mod tests {
         let (stored, _) = mono(&split[0]);
         assert_eq!(stored.len(), (header.rows * header.columns) as usize);
         let _ = PatientContext::of(&object);
+    }
+
+    #[test]
+    fn native_ybr_full_422_is_expanded_as_pydicom_does() {
+        // Y1 Y2 Cb Cr → Y1 Cb Cr Y2 Cb Cr (PS3.3 C.7.6.3.1.2).
+        let h = rgb(2, 1, 2, Photometric::YbrFull422);
+        let data = [10, 20, 128, 129, 30, 40, 127, 126];
+        assert_eq!(
+            expand_ybr_422(&h, &data).unwrap(),
+            [10, 128, 129, 20, 128, 129, 30, 127, 126, 40, 127, 126]
+        );
+        let odd = rgb(3, 1, 1, Photometric::YbrFull422);
+        let err = expand_ybr_422(&odd, &[0; 6]).unwrap_err().to_string();
+        assert!(
+            err.contains("an even number of columns; this image has 3"),
+            "{err}"
+        );
+        let err = expand_ybr_422(&h, &data[..6]).unwrap_err().to_string();
+        assert!(err.contains("(2 bytes a pixel) need 8"), "{err}");
+        // Expanded, it is converted like YBR_FULL.
+        let full = expand_ybr_422(
+            &rgb(2, 1, 1, Photometric::YbrFull422),
+            &[128, 128, 128, 128],
+        )
+        .unwrap();
+        let Frame::Color(pixels) =
+            &frames(&h, &[full.clone(), full].concat(), false, true).unwrap()[0]
+        else {
+            panic!("colour")
+        };
+        assert_eq!(pixels.data, [128; 6]);
     }
 }
