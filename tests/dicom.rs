@@ -965,3 +965,70 @@ async fn classify_stream_takes_dicom_too() {
     assert_eq!(probabilities[0], probabilities[1]);
     t.server.shutdown().await.unwrap();
 }
+
+/// Every event's target and level, as one layer of the test's global subscriber sees them.
+#[derive(Clone, Default)]
+struct Events(std::sync::Arc<std::sync::Mutex<Vec<(String, tracing::Level)>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Events {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        // A `log` record bridged to tracing has the target "log" and its own in a field.
+        struct LogTarget(Option<String>);
+        impl tracing::field::Visit for LogTarget {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "log.target" {
+                    self.0 = Some(value.to_string());
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let meta = event.metadata();
+        let mut target = LogTarget(None);
+        event.record(&mut target);
+        let target = target.0.unwrap_or_else(|| meta.target().to_string());
+        self.0.lock().unwrap().push((target, *meta.level()));
+    }
+}
+
+#[test]
+fn a_jpeg_2000_decode_logs_nothing_at_info() {
+    // OpenJPEG's progress messages reached the log at INFO through the jpeg2k crate, three lines
+    // for every JPEG 2000 frame (issue 22, finding 26). With the service's log filter (the
+    // default, BRAINAI_LOG unset) none is written; the unfiltered layer shows they were emitted
+    // (the log → tracing bridge works), so the filter is what keeps them out.
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    assert!(
+        std::env::var_os("BRAINAI_LOG").is_none(),
+        "unset BRAINAI_LOG"
+    );
+    let (all, written) = (Events::default(), Events::default());
+    tracing_subscriber::registry()
+        .with(all.clone())
+        .with(
+            written
+                .clone()
+                .with_filter(brainai::telemetry::log_filter()),
+        )
+        .try_init()
+        .expect("the only global subscriber of this test binary");
+    for file in ["ts_j2k_lossless.dcm", "ts_j2k_lossy.dcm"] {
+        let data = std::fs::read(data_dir().join(file)).unwrap();
+        dicom::decode(&data, &LIMITS).unwrap();
+    }
+    let codec = |events: &Events| {
+        let events = events.0.lock().unwrap();
+        events
+            .iter()
+            .filter(|(target, level)| {
+                target.starts_with("jpeg2k") && *level <= tracing::Level::INFO
+            })
+            .count()
+    };
+    assert!(
+        codec(&all) >= 2,
+        "the codec's messages never reached the subscriber"
+    );
+    assert_eq!(codec(&written), 0, "codec chatter written to the log");
+}
