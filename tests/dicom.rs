@@ -1032,3 +1032,32 @@ fn a_jpeg_2000_decode_logs_nothing_at_info() {
     );
     assert_eq!(codec(&written), 0, "codec chatter written to the log");
 }
+
+#[test]
+fn the_decode_budget_counts_the_bytes_decoded() {
+    // A multi-frame instance is budgeted at what its frames decode to, as a PNG is: a cine of
+    // 105 MiB of RGB pixels counted 387 MiB (8 bytes a pixel more than it decodes) and was
+    // refused where it fit (issue 22, finding 25).
+    for (path, bytes_per_sample) in [
+        // 30 frames of 320×240 RGB, JPEG.
+        (pydicom_test_files().join("examples_ybr_color.dcm"), 1),
+        // 3 frames of 16-bit monochrome.
+        (data_dir().join("multiframe.dcm"), 2),
+    ] {
+        let data = std::fs::read(&path).unwrap();
+        let image = dicom::decode(&data, &LIMITS).unwrap();
+        assert!(image.frames.len() > 1, "{}", path.display());
+        let decoded: usize = image
+            .frames
+            .iter()
+            .map(|frame| match frame {
+                Frame::Color(pixels) => pixels.data.len(),
+                Frame::Mono { stored, .. } => stored.len() * bytes_per_sample,
+            })
+            .sum();
+        let counted =
+            brainai::input::decoded_size(&data, brainai::input::Encoding::Dicom, &LIMITS).unwrap();
+        assert_eq!(counted, decoded as u64, "{}", path.display());
+        assert_eq!(dicom::read_header(&data, &LIMITS).unwrap().1, counted);
+    }
+}

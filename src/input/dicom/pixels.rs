@@ -108,8 +108,8 @@ fn expand_ybr_422(header: &Header, data: &[u8]) -> Result<Vec<u8>, InputError> {
     Ok(out)
 }
 
-/// Refuses empty and oversized geometry; returns what decoding will allocate: the decoded
-/// samples plus one f64 per pixel.
+/// Refuses empty and oversized geometry; returns the bytes decoded (every frame's samples, as
+/// `decoded_size` counts a PNG's), what the decoding budgets hold.
 pub(super) fn check_geometry(header: &Header, limits: &InputLimits) -> Result<u64, InputError> {
     let (rows, columns, frames) = (header.rows, header.columns, header.frames);
     if rows == 0 || columns == 0 || frames == 0 {
@@ -127,10 +127,15 @@ pub(super) fn check_geometry(header: &Header, limits: &InputLimits) -> Result<u6
         });
     }
     let sample_bytes = u64::from(header.bits_allocated / 8) * u64::from(header.samples_per_pixel);
-    pixels
-        .checked_mul(u64::from(frames))
+    // The refusal bounds the allocation (the samples plus up to 8 bytes a pixel of frames and
+    // windowing); the budget counts the samples decoded, not that bound: a cine of 105 MiB of
+    // RGB pixels counted 387 MiB and was refused where it fit (issue 22, finding 25).
+    let decoded = pixels.checked_mul(u64::from(frames));
+    decoded
         .and_then(|p| p.checked_mul(sample_bytes + 8))
         .filter(|bytes| *bytes <= 16 * limits.max_image_bytes as u64 + (1 << 30))
+        .and(decoded)
+        .map(|p| p * sample_bytes)
         .ok_or_else(|| {
             invalid(format!(
                 "{columns}×{rows} pixels × {frames} frames × {sample_bytes} bytes is too large to \
