@@ -43,9 +43,9 @@ run: build model
 ##       reference checks), deploy/ validation, tritonclient interop, the upload page in chromium,
 ##       a ghz smoke load and the short resilience run on the real server, the container images
 ##       built on a bootstrapped Debian base and run as the pod runs them (TLS, tokens), lint
-test: setup model dicom-reference dicom-tools
+test: setup model dicom-reference dicom-tools nextest
 	$(MAKE) --no-print-directory fuzz-lock
-	cargo test $(CARGO_FLAGS)
+	$(NEXTEST) run $(CARGO_FLAGS)
 	deploy/check.sh
 	$(MAKE) --no-print-directory interop
 	$(MAKE) --no-print-directory browser
@@ -53,6 +53,21 @@ test: setup model dicom-reference dicom-tools
 	$(MAKE) --no-print-directory resilience-smoke
 	$(MAKE) --no-print-directory image-test
 	$(MAKE) --no-print-directory lint
+
+## nextest: the pinned cargo-nextest in .tools/bin, which runs the Rust tests of `make test`: each
+##          test in its own process, with a time limit (.config/nextest.toml); a hung test is
+##          killed and named. Built from crates.io once (minutes). A subset:
+##          .tools/bin/cargo-nextest nextest run --release --locked --test security
+NEXTEST_VERSION := 0.9.151
+NEXTEST_STAMP := .tools/.nextest-$(NEXTEST_VERSION)
+NEXTEST := .tools/bin/cargo-nextest nextest
+.PHONY: nextest
+nextest: $(NEXTEST_STAMP)
+$(NEXTEST_STAMP):
+	cargo install --locked --quiet cargo-nextest --version =$(NEXTEST_VERSION) \
+	  --no-default-features --features default-no-update --root .tools
+	rm -f .tools/.nextest-*
+	touch $@
 
 ## dicom-reference: pydicom and its decoders (pinned, tests/dicom/requirements.txt) into the venv,
 ##                  for the DICOM reference checks (tests/reference/dicom_reference.py)

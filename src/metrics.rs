@@ -64,6 +64,7 @@ pub const TLS_CERT_EXPIRY: &str = "brainai_tls_certificate_expiry_timestamp_seco
 pub const TLS_RELOADS: &str = "brainai_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "brainai_tls_handshake_failures_total";
 pub const AUTH_REFUSED: &str = "brainai_auth_refused_total";
+pub const INSECURE_CONFIG: &str = "brainai_insecure_config";
 pub const AUDIT_RECORDS: &str = "brainai_audit_records_total";
 pub const AUDIT_WRITE_FAILURES: &str = "brainai_audit_write_failures_total";
 
@@ -309,7 +310,7 @@ fn describe() {
     describe_gauge!(
         TLS_CERT_EXPIRY,
         Unit::Seconds,
-        "When the serving TLS certificate expires (its notAfter, Unix time); updated on every reload."
+        "When the serving TLS certificate expires (its notAfter, Unix time); exported from the start, updated on every reload."
     );
     describe_counter!(
         TLS_RELOADS,
@@ -325,6 +326,12 @@ fn describe() {
         AUTH_REFUSED,
         Unit::Count,
         "Calls refused by authentication or authorisation, by front end (grpc, rest) and code (UNAUTHENTICATED, PERMISSION_DENIED)."
+    );
+    describe_gauge!(
+        INSECURE_CONFIG,
+        Unit::Count,
+        "1 while the server runs with a configuration that exposes credentials, by reason \
+         (tokens_without_tls: bearer tokens accepted on plaintext ports); 0 otherwise."
     );
     describe_counter!(
         AUDIT_RECORDS,
@@ -488,6 +495,11 @@ pub fn security_known(listeners: &[&'static str], tls: bool, audit: bool) {
         counter!(AUDIT_RECORDS).increment(0);
         counter!(AUDIT_WRITE_FAILURES).increment(0);
     }
+}
+
+/// Whether the configuration is insecure for `reason` (see [`INSECURE_CONFIG`]).
+pub fn insecure_config(reason: &'static str, insecure: bool) {
+    gauge!(INSECURE_CONFIG, "reason" => reason).set(if insecure { 1.0 } else { 0.0 });
 }
 
 pub fn auth_refused(front_end: &'static str, code: &'static str) {

@@ -189,6 +189,10 @@ fn build_pipeline(
 /// The gRPC port's services (health, reflection, `brainai.v1`, the Open Inference Protocol)
 /// behind its layers, outermost first: the call's span, the call layer (access and the call's
 /// record), the status fixes, the protobuf pre-scan.
+#[allow(
+    clippy::type_complexity,
+    reason = "what transport::serve needs of a service, spelt out once, here"
+)]
 fn grpc_stack(
     args: &ServeArgs,
     pipeline: &Pipeline,

@@ -99,7 +99,7 @@ async fn abandon(how: Abandon, fail_closed: bool) {
         }
     };
     let http_before = counted("v1.classify").await;
-    let started = || gated.log.len() >= 1;
+    let started = || !gated.log.is_empty();
     let what = format!("{how:?} (fail closed: {fail_closed})");
     match how {
         Abandon::Cancel | Abandon::Crash => {
@@ -558,7 +558,7 @@ async fn oip_priority_reaches_the_stat_queue() {
     let hold = tokio::spawn(async move {
         http(addr, "POST", "/v2/models/stat-queue/infer", &[], &body(2)).await
     });
-    until("the held run", || gated.log.len() >= 1).await;
+    until("the held run", || !gated.log.is_empty()).await;
     let stat_http = tokio::spawn(async move {
         http(addr, "POST", "/v2/models/stat-queue/infer", &[], &body(1)).await
     });
@@ -624,7 +624,7 @@ async fn the_server_drains_after_abandoned_calls() {
             .classify(request(vec![image("a", data("flair_256_a.png"))]))
             .await
     });
-    until("the run to start", || gated.log.len() >= 1).await;
+    until("the run to start", || !gated.log.is_empty()).await;
     call.abort();
     gated.gate.open();
     let mut stream = tokio::net::TcpStream::connect(t.server.http_addr)

@@ -107,10 +107,29 @@ async fn concurrent_requests_are_merged_into_one_batch() {
     t.server.shutdown().await.unwrap();
 }
 
+/// Six images in one call to a model whose batches hold two: the call is split across three full
+/// batches (a queue delay far beyond the test, so a batch goes only when full), and each result
+/// comes back in its place, equal to the same image classified alone (by `tiny`, the same graph
+/// with the usual queue delay).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_image_request_keeps_order_across_split_batches() {
+    let root = tempfile::tempdir().unwrap();
+    copy_model("tiny", root.path(), "tiny");
+    copy_model("tiny", root.path(), "split");
     let mut t = serve(
-        args(&fixture_model("tiny"), &["--max-batch-size", "2"]),
+        repository_args(
+            root.path(),
+            &[
+                "--default-model",
+                "tiny",
+                "--max-batch-size",
+                "2",
+                "--model-override",
+                "split:max_queue_delay_us=30000000",
+                "--model-override",
+                "split:max_queue_wait_ms=0",
+            ],
+        ),
         None,
     )
     .await;
@@ -120,18 +139,44 @@ async fn multi_image_request_keeps_order_across_split_batches() {
         "flair_512_rgb.png",
         "flair_300x220.png",
         "flair_256_c.png",
+        "flair_256_b.png",
     ];
-    let together = classify_files(&mut t, &names).await;
+    let images = names.iter().map(|n| image(n, data(n))).collect();
+    let together = bounded(
+        "the split call",
+        t.client.classify(request_for("split", "", images)),
+    )
+    .await
+    .expect("classify")
+    .into_inner()
+    .results;
+    assert_eq!(together.len(), names.len(), "one result per image");
+    let (_, metrics) = http_get(t.metrics_addr(), "/metrics").await;
+    let batches = |le: &str| {
+        metric_value(
+            &metrics,
+            "brainai_batch_size_bucket",
+            &["model=\"split\"", &format!("le=\"{le}\"")],
+        )
+    };
+    assert_eq!(
+        (batches("1"), batches("2"), batches("+Inf")),
+        (0.0, 3.0, 3.0),
+        "the six images ran as three batches of two"
+    );
     for (i, name) in names.iter().enumerate() {
         assert_eq!(together[i].image_id, *name);
         assert_eq!(together[i].index as usize, i);
-        assert!(together[i].batch_size <= 2);
-        let alone = t
-            .client
-            .classify(request(vec![image(name, data(name))]))
-            .await
-            .unwrap()
-            .into_inner();
+        assert_eq!(together[i].batch_size, 2, "{name} ran in a batch of two");
+        assert_eq!(together[i].model.as_ref().unwrap().name, "split");
+        let alone = bounded(
+            "classify alone",
+            t.client.classify(request(vec![image(name, data(name))])),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(alone.results[0].model.as_ref().unwrap().name, "tiny");
         assert_eq!(
             alone.results[0].probabilities, together[i].probabilities,
             "{name}: result differs when sent in a batch"

@@ -464,9 +464,12 @@ async fn an_open_stream_does_not_hold_the_drain() {
     drop(tx);
 }
 
-/// Every preprocessing (rayon) thread held in a job until this is dropped.
+/// Every preprocessing (rayon) thread held in a job until this is dropped. One of them, the
+/// attendant, runs the jobs queued on the pool when asked, one at a time: a test sees exactly
+/// which calls needed the pool.
 struct PoolHeld {
     gate: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    attendant: Option<std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<bool>>>,
 }
 
 impl PoolHeld {
@@ -474,7 +477,20 @@ impl PoolHeld {
         let gate = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let threads = rayon::current_num_threads();
         let (started_tx, started) = std::sync::mpsc::channel();
-        for _ in 0..threads {
+        let (attendant, asks) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<bool>>();
+        rayon::spawn({
+            let started_tx = started_tx.clone();
+            move || {
+                let _ = started_tx.send(());
+                // Until the test drops its end: each ask runs one queued job (true) or finds
+                // none (false).
+                for reply in asks {
+                    let ran = rayon::yield_now() == Some(rayon::Yield::Executed);
+                    let _ = reply.send(ran);
+                }
+            }
+        });
+        for _ in 1..threads {
             let (gate, started_tx) = (gate.clone(), started_tx.clone());
             rayon::spawn(move || {
                 let _ = started_tx.send(());
@@ -491,12 +507,27 @@ impl PoolHeld {
                 .recv_timeout(PATIENCE)
                 .expect("every preprocessing thread took a holding job");
         }
-        PoolHeld { gate }
+        PoolHeld {
+            gate,
+            attendant: Some(attendant),
+        }
+    }
+
+    /// Runs one job queued on the pool; false when none is queued.
+    async fn run_one(&self) -> bool {
+        let (reply, ran) = tokio::sync::oneshot::channel();
+        self.attendant
+            .as_ref()
+            .expect("held")
+            .send(reply)
+            .expect("the attendant holds its thread");
+        bounded("the attendant", ran).await.expect("it answers")
     }
 }
 
 impl Drop for PoolHeld {
     fn drop(&mut self) {
+        self.attendant = None;
         let (open, cv) = &*self.gate;
         *open.lock().unwrap() = true;
         cv.notify_all();
@@ -506,8 +537,10 @@ impl Drop for PoolHeld {
 /// A PNG or JPEG request that decodes to at most `--inline-decode-kib` (256 KiB by default: one
 /// 256² slice) is preprocessed on the async worker that received it, saving two thread hand-offs;
 /// larger requests, DICOM, and every request with `--inline-decode-kib 0` go to the
-/// preprocessing pool. Shown by
-/// holding every preprocessing thread: the small call is answered, the others wait for the pool.
+/// preprocessing pool. Shown by holding every preprocessing thread: the small call is answered;
+/// each of the others is answered only after the pool ran one job for it. (The count is exact
+/// because each test runs in a process of its own, `make test`'s nextest: no other test's job is
+/// on this pool.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_requests_are_preprocessed_without_the_pool_and_large_ones_on_it() {
     let inline = serve(args(&fixture_model("tiny"), &[]), None).await;
@@ -540,23 +573,33 @@ async fn small_requests_are_preprocessed_without_the_pool_and_large_ones_on_it()
     let large = classify(&inline, "flair_512_rgb.png");
     let dicom = classify(&inline, "dicom/mono8.dcm");
     let small_pooled = classify(&pooled, "flair_256_a.png");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!large.is_finished(), "a large image waits for the pool");
-    assert!(!dicom.is_finished(), "a DICOM image waits for the pool");
-    assert!(
-        !small_pooled.is_finished(),
-        "with --inline-decode-kib 0 a small image waits for the pool too"
+    // The pool runs nothing but what the attendant runs: count the jobs the three calls need.
+    let mut jobs = 0;
+    bounded("the three calls, their jobs run one by one", async {
+        while !(large.is_finished() && dicom.is_finished() && small_pooled.is_finished()) {
+            if held.run_one().await {
+                jobs += 1;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        jobs, 3,
+        "the large image, the DICOM image and the small image with --inline-decode-kib 0 are \
+         each preprocessed on the pool"
     );
     drop(held);
-    bounded("the large call once the pool is free", large)
+    bounded("the large call", large)
         .await
         .unwrap()
         .expect("large image answered");
-    bounded("the DICOM call once the pool is free", dicom)
+    bounded("the DICOM call", dicom)
         .await
         .unwrap()
         .expect("DICOM image answered");
-    let small_pooled = bounded("the pooled call once the pool is free", small_pooled)
+    let small_pooled = bounded("the pooled call", small_pooled)
         .await
         .unwrap()
         .expect("small image answered on the pool");

@@ -2,8 +2,11 @@
 //! mutual TLS (a good, a wrong-CA, an expired and a missing client certificate), a server
 //! certificate rotated on disk and picked up live while a call stays open, bearer tokens
 //! (accepted, missing, wrong, without the scope), the plaintext health-only port, the audit
-//! trail (records, no patient data, fail-open and fail-closed) and the CLI's TLS and token flags.
-//! Certificates are made at test time with rcgen.
+//! trail (records, no patient data, fail-open and fail-closed) and the CLI's TLS and token flags;
+//! the certificate's expiry exported from the start, an expired certificate refused at start and
+//! at reload, tokens over plaintext warned about. Certificates are made at test time with rcgen.
+//! The process-wide gauges are read right after a start: `make test` runs each test in a process
+//! of its own (cargo-nextest).
 
 mod common;
 
@@ -24,6 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
+
+/// notAfter of every certificate [`Ca::leaf`] makes that is not expired: 2099-12-31T00:00:00Z.
+const NOT_AFTER: f64 = 4_102_358_400.0;
 
 const PACS_TOKEN: &str = "pacs-0123456789abcdef-secret";
 const VIEWER_TOKEN: &str = "viewer-0123456789abcdef-secret";
@@ -75,6 +81,9 @@ impl Ca {
         if expired {
             params.not_before = date_time_ymd(2020, 1, 1);
             params.not_after = date_time_ymd(2021, 1, 1);
+        } else {
+            params.not_before = date_time_ymd(2020, 1, 1);
+            params.not_after = date_time_ymd(2099, 12, 31);
         }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
@@ -856,5 +865,199 @@ async fn cli_classifies_over_mutual_tls_with_a_token() {
         assert!(!all.contains(PACS_TOKEN), "the token leaked: {all}");
     }
     let _ = err;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_expiry_is_exported_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("BrainAI test CA");
+    let pem = ca.write_leaf(dir.path(), "server", true, false);
+    let server = start(&["--tls-cert", &path(&pem.cert), "--tls-key", &path(&pem.key)]).await;
+    // Before any reload, any call, any handshake: the alert on a renewal that never came needs it.
+    let (_, text) = http_get(server.metrics_addr, "/metrics").await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "brainai_tls_certificate_expiry_timestamp_seconds",
+            &[]
+        ),
+        NOT_AFTER,
+        "{text}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_server_certificate_stops_the_start_and_is_never_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("BrainAI test CA");
+    let expired = ca.write_leaf(dir.path(), "expired", true, true);
+    let a = args(
+        &fixture_model("tiny"),
+        &[
+            "--tls-cert",
+            &path(&expired.cert),
+            "--tls-key",
+            &path(&expired.key),
+        ],
+    );
+    let e = server::start(&a, None)
+        .await
+        .err()
+        .expect("an expired certificate stops the start")
+        .to_string();
+    assert!(
+        e.contains(&path(&expired.cert)) && e.contains("expired on 2021-01-01"),
+        "{e}"
+    );
+
+    // Running: a renewal that writes an expired certificate leaves the good one in force.
+    let pem = ca.write_leaf(dir.path(), "server", true, false);
+    let server = start(&[
+        "--tls-cert",
+        &path(&pem.cert),
+        "--tls-key",
+        &path(&pem.key),
+        "--credentials-reload-s",
+        "1",
+    ])
+    .await;
+    std::fs::copy(&expired.key, &pem.key).unwrap();
+    std::fs::copy(&expired.cert, &pem.cert).unwrap();
+    bounded("the refused reload to be counted", async {
+        while scrape(
+            server.metrics_addr,
+            "brainai_tls_reloads_total",
+            &["result=\"error\""],
+        )
+        .await
+            < 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // A client that checks validity (rustls) still connects: the old certificate is served.
+    let channel = tls_channel(server.grpc_addr, &ca.pem(), None)
+        .await
+        .expect("the valid certificate is still served");
+    classify(&channel, None).await.expect("served as before");
+    assert_eq!(
+        scrape(
+            server.metrics_addr,
+            "brainai_tls_certificate_expiry_timestamp_seconds",
+            &[]
+        )
+        .await,
+        NOT_AFTER,
+        "the expiry of the certificate in force"
+    );
+    server.shutdown().await.unwrap();
+}
+
+/// Log lines written while `f` runs on this thread (which is where `server::start` reads the
+/// configuration).
+#[derive(Clone, Default)]
+struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_without_tls_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let callers = callers_file(dir.path());
+    let log = LogCapture::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let server = {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        start(&["--auth-callers", &path(&callers)]).await
+    };
+    let text = log.text();
+    assert!(
+        text.contains("WARN") && text.contains("--auth-callers without --tls-cert"),
+        "{text}"
+    );
+    assert!(!text.contains(PACS_TOKEN) && !text.contains(VIEWER_TOKEN));
+    assert_eq!(
+        scrape(
+            server.metrics_addr,
+            "brainai_insecure_config",
+            &["reason=\"tokens_without_tls\""]
+        )
+        .await,
+        1.0
+    );
+    server.shutdown().await.unwrap();
+
+    // With TLS: nothing to warn about, and the gauge says so.
+    let ca = Ca::new("BrainAI test CA");
+    let pem = ca.write_leaf(dir.path(), "server", true, false);
+    let server = start(&[
+        "--auth-callers",
+        &path(&callers),
+        "--tls-cert",
+        &path(&pem.cert),
+        "--tls-key",
+        &path(&pem.key),
+    ])
+    .await;
+    let (_, text) = http_get(server.metrics_addr, "/metrics").await;
+    assert!(
+        text.contains("brainai_insecure_config{reason=\"tokens_without_tls\"} 0"),
+        "{text}"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_alone_lets_a_certificate_call_whatever_else_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("BrainAI server CA");
+    let clients = Ca::new("Hospital client CA");
+    let server_pem = ca.write_leaf(dir.path(), "server", true, false);
+    let client_ca = clients.write_ca(&dir.path().join("clients.crt"));
+    let server = start(&[
+        "--tls-cert",
+        &path(&server_pem.cert),
+        "--tls-key",
+        &path(&server_pem.key),
+        "--tls-client-ca",
+        &path(&client_ca),
+    ])
+    .await;
+    let channel = tls_channel(
+        server.grpc_addr,
+        &ca.pem(),
+        Some(clients.leaf("viewer", false, false)),
+    )
+    .await
+    .expect("a good client certificate connects");
+    // The README: with mutual TLS and no callers file, a certificate the client CA signed may
+    // call everything, with a bearer token the server never issued (a gateway's) or none.
+    classify(&channel, None).await.expect("no token");
+    classify(&channel, Some("a-gateway-token-0123456789"))
+        .await
+        .expect("a token nobody issued is not needed, so not checked");
     server.shutdown().await.unwrap();
 }

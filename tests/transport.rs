@@ -251,19 +251,6 @@ struct Load {
     unsent: usize,
 }
 
-/// A call that hyper's HTTP/2 client had opened but whose HEADERS it wrote after its answer to
-/// the server's shutdown PING (it answers PINGs before queued streams), so the server's final
-/// GOAWAY (RFC 9113 §6.8, sent on that answer) does not cover it: h2 fails it with the GOAWAY's
-/// NO_ERROR, which tonic reports as INTERNAL. The server never saw it (the tests check the
-/// server's count of answered calls); no server-side setting of hyper/h2 can wait longer.
-/// Told apart by the error's source (the h2 crate is no direct dependency to downcast to).
-fn refused_by_goaway(status: &tonic::Status) -> bool {
-    let source = format!("{:?}", std::error::Error::source(status));
-    status.code() == Code::Internal
-        && source.contains("GoAway(")
-        && source.contains("NO_ERROR, Remote")
-}
-
 /// Callers in a closed loop on one tonic channel until stopped.
 async fn load(addr: SocketAddr, callers: usize, stop: Arc<AtomicBool>) -> Load {
     let channel = connect(addr).await;

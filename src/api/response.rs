@@ -154,9 +154,11 @@ mod tests {
         }
     }
 
-    fn with_trailers() -> http_body_util::StreamBody<
+    type Frames = http_body_util::StreamBody<
         futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>,
-    > {
+    >;
+
+    fn with_trailers() -> Frames {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "5".parse().unwrap());
         http_body_util::StreamBody::new(futures_util::stream::iter(vec![

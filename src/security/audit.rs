@@ -300,18 +300,23 @@ fn moved(path: &std::path::Path, file: &File) -> bool {
 
 /// Now as RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
+    let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = now.as_secs() as i64;
+    rfc3339_utc(since_epoch.as_millis() as i64)
+}
+
+/// An instant (milliseconds since the Unix epoch, negative before it) as RFC 3339 UTC with
+/// milliseconds: `2026-11-27T09:17:23.123Z`.
+pub fn rfc3339_utc(unix_ms: i64) -> String {
+    let (secs, millis) = (unix_ms.div_euclid(1000), unix_ms.rem_euclid(1000));
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = crate::report::sr::civil_from_days(days);
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
-        now.subsec_millis()
     )
 }
 
@@ -321,9 +326,33 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
-        let t = now_rfc3339();
-        assert_eq!(t.len(), "2026-11-27T09:17:23.123Z".len(), "{t}");
-        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+        // Instants and their civil dates from Python's datetime (an independent calendar):
+        // the epoch, leap days (2000 is a leap year, 2100 is not), year and day ends, before the
+        // epoch.
+        for (unix_ms, expected) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (-1, "1969-12-31T23:59:59.999Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (951_868_800_000, "2000-03-01T00:00:00.000Z"),
+            (1_709_210_096_789, "2024-02-29T12:34:56.789Z"),
+            (1_798_761_599_999, "2026-12-31T23:59:59.999Z"),
+            (1_798_761_600_000, "2027-01-01T00:00:00.000Z"),
+            (4_107_542_399_999, "2100-02-28T23:59:59.999Z"),
+            (4_107_542_400_000, "2100-03-01T00:00:00.000Z"),
+        ] {
+            assert_eq!(rfc3339_utc(unix_ms), expected, "{unix_ms}");
+        }
+        // Now is now: between two readings of the clock (strings of one format sort as times).
+        let ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64
+        };
+        let before = rfc3339_utc(ms());
+        let now = now_rfc3339();
+        let after = rfc3339_utc(ms());
+        assert!(before <= now && now <= after, "{before} {now} {after}");
     }
 
     #[test]

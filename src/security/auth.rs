@@ -291,6 +291,11 @@ impl Access {
 
     /// Decides one request: `authorization` is the header's value (if any), `peer` the
     /// connection's verified client certificate (if any), `scope` what the method needs.
+    ///
+    /// An open method (`scope` `None`) ignores every credential: a browser or a probe that
+    /// sends `Authorization: Basic …` (or a token this server never issued) still gets health
+    /// and the page. With mutual TLS and no callers file the certificate alone decides, whatever
+    /// else the request carries.
     pub fn decide(
         &self,
         authorization: Option<&[u8]>,
@@ -300,8 +305,6 @@ impl Access {
         if !self.enabled() {
             return Decision::Allow(Identity::Anonymous);
         }
-        let callers = self.callers.read().expect("callers lock").clone();
-        let has_file = self.callers_file.is_some();
         let certificate = |peer: &PeerCertificate, caller: Option<&Caller>| Identity::Certificate {
             subject: peer
                 .common_name
@@ -309,12 +312,31 @@ impl Access {
                 .unwrap_or_else(|| peer.subject.clone()),
             caller: caller.map(|c| c.name.clone()),
         };
+        let Some(scope) = scope else {
+            return Decision::Allow(peer.map_or(Identity::Anonymous, |p| certificate(p, None)));
+        };
+        if self.callers_file.is_none()
+            && let Some(peer) = peer
+        {
+            // Mutual TLS alone: every certificate the client CA signed may call anything.
+            return Decision::Allow(certificate(peer, None));
+        }
+        let callers = self.callers.read().expect("callers lock").clone();
         let (identity, caller) = match (authorization, peer) {
             (Some(header), _) => {
-                let Some(token) = bearer(header) else {
-                    return Decision::Unauthenticated(
-                        "the authorization header is not \"Bearer <token>\"".into(),
-                    );
+                let token = match credential(header) {
+                    Credential::Bearer(token) => token,
+                    Credential::OtherScheme(scheme) => {
+                        return Decision::Unauthenticated(format!(
+                            "the authorization header uses the {scheme} scheme; this server takes \
+                             only \"Bearer <token>\""
+                        ));
+                    }
+                    Credential::Malformed => {
+                        return Decision::Unauthenticated(
+                            "the authorization header is not \"Bearer <token>\"".into(),
+                        );
+                    }
                 };
                 let presented = digest(token);
                 // Every caller is compared, match or not: the time taken does not depend on
@@ -338,10 +360,6 @@ impl Access {
                 }
             }
             (None, Some(peer)) => {
-                if !has_file {
-                    // Mutual TLS alone: every certificate the client CA signed may call anything.
-                    return Decision::Allow(certificate(peer, None));
-                }
                 let matched = callers
                     .0
                     .iter()
@@ -349,9 +367,6 @@ impl Access {
                 match matched {
                     Some(caller) => (certificate(peer, Some(caller)), Some(caller)),
                     None => {
-                        if scope.is_none() {
-                            return Decision::Allow(certificate(peer, None));
-                        }
                         return Decision::Denied(
                             certificate(peer, None),
                             "the client certificate is valid but names no caller of the callers file"
@@ -361,21 +376,15 @@ impl Access {
                 }
             }
             (None, None) => {
-                if scope.is_none() {
-                    return Decision::Allow(Identity::Anonymous);
-                }
                 return Decision::Unauthenticated(
                     "this method needs a credential: an \"authorization: Bearer <token>\" header"
                         .into(),
                 );
             }
         };
-        match (scope, caller) {
-            (None, _) => Decision::Allow(identity),
-            (Some(scope), Some(caller)) if caller.scopes.contains(&scope) => {
-                Decision::Allow(identity)
-            }
-            (Some(scope), _) => Decision::Denied(
+        match caller {
+            Some(caller) if caller.scopes.contains(&scope) => Decision::Allow(identity),
+            _ => Decision::Denied(
                 identity,
                 format!(
                     "this caller lacks the {:?} scope this method needs",
@@ -386,15 +395,39 @@ impl Access {
     }
 }
 
-/// The token of `Bearer <token>` (scheme case-insensitive).
-fn bearer(header: &[u8]) -> Option<&[u8]> {
+/// What an `authorization` header holds.
+enum Credential<'a> {
+    /// `Bearer <token>` (scheme case-insensitive).
+    Bearer(&'a [u8]),
+    /// Another scheme (`Basic`, `Digest`, …), named as RFC 9110 spells a scheme: a token of at
+    /// most 32 characters, so the name can be quoted back.
+    OtherScheme(&'a str),
+    /// Neither: no scheme, an empty token, or bytes that are no scheme name.
+    Malformed,
+}
+
+fn credential(header: &[u8]) -> Credential<'_> {
     let header = header.trim_ascii();
-    let (scheme, rest) = header.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
+    let (scheme, rest) = match header.iter().position(|&b| b == b' ') {
+        Some(space) => (&header[..space], header[space..].trim_ascii()),
+        None => (header, &header[header.len()..]),
+    };
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        return if rest.is_empty() {
+            Credential::Malformed
+        } else {
+            Credential::Bearer(rest)
+        };
     }
-    let token = rest.trim_ascii();
-    (!token.is_empty()).then_some(token)
+    let is_name = !scheme.is_empty()
+        && scheme.len() <= 32
+        && scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b));
+    match std::str::from_utf8(scheme) {
+        Ok(name) if is_name && !rest.is_empty() => Credential::OtherScheme(name),
+        _ => Credential::Malformed,
+    }
 }
 
 #[cfg(test)]
@@ -482,6 +515,94 @@ scopes = ["infer"]
             access.decide(None, Some(&stranger), infer),
             Decision::Denied(..)
         ));
+    }
+
+    #[test]
+    fn open_methods_ignore_credentials_they_do_not_need() {
+        let (access, _dir) = access(true);
+        let router = PeerCertificate {
+            subject: "CN=router.hospital.example".into(),
+            common_name: Some("router.hospital.example".into()),
+        };
+        // A browser's Basic credentials, a token nobody issued, a header that is no credential:
+        // health and the page answer all the same.
+        for header in [
+            &b"Basic dXNlcjpwYXNzd29yZA=="[..],
+            &header("wrong-token-0123456789"),
+            b"Bearer",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(
+                access.decide(Some(header), None, None),
+                Decision::Allow(Identity::Anonymous),
+                "{:?}",
+                String::from_utf8_lossy(header)
+            );
+            assert!(matches!(
+                access.decide(Some(header), Some(&router), None),
+                Decision::Allow(Identity::Certificate { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn another_scheme_on_a_protected_method_is_named_in_the_refusal() {
+        let (access, _dir) = access(false);
+        let Decision::Unauthenticated(reason) =
+            access.decide(Some(b"Basic dXNlcjpwYXNzd29yZA=="), None, Some(Scope::Read))
+        else {
+            panic!("Basic must not pass");
+        };
+        assert!(
+            reason.contains("Basic scheme") && reason.contains("Bearer <token>"),
+            "{reason}"
+        );
+        assert!(!reason.contains("dXNlcjpwYXNzd29yZA"), "{reason}");
+        // Not a scheme name (too long, or bytes that are none): not quoted back.
+        let long = format!("{} x", "S".repeat(200));
+        for header in [long.as_bytes(), b"Bearer", b"\xff\xfe abc", b"   "] {
+            let Decision::Unauthenticated(reason) =
+                access.decide(Some(header), None, Some(Scope::Read))
+            else {
+                panic!("{header:?} must not pass");
+            };
+            assert!(reason.len() <= 80 && !reason.contains("SSS"), "{reason}");
+        }
+        // The scheme is case-insensitive.
+        assert_eq!(
+            access.decide(
+                Some(format!("bEaReR {PACS}").as_bytes()),
+                None,
+                Some(Scope::Infer)
+            ),
+            Decision::Allow(Identity::Token("pacs".into()))
+        );
+    }
+
+    #[test]
+    fn mutual_tls_alone_lets_a_certificate_call_everything_whatever_else_comes() {
+        let access = Access::new(None, true, false).unwrap();
+        let client = PeerCertificate {
+            subject: "CN=viewer,O=Hospital".into(),
+            common_name: Some("viewer".into()),
+        };
+        let allowed = Decision::Allow(Identity::Certificate {
+            subject: "viewer".into(),
+            caller: None,
+        });
+        for header in [
+            None,
+            Some(header("any-bearer-0123456789")),
+            Some(b"Basic dXNlcjpwYXNzd29yZA==".to_vec()),
+        ] {
+            for scope in [Scope::Infer, Scope::Read, Scope::Admin] {
+                assert_eq!(
+                    access.decide(header.as_deref(), Some(&client), Some(scope)),
+                    allowed,
+                    "{header:?} {scope:?}"
+                );
+            }
+        }
     }
 
     #[test]

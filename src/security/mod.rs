@@ -67,6 +67,9 @@ pub struct SecurityArgs {
     pub health_addr: Option<SocketAddr>,
 }
 
+/// The `reason` of `brainai_insecure_config`: bearer tokens accepted on plaintext ports.
+pub const TOKENS_WITHOUT_TLS: &str = "tokens_without_tls";
+
 /// What the transport knows about a connection, attached to each of its requests.
 #[derive(Debug, Clone, Default)]
 pub struct ConnInfo {
@@ -84,8 +87,10 @@ pub struct Security {
 
 impl Security {
     /// Loads the TLS files and the callers file and opens the audit trail; errors name the flag
-    /// and the file.
+    /// and the file. Installs the metrics recorder first: what loading learns (the certificate's
+    /// expiry, an insecure configuration) is exported from the start, not from the first reload.
     pub fn load(args: &SecurityArgs) -> Result<Self, String> {
+        crate::metrics::install();
         let tls = match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(tls::Tls::load(tls::TlsFiles {
                 cert: cert.clone(),
@@ -100,6 +105,18 @@ impl Security {
         };
         if args.credentials_reload_s == 0 {
             return Err("--credentials-reload-s must be at least 1".into());
+        }
+        // Tokens are the only credential a plaintext port can carry, and anyone on the network
+        // path can read and replay them. Allowed (TLS may end in front of the server, at a mesh
+        // sidecar), but never silently.
+        let plaintext_tokens = args.auth_callers.is_some() && tls.is_none();
+        crate::metrics::insecure_config(TOKENS_WITHOUT_TLS, plaintext_tokens);
+        if plaintext_tokens {
+            tracing::warn!(
+                "--auth-callers without --tls-cert: bearer tokens cross the network in plaintext, \
+                 where anyone on the path can read and replay them; serve TLS (--tls-cert, \
+                 --tls-key) unless a proxy in front of this server terminates it"
+            );
         }
         let mutual = tls.as_ref().is_some_and(|t| t.mutual());
         let access =

@@ -5,8 +5,11 @@
 //! The certificate, key and client CA are re-read when their files change (cert-manager writes
 //! a renewed Secret into the mounted volume). A new configuration applies to new connections;
 //! connections already open keep theirs, so no call in flight is dropped. Files that do not
-//! load (a half-written key, a certificate that does not match the key) leave the last good
-//! configuration in force, with an error in the log and in `brainai_tls_reloads_total`.
+//! load (a half-written key, a certificate that does not match the key, an expired certificate)
+//! leave the last good configuration in force, with an error in the log and in
+//! `brainai_tls_reloads_total`; at start they stop the server. The serving certificate's notAfter
+//! is exported from the start (`brainai_tls_certificate_expiry_timestamp_seconds`), so an expiry
+//! alert fires even when no renewal ever arrives.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -205,6 +208,9 @@ fn build(files: &TlsFiles) -> Result<Loaded, String> {
         }
     };
     let not_after = not_after(&chain[0]);
+    if let Some(expiry) = not_after {
+        refuse_expired(&files.cert, expiry, now_unix())?;
+    }
     let config = builder.with_single_cert(chain, key).map_err(|e| {
         format!(
             "--tls-cert {} and --tls-key {}: {e}",
@@ -225,6 +231,25 @@ fn build(files: &TlsFiles) -> Result<Loaded, String> {
         h2: with_alpn(b"h2"),
         http1: with_alpn(b"http/1.1"),
     })
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// An expired server certificate is an error naming the file and the date: every client would
+/// refuse it, so a server that served it would look ready and answer nobody.
+fn refuse_expired(cert: &Path, not_after: i64, now: i64) -> Result<(), String> {
+    if not_after >= now {
+        return Ok(());
+    }
+    Err(format!(
+        "--tls-cert {}: the certificate expired on {}; renew it",
+        cert.display(),
+        crate::security::audit::rfc3339_utc(not_after.saturating_mul(1000))
+    ))
 }
 
 /// The certificate's notAfter, in seconds since the Unix epoch.
@@ -337,5 +362,55 @@ pub async fn handshake(
             tracing::debug!(listener, "TLS handshake timed out");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed server certificate for localhost valid until `not_after` (y, m, d), written
+    /// as PEM files into `dir`.
+    fn files(dir: &Path, not_after: (i32, u8, u8)) -> TlsFiles {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2019, 6, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let files = TlsFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            client_ca: None,
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+
+    #[test]
+    fn an_expired_certificate_is_refused_naming_the_file_and_the_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path(), (2020, 3, 1));
+        let e = Tls::load(files.clone()).unwrap_err();
+        assert!(
+            e.contains(&files.cert.display().to_string())
+                && e.contains("expired on 2020-03-01T00:00:00.000Z"),
+            "{e}"
+        );
+        // The boundary: valid through its notAfter second.
+        assert!(refuse_expired(&files.cert, 1_000, 1_000).is_ok());
+        assert!(refuse_expired(&files.cert, 999, 1_000).is_err());
+    }
+
+    #[test]
+    fn a_renewal_to_an_expired_certificate_keeps_the_one_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = files(dir.path(), (2099, 12, 31));
+        let tls = Tls::load(good.clone()).unwrap();
+        let before = tls.current.read().unwrap().fingerprint;
+        files(dir.path(), (2020, 3, 1));
+        let e = tls.reload().unwrap_err();
+        assert!(e.contains("expired on 2020-03-01"), "{e}");
+        assert_eq!(tls.current.read().unwrap().fingerprint, before);
     }
 }
