@@ -44,6 +44,7 @@ run: build model
 ##       a ghz smoke load and the short resilience run on the real server, the container images
 ##       built on a bootstrapped Debian base and run as the pod runs them (TLS, tokens), lint
 test: setup model dicom-reference dicom-tools nextest
+	$(MAKE) --no-print-directory fuzz-lock
 	$(NEXTEST) run $(CARGO_FLAGS)
 	deploy/check.sh
 	$(MAKE) --no-print-directory interop
@@ -181,9 +182,14 @@ resilience-smoke: build model ghz
 ## fuzz: coverage-guided fuzzing (AFL++ via the pinned cargo-afl, stable Rust) of every parser of
 ##       untrusted input, 12 min per target (8 targets: 1.6 CPU-hours); results: target/afl/summary.txt, corpus
 ##       and regressions under fuzz/ (make test replays them: tests/fuzz.rs)
-.PHONY: fuzz
+.PHONY: fuzz fuzz-lock
 fuzz: setup
 	fuzz/run_afl.sh $(ARGS)
+
+## fuzz-lock: fuzz/Cargo.lock is current with the service's dependencies (run by make test: a stale
+##            one stops make fuzz's --locked build); fix with `cd fuzz && cargo update --workspace`
+fuzz-lock:
+	cd fuzz && cargo metadata --locked --format-version 1 >/dev/null
 
 .PHONY: ghz load load-smoke
 ghz:

@@ -16,10 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use brainai::input::{Encoding, InputLimits};
-use brainai::model::{
-    ColorMode, DicomWindow, InputSpec, Layout, ResizeFilter, Scaling, SixteenBit,
-};
+use brainai::input::{Encoding, InputLimits, SixteenBit};
+use brainai::model::{ColorMode, DicomWindow, InputSpec, Layout, ResizeFilter, Scaling};
 use brainai::preprocess::Preprocessor;
 
 fn arg(name: &str) -> Option<String> {

@@ -15,8 +15,8 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::Duration;
 
-use brainai::input::{Encoding, InputLimits};
-use brainai::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling, SixteenBit};
+use brainai::input::{Encoding, InputLimits, SixteenBit};
+use brainai::model::{ColorMode, InputSpec, Layout, ResizeFilter, Scaling};
 use brainai::preprocess::Preprocessor;
 use brainai::preprocess::resample::{self, Filter};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

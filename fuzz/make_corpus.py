@@ -99,6 +99,23 @@ def oip_seeds(png: bytes, jpeg: bytes) -> None:
     write("upload", "seed-raw", bytes([0]) + png)
 
 
+def prescan_seeds() -> None:
+    """The differential pre-scan target: byte 0 the method (0 Classify, 1 ClassifySeries,
+    2 ModelInfer), byte 1 where the body splits, then the message."""
+    img = field(1, image_msg(b"a", b"\x89PNG"))
+    group = varint(9 << 3 | 3) + field(1, 7) + varint(9 << 3 | 4)
+    for n in (0, 3, 4):
+        write("prescan", f"seed-classify-{n}", bytes([0, 128]) + img * n + field(2, b"tiny"))
+        write("prescan", f"seed-series-{n}", bytes([1, 64]) + img * n)
+    write("prescan", "seed-classify-group", bytes([0, 3]) + group + img * 4)
+    shape = field(3, packed([1, 3, 32, 32]))
+    tensor = field(1, b"input") + field(2, b"FP32") + shape
+    write("prescan", "seed-infer", bytes([2, 0]) + field(5, tensor) + field(4, param(b"k", 1, 1)))
+    contents = field(5, field(8, b"x") * 2)
+    write("prescan", "seed-infer-bytes", bytes([2, 0]) + field(5, field(2, b"BYTES") + contents * 2))
+    write("prescan", "seed-infer-unpacked-shape", bytes([2, 0]) + field(5, b"".join(field(3, 1) for _ in range(9))))
+
+
 def write(target: str, name: str, data: bytes) -> None:
     d = CORPUS / target
     d.mkdir(parents=True, exist_ok=True)
@@ -153,6 +170,7 @@ def main() -> int:
     write("stream_request", "seed-get-model", field(1, b"tiny") + field(2, b"2"))
 
     oip_seeds(small, images["gray.jpg"])
+    prescan_seeds()
 
     for i, t in enumerate(["100m", "5S", "2M", "1H", "7u", "3n", "99999999S", "0m", "1x", ""]):
         write("grpc_timeout", f"seed-{i}", t.encode())

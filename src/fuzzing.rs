@@ -9,10 +9,8 @@ use std::path::Path;
 use prost::Message;
 
 use crate::api::grpc::{image_input, parse_grpc_timeout, priority};
-use crate::input::{self, Encoding, InputLimits};
-use crate::model::{
-    ColorMode, DicomWindow, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling, SixteenBit,
-};
+use crate::input::{self, Encoding, InputLimits, SixteenBit};
+use crate::model::{ColorMode, DicomWindow, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling};
 use crate::pb;
 use crate::preprocess::Preprocessor;
 
@@ -26,7 +24,7 @@ const LIMITS: InputLimits = InputLimits {
 pub type Target = fn(&[u8]);
 
 /// The targets by name.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("image", image),
     ("dicom", dicom),
     ("model_toml", model_toml),
@@ -36,6 +34,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("oip_grpc_request", oip_grpc_request),
     ("oip_http_request", oip_http_request),
     ("upload", upload),
+    ("prescan", prescan),
 ];
 
 /// Decoding and preprocessing, as the pipeline runs them: byte 0 picks the model input (layout,
@@ -326,6 +325,83 @@ pub fn upload(data: &[u8]) {
     if let Ok(files) = runtime.block_on(crate::api::rest::uploads(&headers, body, 64)) {
         for file in files {
             let _ = input::decoded_size(&file.data, Encoding::Detect, &LIMITS);
+        }
+    }
+}
+
+/// Differential: the protobuf pre-scan (`api::prescan`) against prost's decoding of the same
+/// message. Byte 0 picks the method (`Classify`, `ClassifySeries`, `ModelInfer`), byte 1 where a
+/// `Classify`/`ClassifySeries` body is split in two pieces (as it arrives in HTTP/2 DATA frames);
+/// the rest is the message. Whenever prost decodes it, the scan must refuse it exactly when the
+/// decoded request is over a limit (`Classify`, `ClassifySeries`: the image count), and must
+/// refuse every `ModelInfer` that is over one (it may also refuse more: duplicate map keys that
+/// prost folds, contents of a datatype the server does not take). A scan that under-counts lets
+/// the amplification it exists to stop through.
+pub fn prescan(data: &[u8]) {
+    use crate::api::oip::{MAX_DIMS, MAX_PARAMETERS, MAX_TENSORS};
+    use crate::api::prescan::{PrescanLayer, scan};
+    let [method, split, message @ ..] = data else {
+        return;
+    };
+    let limits = PrescanLayer {
+        max_message_bytes: 1 << 20,
+        max_images: 3,
+    };
+    let at = usize::from(*split) * message.len() / 256;
+    let (a, b) = message.split_at(at);
+    let pieces: [&[u8]; 2] = [a, b];
+    let whole: [&[u8]; 1] = [message];
+    match method % 3 {
+        0 | 1 => {
+            let (path, decoded) = if method % 3 == 0 {
+                (
+                    "/brainai.v1.TumorClassifier/Classify",
+                    pb::ClassifyRequest::decode(message).map(|r| r.images.len()),
+                )
+            } else {
+                (
+                    "/brainai.v1.TumorClassifier/ClassifySeries",
+                    pb::ClassifySeriesRequest::decode(message).map(|r| r.instances.len()),
+                )
+            };
+            let refused = scan(path, &pieces, &limits).expect("scanned").is_err();
+            if let Ok(images) = decoded {
+                assert_eq!(
+                    refused,
+                    images > limits.max_images,
+                    "{path}: prost decodes {images} images, the scan refused: {refused}"
+                );
+            }
+        }
+        _ => {
+            let path = "/inference.GRPCInferenceService/ModelInfer";
+            let result = scan(path, &whole, &limits).expect("scanned");
+            let Ok(r) = crate::kserve_pb::ModelInferRequest::decode(message) else {
+                return;
+            };
+            let over = r.parameters.len() > MAX_PARAMETERS
+                || r.inputs.len() > MAX_TENSORS
+                || r.outputs.len() > MAX_TENSORS
+                || r.raw_input_contents.len() > MAX_TENSORS
+                || r.outputs
+                    .iter()
+                    .any(|o| o.parameters.len() > MAX_PARAMETERS)
+                || r.inputs.iter().any(|i| {
+                    i.shape.len() > MAX_DIMS
+                        || i.parameters.len() > MAX_PARAMETERS
+                        || i.contents
+                            .as_ref()
+                            .is_some_and(|c| c.bytes_contents.len() > limits.max_images)
+                });
+            assert!(
+                !over || result.is_err(),
+                "ModelInfer over a limit passed the scan: {} inputs, {} outputs, {} raw, {} \
+                 parameters",
+                r.inputs.len(),
+                r.outputs.len(),
+                r.raw_input_contents.len(),
+                r.parameters.len()
+            );
         }
     }
 }

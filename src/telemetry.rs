@@ -79,8 +79,6 @@ impl Telemetry {
 /// `export` is set. With `export`, call it inside the Tokio runtime (the gRPC exporter's channel
 /// lives there).
 pub fn init(format: LogFormat, export: Option<&TraceExport>) -> Result<Telemetry, String> {
-    let filter =
-        EnvFilter::try_from_env("BRAINAI_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -88,9 +86,7 @@ pub fn init(format: LogFormat, export: Option<&TraceExport>) -> Result<Telemetry
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
     }
-    // The SDK logs every failed export twice (an error and a warning), with no limit; the
-    // exporter's wrapper ([`Reported`]) says it instead, at most once a minute.
-    .with_filter(filter.and(filter_fn(|meta| !sdk_export_failure(meta))));
+    .with_filter(log_filter());
     let provider = export.map(provider).transpose()?;
     let otel = provider.as_ref().map(|provider| {
         use opentelemetry::trace::TracerProvider as _;
@@ -110,6 +106,28 @@ pub fn init(format: LogFormat, export: Option<&TraceExport>) -> Result<Telemetry
 /// messages may quote inputs; span fields are chosen to carry none).
 fn exported(meta: &tracing::Metadata<'_>) -> bool {
     meta.is_span() && meta.target().starts_with("brainai") && *meta.level() != tracing::Level::TRACE
+}
+
+/// What the log layer writes: `BRAINAI_LOG` (default `info,ort=warn`), less the lines that are
+/// noise whatever the level asked for.
+pub fn log_filter<S>() -> impl tracing_subscriber::layer::Filter<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let filter =
+        EnvFilter::try_from_env("BRAINAI_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    // The SDK logs every failed export twice (an error and a warning), with no limit; the
+    // exporter's wrapper ([`Reported`]) says it instead, at most once a minute.
+    filter.and(filter_fn(|meta| {
+        !sdk_export_failure(meta) && !codec_chatter(meta)
+    }))
+}
+
+/// OpenJPEG's progress messages, which the `jpeg2k` crate passes on at INFO (three lines for
+/// every JPEG 2000 frame decoded: "Start to read j2k main header", …): codec chatter, not
+/// service events; its warnings and errors still pass.
+fn codec_chatter(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_event() && meta.target().starts_with("jpeg2k") && *meta.level() == tracing::Level::INFO
 }
 
 /// The OpenTelemetry SDK's own log lines about one failed export (`BatchSpanProcessor.ExportError`,

@@ -1,12 +1,19 @@
+//! Allocations, counted by a wrapping global allocator in this test binary (its own process).
+//!
 //! Once warm, serving allocates no tensor-sized memory: images are preprocessed into rows of pooled
-//! batch buffers, and batches run from those rows. This test binary (its own process) counts, with
-//! a wrapping global allocator, every allocation whose size is a whole number of the model's input
-//! tensors (what a `Vec<f32>` per image, or a batch concatenated from them, would allocate) while
-//! single-image gRPC calls from 8 concurrent clients are served by the real tiny ONNX model.
+//! batch buffers, and batches run from those rows. The first test counts every allocation whose
+//! size is a whole number of the model's input tensors (what a `Vec<f32>` per image, or a batch
+//! concatenated from them, would allocate) while single-image gRPC calls from 8 concurrent clients
+//! are served by the real tiny ONNX model.
+//!
+//! Hostile DICOM files are refused before dicom-rs allocates what they declare: the second test
+//! records the largest allocation made while each file of `fuzz/regressions/dicom/prescan-*` is
+//! decoded.
 
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::*;
@@ -16,6 +23,12 @@ const TENSOR_BYTES: usize = 3 * 32 * 32 * 4;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static TENSOR_SIZED: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Whether this thread records its largest allocation, and that allocation's size.
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
 
 struct Counting;
 
@@ -42,6 +55,10 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 fn note(size: usize) {
+    // `try_with`: allocations during a thread's teardown find no thread-locals.
+    if TRACKING.try_with(Cell::get).unwrap_or(false) {
+        let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    }
     if size >= TENSOR_BYTES && size.is_multiple_of(TENSOR_BYTES) && COUNTING.load(Ordering::Relaxed)
     {
         TENSOR_SIZED.fetch_add(1, Ordering::Relaxed);
@@ -108,4 +125,100 @@ async fn serving_allocates_no_tensor_sized_memory_once_warm() {
         "{counted} tensor-sized allocations while serving {images} images"
     );
     assert!(batches > 0.0 && in_place > 0.0, "assembly metrics exported");
+}
+
+/// What `f` returns and the largest single allocation it made on this thread.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LARGEST.with(|l| l.set(0));
+    TRACKING.with(|t| t.set(true));
+    let out = f();
+    TRACKING.with(|t| t.set(false));
+    (out, LARGEST.with(Cell::get))
+}
+
+/// Each file of `fuzz/regressions/dicom/prescan-*` (written by `fuzz/make_prescan_regressions.py`)
+/// and the length its refusal must name: one dicom-rs would have tried to allocate.
+const PRESCAN_REGRESSIONS: &[(&str, &str)] = &[
+    (
+        "prescan-unknown-vr",
+        "element (0010,0010) declares 1852796481 bytes",
+    ),
+    (
+        "prescan-unknown-vr-big-endian",
+        "element (0010,0010) declares 1097756526 bytes",
+    ),
+    (
+        "prescan-unknown-vr-in-item",
+        "element (0010,0010) declares 1852796481 bytes",
+    ),
+    (
+        "prescan-unknown-vr-deflated",
+        "element (0010,0010) declares 1852796481 bytes",
+    ),
+    (
+        "prescan-unknown-vr-in-meta",
+        "file meta element (0002,0010) declares 775040561 bytes",
+    ),
+    (
+        "prescan-meta-group-length-short",
+        "element (0002,0099) declares 1073763404 bytes",
+    ),
+    (
+        "prescan-group-fffe-element",
+        "element (FFFE,0001) declares 536890960 bytes",
+    ),
+    (
+        "prescan-pixel-data-sequence",
+        "element (0010,0010) declares 1879048192 bytes",
+    ),
+];
+
+#[test]
+fn hostile_dicom_lengths_are_refused_before_anything_large_is_allocated() {
+    use brainai::input::dicom;
+    use brainai::input::{Encoding, InputLimits};
+    const LIMITS: InputLimits = InputLimits {
+        max_image_bytes: 64 << 20,
+        max_pixels: 1 << 26,
+    };
+    let dir = repo().join("fuzz/regressions/dicom");
+    let mut listed: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("prescan-"))
+        .collect();
+    listed.sort();
+    let mut expected: Vec<&str> = PRESCAN_REGRESSIONS.iter().map(|(f, _)| *f).collect();
+    expected.sort();
+    assert_eq!(
+        listed, expected,
+        "every prescan regression has its reason here"
+    );
+    for (file, reason) in PRESCAN_REGRESSIONS {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        // Byte 0 is the fuzz target's selector; the file follows.
+        let data = &bytes[1..];
+        let (refused, largest) = largest_allocation(|| dicom::prescan(data, &LIMITS).map(|_| ()));
+        let err = refused.expect_err(file).to_string();
+        assert!(err.contains(reason), "{file}: {err}");
+        assert!(
+            largest < 1 << 20,
+            "{file}: the pre-scan allocated {largest} bytes"
+        );
+        // Every entry point refuses it the same way, without a large allocation.
+        let (decoded, largest) = largest_allocation(|| dicom::decode(data, &LIMITS).map(|_| ()));
+        let err = decoded.expect_err(file).to_string();
+        assert!(err.contains(reason), "{file}: decode: {err}");
+        assert!(
+            largest < 1 << 20,
+            "{file}: decoding allocated {largest} bytes"
+        );
+        let (size, largest) =
+            largest_allocation(|| brainai::input::decoded_size(data, Encoding::Detect, &LIMITS));
+        assert!(size.is_err(), "{file}: {size:?}");
+        assert!(
+            largest < 1 << 20,
+            "{file}: the size check allocated {largest} bytes"
+        );
+    }
 }

@@ -718,3 +718,38 @@ async fn enhanced_mr_frames_are_sorted_by_their_functional_group_positions() {
     assert!(!r.structured_report.is_empty());
     t.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_whose_probabilities_are_not_is_named_instead_of_an_internal_error() {
+    // tiny-identity declares kind = "probabilities" and returns its input tensor (0..255): the
+    // structured report failed with INTERNAL, "the structured report could not be built"
+    // (issue 22, finding 24). The output contract is checked and the error names the model.
+    let root = tempfile::tempdir().unwrap();
+    let dir = copy_model("tiny-identity", root.path(), "not-probabilities");
+    let mut t = serve(args(&dir, &[]), None).await;
+    let slices: Vec<Slice> = (0..3).map(|k| slice(k + 1, 3.0 * k as f64)).collect();
+    let err = classify_series(
+        &mut t,
+        pb::ClassifySeriesRequest {
+            structured_report: true,
+            ..series_request(&slices)
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("model not-probabilities version 1 returned "),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .contains("which is not a probability in [0, 1]: no structured report can state it"),
+        "{err:?}"
+    );
+    // Without a report the series is classified as before.
+    classify_series(&mut t, series_request(&slices))
+        .await
+        .unwrap();
+}

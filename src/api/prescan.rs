@@ -123,6 +123,23 @@ where
     }
 }
 
+/// The scan the layer runs on one message of the method `path`, given in the pieces it arrived in
+/// (`ModelInfer`: one piece); `None` for a method it does not scan. Public for the differential
+/// fuzz target (`fuzzing::prescan`), which holds it to prost's decoding of the same bytes.
+pub fn scan(
+    path: &str,
+    pieces: &[&[u8]],
+    limits: &PrescanLayer,
+) -> Option<Result<(), tonic::Status>> {
+    let scan: Scan = match path {
+        CLASSIFY => classify_request,
+        CLASSIFY_SERIES => classify_series_request,
+        MODEL_INFER => model_infer_request,
+        _ => return None,
+    };
+    Some(scan(Wire::new(pieces), limits))
+}
+
 /// The data of a collected body, piece by piece, without copying.
 fn body_chunks(collected: http_body_util::Collected<Bytes>) -> Vec<Bytes> {
     use bytes::Buf;
@@ -151,6 +168,9 @@ fn single_uncompressed_message<'a>(body: &'a [&'a [u8]]) -> Option<Wire<'a>> {
 enum Field<'a> {
     Varint,
     Fixed,
+    /// A group (wire types 3 and 4, deprecated but still decoded): prost skips it whole when its
+    /// number is not declared, so the scan does too.
+    Group,
     /// A length-delimited field's bytes; `None` when they span two pieces of the body (only a
     /// `Classify` body is scanned in pieces, and its scan never looks inside a field).
     Bytes(Option<&'a [u8]>),
@@ -241,9 +261,39 @@ impl<'a> Wire<'a> {
                 Field::Bytes(self.skip(len)?)
             }
             5 => self.skip(4).map(|_| Field::Fixed)?,
+            3 => self.skip_group().map(|()| Field::Group)?,
+            // An end-group with no start, or wire types 6 and 7: prost refuses them too.
             _ => return None,
         };
         Some((key >> 3, field))
+    }
+
+    /// Skips to the end of a group whose start was just read, nested groups included, without
+    /// recursion (prost refuses nesting past its recursion limit; the scan need not).
+    fn skip_group(&mut self) -> Option<()> {
+        let mut depth = 1usize;
+        while depth > 0 {
+            let key = self.varint()?;
+            match key & 7 {
+                0 => {
+                    self.varint()?;
+                }
+                1 => {
+                    self.skip(8)?;
+                }
+                2 => {
+                    let len = usize::try_from(self.varint()?).ok()?;
+                    self.skip(len)?;
+                }
+                3 => depth += 1,
+                4 => depth -= 1,
+                5 => {
+                    self.skip(4)?;
+                }
+                _ => return None,
+            }
+        }
+        Some(())
     }
 }
 
@@ -359,6 +409,9 @@ fn check_input(i: usize, input: &[u8], limits: &PrescanLayer) -> Result<(), toni
             "input {i} has more than {MAX_PARAMETERS} parameters"
         )));
     }
+    // `contents` is one message, but prost merges every occurrence of it into one: the BYTES
+    // elements of all of them are what decoding holds.
+    let mut bytes_elements = 0;
     let mut wire = Wire::one(input);
     while let Some((field, value)) = wire.next() {
         let (5, Field::Bytes(Some(contents))) = (field, value) else {
@@ -373,7 +426,8 @@ fn check_input(i: usize, input: &[u8], limits: &PrescanLayer) -> Result<(), toni
                 )));
             }
         }
-        let n = count(Wire::one(contents), 8);
+        bytes_elements += count(Wire::one(contents), 8);
+        let n = bytes_elements;
         if n > limits.max_images {
             return Err(invalid(format!(
                 "input {i} has {n} BYTES elements, over the limit of {} images per request",
@@ -401,6 +455,46 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec()
+    }
+
+    #[test]
+    fn images_after_a_group_are_counted() {
+        // prost skips an undeclared group (wire types 3 and 4, a nested one included) and
+        // decodes every image after it; the scan stopped at the group and counted none.
+        let mut message = vec![9 << 3 | 3, 1 << 3, 7, 10 << 3 | 3, 10 << 3 | 4, 9 << 3 | 4];
+        message.extend(classify(5));
+        let decoded = crate::pb::ClassifyRequest::decode(&message[..]).unwrap();
+        assert_eq!(decoded.images.len(), 5);
+        let (a, b) = message.split_at(3);
+        let err = scan(CLASSIFY, &[a, b], &LIMITS).unwrap().unwrap_err();
+        assert!(err.message().contains("request has 5 images"), "{err:?}");
+    }
+
+    #[test]
+    fn bytes_contents_sent_in_several_parts_are_counted_together() {
+        // prost merges every occurrence of an input's `contents`: 3 + 3 BYTES elements are 6.
+        let contents = crate::kserve_pb::InferTensorContents {
+            bytes_contents: vec![b"x".to_vec(); 3],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut input = Vec::new();
+        for _ in 0..2 {
+            input.extend([5 << 3 | 2, contents.len() as u8]);
+            input.extend(&contents);
+        }
+        let mut message = vec![5 << 3 | 2, input.len() as u8];
+        message.extend(&input);
+        let decoded = crate::kserve_pb::ModelInferRequest::decode(&message[..]).unwrap();
+        let merged = decoded.inputs[0].contents.as_ref().unwrap();
+        assert_eq!(merged.bytes_contents.len(), 6);
+        let err = scan(MODEL_INFER, &[&message], &LIMITS)
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            err.message().contains("input 0 has 6 BYTES elements"),
+            "{err:?}"
+        );
     }
 
     #[test]

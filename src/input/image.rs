@@ -6,8 +6,8 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat as CodecFormat, ImageReader};
 
+use super::SixteenBit;
 use super::{Encoding, InputError, InputLimits, Pixels};
-use crate::model::SixteenBit;
 
 /// Bytes the decoder will allocate for one image's pixels, read from its header alone (PNG IHDR,
 /// JPEG frame header, raw geometry), after the same size, format and pixel-count checks as

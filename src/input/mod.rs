@@ -7,6 +7,8 @@ pub mod sequence;
 
 pub use self::image::decode;
 
+use serde::Deserialize;
+
 /// How the bytes of one image are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -42,6 +44,27 @@ pub fn decoded_size(
         dicom::decoded_size(data, limits)
     } else {
         image::decoded_size(data, encoding, limits)
+    }
+}
+
+/// How 16-bit samples (16-bit PNG) become 8-bit ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SixteenBit {
+    /// As a training pipeline on Pillow 12 saw them: 16-bit grayscale is clipped to 255
+    /// (`convert("L")`/`("RGB")` of mode `I;16`), 16-bit colour and gray+alpha keep the high byte.
+    #[default]
+    Pillow,
+    /// Scaled to the full 8-bit range: `round(v × 255 / 65535)`.
+    Scale,
+}
+
+impl SixteenBit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SixteenBit::Pillow => "pillow",
+            SixteenBit::Scale => "scale",
+        }
     }
 }
 

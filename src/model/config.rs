@@ -9,8 +9,9 @@ use sha2::{Digest, Sha256};
 
 use super::{
     Aggregation, ColorMode, DicomGuard, DicomOutput, DicomWindow, GuardPolicy, InputSpec, Layout,
-    ModelError, OutputKind, ResizeFilter, Scaling, SeriesSettings, SixteenBit,
+    ModelError, OutputKind, ResizeFilter, Scaling, SeriesSettings,
 };
+use crate::input::SixteenBit;
 use crate::priority::Priority;
 
 /// Batching settings of one model; each one unset falls back to the server-wide flag. Also what a

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::input::SixteenBit;
+
 pub use config::{BatchingOverrides, ModelConfig, VersionPolicy};
 
 /// Errors while reading a model directory. Each message names the file and the problem.
@@ -87,27 +89,6 @@ impl ResizeFilter {
             ResizeFilter::Bilinear => "bilinear",
             ResizeFilter::Bicubic => "bicubic",
             ResizeFilter::Lanczos3 => "lanczos3",
-        }
-    }
-}
-
-/// How 16-bit samples (16-bit PNG) become 8-bit ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SixteenBit {
-    /// As a training pipeline on Pillow 12 saw them: 16-bit grayscale is clipped to 255
-    /// (`convert("L")`/`("RGB")` of mode `I;16`), 16-bit colour and gray+alpha keep the high byte.
-    #[default]
-    Pillow,
-    /// Scaled to the full 8-bit range: `round(v × 255 / 65535)`.
-    Scale,
-}
-
-impl SixteenBit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SixteenBit::Pillow => "pillow",
-            SixteenBit::Scale => "scale",
         }
     }
 }

@@ -483,6 +483,28 @@ fn structured_report(
         .enumerate()
         .filter(|(_, s)| s.result.is_some())
         .collect();
+    // The report states probabilities: a model whose outputs are not (logits declared as
+    // `kind = "probabilities"`) broke its output contract, which no caller can fix.
+    for (_, s) in &classified {
+        let c = &s.result.as_ref().expect("classified").classification;
+        if let Some((k, p)) = c
+            .probabilities
+            .iter()
+            .enumerate()
+            .find(|(_, p)| !(p.is_finite() && (0.0..=1.0).contains(*p)))
+        {
+            return Err(InferError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "model {} version {} returned {p} for label {:?}, which is not a probability \
+                     in [0, 1]: no structured report can state it (its model.toml declares \
+                     [output] kind = \"probabilities\"; a model that returns logits declares \
+                     kind = \"logits\")",
+                    model.spec.config.name, model.spec.version, labels[k]
+                ),
+            ));
+        }
+    }
     let report = SeriesReport {
         context,
         study_instance_uid: first.ids.study_instance_uid.clone(),

@@ -416,7 +416,7 @@ fn png(pixels: &Pixels) -> Result<Vec<u8>, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::SixteenBit;
+    use crate::input::SixteenBit;
 
     fn spec(layout: Layout, color: ColorMode) -> InputSpec {
         InputSpec {

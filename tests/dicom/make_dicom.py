@@ -20,7 +20,7 @@ Which tool made which file
 --------------------------
 pydicom 3.0.2 (this script) wrote, as native data:
     ts_implicit_le, ts_explicit_le, ts_deflated (pydicom's deflate writer, zlib),
-    signed_rescale, bits_stored_garbage, signed_12bit, mono1, padding, window_linear_exact,
+    signed_rescale, un_attributes, bits_stored_garbage, signed_12bit, mono1, padding, window_linear_exact,
     window_sigmoid, window_multi, voi_lut_seq, modality_lut_seq, no_window, mono8, rgb,
     rgb_planar, ybr_full, multiframe, phi,
     bad/no_pixel_data, bad/dims_overflow, bad/bits_stored_gt_allocated, bad/bits_allocated_odd
@@ -161,8 +161,10 @@ def next_sop_uid() -> tuple[str, int]:
 
 def base_ds(ts: str, *, rows=ROWS, cols=COLS, photometric="MONOCHROME2", bits_allocated=16,
             bits_stored=12, pixel_rep=0, spp=1, frames: int | None = None,
-            sop_class: str = MR_STORAGE, rescale=(1, 0), window=WINDOW) -> FileDataset:
-    sop_uid, inst = next_sop_uid()
+            sop_class: str = MR_STORAGE, rescale=(1, 0), window=WINDOW,
+            instance: int | None = None) -> FileDataset:
+    # A fixed instance number keeps the counter (and every other file's UID) where it was.
+    sop_uid, inst = next_sop_uid() if instance is None else (f"{UID_ROOT}1.1.{instance}", instance)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -325,6 +327,41 @@ def lo_elem(tag: int, text: str) -> bytes:
     return elem_header_ex(tag, "LO", len(b)) + b
 
 
+def uid_bytes(uid: str) -> bytes:
+    """A UID value as written: ASCII, padded to even length with NUL."""
+    b = uid.encode()
+    return b + b"\0" * (len(b) % 2)
+
+
+def to_un(path: Path, keywords: list[str]) -> None:
+    """Rewrites the named top-level elements of an explicit VR little-endian file (no sequences)
+    with VR UN: the 12-byte header, the value bytes unchanged."""
+    tags = {pydicom.datadict.tag_for_keyword(k) for k in keywords}
+    data = path.read_bytes()
+    (group_length,) = struct.unpack("<I", data[140:144])
+    pos = start = 144 + group_length
+    out = bytearray(data[:start])
+    seen = set()
+    while pos < len(data):
+        g, e, vr = *struct.unpack("<HH", data[pos:pos + 4]), data[pos + 4:pos + 6].decode()
+        if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UR", "UT", "UN"):
+            (n,) = struct.unpack("<I", data[pos + 8:pos + 12])
+            head = 12
+        else:
+            (n,) = struct.unpack("<H", data[pos + 6:pos + 8])
+            head = 8
+        assert vr != "SQ" and n != 0xFFFFFFFF, (g, e)
+        value = data[pos + head:pos + head + n]
+        if (g << 16 | e) in tags:
+            out += struct.pack("<HH2sHI", g, e, b"UN", 0, n) + value
+            seen.add(g << 16 | e)
+        else:
+            out += data[pos:pos + head + n]
+        pos += head + n
+    assert seen == tags, tags - seen
+    path.write_bytes(bytes(out))
+
+
 def decoded(path: Path) -> np.ndarray:
     return pydicom.dcmread(path).pixel_array
 
@@ -480,6 +517,24 @@ def main() -> int:
                "signed 16-bit (PixelRepresentation 1, BitsStored 16), stored values "
                f"{stored.min()}..{stored.max()}, RescaleSlope 2, RescaleIntercept -1024, "
                "window 1800/5000 (in rescaled units)")
+    assert np.array_equal(decoded(p), stored)
+
+    # the same image with the attributes an unknowing sender wrote as UN (explicit VR, raw bytes)
+    ds = base_ds(ExplicitVRLittleEndian, bits_stored=16, pixel_rep=1, rescale=(2, -1024),
+                 window=(1800, 5000), instance=901)
+    p = native("un_attributes.dcm", ds, stored,
+               "signed_rescale.dcm's image with RescaleSlope/Intercept, WindowCenter/Width, "
+               "Modality, the Study/Series/SOP Instance UIDs, PixelRepresentation and "
+               "ImagePositionPatient stored with VR UN (their value bytes unchanged), as a sender "
+               "that did not know them writes explicit VR",
+               notes="pydicom reads UN with the dictionary VR (config.replace_un_with_known_vr)")
+    to_un(p, ["RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "Modality",
+              "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PixelRepresentation",
+              "ImagePositionPatient"])
+    check = pydicom.dcmread(p)
+    assert check["RescaleSlope"].VR == "DS" and float(check.RescaleSlope) == 2.0
+    assert check.SOPInstanceUID == ds.SOPInstanceUID and check.Modality == "MR"
+    assert check.PixelRepresentation == 1
     assert np.array_equal(decoded(p), stored)
 
     # junk in the top 4 bits

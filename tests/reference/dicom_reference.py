@@ -5,6 +5,7 @@ It shares no code with the Rust service.  Run with the repo's venv after
 `.venv/bin/pip install -r tests/dicom/requirements.txt`:
 
     .venv/bin/python tests/reference/dicom_reference.py decode FILE [--policy JSON] --out OUT.u8 [--debug]
+    .venv/bin/python tests/reference/dicom_reference.py decode-many --policies JSON-LIST --out-dir DIR FILE...
     .venv/bin/python tests/reference/dicom_reference.py preprocess --model-dir DIR FILE [FILE...] \\
         [--policy JSON] --out OUT.f32
 
@@ -13,6 +14,8 @@ decode:     writes every frame's 8-bit pixels (row-major, frames concatenated; g
             {"frames": N, "width": W, "height": H, "channels": C}.  Without --policy the policy
             is {"window": "header"}.  --debug prints, per frame, one JSON line to stderr with the
             helper quantities (float64, repr = shortest round-trip decimal).
+decode-many: decode's output for every file under every policy of the list, in one process,
+            plus each monochrome file's stored values (see cmd_decode_many).
 preprocess: each frame's 8-bit image through tests/reference/reference.py's preprocess_one
             (resize / colour / scaling of the model's [input]), tensors of all frames of all
             files concatenated in order as little-endian float32; prints {"shape": [...]}.
@@ -432,6 +435,46 @@ def cmd_decode(args) -> int:
     return 0
 
 
+def cmd_decode_many(args) -> int:
+    """Every FILE under every policy of the JSON list, in one process: DIR/<i>-<p>.u8 as decode
+    writes them, DIR/<i>.stored (monochrome: pydicom's stored values as little-endian int32,
+    frames concatenated) and one JSON line per file: {"file", "frames", "width", "height",
+    "channels"}, or {"file", "pydicom", "error"} when pydicom cannot read or decode it
+    ("pydicom": false) or this reference has no semantics for what pydicom decoded (colour of more
+    than 8 bits, PALETTE COLOR: "pydicom": true)."""
+    policies = [parse_policy(p) for p in json.loads(args.policies)]
+    out = Path(args.out_dir)
+    for i, f in enumerate(args.files):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(f)
+                arr = ds.pixel_array
+                if int(ds.SamplesPerPixel) == 1:
+                    stored = arr.astype("<i4")
+        except Exception as e:  # noqa: BLE001  (a refusal is a result here)
+            print(json.dumps({"file": f, "pydicom": False, "error": f"{type(e).__name__}: {e}"[:300]}),
+                  flush=True)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for p, policy in enumerate(policies):
+                    frames, channels = decode_frames(f, policy)
+                    (out / f"{i}-{p}.u8").write_bytes(
+                        b"".join(np.ascontiguousarray(fr).tobytes() for fr in frames))
+        except Exception as e:  # noqa: BLE001  (pydicom decodes it; this reference does not)
+            print(json.dumps({"file": f, "pydicom": True, "error": f"{type(e).__name__}: {e}"[:300]}),
+                  flush=True)
+            continue
+        if channels == 1:
+            (out / f"{i}.stored").write_bytes(np.ascontiguousarray(stored).tobytes())
+        h, w = frames[0].shape[:2]
+        print(json.dumps({"file": f, "frames": len(frames), "width": int(w), "height": int(h),
+                          "channels": channels}), flush=True)
+    return 0
+
+
 def cmd_preprocess(args) -> int:
     cfg = reference.load_config(Path(args.model_dir))
     inp = cfg["input"]
@@ -485,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", required=True)
     d.add_argument("--debug", action="store_true", help="per-frame helper quantities on stderr")
     d.set_defaults(func=cmd_decode)
+
+    m = sub.add_parser("decode-many")
+    m.add_argument("--policies", required=True, help="JSON list of policies")
+    m.add_argument("--out-dir", required=True)
+    m.add_argument("files", nargs="+")
+    m.set_defaults(func=cmd_decode_many)
 
     p = sub.add_parser("preprocess")
     p.add_argument("--model-dir", required=True)
