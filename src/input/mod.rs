@@ -3,6 +3,7 @@
 
 pub mod dicom;
 pub mod image;
+pub mod message;
 pub mod sequence;
 
 pub use self::image::decode;

@@ -212,10 +212,10 @@ pub fn decode(data: &[u8], limits: &InputLimits) -> Result<DicomImage, InputErro
 
 /// An error and its sources, each first line cleaned, joined by ": ".
 fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = vec![super::image::clean_message(&error.to_string())];
+    let mut parts = vec![super::message::clean_message(&error.to_string())];
     let mut source = error.source();
     while let Some(e) = source {
-        let part = super::image::clean_message(&e.to_string());
+        let part = super::message::clean_message(&e.to_string());
         if !parts.contains(&part) {
             parts.push(part);
         }
