@@ -339,11 +339,11 @@ pub fn upload(data: &[u8]) {
 /// the amplification it exists to stop through.
 pub fn prescan(data: &[u8]) {
     use crate::api::oip::{MAX_DIMS, MAX_PARAMETERS, MAX_TENSORS};
-    use crate::api::prescan::{PrescanLayer, scan};
+    use crate::api::prescan::{PrescanLimits, scan};
     let [method, split, message @ ..] = data else {
         return;
     };
-    let limits = PrescanLayer {
+    let limits = PrescanLimits {
         max_message_bytes: 1 << 20,
         max_images: 3,
     };

@@ -17,7 +17,7 @@ use crate::api::body::BodyBudget;
 use crate::api::call::CallLayer;
 use crate::api::grpc::ClassifierService;
 use crate::api::oip::grpc::InferenceService;
-use crate::api::prescan::PrescanLayer;
+use crate::api::prescan::{PrescanLayer, PrescanLimits};
 use crate::api::routes::{self, GrpcRoutes};
 use crate::api::status::StatusLayer;
 use crate::api::transport::{self, ConnectionPolicy, Connections, Protocol, Stop};
@@ -261,10 +261,10 @@ fn grpc_stack(
         .layer(StatusLayer {
             max_metadata_bytes: args.max_metadata_bytes,
         })
-        .layer(PrescanLayer {
+        .layer(PrescanLayer(PrescanLimits {
             max_message_bytes: args.max_message_bytes,
             max_images: args.max_images_per_request,
-        })
+        }))
         .service(routes))
 }
 

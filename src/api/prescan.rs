@@ -30,17 +30,21 @@ const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// The limits the scan enforces.
 #[derive(Debug, Clone, Copy)]
-pub struct PrescanLayer {
+pub struct PrescanLimits {
     pub max_message_bytes: usize,
     pub max_images: usize,
 }
+
+/// The layer that scans each request message of the scanned methods against its limits.
+#[derive(Debug, Clone, Copy)]
+pub struct PrescanLayer(pub PrescanLimits);
 
 impl<S> Layer<S> for PrescanLayer {
     type Service = Prescan<S>;
     fn layer(&self, inner: S) -> Prescan<S> {
         Prescan {
             inner,
-            limits: *self,
+            limits: self.0,
         }
     }
 }
@@ -48,11 +52,11 @@ impl<S> Layer<S> for PrescanLayer {
 #[derive(Debug, Clone)]
 pub struct Prescan<S> {
     inner: S,
-    limits: PrescanLayer,
+    limits: PrescanLimits,
 }
 
 /// A scan of one message, given as the pieces it arrived in.
-type Scan = fn(Wire<'_>, &PrescanLayer) -> Result<(), tonic::Status>;
+type Scan = fn(Wire<'_>, &PrescanLimits) -> Result<(), tonic::Status>;
 
 impl<S, B, ResBody> Service<Request<B>> for Prescan<S>
 where
@@ -129,7 +133,7 @@ where
 pub fn scan(
     path: &str,
     pieces: &[&[u8]],
-    limits: &PrescanLayer,
+    limits: &PrescanLimits,
 ) -> Option<Result<(), tonic::Status>> {
     let scan: Scan = match path {
         CLASSIFY => classify_request,
@@ -333,7 +337,7 @@ fn invalid(message: String) -> tonic::Status {
 }
 
 /// `ClassifyRequest`: at most `--max-images-per-request` images (field 1).
-fn classify_request(message: Wire<'_>, limits: &PrescanLayer) -> Result<(), tonic::Status> {
+fn classify_request(message: Wire<'_>, limits: &PrescanLimits) -> Result<(), tonic::Status> {
     let n = count(message, 1);
     if n > limits.max_images {
         return Err(invalid(format!(
@@ -345,7 +349,7 @@ fn classify_request(message: Wire<'_>, limits: &PrescanLayer) -> Result<(), toni
 }
 
 /// `ClassifySeriesRequest`: at most `--max-images-per-request` instances (field 1).
-fn classify_series_request(message: Wire<'_>, limits: &PrescanLayer) -> Result<(), tonic::Status> {
+fn classify_series_request(message: Wire<'_>, limits: &PrescanLimits) -> Result<(), tonic::Status> {
     let n = count(message, 1);
     if n > limits.max_images {
         return Err(invalid(format!(
@@ -358,7 +362,7 @@ fn classify_series_request(message: Wire<'_>, limits: &PrescanLayer) -> Result<(
 
 /// `ModelInferRequest`: parameters (4), inputs (5: shape 3, parameters 4, contents 5), outputs
 /// (6: parameters 2), raw_input_contents (7).
-fn model_infer_request(mut wire: Wire<'_>, limits: &PrescanLayer) -> Result<(), tonic::Status> {
+fn model_infer_request(mut wire: Wire<'_>, limits: &PrescanLimits) -> Result<(), tonic::Status> {
     let (mut inputs, mut outputs, mut raw, mut parameters) = (0, 0, 0, 0);
     while let Some((field, value)) = wire.next() {
         // Contiguous: a `ModelInfer` body is scanned in one piece.
@@ -398,7 +402,7 @@ fn model_infer_request(mut wire: Wire<'_>, limits: &PrescanLayer) -> Result<(), 
     Ok(())
 }
 
-fn check_input(i: usize, input: &[u8], limits: &PrescanLayer) -> Result<(), tonic::Status> {
+fn check_input(i: usize, input: &[u8], limits: &PrescanLimits) -> Result<(), tonic::Status> {
     if scalars(Wire::one(input), 3) > MAX_DIMS {
         return Err(invalid(format!(
             "input {i}: a shape has at most {MAX_DIMS} dimensions"
@@ -443,7 +447,7 @@ mod tests {
     use super::*;
     use prost::Message;
 
-    const LIMITS: PrescanLayer = PrescanLayer {
+    const LIMITS: PrescanLimits = PrescanLimits {
         max_message_bytes: 1 << 20,
         max_images: 4,
     };
