@@ -794,4 +794,24 @@ mod tests {
         );
         assert_eq!(scope("/nothing.Here/At", true), Some(Read));
     }
+
+    /// Every name a gRPC call can be recorded under is documented as a value of `rpc` in README's
+    /// metric table, which deploy/tools/validate.py holds the dashboards and alerts to.
+    #[test]
+    fn every_recorded_grpc_route_is_documented() {
+        let readme = include_str!("../README.md");
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `brainai_requests_total`"))
+            .expect("the metric's row");
+        for route in GRPC_ROUTES.iter().chain([&UNKNOWN_GRPC]) {
+            if route.protection != Open {
+                assert!(
+                    row.contains(&format!("`{}`", route.name)),
+                    "{} is not documented as a value of rpc",
+                    route.name
+                );
+            }
+        }
+    }
 }

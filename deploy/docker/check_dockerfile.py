@@ -175,7 +175,8 @@ def makefile_commands(text: str) -> dict[str, list[list[str]]]:
         return re.sub(r"\$\(shell [^)]*\)", "SHELL_OUTPUT", value)
 
     rules: list[tuple[list[str], list[str], list[str]]] = []  # (targets, prerequisites, recipe)
-    for line in text.splitlines():
+    # A line ending in a backslash continues on the next (make joins them before the shell runs).
+    for line in re.sub(r"\\\n[ \t]*", " ", text).splitlines():
         if line.startswith("\t") and rules:
             rules[-1][2].append(line.strip().lstrip("@"))
             continue
