@@ -24,7 +24,7 @@ use opentelemetry_sdk::trace::{
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tonic::transport::{Certificate, ClientTlsConfig};
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -118,9 +118,13 @@ where
         EnvFilter::try_from_env("BRAINAI_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
     // The SDK logs every failed export twice (an error and a warning), with no limit; the
     // exporter's wrapper ([`Reported`]) says it instead, at most once a minute.
-    filter.and(filter_fn(|meta| {
-        !sdk_export_failure(meta) && !codec_chatter(meta)
-    }))
+    // With a level hint that leaves the `EnvFilter`'s level the process's maximum: without it,
+    // every disabled span of hyper and h2 was created and checked on every call (+25 µs of CPU
+    // per Classify call, docs/PERFORMANCE.md).
+    filter.and(
+        filter_fn(|meta| !sdk_export_failure(meta) && !codec_chatter(meta))
+            .with_max_level_hint(LevelFilter::TRACE),
+    )
 }
 
 /// OpenJPEG's progress messages, which the `jpeg2k` crate passes on at INFO (three lines for
@@ -391,6 +395,20 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log filter keeps the level of `BRAINAI_LOG` as the process's maximum: a disabled
+    /// span or event (h2's TRACE spans, this crate's DEBUG ones) then costs one comparison,
+    /// instead of being created and checked on every call.
+    #[test]
+    fn the_log_filter_keeps_its_level_hint() {
+        use tracing_subscriber::layer::Filter;
+        let filter = log_filter::<tracing_subscriber::Registry>();
+        let expected = EnvFilter::try_from_env("BRAINAI_LOG")
+            .unwrap_or_else(|_| EnvFilter::new("info,ort=warn"))
+            .max_level_hint();
+        assert!(expected.is_some());
+        assert_eq!(Filter::max_level_hint(&filter), expected);
+    }
 
     #[test]
     fn ratio_is_a_fraction() {
