@@ -14,31 +14,13 @@ use brainai::pb;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The audit file's records, once at least `n` are there (bounded by PATIENCE).
-async fn records(file: &Path, n: usize) -> Vec<serde_json::Value> {
-    bounded("audit records", async {
-        loop {
-            let text = std::fs::read_to_string(file).unwrap_or_default();
-            let lines: Vec<serde_json::Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            if lines.len() >= n {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
-
 /// The records after `settle`: no record may arrive late or twice.
 async fn exactly(file: &Path, n: usize) -> Vec<serde_json::Value> {
-    let lines = records(file, n).await;
+    let lines = audit_records(file, n).await;
     // A second record of the same call would be written at once (on the same drop or end); give
     // the writer thread a moment to show one.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let again = records(file, n).await;
+    let again = audit_records(file, n).await;
     assert_eq!(again.len(), n, "one record per call: {again:#?}");
     lines
 }

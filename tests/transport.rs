@@ -732,24 +732,6 @@ async fn request_bodies_in_flight_are_capped_across_calls() {
     t.server.shutdown().await.unwrap();
 }
 
-/// The audit file's records, once `n` are there.
-async fn audit_records(file: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
-    bounded("audit records", async {
-        loop {
-            let text = std::fs::read_to_string(file).unwrap_or_default();
-            let lines: Vec<serde_json::Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            if lines.len() >= n {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_body_is_audited_499() {
     let dir = tempfile::tempdir().unwrap();

@@ -774,3 +774,21 @@ pub fn reference_tensors(
     );
     values.chunks(image_len).map(<[f32]>::to_vec).collect()
 }
+
+/// The audit file's records, once at least `n` are there (bounded by PATIENCE).
+pub async fn audit_records(file: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    bounded("audit records", async {
+        loop {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
