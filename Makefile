@@ -10,6 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum models/requirements.txt | cut -c1-12)
 MODEL_DIR := models/brain-tumor-resnet50
 MODEL := $(MODEL_DIR)/1/model.onnx
+UNET := models/brain-tumor-unet/1/model.onnx
 CARGO_FLAGS := --release --locked
 
 .PHONY: setup model build run test bench bench-curve fmt lint clean
@@ -25,19 +26,23 @@ $(STAMP): models/requirements.txt
 	touch $@
 
 ## model: generate the default (synthetic-weight, untrained) ResNet-50 ONNX model (~94 MB, deterministic)
-model: $(MODEL)
+##        and the segmentation U-Net models/brain-tumor-unet (~8 MB, deterministic)
+model: $(MODEL) $(UNET)
 # Order-only on the venv: re-creating the venv does not regenerate the (deterministic) model.
 $(MODEL): models/make_resnet50.py | $(STAMP)
 	$(PY) models/make_resnet50.py --out $@
+$(UNET): models/make_unet.py | $(STAMP)
+	$(PY) models/make_unet.py --out $@
 
 ## build: the release binary target/release/brainai
 build: setup
 	cargo build $(CARGO_FLAGS) --bin brainai
 
-## run: serve the default model (gRPC :50051, HTTP API and upload page :8000, metrics :9090);
-##      options via flags or BRAINAI_* variables
+## run: serve the models of models/ (gRPC :50051, HTTP API and upload page :8000, metrics :9090):
+##      the ResNet-50 classifier (the default model) and the U-Net segmenter; options via flags or
+##      BRAINAI_* variables
 run: build model
-	./target/release/brainai serve --model-dir $(MODEL_DIR) $(ARGS)
+	./target/release/brainai serve --model-repository models --default-model brain-tumor-resnet50 $(ARGS)
 
 ## test: every test: Rust unit + integration tests against the real ONNX Runtime (with the Python
 ##       reference checks), deploy/ validation, tritonclient interop, the upload page in chromium,
@@ -113,7 +118,7 @@ fmt:
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(MODEL)
+	rm -rf $(VENV) $(MODEL) $(UNET)
 
 ## image-test: the CPU and model images of deploy/docker/Dockerfile, built with Debian's docker.io on
 ##             locally debootstrapped bases (no registry needed) and run as the pod runs them (init

@@ -63,6 +63,8 @@ fn main() {
     assert!(made.success(), "benches/dicom_pydicom.py make failed");
     let files = ["uncompressed.dcm", "jpegls.dcm", "j2k.dcm"];
     let spec = InputSpec {
+        channels: Vec::new(),
+        tensors: Vec::new(),
         tensor_name: "input".into(),
         layout: Layout::Nchw,
         height: 256,
@@ -70,8 +72,8 @@ fn main() {
         color: ColorMode::Rgb,
         resize_filter: ResizeFilter::Bilinear,
         scaling: Scaling::MeanStd {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
         },
         sixteen_bit: SixteenBit::Pillow,
         dicom_window: DicomWindow::Header,

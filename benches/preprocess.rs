@@ -26,6 +26,8 @@ use fast_image_resize as fir;
 /// need the generated 94 MB model.onnx (`ModelSpec::load` hashes it).
 fn resnet50_input() -> InputSpec {
     InputSpec {
+        channels: Vec::new(),
+        tensors: Vec::new(),
         tensor_name: "input".into(),
         layout: Layout::Nchw,
         height: 256,
@@ -33,8 +35,8 @@ fn resnet50_input() -> InputSpec {
         color: ColorMode::Rgb,
         resize_filter: ResizeFilter::Bilinear,
         scaling: Scaling::MeanStd {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
         },
         sixteen_bit: SixteenBit::Pillow,
         dicom_window: Default::default(),

@@ -116,6 +116,24 @@ def prescan_seeds() -> None:
     write("prescan", "seed-infer-unpacked-shape", bytes([2, 0]) + field(5, b"".join(field(3, 1) for _ in range(9))))
 
 
+def seq_image(sequence: bytes, image: bytes) -> bytes:
+    """A SequenceImage: sequence (1), image (2)."""
+    return field(1, sequence) + field(2, image)
+
+
+def segment_seeds(png: bytes, jpeg: bytes) -> None:
+    """`segment_request` (a SegmentRequest) and the `prescan` target's Segment method (byte 0 = 3)."""
+    good = field(1, b"s0") + b"".join(field(2, seq_image(s, image_msg(b"", png))) for s in (b"FLAIR", b"t1c", b"T2"))
+    write("segment_request", "seed-one-slice", field(1, good) + field(2, b"seg") + field(5, 1))
+    write("segment_request", "seed-two-slices-jpeg", field(1, good) + field(1, field(1, b"s1") + b"".join(
+        field(2, seq_image(s, image_msg(b"", jpeg, 2))) for s in (b"T2", b"FLAIR", b"T1ce"))))
+    write("segment_request", "seed-missing-duplicate", field(1, field(2, seq_image(b"FLAIR", image_msg(b"", png))) * 2))
+    write("segment_request", "seed-raw", field(1, b"".join(
+        field(2, seq_image(s, image_msg(b"", bytes(4), 3, (2, 2, 1)))) for s in (b"FLAIR", b"T1c", b"T2"))))
+    write("prescan", "seed-segment", bytes([3, 0]) + field(1, good) * 3)
+    write("prescan", "seed-segment-many-images", bytes([3, 0]) + field(1, field(2, b"") * 9))
+
+
 def write(target: str, name: str, data: bytes) -> None:
     d = CORPUS / target
     d.mkdir(parents=True, exist_ok=True)
@@ -171,6 +189,7 @@ def main() -> int:
 
     oip_seeds(small, images["gray.jpg"])
     prescan_seeds()
+    segment_seeds(small, images["gray.jpg"])
 
     for i, t in enumerate(["100m", "5S", "2M", "1H", "7u", "3n", "99999999S", "0m", "1x", ""]):
         write("grpc_timeout", f"seed-{i}", t.encode())

@@ -16,7 +16,7 @@ CARGO_AFL_VERSION=0.17.1
 TOOLS=$PWD/.tools/cargo-afl
 MINUTES=12
 JOBS=$(nproc)
-TARGETS="image model_toml classify_request stream_request grpc_timeout"
+TARGETS="image model_toml classify_request stream_request grpc_timeout segment_request"
 while [[ $# -gt 0 ]]; do
     case $1 in
         --minutes) MINUTES=$2; shift ;;

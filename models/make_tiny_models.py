@@ -20,6 +20,42 @@ clean checkout leaves `git status` clean.
                    End-to-end parity tests compare every served value with the Pillow reference:
                    unlike the averaging models, any spatial error shows.
 
+Segmentation fixtures (issue 23; [model] task = "segmentation", model.toml's `channels`): one
+gray image per MR sequence, stacked in `channels` order; 16x16; scale = 1.0, offset = 0.0, so the
+inputs are the 8-bit levels 0..255 and every logit is an exact integer in float32.  The label
+map is known in closed form, per pixel (x_c = level of channel c, c in FLAIR, T1c, T2 order):
+
+      z_k = sum_c W_SEG[k][c] * x_c + B_SEG[k],    label = argmax_k z_k  (ties: lowest k)
+
+                    x_FLAIR  x_T1c  x_T2    bias
+      background       0       0     0       48     dark everywhere -> background
+      non_enh_core     0      -1     2        0     bright T2, dark T1c
+      edema            2      -1     1     -100     bright FLAIR (+T2), not T1c
+      enhancing        0       3     0     -216     bright T1c
+
+  With the same level v in every channel the classes are bands: v <= 48 background,
+  49..100 non_enhancing_core, 101..116 edema, 117..255 enhancing (thresholds fitted to the
+  synthetic slices of tests/data: each of them replicated into the three channels, or any three
+  different ones, gives all four classes at 16x16, with bilinear or nearest input resizing).
+  Labels background / non_enhancing_core / edema / enhancing, the BraTS regions whole_tumor
+  (1,2,3), tumor_core (1,3), enhancing_tumor (3), colors, max batch 8, not clinically trained,
+  dynamic batch axis "batch".
+
+  seg-threshold    NCHW input [batch,3,16,16], channels FLAIR, T1c, T2 -> logits [batch,4,16,16]
+                   (NCHW): one 1x1 Conv with W_SEG, B_SEG.  bilinear input resize, nearest mask
+                   resize, [input.dicom] window minmax, modality MR.
+  seg-nhwc         NHWC input [batch,16,16,3], channels T2, FLAIR, T1c (another order: the weights
+                   are W_SEG's columns permuted, W_NHWC = W_SEG[:, [2, 0, 1]], so the same three
+                   16x16 images give seg-threshold's label map) -> probs [batch,16,16,4] (NHWC)
+                   = Softmax_last_axis(z / 8) (MatMul + Add, Mul by 0.125: exact); kind
+                   probabilities, nearest input resize, bilinear mask resize.  argmax(probs) =
+                   argmax(z) (equal z give equal probabilities).
+  seg-multi        three inputs flair, t1c, t2, each [batch,1,16,16] (`tensors`), concatenated
+                   on axis 1, then seg-threshold's Conv -> logits NCHW [batch,4,16,16].
+  seg-flair-only   one channel FLAIR, NCHW [batch,1,16,16] -> logits [batch,2,16,16]:
+                   z_background = 0, z_tumor = x - 127 (tumor iff x >= 128); labels background /
+                   tumor, no colors, no regions.
+
 Also writes tests/fixtures/graphs/tiny-v2.onnx: tiny's inputs and outputs with other head weights,
 the "version 2" that hot-reload tests drop into a model repository.
 
@@ -51,34 +87,69 @@ W_TINY_V2 = np.array([[-1.0, 1.5], [2.0, -0.5], [0.3, 0.8]], dtype=np.float32)
 B_TINY_V2 = np.array([-0.3, 0.4], dtype=np.float32)
 ID_H, ID_W = 12, 16
 
+# Segmentation fixtures (see the docstring): integer weights, channels in FLAIR, T1c, T2 order.
+SEG_SIZE = 16
+SEG_LABELS = ["background", "non_enhancing_core", "edema", "enhancing"]
+SEG_COLORS = ["#000000", "#1f77b4", "#2ca02c", "#d62728"]
+SEG_REGIONS = {
+    "whole_tumor": ["non_enhancing_core", "edema", "enhancing"],
+    "tumor_core": ["non_enhancing_core", "enhancing"],
+    "enhancing_tumor": ["enhancing"],
+}
+W_SEG = np.array([[0, 0, 0], [0, -1, 2], [2, -1, 1], [0, 3, 0]], dtype=np.float32)  # [class, channel]
+B_SEG = np.array([48, 0, -100, -216], dtype=np.float32)
+NHWC_ORDER = [2, 0, 1]  # seg-nhwc's channels T2, FLAIR, T1c as indices into FLAIR, T1c, T2
+W_NHWC = W_SEG[:, NHWC_ORDER]
+NHWC_TEMPERATURE = 8.0  # probs = softmax(z / 8); a power of two, so z / 8 is exact
+W_FLAIR = np.array([[0], [1]], dtype=np.float32)
+B_FLAIR = np.array([0, -127], dtype=np.float32)
+
 IMAGENET = 'mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]'
 SCALE_255 = f"scale = {1 / 255!r}\noffset = 0.0"
 
 
+def toml_list(values) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
 def toml(*, description, clinically_trained, max_batch, name, layout, color, filt, scaling, out_name, kind, labels,
-         height=SIZE, width=SIZE):
-    labels_s = ", ".join(f'"{label}"' for label in labels)
+         height=SIZE, width=SIZE, task=None, channels=None, tensors=None, dicom=None, out_layout=None, colors=None,
+         mask_resize=None, regions=None):
+    """model.toml text.  The keyword arguments after `labels` are the segmentation / multi-modal
+    keys (models/README.md, "Segmentation and multi-modal models"); left at None they write
+    nothing, so the classification fixtures keep their bytes.  With `channels`, `color` is
+    omitted; with `tensors` (one ONNX input per channel), `name` is."""
+    task_s = f'task = "{task}"\n' if task else ""
+    name_s = f"tensors = {toml_list(tensors)}" if tensors else f'name = "{name}"'
+    color_s = f"channels = {toml_list(channels)}" if channels else f'color = "{color}"'
+    dicom_s = "".join(f"{k} = {v}\n" for k, v in dicom.items()) if dicom else ""
+    dicom_s = f"\n[input.dicom]\n{dicom_s}" if dicom else ""
+    out_s = f'layout = "{out_layout}"\n' if out_layout else ""
+    out_s += f"labels = {toml_list(labels)}\n"
+    out_s += f"colors = {toml_list(colors)}\n" if colors else ""
+    out_s += f'mask_resize = "{mask_resize}"\n' if mask_resize else ""
+    if regions:
+        out_s += "\n[output.regions]\n" + "".join(f"{k} = {toml_list(v)}\n" for k, v in regions.items())
     return f"""# Test fixture written by models/make_tiny_models.py; do not edit by hand.
 
 [model]
-description = "{description}"
+{task_s}description = "{description}"
 clinically_trained = {str(clinically_trained).lower()}
 max_batch_size = {max_batch}
 
 [input]
-name = "{name}"
+{name_s}
 layout = "{layout}"
 height = {height}
 width = {width}
-color = "{color}"
+{color_s}
 resize_filter = "{filt}"
 {scaling}
-
+{dicom_s}
 [output]
 name = "{out_name}"
 kind = "{kind}"
-labels = [{labels_s}]
-"""
+{out_s}"""
 
 
 def finish(graph: onnx.GraphProto, name: str, clinically_trained: bool) -> onnx.ModelProto:
@@ -166,6 +237,65 @@ def build_faulty() -> onnx.ModelProto:
     return finish(graph, "tiny-faulty", False)
 
 
+def seg_value(name: str, channels: int, layout: str = "NCHW") -> onnx.ValueInfoProto:
+    shape = ["batch", channels, SEG_SIZE, SEG_SIZE] if layout == "NCHW" else ["batch", SEG_SIZE, SEG_SIZE, channels]
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def conv1x1(x: str, out: str, w: np.ndarray, b: np.ndarray) -> tuple[list, list]:
+    """Per-pixel linear map on the channel axis of an NCHW tensor: a 1x1 Conv."""
+    nodes = [helper.make_node("Conv", [x, "W", "b"], [out], name="classify", kernel_shape=[1, 1])]
+    inits = [numpy_helper.from_array(w.reshape(*w.shape, 1, 1), "W"), numpy_helper.from_array(b, "b")]
+    return nodes, inits
+
+
+def build_seg_threshold() -> onnx.ModelProto:
+    nodes, inits = conv1x1("input", "logits", W_SEG, B_SEG)
+    graph = helper.make_graph(nodes, "seg_threshold", [seg_value("input", 3)], [seg_value("logits", 4)],
+                              initializer=inits)
+    return finish(graph, "seg-threshold", False)
+
+
+def build_seg_nhwc() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("MatMul", ["input", "Wt"], ["xw"], name="classify"),  # [batch,16,16,4]
+        helper.make_node("Add", ["xw", "b"], ["z"], name="bias"),
+        helper.make_node("Mul", ["z", "inv_t"], ["z_t"], name="temperature"),
+        helper.make_node("Softmax", ["z_t"], ["probs"], name="softmax", axis=-1),
+    ]
+    inits = [
+        numpy_helper.from_array(np.ascontiguousarray(W_NHWC.T), "Wt"),
+        numpy_helper.from_array(B_SEG, "b"),
+        numpy_helper.from_array(np.array(1 / NHWC_TEMPERATURE, dtype=np.float32), "inv_t"),
+    ]
+    graph = helper.make_graph(nodes, "seg_nhwc", [seg_value("input", 3, "NHWC")], [seg_value("probs", 4, "NHWC")],
+                              initializer=inits)
+    return finish(graph, "seg-nhwc", False)
+
+
+def build_seg_multi() -> onnx.ModelProto:
+    nodes, inits = conv1x1("stacked", "logits", W_SEG, B_SEG)
+    nodes.insert(0, helper.make_node("Concat", ["flair", "t1c", "t2"], ["stacked"], name="stack", axis=1))
+    graph = helper.make_graph(nodes, "seg_multi", [seg_value(n, 1) for n in ("flair", "t1c", "t2")],
+                              [seg_value("logits", 4)], initializer=inits)
+    return finish(graph, "seg-multi", False)
+
+
+def build_seg_flair_only() -> onnx.ModelProto:
+    nodes, inits = conv1x1("input", "logits", W_FLAIR, B_FLAIR)
+    graph = helper.make_graph(nodes, "seg_flair_only", [seg_value("input", 1)], [seg_value("logits", 2)],
+                              initializer=inits)
+    return finish(graph, "seg-flair-only", False)
+
+
+def seg_closed_form(x: np.ndarray, w: np.ndarray = W_SEG, b: np.ndarray = B_SEG) -> np.ndarray:
+    """z = W x + b per pixel in float64 (exact for 8-bit integer levels): x [N,C,H,W] -> [N,K,H,W]."""
+    return np.einsum("kc,nchw->nkhw", w.astype(np.float64), x.astype(np.float64)) + b.astype(np.float64)[None, :, None, None]
+
+
+SEG = dict(clinically_trained=False, max_batch=8, color=None, scaling="scale = 1.0\noffset = 0.0", labels=SEG_LABELS,
+           height=SEG_SIZE, width=SEG_SIZE, task="segmentation", colors=SEG_COLORS, regions=SEG_REGIONS)
+
 MODELS = {
     "tiny": (
         build_tiny,
@@ -197,6 +327,32 @@ MODELS = {
              clinically_trained=False, max_batch=8, name="input", layout="NCHW", color="rgb", filt="bilinear",
              scaling="scale = 1.0\noffset = 0.0", out_name="pixels", kind="probabilities",
              labels=[f"p{i}" for i in range(3 * ID_H * ID_W)], height=ID_H, width=ID_W),
+    ),
+    "seg-threshold": (
+        build_seg_threshold,
+        dict(SEG, description="Segmentation test model: a 1x1 Conv with small integer weights on FLAIR, T1c, T2 (label map in closed form, see models/make_tiny_models.py). Not a real segmenter.",
+             name="input", layout="NCHW", filt="bilinear", channels=["FLAIR", "T1c", "T2"],
+             dicom={"window": '"minmax"', "modality": '["MR"]'}, out_name="logits", kind="logits", out_layout="NCHW",
+             mask_resize="nearest"),
+    ),
+    "seg-nhwc": (
+        build_seg_nhwc,
+        dict(SEG, description="Segmentation test model, NHWC, channels T2, FLAIR, T1c: softmax(z / 8) of seg-threshold's integer map (closed form, see models/make_tiny_models.py).",
+             name="input", layout="NHWC", filt="nearest", channels=["T2", "FLAIR", "T1c"], out_name="probs",
+             kind="probabilities", out_layout="NHWC", mask_resize="bilinear"),
+    ),
+    "seg-multi": (
+        build_seg_multi,
+        dict(SEG, description="Segmentation test model with one ONNX input per sequence (flair, t1c, t2), concatenated, then seg-threshold's 1x1 Conv.",
+             name=None, tensors=["flair", "t1c", "t2"], layout="NCHW", filt="bilinear",
+             channels=["FLAIR", "T1c", "T2"], out_name="logits", kind="logits", out_layout="NCHW",
+             mask_resize="nearest"),
+    ),
+    "seg-flair-only": (
+        build_seg_flair_only,
+        dict(SEG, description="Segmentation test model on FLAIR alone: tumor where the level is >= 128 (logit x - 127 against 0).",
+             name="input", layout="NCHW", filt="bilinear", channels=["FLAIR"], out_name="logits", kind="logits",
+             out_layout="NCHW", mask_resize="nearest", labels=["background", "tumor"], colors=None, regions=None),
     ),
 }
 
@@ -265,6 +421,8 @@ def verify(root: str) -> None:
     np.testing.assert_array_equal(s.run(["pixels"], {"input": x})[0], x.reshape(2, -1))
     print("tiny-identity: ok, returns its input")
 
+    verify_segmentation(root, rng)
+
     # tiny-v2: tiny's interface, other weights
     graphs = os.path.join(os.path.dirname(os.path.abspath(root)), "graphs")
     s = session(f"{graphs}/tiny-v2.onnx")
@@ -272,6 +430,61 @@ def verify(root: str) -> None:
     np.testing.assert_allclose(s.run(["logits"], {"input": x})[0], x.mean(axis=(2, 3)) @ W_TINY_V2 + B_TINY_V2,
                                rtol=1e-5, atol=1e-5)
     print("graphs/tiny-v2: ok")
+
+
+def seg_inputs(rng: np.random.Generator, n: int) -> np.ndarray:
+    """[n,3,16,16] 8-bit levels (FLAIR, T1c, T2): uniform noise, equal channels (the bands) and
+    every (a, b, c) of a grid of step 8, so ties of the integer logits occur often."""
+    x = rng.integers(0, 256, (n, 3, SEG_SIZE, SEG_SIZE)).astype(np.float32)
+    x[0] = np.arange(256, dtype=np.float32).reshape(1, SEG_SIZE, SEG_SIZE)  # equal channels, 0..255
+    grid = np.stack(np.meshgrid(*[np.arange(0, 256, 8)] * 3, indexing="ij"), axis=0).reshape(3, -1)
+    grid = np.pad(grid, ((0, 0), (0, -grid.shape[1] % (SEG_SIZE * SEG_SIZE)))).astype(np.float32)
+    grid = grid.reshape(3, -1, SEG_SIZE, SEG_SIZE).transpose(1, 0, 2, 3)
+    x[1:1 + len(grid)] = grid[: n - 1]
+    return x
+
+
+def verify_segmentation(root: str, rng: np.random.Generator) -> None:
+    x = seg_inputs(rng, 136)  # 1 + 128 grid + 7 noise images; > max batch 8: the graphs take any batch
+    z = seg_closed_form(x)
+    want = z.argmax(axis=1)  # ties: lowest class, as numpy's argmax
+    bands = want[0].reshape(-1)
+    assert bands.tolist() == [0] * 49 + [1] * 52 + [2] * 16 + [3] * 139, bands
+    counts = np.bincount(want.reshape(-1), minlength=4)
+    assert np.all(counts > 0), counts
+    ties = int(np.sum(np.sort(z, axis=1)[:, -1] == np.sort(z, axis=1)[:, -2]))
+    assert ties > 100, ties  # the tie rule is exercised
+
+    s = session(f"{root}/seg-threshold/1/model.onnx")
+    got = s.run(["logits"], {"input": x})[0]
+    assert got.shape == (len(x), 4, SEG_SIZE, SEG_SIZE), got.shape
+    np.testing.assert_array_equal(got, z.astype(np.float32))  # exact: integers
+    np.testing.assert_array_equal(got.argmax(axis=1), want)
+    print(f"seg-threshold: ok, exact integer logits; class counts {counts.tolist()}, {ties} tied pixels")
+
+    s = session(f"{root}/seg-multi/1/model.onnx")
+    got = s.run(["logits"], {"flair": x[:, 0:1], "t1c": x[:, 1:2], "t2": x[:, 2:3]})[0]
+    np.testing.assert_array_equal(got, z.astype(np.float32))
+    print("seg-multi: ok, equals seg-threshold")
+
+    s = session(f"{root}/seg-nhwc/1/model.onnx")
+    x_nhwc = np.ascontiguousarray(x[:, NHWC_ORDER].transpose(0, 2, 3, 1))  # T2, FLAIR, T1c, channels last
+    got = s.run(["probs"], {"input": x_nhwc})[0]
+    assert got.shape == (len(x), SEG_SIZE, SEG_SIZE, 4), got.shape
+    zt = z.transpose(0, 2, 3, 1) / NHWC_TEMPERATURE
+    ref = np.exp(zt - zt.max(axis=-1, keepdims=True))
+    ref /= ref.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(axis=-1), want)  # equal logits give equal probabilities
+    print("seg-nhwc: ok, softmax(z / 8) and argmax equal seg-threshold's")
+
+    s = session(f"{root}/seg-flair-only/1/model.onnx")
+    f = x[:, 0:1]
+    got = s.run(["logits"], {"input": f})[0]
+    zf = seg_closed_form(f, W_FLAIR, B_FLAIR)
+    np.testing.assert_array_equal(got, zf.astype(np.float32))
+    np.testing.assert_array_equal(got.argmax(axis=1), (f[:, 0] >= 128).astype(np.int64))
+    print("seg-flair-only: ok, tumor iff level >= 128")
 
 
 def main() -> None:

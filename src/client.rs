@@ -5,6 +5,7 @@
 mod calls;
 mod output;
 mod retry;
+pub mod segment;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,14 +14,14 @@ use serde_json::json;
 use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::batcher::Priority;
-use crate::config::ClassifyArgs;
+use crate::config::{ClassifyArgs, ConnectArgs};
 use crate::pb;
 use crate::pb::tumor_classifier_client::TumorClassifierClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The channel to `--server`: TLS when `--ca` is given or the URL is https (with a client
 /// certificate for mutual TLS when `--cert`/`--key` are).
-pub async fn connect(args: &ClassifyArgs) -> Result<Channel, String> {
+pub async fn connect(args: &ConnectArgs) -> Result<Channel, String> {
     let tls = args.ca.is_some() || args.server.starts_with("https://");
     let url = match args.server.strip_prefix("http://") {
         Some(rest) if tls => format!("https://{rest}"),
@@ -82,7 +83,7 @@ impl Caller<'_> {
     /// A request with the call deadline (`--timeout-s`) and the credential.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request.set_timeout(Duration::from_secs_f64(self.args.timeout_s));
+        request.set_timeout(Duration::from_secs_f64(self.args.connect.timeout_s));
         if let Some(bearer) = &self.bearer {
             request
                 .metadata_mut()
@@ -93,7 +94,7 @@ impl Caller<'_> {
 }
 
 /// `Bearer <token>` as a header value, when `--token` (or BRAINAI_TOKEN) is set.
-fn bearer(args: &ClassifyArgs) -> Result<Option<MetadataValue<Ascii>>, String> {
+fn bearer(args: &ConnectArgs) -> Result<Option<MetadataValue<Ascii>>, String> {
     let Some(token) = &args.token else {
         return Ok(None);
     };
@@ -108,8 +109,8 @@ fn bearer(args: &ClassifyArgs) -> Result<Option<MetadataValue<Ascii>>, String> {
 /// `brainai classify`: exit status 0 when every file was classified, 1 when any failed (`Err`:
 /// the run could not start, or stopped).
 pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
-    let bearer = bearer(args)?;
-    let channel = connect(args).await?;
+    let bearer = bearer(&args.connect)?;
+    let channel = connect(&args.connect).await?;
     let client = TumorClassifierClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
@@ -156,7 +157,7 @@ async fn series(caller: &Caller<'_>, files: &[std::path::PathBuf]) -> Result<Exi
             raw: None,
         });
     }
-    let response = retry::with_retries(args.max_tries, || {
+    let response = retry::with_retries(args.connect.max_tries, || {
         let mut client = caller.client.clone();
         let request = caller.request(pb::ClassifySeriesRequest {
             instances: instances.clone(),

@@ -29,6 +29,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Classify image files with a running server; one line per file, in input order.
     Classify(Box<ClassifyArgs>),
+    /// Segment one slice (one image per MR sequence) with a running server; prints each label's
+    /// and region's area, writes the mask with --out.
+    Segment(Box<SegmentArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -170,6 +173,11 @@ pub struct ServeArgs {
     /// a larger request is refused RESOURCE_EXHAUSTED, in MiB.
     #[arg(long, env = "BRAINAI_MAX_REQUEST_DECODE_MIB", default_value_t = 256)]
     pub max_request_decode_mib: u64,
+
+    /// Most bytes of class probability maps one Segment request may ask for (float32, at the
+    /// slices' geometry), in MiB; a larger request is refused INVALID_ARGUMENT before its model runs.
+    #[arg(long, env = "BRAINAI_MAX_PROBABILITY_MIB", default_value_t = 32)]
+    pub max_probability_mib: u64,
 
     /// Most bytes being decoded at once over all requests, in MiB; an image waits for room.
     #[arg(long, env = "BRAINAI_MAX_DECODE_IN_FLIGHT_MIB", default_value_t = 1024)]
@@ -316,11 +324,94 @@ pub struct ServeArgs {
     pub otlp_sample_ratio: f64,
 }
 
+/// How a client command reaches the server: `brainai classify` and `brainai segment`.
 #[derive(Debug, Clone, Args)]
-pub struct ClassifyArgs {
+pub struct ConnectArgs {
     /// Server URL.
     #[arg(long, env = "BRAINAI_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
+
+    /// Call deadline in seconds (each call of the run).
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout_s: f64,
+
+    /// Tries per call while the server answers RESOURCE_EXHAUSTED (busy) or UNAVAILABLE, with
+    /// exponential backoff and jitter between them (0.1 s doubling up to 5 s); then the run stops.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tries: u32,
+
+    /// TLS: the CA (PEM) the server's certificate must chain to. Implies https.
+    #[arg(long, env = "BRAINAI_CA")]
+    pub ca: Option<PathBuf>,
+
+    /// Mutual TLS: this client's certificate (PEM), with --key.
+    #[arg(long, env = "BRAINAI_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// Mutual TLS: the private key (PEM) of --cert.
+    #[arg(long, env = "BRAINAI_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry, when it differs from the URL's host.
+    #[arg(long, env = "BRAINAI_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+
+    /// Bearer token sent as `authorization: Bearer <token>` (prefer the environment variable:
+    /// command lines are visible to other users).
+    #[arg(long, env = "BRAINAI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `brainai segment`: one slice, one image per sequence the model takes.
+#[derive(Debug, Clone, Args)]
+pub struct SegmentArgs {
+    /// Server, TLS, token, deadline and retries.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// Model name (default: the server's default model if it segments, else its one
+    /// segmentation model).
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Model version (default: the highest served).
+    #[arg(long)]
+    pub model_version: Option<String>,
+
+    /// Priority: stat or routine (default: the model's).
+    #[arg(long)]
+    pub priority: Option<Priority>,
+
+    /// The slice's FLAIR image (PNG, JPEG or DICOM).
+    #[arg(long, value_name = "FILE")]
+    pub flair: Option<PathBuf>,
+
+    /// The slice's T1 image.
+    #[arg(long, value_name = "FILE")]
+    pub t1: Option<PathBuf>,
+
+    /// The slice's contrast-enhanced T1 image.
+    #[arg(long, value_name = "FILE")]
+    pub t1c: Option<PathBuf>,
+
+    /// The slice's T2 image.
+    #[arg(long, value_name = "FILE")]
+    pub t2: Option<PathBuf>,
+
+    /// Write the mask (8-bit PNG, each pixel its label's index) here.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// Print the answer as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClassifyArgs {
+    /// Server, TLS, token, deadline and retries.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// Model name (default: the server's default model).
     #[arg(long)]
@@ -348,10 +439,6 @@ pub struct ClassifyArgs {
     #[arg(long, value_name = "DIR")]
     pub sr_out: Option<PathBuf>,
 
-    /// Call deadline in seconds (each call of the run: one per `--images-per-call` files).
-    #[arg(long, default_value_t = 60.0)]
-    pub timeout_s: f64,
-
     /// Most files in one call (default: the model's max batch size from GetModel, at most 64, the
     /// server's default --max-images-per-request; a server with a lower limit is followed).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
@@ -361,32 +448,6 @@ pub struct ClassifyArgs {
     /// instances + 1, from 2 to 4).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub in_flight: Option<usize>,
-
-    /// Tries per call while the server answers RESOURCE_EXHAUSTED (busy) or UNAVAILABLE, with
-    /// exponential backoff and jitter between them (0.1 s doubling up to 5 s); then the run stops.
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_tries: u32,
-
-    /// TLS: the CA (PEM) the server's certificate must chain to. Implies https.
-    #[arg(long, env = "BRAINAI_CA")]
-    pub ca: Option<PathBuf>,
-
-    /// Mutual TLS: this client's certificate (PEM), with --key.
-    #[arg(long, env = "BRAINAI_CERT", requires = "key")]
-    pub cert: Option<PathBuf>,
-
-    /// Mutual TLS: the private key (PEM) of --cert.
-    #[arg(long, env = "BRAINAI_KEY", requires = "cert")]
-    pub key: Option<PathBuf>,
-
-    /// The name the server's certificate must carry, when it differs from the URL's host.
-    #[arg(long, env = "BRAINAI_TLS_DOMAIN")]
-    pub tls_domain: Option<String>,
-
-    /// Bearer token sent as `authorization: Bearer <token>` (prefer the environment variable:
-    /// command lines are visible to other users).
-    #[arg(long, env = "BRAINAI_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
 
     /// PNG, JPEG or DICOM files, or directories of them (searched recursively).
     #[arg(required = true)]
@@ -555,7 +616,7 @@ mod tests {
         let argv = ["brainai", "serve"].iter().chain(argv);
         match Cli::try_parse_from(argv).expect("valid arguments").command {
             Command::Serve(args) => *args,
-            Command::Classify(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

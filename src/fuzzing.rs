@@ -10,7 +10,9 @@ use prost::Message;
 
 use crate::api::grpc::{image_input, parse_grpc_timeout, priority};
 use crate::input::{self, Encoding, InputLimits, SixteenBit};
-use crate::model::{ColorMode, DicomWindow, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling};
+use crate::model::{
+    ColorMode, DicomOutput, DicomWindow, InputSpec, Layout, ModelConfig, ResizeFilter, Scaling,
+};
 use crate::pb;
 use crate::preprocess::Preprocessor;
 
@@ -24,7 +26,7 @@ const LIMITS: InputLimits = InputLimits {
 pub type Target = fn(&[u8]);
 
 /// The targets by name.
-pub const TARGETS: [(&str, Target); 10] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("image", image),
     ("dicom", dicom),
     ("model_toml", model_toml),
@@ -35,7 +37,48 @@ pub const TARGETS: [(&str, Target); 10] = [
     ("oip_http_request", oip_http_request),
     ("upload", upload),
     ("prescan", prescan),
+    ("segment_request", segment_request),
 ];
+
+/// A `Segment` request as the gRPC front end and the pipeline read it before anything is
+/// decoded: the protobuf, each slice's images matched by sequence to a FLAIR/T1c/T2 model's
+/// channels (unknown, duplicated, missing and extra sequences refused), each image's header.
+pub fn segment_request(data: &[u8]) {
+    use crate::input::sequence::Sequence;
+    let Ok(request) = pb::SegmentRequest::decode(data) else {
+        return;
+    };
+    let Ok((ids, slices)) = crate::api::grpc::segment_slices(request.slices) else {
+        return;
+    };
+    assert_eq!(ids.len(), slices.len());
+    let spec = InputSpec {
+        channels: vec![Sequence::Flair, Sequence::T1c, Sequence::T2],
+        tensors: Vec::new(),
+        tensor_name: "input".into(),
+        layout: Layout::Nchw,
+        height: 16,
+        width: 16,
+        color: ColorMode::Grayscale,
+        resize_filter: ResizeFilter::Nearest,
+        scaling: Scaling::ScaleOffset {
+            scale: 1.0,
+            offset: 0.0,
+        },
+        sixteen_bit: SixteenBit::Pillow,
+        dicom_window: DicomWindow::MinMax,
+        dicom_output: DicomOutput::Uint8,
+        dicom_guard: None,
+    };
+    for slice in slices {
+        if let Ok(ordered) = crate::pipeline::segment::in_channel_order(&spec, "fuzz", slice) {
+            assert_eq!(ordered.len(), 3, "one image per channel");
+            for (data, encoding) in ordered {
+                let _ = crate::input::decoded_size(&data, encoding, &LIMITS);
+            }
+        }
+    }
+}
 
 /// Decoding and preprocessing, as the pipeline runs them: byte 0 picks the model input (layout,
 /// colour, filter, size, 16-bit policy), byte 1 the declared encoding (with raw geometry from the
@@ -44,6 +87,8 @@ pub fn image(data: &[u8]) {
     let [b0, b1, rest @ ..] = data else { return };
     let (width, height) = [(1, 1), (7, 5), (32, 32), (64, 48)][usize::from(b0 >> 4 & 3)];
     let spec = InputSpec {
+        channels: Vec::new(),
+        tensors: Vec::new(),
         tensor_name: "input".into(),
         layout: if b0 & 1 == 0 {
             Layout::Nchw
@@ -64,8 +109,8 @@ pub fn image(data: &[u8]) {
             ResizeFilter::Lanczos3,
         ][usize::from(b0 >> 2 & 3)],
         scaling: Scaling::MeanStd {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
         },
         sixteen_bit: if b0 & 0x40 == 0 {
             SixteenBit::Pillow
@@ -127,6 +172,8 @@ pub fn dicom(data: &[u8]) {
     use crate::model::{DicomGuard, DicomOutput, GuardPolicy};
     let [b0, file @ ..] = data else { return };
     let spec = InputSpec {
+        channels: Vec::new(),
+        tensors: Vec::new(),
         tensor_name: "input".into(),
         layout: Layout::Nchw,
         height: 16,
@@ -138,8 +185,8 @@ pub fn dicom(data: &[u8]) {
         },
         resize_filter: ResizeFilter::Bilinear,
         scaling: Scaling::MeanStd {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
         },
         sixteen_bit: SixteenBit::Pillow,
         dicom_window: [
@@ -351,9 +398,24 @@ pub fn prescan(data: &[u8]) {
     let (a, b) = message.split_at(at);
     let pieces: [&[u8]; 2] = [a, b];
     let whole: [&[u8]; 1] = [message];
-    match method % 3 {
+    match method % 4 {
+        3 => {
+            use crate::api::prescan::MAX_SLICE_IMAGES;
+            let path = "/brainai.v1.TumorClassifier/Segment";
+            let refused = scan(path, &whole, &limits).expect("scanned").is_err();
+            if let Ok(r) = pb::SegmentRequest::decode(message) {
+                let over = r.slices.len() > limits.max_images
+                    || r.slices.iter().any(|s| s.images.len() > MAX_SLICE_IMAGES);
+                assert_eq!(
+                    refused,
+                    over,
+                    "Segment: prost decodes {} slices, the scan refused: {refused}",
+                    r.slices.len()
+                );
+            }
+        }
         0 | 1 => {
-            let (path, decoded) = if method % 3 == 0 {
+            let (path, decoded) = if method % 4 == 0 {
                 (
                     "/brainai.v1.TumorClassifier/Classify",
                     pb::ClassifyRequest::decode(message).map(|r| r.images.len()),

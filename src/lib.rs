@@ -21,6 +21,7 @@ pub mod input;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod postprocess;
 pub mod preprocess;
 pub mod priority;
 pub mod report;

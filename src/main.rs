@@ -18,7 +18,7 @@ fn main() -> ExitCode {
                 sample_ratio: args.otlp_sample_ratio,
             }),
         ),
-        Command::Classify(_) => (LogFormat::Text, None),
+        Command::Classify(_) | Command::Segment(_) => (LogFormat::Text, None),
     };
     // The thread budget (src/threads.rs): async workers and the preprocessing pool are sized
     // here, once per process; ONNX Runtime's intra-op threads when each session opens.
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             budget.0.init_preprocess_pool();
             Some(budget)
         }
-        Command::Classify(_) => None,
+        Command::Classify(_) | Command::Segment(_) => None,
     };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -65,6 +65,7 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|e| e.to_string()),
             Command::Classify(args) => brainai::client::run(&args).await,
+            Command::Segment(args) => brainai::client::segment::run(&args).await,
         }
     });
     // The last spans are exported while the runtime (the exporter's channel) still runs.

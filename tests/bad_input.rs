@@ -362,7 +362,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "a method that does not exist",
             call: Call::Raw {
-                path: "/brainai.v1.TumorClassifier/Segment",
+                path: "/brainai.v1.TumorClassifier/SegmentVolume",
                 body: vec![],
             },
             code: Code::Unimplemented,

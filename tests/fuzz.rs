@@ -241,6 +241,11 @@ fn prescan() {
 }
 
 #[test]
+fn segment_request() {
+    fuzz("segment_request");
+}
+
+#[test]
 fn every_target_has_a_test_here() {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(
@@ -255,7 +260,8 @@ fn every_target_has_a_test_here() {
             "oip_grpc_request",
             "oip_http_request",
             "upload",
-            "prescan"
+            "prescan",
+            "segment_request"
         ]
     );
 }

@@ -18,8 +18,10 @@ use crate::input::Encoding;
 use crate::model::Scaling;
 use crate::pb;
 use crate::pipeline::registry::{ModelStatus, VersionState};
+use crate::pipeline::segment::{SegmentRequest, SequenceImage, SliceInput, SliceResult};
 use crate::pipeline::series::{SeriesRequest, SeriesResult};
 use crate::pipeline::{Admitted, ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
+use crate::postprocess::Area;
 use crate::priority::Priority;
 use crate::security::audit;
 use crate::security::auth::Scope;
@@ -40,6 +42,11 @@ pub const ROUTES: &[Route] = &[
     Route::new(
         "/brainai.v1.TumorClassifier/ClassifySeries",
         "ClassifySeries",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
+        "/brainai.v1.TumorClassifier/Segment",
+        "Segment",
         Protection::Scope(Scope::Infer),
     ),
     Route::new(
@@ -261,14 +268,136 @@ fn series_response(
     }
 }
 
+/// A `SegmentRequest`'s slices as the pipeline takes them (and their ids).
+pub fn segment_slices(
+    slices: Vec<pb::SegmentSlice>,
+) -> Result<(Vec<String>, Vec<SliceInput>), InferError> {
+    let mut ids = Vec::with_capacity(slices.len());
+    let mut inputs = Vec::with_capacity(slices.len());
+    for (index, slice) in slices.into_iter().enumerate() {
+        ids.push(slice.id);
+        let mut images = Vec::with_capacity(slice.images.len());
+        for image in slice.images {
+            let Some(data) = image.image else {
+                return Err(InferError::invalid(format!(
+                    "slice {index}: the {} entry has no image",
+                    crate::error::echo(&image.sequence)
+                ))
+                .quoting_caller());
+            };
+            let ImageInput::Encoded { data, encoding } = image_input(data, index)
+                .map_err(|e| InferError::invalid(e.message.replacen("image", "slice", 1)))?
+            else {
+                unreachable!("image_input never makes tensors")
+            };
+            images.push(SequenceImage {
+                sequence: image.sequence,
+                data,
+                encoding,
+            });
+        }
+        inputs.push(SliceInput { images });
+    }
+    Ok((ids, inputs))
+}
+
+fn bounding_box(area: &Area) -> Option<pb::BoundingBox> {
+    area.bbox
+        .map(|[x0, y0, x1, y1]| pb::BoundingBox { x0, y0, x1, y1 })
+}
+
+fn slice_mask(model: &ServedModel, id: String, r: SliceResult) -> pb::SliceMask {
+    let config = &model.spec.config;
+    let regions = match &config.task {
+        crate::model::Task::Segmentation(s) => &s.regions[..],
+        crate::model::Task::Classification => &[],
+    };
+    pb::SliceMask {
+        slice_id: id,
+        index: r.index as u32,
+        width: r.mask.width,
+        height: r.mask.height,
+        classes: config
+            .labels
+            .iter()
+            .zip(&r.mask.classes)
+            .map(|(label, area)| pb::ClassArea {
+                label: label.clone(),
+                pixels: area.pixels,
+                bbox: bounding_box(area),
+            })
+            .collect(),
+        regions: regions
+            .iter()
+            .zip(&r.mask.regions)
+            .map(|(region, area)| pb::RegionArea {
+                name: region.name.clone(),
+                labels: region.label_names(&config.labels),
+                pixels: area.pixels,
+                bbox: bounding_box(area),
+            })
+            .collect(),
+        probabilities: r
+            .mask
+            .probabilities
+            .map(|p| p.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+            .unwrap_or_default(),
+        mask_png: r.mask.png,
+        model: Some(model_ref(model)),
+        timing: Some(pb::Timing {
+            queue_seconds: r.timing.queue.as_secs_f64(),
+            preprocess_seconds: r.timing.preprocess.as_secs_f64(),
+            inference_seconds: r.timing.inference.as_secs_f64(),
+        }),
+        batch_size: r.batch_size as u32,
+        warnings: model.warnings.iter().chain(&r.warnings).cloned().collect(),
+        dicom: r
+            .dicom
+            .into_iter()
+            .map(|(sequence, ids)| pb::SequenceReference {
+                sequence: sequence.as_str().into(),
+                reference: Some(pb::DicomReference {
+                    study_instance_uid: ids.study_instance_uid,
+                    series_instance_uid: ids.series_instance_uid,
+                    sop_instance_uid: ids.sop_instance_uid,
+                }),
+            })
+            .collect(),
+    }
+}
+
 fn model_info(model: &ServedModel) -> pb::ModelInfo {
     let input = &model.spec.config.input;
-    let (mean, std, scale, offset) = match input.scaling {
-        Scaling::MeanStd { mean, std } => (mean.to_vec(), std.to_vec(), 0.0, 0.0),
-        Scaling::ScaleOffset { scale, offset } => (vec![], vec![], scale, offset),
+    let (mean, std, scale, offset) = match &input.scaling {
+        Scaling::MeanStd { mean, std } => (mean.clone(), std.clone(), 0.0, 0.0),
+        Scaling::ScaleOffset { scale, offset } => (vec![], vec![], *scale, *offset),
     };
     let s = &model.settings;
+    let config = &model.spec.config;
+    let (colors, regions, mask_resize) = match &config.task {
+        crate::model::Task::Segmentation(seg) => (
+            seg.hex_colors(),
+            seg.regions
+                .iter()
+                .map(|region| pb::RegionInfo {
+                    name: region.name.clone(),
+                    labels: region.label_names(&config.labels),
+                })
+                .collect(),
+            seg.mask_resize.as_str().to_string(),
+        ),
+        crate::model::Task::Classification => (Vec::new(), Vec::new(), String::new()),
+    };
     pb::ModelInfo {
+        task: config.task.as_str().into(),
+        channels: input
+            .channels
+            .iter()
+            .map(|c| c.as_str().to_string())
+            .collect(),
+        colors,
+        regions,
+        mask_resize,
         model: Some(model_ref(model)),
         labels: model.spec.config.labels.clone(),
         input: Some(pb::InputSpec {
@@ -351,6 +480,33 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                 .zip(ids)
                 .map(|(r, id)| classification(&model, id, r))
                 .collect(),
+        }))
+    }
+
+    async fn segment(
+        &self,
+        request: Request<pb::SegmentRequest>,
+    ) -> Result<Response<pb::SegmentResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let call = self.pipeline.admit()?;
+        let request = request.into_inner();
+        let model = call.resolve_segmenter(&request.model, &request.version)?;
+        let (ids, slices) = segment_slices(request.slices)?;
+        let segment = SegmentRequest {
+            slices,
+            priority: priority(request.priority)?,
+            deadline,
+            probabilities: request.probabilities,
+        };
+        let results = call.segment(&model, segment).await?;
+        Ok(Response::new(pb::SegmentResponse {
+            results: results
+                .into_iter()
+                .zip(ids)
+                .map(|(r, id)| slice_mask(&model, id, r))
+                .collect(),
+            model: Some(model_ref(&model)),
+            labels: model.spec.config.labels.clone(),
         }))
     }
 

@@ -4,10 +4,10 @@
 //! one 64 MiB `Classify` of empty images would make prost allocate gigabytes (measured: 4.3 GB of
 //! resident memory and 20 s of CPU) before the image limit is ever checked. This layer reads the
 //! (already size-limited) message of the unary calls that carry repeated data, `Classify`,
-//! `ClassifySeries` and `ModelInfer`, walks its wire format without allocating (a `Classify` body in the pieces it
+//! `ClassifySeries`, `Segment` and `ModelInfer`, walks its wire format without allocating (a `Classify` body in the pieces it
 //! arrived in, without copying it into one buffer), and refuses it `INVALID_ARGUMENT` when a
-//! repeated field holds more elements than the request may have: images over
-//! `--max-images-per-request`, tensors, dimensions and parameters over small fixed caps. Anything
+//! repeated field holds more elements than the request may have: images (or slices) over
+//! `--max-images-per-request`, images per slice over [`MAX_SLICE_IMAGES`], tensors, dimensions and parameters over small fixed caps. Anything
 //! it does not understand (compression, several frames, malformed protobuf) goes on to tonic
 //! unchanged, which answers it as before. Streaming calls carry one image per message and are not
 //! touched.
@@ -27,6 +27,11 @@ use super::oip::{MAX_DIMS, MAX_PARAMETERS, MAX_TENSORS};
 const CLASSIFY: &str = "/brainai.v1.TumorClassifier/Classify";
 const CLASSIFY_SERIES: &str = "/brainai.v1.TumorClassifier/ClassifySeries";
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+const SEGMENT: &str = "/brainai.v1.TumorClassifier/Segment";
+
+/// Most images one slice of a `Segment` call may hold: one per MR sequence (four), with room for a
+/// duplicate or an extra to be refused by name rather than by count.
+pub const MAX_SLICE_IMAGES: usize = 8;
 
 /// The limits the scan enforces.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +85,7 @@ where
             CLASSIFY => (classify_request, false),
             CLASSIFY_SERIES => (classify_series_request, false),
             MODEL_INFER => (model_infer_request, true),
+            SEGMENT => (segment_request, true),
             _ => return Box::pin(self.inner.call(request.map(tonic::body::Body::new))),
         };
         // The ready service goes with this call; the clone waits for the next poll_ready.
@@ -106,7 +112,8 @@ where
             };
             // The body's pieces as they arrived (HTTP/2 DATA frames, 16 KiB each from most
             // clients), not copied into one buffer: tonic copies them into its own anyway. Only
-            // `ModelInfer`, whose scan reads inside nested messages, is made contiguous.
+            // `ModelInfer` and `Segment`, whose scans read inside nested messages, are made
+            // contiguous.
             let mut chunks = body_chunks(collected);
             if contiguous && chunks.len() > 1 {
                 chunks = vec![chunks.concat().into()];
@@ -139,6 +146,7 @@ pub fn scan(
         CLASSIFY => classify_request,
         CLASSIFY_SERIES => classify_series_request,
         MODEL_INFER => model_infer_request,
+        SEGMENT => segment_request,
         _ => return None,
     };
     Some(scan(Wire::new(pieces), limits))
@@ -356,6 +364,34 @@ fn classify_series_request(message: Wire<'_>, limits: &PrescanLimits) -> Result<
             "the series has {n} instances, over the limit of {} per request",
             limits.max_images
         )));
+    }
+    Ok(())
+}
+
+/// `SegmentRequest`: at most `--max-images-per-request` slices (field 1), each with at most
+/// [`MAX_SLICE_IMAGES`] images (`SegmentSlice` field 2). Contiguous.
+fn segment_request(mut wire: Wire<'_>, limits: &PrescanLimits) -> Result<(), tonic::Status> {
+    let mut slices = 0;
+    while let Some((field, value)) = wire.next() {
+        if field != 1 {
+            continue;
+        }
+        slices += 1;
+        if slices > limits.max_images {
+            return Err(invalid(format!(
+                "request has more than {} slices, over the limit of {} per request",
+                limits.max_images, limits.max_images
+            )));
+        }
+        if let Field::Bytes(Some(slice)) = value {
+            let n = count(Wire::one(slice), 2);
+            if n > MAX_SLICE_IMAGES {
+                return Err(invalid(format!(
+                    "slice {}: {n} images, over the limit of {MAX_SLICE_IMAGES} (one per MR sequence)",
+                    slices - 1
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -655,5 +691,35 @@ mod tests {
                 classify_request(Wire::one(&message), &LIMITS).is_ok()
             );
         }
+    }
+
+    #[test]
+    fn segment_bounds_slices_and_images_per_slice() {
+        let slice = |images: usize| crate::pb::SegmentSlice {
+            id: String::new(),
+            images: vec![crate::pb::SequenceImage::default(); images],
+        };
+        let message = |slices: Vec<crate::pb::SegmentSlice>| {
+            crate::pb::SegmentRequest {
+                slices,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let scan_of = |m: &[u8]| scan(SEGMENT, &[m], &LIMITS).expect("scanned");
+        assert!(scan_of(&message(vec![slice(3); 4])).is_ok());
+        assert!(scan_of(&message(vec![slice(MAX_SLICE_IMAGES); 1])).is_ok());
+        let err = scan_of(&message(vec![slice(3); 5])).unwrap_err();
+        assert!(
+            err.message().contains("more than 4 slices"),
+            "{}",
+            err.message()
+        );
+        let err = scan_of(&message(vec![slice(1), slice(MAX_SLICE_IMAGES + 1)])).unwrap_err();
+        assert!(
+            err.message().contains("slice 1: 9 images"),
+            "{}",
+            err.message()
+        );
     }
 }

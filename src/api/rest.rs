@@ -23,6 +23,7 @@ use super::routes::{Protection, Route, UNMATCHED_HTTP};
 use super::web::{Answer, LimitedBody, Rest};
 use crate::error::InferError;
 use crate::input::Encoding;
+use crate::pipeline::segment::{SegmentRequest, SequenceImage, SliceInput};
 use crate::pipeline::{ImageInput, InferRequest, Pipeline};
 use crate::priority::Priority;
 use crate::security::auth::Scope;
@@ -42,6 +43,10 @@ mod declared {
         "v1.classify",
         Protection::Scope(Scope::Infer),
     );
+    pub static SEGMENT: Route =
+        Route::new("/v1/segment", "v1.segment", Protection::Scope(Scope::Infer));
+    pub static MODELS: Route =
+        Route::new("/v1/models", "v1.models", Protection::Scope(Scope::Read));
     pub static LIVE: Route = Route::new("/v2/health/live", "v2.health.live", Open);
     pub static READY: Route = Route::new("/v2/health/ready", "v2.health.ready", Open);
     pub static SERVER_METADATA: Route =
@@ -90,6 +95,8 @@ pub fn router(pipeline: Pipeline, max_body: usize, calls: CallLayer) -> Router {
     let router = at(router, &PAGE_JS, get(super::page::page_js));
     let router = at(router, &PAGE_CSS, get(super::page::page_css));
     let router = at(router, &CLASSIFY, post(classify));
+    let router = at(router, &SEGMENT, post(segment));
+    let router = at(router, &MODELS, get(models));
     let router = at(router, &LIVE, get(oip::live));
     let router = at(router, &READY, get(oip::ready));
     let router = at(router, &SERVER_METADATA, get(oip::server_metadata));
@@ -121,7 +128,7 @@ async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         axum::Json(json!({
-            "error": "not found: try GET /, POST /v1/classify, or the /v2 routes of the Open \
+            "error": "not found: try GET /, GET /v1/models, POST /v1/classify, POST /v1/segment, or the /v2 routes of the Open \
                       Inference Protocol"
         })),
     )
@@ -130,6 +137,8 @@ async fn not_found() -> Response {
 
 /// One uploaded file.
 pub(crate) struct Upload {
+    /// The form field's name (`/v1/segment`: the sequence).
+    pub(crate) field: String,
     pub(crate) name: String,
     pub(crate) data: Vec<u8>,
 }
@@ -147,6 +156,7 @@ pub(crate) async fn uploads(
         .unwrap_or_default();
     if !content_type.starts_with("multipart/form-data") {
         return Ok(vec![Upload {
+            field: String::new(),
             name: String::new(),
             data: body.to_vec(),
         }]);
@@ -162,6 +172,7 @@ pub(crate) async fn uploads(
         .map_err(|e| InferError::invalid(format!("the multipart body is malformed: {e}")))?
     {
         let name = field.file_name().unwrap_or_default().to_string();
+        let field_name = field.name().unwrap_or_default().to_string();
         let data = field
             .bytes()
             .await
@@ -173,6 +184,7 @@ pub(crate) async fn uploads(
                 )));
             }
             files.push(Upload {
+                field: field_name,
                 name,
                 data: data.to_vec(),
             });
@@ -181,18 +193,59 @@ pub(crate) async fn uploads(
     Ok(files)
 }
 
-/// `POST /v1/classify`: a multipart upload (every file part is an image) or a raw image body.
-/// Query: `model`, `version`, `priority` (`stat` | `routine`), `timeout_ms`, `preview=1` (also
-/// return each image as the model saw it, as a PNG data URL).
-async fn classify(
-    State(rest): State<Rest>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
-) -> Answer {
-    let call = rest.pipeline.admit()?;
+/// `GET /v1/models`: every model served (its highest version), with what a page or a script
+/// needs to call it: task, channels, labels, colours, regions, trained flag; and the default.
+async fn models(State(rest): State<Rest>) -> Answer {
+    let registry = rest.pipeline.registry();
+    let mut served = registry.served();
+    // Highest version of each model first, then by name.
+    served.sort_by(|a, b| {
+        let version = |m: &crate::pipeline::ServedModel| m.spec.version.parse::<u64>().unwrap_or(0);
+        (a.spec.config.name.as_str(), std::cmp::Reverse(version(a)))
+            .cmp(&(b.spec.config.name.as_str(), std::cmp::Reverse(version(b))))
+    });
+    served.dedup_by(|a, b| a.spec.config.name == b.spec.config.name);
+    let models: Vec<_> = served
+        .iter()
+        .map(|m| {
+            let config = &m.spec.config;
+            let (colors, regions) = match &config.task {
+                crate::model::Task::Segmentation(seg) => (
+                    seg.hex_colors(),
+                    seg.regions
+                        .iter()
+                        .map(|g| json!({"name": g.name, "labels": g.label_names(&config.labels)}))
+                        .collect::<Vec<_>>(),
+                ),
+                crate::model::Task::Classification => (Vec::new(), Vec::new()),
+            };
+            json!({
+                "name": config.name,
+                "version": m.spec.version,
+                "sha256": m.spec.sha256,
+                "task": config.task.as_str(),
+                "description": config.description,
+                "clinically_trained": config.clinically_trained,
+                "channels": config.input.channels.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+                "labels": config.labels,
+                "colors": colors,
+                "regions": regions,
+                "warnings": m.warnings,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "default_model": registry.default_model(),
+        "models": models,
+    }))
+    .into_response())
+}
+
+/// The `priority` (`stat` | `routine`) and `timeout_ms` of a query.
+fn priority_and_deadline(
+    query: &HashMap<String, String>,
+) -> Result<(Option<Priority>, Option<Instant>), InferError> {
     let get = |k: &str| query.get(k).map(String::as_str).unwrap_or_default();
-    let model = call.resolve(get("model"), get("version"))?;
     let priority = match get("priority") {
         "" => None,
         p => Some(
@@ -209,6 +262,128 @@ async fn classify(
                 })?),
         ),
     };
+    Ok((priority, deadline))
+}
+
+/// `POST /v1/segment`: one slice as a multipart form, one file part per sequence, each part named
+/// by its sequence (`flair`, `t1c`, `t2`, …). Query: `model` (default: the default model if it
+/// segments, else the one segmentation model served), `version`, `priority`, `timeout_ms`,
+/// `probabilities=1` (also the class probability maps, FP32 little-endian `[labels, H, W]`,
+/// base64). Answers JSON with the label map as a PNG data URL.
+async fn segment(
+    State(rest): State<Rest>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Answer {
+    let call = rest.pipeline.admit()?;
+    let get = |k: &str| query.get(k).map(String::as_str).unwrap_or_default();
+    let model = call.resolve_segmenter(get("model"), get("version"))?;
+    let (priority, deadline) = priority_and_deadline(&query)?;
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("multipart/form-data"));
+    if !is_form {
+        return Err(InferError::invalid(
+            "POST /v1/segment takes a multipart/form-data body: one file part per sequence, \
+             named by its sequence (flair, t1, t1c, t2)",
+        )
+        .into());
+    }
+    // One part per sequence; a few more, so a duplicate is named as such.
+    let files = uploads(&headers, body, 8).await?;
+    let images = files
+        .into_iter()
+        .map(|f| SequenceImage {
+            sequence: f.field,
+            data: f.data.into(),
+            encoding: Encoding::Detect,
+        })
+        .collect();
+    let request = SegmentRequest {
+        slices: vec![SliceInput { images }],
+        priority,
+        deadline,
+        probabilities: matches!(get("probabilities"), "1" | "true"),
+    };
+    let result = call
+        .segment(&model, request)
+        .await?
+        .pop()
+        .expect("one result per slice");
+    Ok(axum::Json(segment_json(&model, result)).into_response())
+}
+
+/// One slice's answer as `/v1/segment` (and the page) show it.
+fn segment_json(
+    model: &crate::pipeline::ServedModel,
+    r: crate::pipeline::segment::SliceResult,
+) -> serde_json::Value {
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let config = &model.spec.config;
+    let crate::model::Task::Segmentation(seg) = &config.task else {
+        unreachable!("segment answers come from segmentation models")
+    };
+    let bbox = |a: &crate::postprocess::Area| match a.bbox {
+        Some(b) => json!(b),
+        None => serde_json::Value::Null,
+    };
+    let mut answer = json!({
+        "model": {
+            "name": config.name,
+            "version": model.spec.version,
+            "sha256": model.spec.sha256,
+            "clinically_trained": config.clinically_trained,
+        },
+        "width": r.mask.width,
+        "height": r.mask.height,
+        "labels": config.labels,
+        "colors": seg.hex_colors(),
+        "mask_png": format!("data:image/png;base64,{}", b64(&r.mask.png)),
+        "classes": config.labels.iter().zip(&r.mask.classes).map(|(label, a)| json!({
+            "label": label, "pixels": a.pixels, "bbox": bbox(a),
+        })).collect::<Vec<_>>(),
+        "regions": seg.regions.iter().zip(&r.mask.regions).map(|(region, a)| json!({
+            "name": region.name,
+            "labels": region.label_names(&config.labels),
+            "pixels": a.pixels,
+            "bbox": bbox(a),
+        })).collect::<Vec<_>>(),
+        "batch_size": r.batch_size,
+        "timing": {
+            "queue_seconds": r.timing.queue.as_secs_f64(),
+            "preprocess_seconds": r.timing.preprocess.as_secs_f64(),
+            "inference_seconds": r.timing.inference.as_secs_f64(),
+        },
+        "warnings": model.warnings.iter().chain(&r.warnings).collect::<Vec<_>>(),
+        "dicom": r.dicom.iter().map(|(sequence, ids)| json!({
+            "sequence": sequence.as_str(),
+            "study_instance_uid": ids.study_instance_uid,
+            "series_instance_uid": ids.series_instance_uid,
+            "sop_instance_uid": ids.sop_instance_uid,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(p) = &r.mask.probabilities {
+        let bytes: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
+        answer["probabilities_f32le"] = json!(b64(&bytes));
+    }
+    answer
+}
+
+/// `POST /v1/classify`: a multipart upload (every file part is an image) or a raw image body.
+/// Query: `model`, `version`, `priority` (`stat` | `routine`), `timeout_ms`, `preview=1` (also
+/// return each image as the model saw it, as a PNG data URL).
+async fn classify(
+    State(rest): State<Rest>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Answer {
+    let call = rest.pipeline.admit()?;
+    let get = |k: &str| query.get(k).map(String::as_str).unwrap_or_default();
+    let model = call.resolve(get("model"), get("version"))?;
+    let (priority, deadline) = priority_and_deadline(&query)?;
     let files = uploads(&headers, body, rest.pipeline.max_images_per_request()).await?;
     let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
     let request = InferRequest {

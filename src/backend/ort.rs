@@ -10,7 +10,7 @@ use ::ort::value::{TensorElementType, TensorRef, ValueType};
 
 use super::host::{HostBuffer, HostMemory};
 use super::{Backend, BatchSizes, Device, EngineError};
-use crate::model::{Layout, ModelSpec};
+use crate::model::{Layout, ModelSpec, Task};
 
 static ORT_ENV: OnceLock<Result<::ort::environment::Environment, String>> = OnceLock::new();
 
@@ -96,9 +96,13 @@ pub struct OrtOptions {
 /// An ONNX Runtime session serving one model instance.
 pub struct OrtBackend {
     session: Session,
-    input_name: String,
+    /// The one stacked input, or one input per channel (`[input] tensors`).
+    input_names: Vec<String>,
     output_name: String,
     image_shape: [usize; 3],
+    layout: Layout,
+    /// Per-channel buffers of a model with one input per channel, reused batch to batch.
+    split: Vec<Vec<f32>>,
     /// On CUDA, batches are padded to a warmed-up size (see [`BatchSizes`]), in a buffer
     /// allocated once at the largest batch.
     padding: Option<(BatchSizes, HostBuffer)>,
@@ -156,7 +160,7 @@ impl OrtBackend {
         Ok(backend)
     }
 
-    /// Verifies that the graph's declared input and output agree with `model.toml`.
+    /// Verifies that the graph's declared inputs and output agree with `model.toml`.
     fn check(spec: &ModelSpec, session: Session) -> Result<Self, EngineError> {
         let mismatch = |message: String| EngineError::Mismatch {
             model: spec.config.name.clone(),
@@ -169,79 +173,88 @@ impl OrtBackend {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let input = session
-            .inputs()
-            .iter()
-            .find(|o| o.name() == spec.config.input.tensor_name)
-            .ok_or_else(|| {
-                mismatch(format!(
-                    "[input] name = {:?}, but the graph's inputs are [{}]",
-                    spec.config.input.tensor_name,
-                    names(session.inputs())
-                ))
-            })?;
-        if session.inputs().len() != 1 {
+        let config = &spec.config;
+        let input_spec = &config.input;
+        let (h, w) = (input_spec.height as i64, input_spec.width as i64);
+        // One stacked input of every channel, or one input per channel (`[input] tensors`).
+        let (input_names, channels): (Vec<String>, i64) = if input_spec.tensors.is_empty() {
+            (
+                vec![input_spec.tensor_name.clone()],
+                input_spec.channel_count() as i64,
+            )
+        } else {
+            (input_spec.tensors.clone(), 1)
+        };
+        if session.inputs().len() != input_names.len() {
             return Err(mismatch(format!(
-                "the graph has {} inputs [{}]; exactly one image input is supported",
+                "the graph has {} inputs [{}]; model.toml declares {} [{}]",
                 session.inputs().len(),
-                names(session.inputs())
+                names(session.inputs()),
+                input_names.len(),
+                input_names.join(", ")
             )));
         }
-        let (h, w) = (
-            spec.config.input.height as i64,
-            spec.config.input.width as i64,
-        );
-        let expected: [i64; 3] = match spec.config.input.layout {
-            Layout::Nchw => [3, h, w],
-            Layout::Nhwc => [h, w, 3],
+        let expected: [i64; 3] = match input_spec.layout {
+            Layout::Nchw => [channels, h, w],
+            Layout::Nhwc => [h, w, channels],
         };
-        let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
-            return Err(mismatch(format!(
-                "input {:?} is not a tensor",
-                input.name()
-            )));
-        };
-        if *ty != TensorElementType::Float32 {
-            return Err(mismatch(format!(
-                "input {:?} is {ty:?}, expected float32",
-                input.name()
-            )));
-        }
-        let dims_ok = shape.len() == 4
-            && shape[1..]
+        for name in &input_names {
+            let input = session
+                .inputs()
                 .iter()
-                .zip(expected)
-                .all(|(&d, e)| d == e || d < 0);
-        if !dims_ok {
-            return Err(mismatch(format!(
-                "input {:?} has shape {:?}, but model.toml declares {} {}×{} with 3 channels, i.e. [batch, {}, {}, {}]",
-                input.name(),
-                &shape[..],
-                spec.config.input.layout.as_str(),
-                h,
-                w,
-                expected[0],
-                expected[1],
-                expected[2]
-            )));
-        }
-        if shape[0] > 0 && (shape[0] as usize) < spec.config.max_batch_size {
-            return Err(mismatch(format!(
-                "input {:?} has a fixed batch size {} but max_batch_size = {}; export with a dynamic batch axis",
-                input.name(),
-                shape[0],
-                spec.config.max_batch_size
-            )));
+                .find(|o| o.name() == name)
+                .ok_or_else(|| {
+                    let key = if input_spec.tensors.is_empty() {
+                        "name ="
+                    } else {
+                        "tensors names"
+                    };
+                    mismatch(format!(
+                        "[input] {key} {name:?}, but the graph's inputs are [{}]",
+                        names(session.inputs())
+                    ))
+                })?;
+            let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
+                return Err(mismatch(format!("input {name:?} is not a tensor")));
+            };
+            if *ty != TensorElementType::Float32 {
+                return Err(mismatch(format!(
+                    "input {name:?} is {ty:?}, expected float32"
+                )));
+            }
+            let dims_ok = shape.len() == 4
+                && shape[1..]
+                    .iter()
+                    .zip(expected)
+                    .all(|(&d, e)| d == e || d < 0);
+            if !dims_ok {
+                return Err(mismatch(format!(
+                    "input {name:?} has shape {:?}, but model.toml declares {} {}×{} with {channels} channel(s), i.e. [batch, {}, {}, {}]",
+                    &shape[..],
+                    input_spec.layout.as_str(),
+                    h,
+                    w,
+                    expected[0],
+                    expected[1],
+                    expected[2]
+                )));
+            }
+            if shape[0] > 0 && (shape[0] as usize) < config.max_batch_size {
+                return Err(mismatch(format!(
+                    "input {name:?} has a fixed batch size {} but max_batch_size = {}; export with a dynamic batch axis",
+                    shape[0], config.max_batch_size
+                )));
+            }
         }
 
         let output = session
             .outputs()
             .iter()
-            .find(|o| o.name() == spec.config.output_name)
+            .find(|o| o.name() == config.output_name)
             .ok_or_else(|| {
                 mismatch(format!(
                     "[output] name = {:?}, but the graph's outputs are [{}]",
-                    spec.config.output_name,
+                    config.output_name,
                     names(session.outputs())
                 ))
             })?;
@@ -257,25 +270,72 @@ impl OrtBackend {
                 output.name()
             )));
         }
-        let labels = spec.config.labels.len() as i64;
-        if shape.len() != 2 || (shape[1] >= 0 && shape[1] != labels) {
+        let labels = config.labels.len() as i64;
+        let (expected, described): (Vec<i64>, String) = match &config.task {
+            Task::Classification => (vec![labels], format!("[batch, {labels}]")),
+            Task::Segmentation(seg) => match seg.layout {
+                Layout::Nchw => (
+                    vec![labels, h, w],
+                    format!("NCHW [batch, {labels}, {h}, {w}]"),
+                ),
+                Layout::Nhwc => (
+                    vec![h, w, labels],
+                    format!("NHWC [batch, {h}, {w}, {labels}]"),
+                ),
+            },
+        };
+        let output_ok = shape.len() == expected.len() + 1
+            && shape[1..]
+                .iter()
+                .zip(&expected)
+                .all(|(&d, &e)| d == e || d < 0);
+        if !output_ok {
             return Err(mismatch(format!(
-                "output {:?} has shape {:?}, but model.toml lists {labels} labels, i.e. [batch, {labels}]",
+                "output {:?} has shape {:?}, but model.toml ({} labels, task {}) declares {described}",
                 output.name(),
                 &shape[..],
+                labels,
+                config.task.as_str()
             )));
         }
 
+        let c = input_spec.channel_count();
+        let (h, w) = (h as usize, w as usize);
         Ok(OrtBackend {
-            input_name: spec.config.input.tensor_name.clone(),
-            output_name: spec.config.output_name.clone(),
-            image_shape: match spec.config.input.layout {
-                Layout::Nchw => [3, h as usize, w as usize],
-                Layout::Nhwc => [h as usize, w as usize, 3],
+            input_names,
+            output_name: config.output_name.clone(),
+            image_shape: match input_spec.layout {
+                Layout::Nchw => [c, h, w],
+                Layout::Nhwc => [h, w, c],
             },
+            layout: input_spec.layout,
+            split: Vec::new(),
             session,
             padding: None,
         })
+    }
+}
+
+/// Splits a batch of `c` stacked channels into one buffer per channel input (`[input] tensors`).
+fn split_channels(
+    split: &mut Vec<Vec<f32>>,
+    layout: Layout,
+    c: usize,
+    input: &[f32],
+    batch: usize,
+) {
+    let per_image = input.len() / batch.max(1);
+    let plane = per_image / c;
+    split.resize_with(c, Vec::new);
+    for (k, buffer) in split.iter_mut().enumerate() {
+        buffer.clear();
+        buffer.reserve(batch * plane);
+        for image in input.chunks_exact(per_image) {
+            match layout {
+                Layout::Nchw => buffer.extend_from_slice(&image[k * plane..(k + 1) * plane]),
+                Layout::Nhwc => buffer.extend(image[k..].iter().step_by(c).copied()),
+            }
+        }
     }
 }
 
@@ -293,18 +353,37 @@ impl Backend for OrtBackend {
             }
             _ => (batch, input),
         };
-        let tensor = TensorRef::from_array_view(([run_batch, a, b, c], input))
-            .map_err(|e| EngineError::Inference(e.to_string()))?;
-        let outputs = self
-            .session
-            .run(::ort::inputs![self.input_name.as_str() => tensor])
-            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let infer = |e: ::ort::Error| EngineError::Inference(e.to_string());
+        let outputs = if self.input_names.len() == 1 {
+            let tensor =
+                TensorRef::from_array_view(([run_batch, a, b, c], input)).map_err(infer)?;
+            self.session
+                .run(::ort::inputs![self.input_names[0].as_str() => tensor])
+                .map_err(infer)?
+        } else {
+            // One input per channel: each [batch, 1, H, W] (or [batch, H, W, 1]).
+            split_channels(
+                &mut self.split,
+                self.layout,
+                self.input_names.len(),
+                input,
+                run_batch,
+            );
+            let shape = match self.layout {
+                Layout::Nchw => [run_batch, 1, b, c],
+                Layout::Nhwc => [run_batch, a, b, 1],
+            };
+            let mut inputs = Vec::with_capacity(self.split.len());
+            for (name, buffer) in self.input_names.iter().zip(&self.split) {
+                let tensor = TensorRef::from_array_view((shape, &buffer[..])).map_err(infer)?;
+                inputs.push((name.as_str(), tensor));
+            }
+            self.session.run(inputs).map_err(infer)?
+        };
         let value = outputs.get(&self.output_name).ok_or_else(|| {
             EngineError::Inference(format!("output {:?} missing", self.output_name))
         })?;
-        let (_, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let (_, data) = value.try_extract_tensor::<f32>().map_err(infer)?;
         // Padding rows are cut off; the batcher checks the length of what is left.
         let keep = data.len() / run_batch * batch;
         Ok(data[..keep].to_vec())

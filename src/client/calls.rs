@@ -132,7 +132,7 @@ async fn plan(caller: &Caller<'_>) -> Result<Plan, String> {
             in_flight,
         });
     }
-    let info = retry::with_retries(args.max_tries, || {
+    let info = retry::with_retries(args.connect.max_tries, || {
         let mut client = caller.client.clone();
         let request = caller.request(pb::GetModelRequest {
             model: args.model.clone().unwrap_or_default(),
@@ -323,7 +323,7 @@ async fn classify_call(
     call: &[(File, Bytes)],
 ) -> Result<Vec<pb::Classification>, Failed> {
     let args = caller.args;
-    retry::with_retries(args.max_tries, || {
+    retry::with_retries(args.connect.max_tries, || {
         let mut client = caller.client.clone();
         let images = call
             .iter()

@@ -126,6 +126,9 @@ pub enum InputError {
     /// Well-formed input the model does not accept (the DICOM sequence guard).
     #[error("{0}")]
     NotAccepted(String),
+    /// Inputs that do not fit together (e.g. the channels of a slice of different sizes).
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 /// 8-bit pixels with 1 (luma) or 3 (RGB) interleaved channels.

@@ -9,9 +9,11 @@ use sha2::{Digest, Sha256};
 
 use super::{
     Aggregation, ColorMode, DicomGuard, DicomOutput, DicomWindow, GuardPolicy, InputSpec, Layout,
-    ModelError, OutputKind, ResizeFilter, Scaling, SeriesSettings,
+    MaskResize, ModelError, OutputKind, Region, ResizeFilter, Scaling, SegmentationSpec,
+    SeriesSettings, Task,
 };
 use crate::input::SixteenBit;
+use crate::input::sequence::Sequence;
 use crate::priority::Priority;
 
 /// Batching settings of one model; each one unset falls back to the server-wide flag. Also what a
@@ -114,6 +116,8 @@ pub struct ModelConfig {
     pub dir: PathBuf,
     pub description: String,
     pub clinically_trained: bool,
+    /// Classification (the default) or segmentation, with how its output is read.
+    pub task: Task,
     /// Largest batch the model accepts.
     pub max_batch_size: usize,
     pub input: InputSpec,
@@ -161,6 +165,30 @@ impl ModelConfig {
         if file.output.labels.len() < 2 {
             return Err(err("[output] labels must name at least two classes".into()));
         }
+        let task = file.output.task(file.model.task.as_deref()).map_err(err)?;
+        match (&task, input.is_multi_modal()) {
+            (Task::Segmentation(_), false) => {
+                return Err(err(
+                    "[input] a segmentation model declares its channels (e.g. channels = [\"FLAIR\", \"T1c\", \"T2\"])".into(),
+                ));
+            }
+            (Task::Classification, true) => {
+                return Err(err(
+                    "[input] channels: multi-modal classification models are not supported yet; declare task = \"segmentation\" or one RGB/gray image".into(),
+                ));
+            }
+            _ => {}
+        }
+        if input.is_multi_modal()
+            && input
+                .dicom_guard
+                .as_ref()
+                .is_some_and(|g| !g.sequences.is_empty())
+        {
+            return Err(err(
+                "[input.dicom] sequences: with channels, each channel's sequence is checked; leave sequences out".into(),
+            ));
+        }
         if file.model.max_batch_size == 0 {
             return Err(err("[model] max_batch_size must be at least 1".into()));
         }
@@ -186,6 +214,7 @@ impl ModelConfig {
             dir: dir.to_path_buf(),
             description: file.model.description.unwrap_or_default(),
             clinically_trained: file.model.clinically_trained,
+            task,
             max_batch_size: file.model.max_batch_size,
             input,
             output_name: file.output.name,
@@ -268,6 +297,8 @@ impl SeriesSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelSection {
+    /// "classification" (default) or "segmentation".
+    task: Option<String>,
     description: Option<String>,
     clinically_trained: bool,
     max_batch_size: usize,
@@ -276,14 +307,16 @@ struct ModelSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InputSection {
-    name: String,
+    name: Option<String>,
     layout: Layout,
     height: u32,
     width: u32,
-    color: ColorMode,
+    color: Option<ColorMode>,
+    channels: Option<Vec<Sequence>>,
+    tensors: Option<Vec<String>>,
     resize_filter: ResizeFilter,
-    mean: Option<[f32; 3]>,
-    std: Option<[f32; 3]>,
+    mean: Option<Vec<f32>>,
+    std: Option<Vec<f32>>,
     scale: Option<f32>,
     offset: Option<f32>,
     #[serde(default)]
@@ -375,10 +408,26 @@ impl DicomSection {
 
 impl InputSection {
     fn validate(self) -> Result<InputSpec, String> {
+        let channels = self.channels.clone().unwrap_or_default();
+        let (color, tensor_name, tensors) = self.layout_of_channels(&channels)?;
+        let count = if channels.is_empty() {
+            3
+        } else {
+            channels.len()
+        };
         let scaling = match (self.mean, self.std, self.scale) {
             (Some(mean), Some(std), None) => {
-                if std.iter().any(|s| !s.is_finite() || *s == 0.0) {
-                    return Err("[input] std values must be finite and non-zero".into());
+                if mean.len() != count || std.len() != count {
+                    return Err(format!(
+                        "[input] mean and std need one value per input channel: {count}, not {} and {}",
+                        mean.len(),
+                        std.len()
+                    ));
+                }
+                if std.iter().any(|s| !s.is_finite() || *s == 0.0)
+                    || mean.iter().any(|m| !m.is_finite())
+                {
+                    return Err("[input] mean and std values must be finite, std non-zero".into());
                 }
                 Scaling::MeanStd { mean, std }
             }
@@ -387,21 +436,25 @@ impl InputSection {
                 offset: self.offset.unwrap_or(0.0),
             },
             _ => {
-                return Err(
-                    "[input] needs exactly one scaling: `mean` and `std` (3 values each), or `scale` (and optional `offset`)"
-                        .into(),
-                );
+                return Err(format!(
+                    "[input] needs exactly one scaling: `mean` and `std` ({count} values each), or `scale` (and optional `offset`)"
+                ));
             }
         };
         if self.height == 0 || self.width == 0 {
             return Err("[input] height and width must be positive".into());
         }
+        if u64::from(self.height) * u64::from(self.width) > 1 << 24 {
+            return Err("[input] height × width must be at most 16777216 pixels".into());
+        }
         Ok(InputSpec {
-            tensor_name: self.name,
+            channels,
+            tensors,
+            color,
+            tensor_name,
             layout: self.layout,
             height: self.height,
             width: self.width,
-            color: self.color,
             resize_filter: self.resize_filter,
             scaling,
             sixteen_bit: self.sixteen_bit,
@@ -418,12 +471,193 @@ impl InputSection {
     }
 }
 
+impl InputSection {
+    /// The colour mode, the one input's name and the per-channel inputs' names, checked against
+    /// `channels`: a multi-modal input is gray per channel (no `color`), and names either one
+    /// stacked input (`name`) or one input per channel (`tensors`).
+    fn layout_of_channels(
+        &self,
+        channels: &[Sequence],
+    ) -> Result<(ColorMode, String, Vec<String>), String> {
+        if channels.is_empty() {
+            if self.tensors.is_some() {
+                return Err("[input] tensors goes with channels (one input per channel)".into());
+            }
+            let color = self
+                .color
+                .ok_or("[input] needs color = \"rgb\" or \"grayscale\"")?;
+            let name = self
+                .name
+                .clone()
+                .ok_or("[input] needs name (the graph's input)")?;
+            return Ok((color, name, Vec::new()));
+        }
+        if self.color.is_some() {
+            return Err(
+                "[input] color goes with single-image models: with channels, each channel is one gray image".into(),
+            );
+        }
+        if channels.len() > 4 {
+            return Err("[input] channels: at most 4 (FLAIR, T1, T1c, T2)".into());
+        }
+        for (i, c) in channels.iter().enumerate() {
+            if *c == Sequence::Unknown {
+                return Err("[input] channels: \"unknown\" is not a sequence".into());
+            }
+            if channels[..i].contains(c) {
+                return Err(format!("[input] channels lists {} twice", c.as_str()));
+            }
+        }
+        match (&self.name, &self.tensors) {
+            (Some(name), None) => Ok((ColorMode::Grayscale, name.clone(), Vec::new())),
+            (None, Some(tensors)) if tensors.len() == channels.len() => {
+                Ok((ColorMode::Grayscale, tensors[0].clone(), tensors.clone()))
+            }
+            (None, Some(tensors)) => Err(format!(
+                "[input] tensors names {} inputs for {} channels: one per channel",
+                tensors.len(),
+                channels.len()
+            )),
+            _ => Err(
+                "[input] needs exactly one of name (one stacked input) and tensors (one input per channel)"
+                    .into(),
+            ),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutputSection {
     name: String,
     kind: OutputKind,
     labels: Vec<String>,
+    /// Segmentation: the output's layout (default NCHW).
+    layout: Option<Layout>,
+    /// Segmentation: one `#rrggbb` per label.
+    colors: Option<Vec<String>>,
+    /// Segmentation: how the output is mapped back to the image (default nearest).
+    mask_resize: Option<MaskResize>,
+    /// Segmentation: named unions of classes.
+    regions: Option<std::collections::BTreeMap<String, Vec<String>>>,
+}
+
+impl OutputSection {
+    fn task(&self, task: Option<&str>) -> Result<Task, String> {
+        let segmentation_keys = self.layout.is_some()
+            || self.colors.is_some()
+            || self.mask_resize.is_some()
+            || self.regions.is_some();
+        for (i, label) in self.labels.iter().enumerate() {
+            if label.is_empty() || self.labels[..i].contains(label) {
+                return Err(format!(
+                    "[output] labels: {label:?} is empty or listed twice"
+                ));
+            }
+        }
+        match task.unwrap_or("classification") {
+            "classification" if segmentation_keys => Err(
+                "[output] layout, colors, mask_resize and regions go with [model] task = \"segmentation\""
+                    .into(),
+            ),
+            "classification" => Ok(Task::Classification),
+            "segmentation" => Ok(Task::Segmentation(self.segmentation()?)),
+            other => Err(format!(
+                "[model] task must be \"classification\" or \"segmentation\", not {other:?}"
+            )),
+        }
+    }
+
+    fn segmentation(&self) -> Result<SegmentationSpec, String> {
+        if self.labels.len() > 256 {
+            return Err(
+                "[output] labels: a segmentation model has at most 256 classes (8-bit masks)"
+                    .into(),
+            );
+        }
+        let index = |label: &String| {
+            self.labels.iter().position(|l| l == label).ok_or_else(|| {
+                format!(
+                    "[output.regions]: {label:?} is not one of the labels {:?}",
+                    self.labels
+                )
+            })
+        };
+        let mut regions = Vec::new();
+        for (name, members) in self.regions.iter().flatten() {
+            if members.is_empty() {
+                return Err(format!("[output.regions] {name} lists no label"));
+            }
+            let mut classes = members.iter().map(index).collect::<Result<Vec<_>, _>>()?;
+            classes.sort_unstable();
+            classes.dedup();
+            if classes.contains(&0) {
+                return Err(format!(
+                    "[output.regions] {name} includes the background (label 0, {:?})",
+                    self.labels[0]
+                ));
+            }
+            regions.push(Region {
+                name: name.clone(),
+                classes,
+            });
+        }
+        let colors = match &self.colors {
+            None => default_colors(self.labels.len()),
+            Some(colors) if colors.len() != self.labels.len() => {
+                return Err(format!(
+                    "[output] colors has {} entries for {} labels",
+                    colors.len(),
+                    self.labels.len()
+                ));
+            }
+            Some(colors) => colors
+                .iter()
+                .map(|c| {
+                    parse_color(c).ok_or_else(|| format!("[output] colors: {c:?} is not #rrggbb"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(SegmentationSpec {
+            layout: self.layout.unwrap_or(Layout::Nchw),
+            mask_resize: self.mask_resize.unwrap_or(MaskResize::Nearest),
+            colors,
+            regions,
+        })
+    }
+}
+
+fn parse_color(text: &str) -> Option<[u8; 3]> {
+    let hex = text
+        .strip_prefix('#')
+        .filter(|h| h.len() == 6 && h.is_ascii())?;
+    let byte = |i: usize| u8::from_str_radix(&hex[i..i + 2], 16).ok();
+    Some([byte(0)?, byte(2)?, byte(4)?])
+}
+
+/// Black for the background, then a fixed palette (matplotlib's tab10) round.
+fn default_colors(n: usize) -> Vec<[u8; 3]> {
+    const PALETTE: [[u8; 3]; 10] = [
+        [0xd6, 0x27, 0x28],
+        [0x2c, 0xa0, 0x2c],
+        [0xff, 0xd7, 0x00],
+        [0x1f, 0x77, 0xb4],
+        [0x94, 0x67, 0xbd],
+        [0xff, 0x7f, 0x0e],
+        [0x17, 0xbe, 0xcf],
+        [0xe3, 0x77, 0xc2],
+        [0x8c, 0x56, 0x4b],
+        [0xbc, 0xbd, 0x22],
+    ];
+    (0..n)
+        .map(|i| {
+            if i == 0 {
+                [0, 0, 0]
+            } else {
+                PALETTE[(i - 1) % 10]
+            }
+        })
+        .collect()
 }
 
 #[derive(Deserialize, Default)]

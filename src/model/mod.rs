@@ -187,8 +187,8 @@ impl Aggregation {
 /// Pixel scaling from 8-bit values to the model's input values.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scaling {
-    /// `(pixel / 255 - mean[c]) / std[c]`.
-    MeanStd { mean: [f32; 3], std: [f32; 3] },
+    /// `(pixel / 255 - mean[c]) / std[c]`, one value per input channel.
+    MeanStd { mean: Vec<f32>, std: Vec<f32> },
     /// `pixel * scale + offset`.
     ScaleOffset { scale: f32, offset: f32 },
 }
@@ -210,10 +210,92 @@ impl OutputKind {
     }
 }
 
+/// What a model does with its input (`[model] task`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// One label for the whole image (`[output]`: `[batch, labels]`).
+    Classification,
+    /// One label per pixel (`[output]`: `[batch, labels, H, W]` or `[batch, H, W, labels]`).
+    Segmentation(SegmentationSpec),
+}
+
+impl Task {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Task::Classification => "classification",
+            Task::Segmentation(_) => "segmentation",
+        }
+    }
+}
+
+/// How a segmentation model's per-pixel output is read and mapped back to the image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentationSpec {
+    /// Layout of the output tensor (its height and width are the input's).
+    pub layout: Layout,
+    /// How the model-size output becomes a mask at the input image's size.
+    pub mask_resize: MaskResize,
+    /// One colour per label (the page's legend and overlay), `#rrggbb`.
+    pub colors: Vec<[u8; 3]>,
+    /// Named unions of classes (e.g. BraTS's whole tumour).
+    pub regions: Vec<Region>,
+}
+
+impl SegmentationSpec {
+    /// The colours as `model.toml` writes them, `#rrggbb`.
+    pub fn hex_colors(&self) -> Vec<String> {
+        self.colors
+            .iter()
+            .map(|[r, g, b]| format!("#{r:02x}{g:02x}{b:02x}"))
+            .collect()
+    }
+}
+
+/// A named union of classes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region {
+    pub name: String,
+    /// Label indices, ascending.
+    pub classes: Vec<usize>,
+}
+
+impl Region {
+    /// The names of its classes, out of the model's `labels`.
+    pub fn label_names(&self, labels: &[String]) -> Vec<String> {
+        self.classes.iter().map(|&c| labels[c].clone()).collect()
+    }
+}
+
+/// `mask_resize`: how a model-size output is mapped back to the image's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskResize {
+    /// Argmax at the model's size, then the label map resized nearest-neighbour (Pillow).
+    Nearest,
+    /// Class probabilities resized bilinearly (Pillow, mode `F`), then argmax.
+    Bilinear,
+}
+
+impl MaskResize {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaskResize::Nearest => "nearest",
+            MaskResize::Bilinear => "bilinear",
+        }
+    }
+}
+
 /// How images become the model's input tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputSpec {
+    /// The one ONNX input (when `tensors` is empty).
     pub tensor_name: String,
+    /// Multi-modal input: one gray image per MR sequence, stacked in this order (`[input]
+    /// channels`). Empty: one image, as RGB (gray replicated) into 3 channels.
+    pub channels: Vec<crate::input::sequence::Sequence>,
+    /// One ONNX input per entry of `channels` (`[input] tensors`), each one channel; empty: the
+    /// stacked tensor is the one input `tensor_name`.
+    pub tensors: Vec<String>,
     pub layout: Layout,
     pub height: u32,
     pub width: u32,
@@ -228,9 +310,32 @@ pub struct InputSpec {
 }
 
 impl InputSpec {
-    /// Number of f32 values of one image in the model's layout (3 channels).
+    /// Channels of the input tensor: one per declared sequence, else 3 (RGB).
+    pub fn channel_count(&self) -> usize {
+        if self.channels.is_empty() {
+            3
+        } else {
+            self.channels.len()
+        }
+    }
+
+    /// Whether each input is a set of images keyed by MR sequence.
+    pub fn is_multi_modal(&self) -> bool {
+        !self.channels.is_empty()
+    }
+
+    /// Number of f32 values of one input in the model's layout.
     pub fn image_len(&self) -> usize {
-        3 * self.height as usize * self.width as usize
+        self.channel_count() * self.height as usize * self.width as usize
+    }
+
+    /// The channel names as `model.toml` writes them (`FLAIR, T1c, T2`).
+    pub fn channel_names(&self) -> String {
+        self.channels
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

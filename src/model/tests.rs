@@ -144,3 +144,162 @@ fn repository_lists_models_and_hashes_once_per_change() {
         "a changed file is hashed again"
     );
 }
+
+const SEGMENTATION: &str = r#"
+[model]
+task = "segmentation"
+clinically_trained = false
+max_batch_size = 4
+
+[input]
+name = "input"
+layout = "NCHW"
+height = 16
+width = 16
+channels = ["FLAIR", "T1c", "T2"]
+resize_filter = "bilinear"
+mean = [0.1, 0.2, 0.3]
+std = [0.5, 0.5, 0.5]
+
+[output]
+name = "logits"
+kind = "logits"
+labels = ["background", "ncr", "edema", "enhancing"]
+mask_resize = "bilinear"
+
+[output.regions]
+whole = ["ncr", "edema", "enhancing"]
+core = ["enhancing", "ncr"]
+"#;
+
+#[test]
+fn segmentation_models_declare_channels_labels_and_regions() {
+    use crate::input::sequence::Sequence;
+    let root = repo_with(SEGMENTATION, &[1]);
+    let spec = ModelSpec::load(&root.path().join("m"), None).unwrap();
+    let input = &spec.config.input;
+    assert_eq!(
+        input.channels,
+        [Sequence::Flair, Sequence::T1c, Sequence::T2]
+    );
+    assert_eq!(input.image_len(), 3 * 16 * 16);
+    let Task::Segmentation(seg) = &spec.config.task else {
+        panic!("a segmentation model")
+    };
+    assert_eq!(seg.layout, Layout::Nchw, "NCHW by default");
+    assert_eq!(seg.mask_resize, MaskResize::Bilinear);
+    assert_eq!(seg.colors.len(), 4, "default colours, one per label");
+    assert_eq!(seg.colors[0], [0, 0, 0], "the background is black");
+    // Regions in name order, classes ascending.
+    assert_eq!(
+        seg.regions,
+        [
+            Region {
+                name: "core".into(),
+                classes: vec![1, 3]
+            },
+            Region {
+                name: "whole".into(),
+                classes: vec![1, 2, 3]
+            },
+        ]
+    );
+    assert_eq!(
+        ModelConfig::parse("m", root.path(), GOOD).unwrap().task,
+        Task::Classification
+    );
+}
+
+#[test]
+fn bad_segmentation_tomls_name_the_problem() {
+    let cases = [
+        (
+            "labels = [\"background\", \"ncr\", \"edema\", \"enhancing\"]",
+            "labels = [\"background\", \"ncr\", \"ncr\", \"enhancing\"]",
+            "listed twice",
+        ),
+        (
+            "core = [\"enhancing\", \"ncr\"]",
+            "core = [\"enhancing\", \"necrosis\"]",
+            "\"necrosis\" is not one of the labels",
+        ),
+        (
+            "core = [\"enhancing\", \"ncr\"]",
+            "core = [\"background\"]",
+            "includes the background",
+        ),
+        (
+            "mask_resize = \"bilinear\"",
+            "mask_resize = \"bicubic\"",
+            "expected `nearest` or `bilinear`",
+        ),
+        (
+            "mask_resize = \"bilinear\"",
+            "colors = [\"#000000\"]",
+            "colors has 1 entries for 4 labels",
+        ),
+        (
+            "mask_resize = \"bilinear\"",
+            "colors = [\"#000000\", \"red\", \"#00ff00\", \"#0000ff\"]",
+            "\"red\" is not #rrggbb",
+        ),
+        (
+            "mean = [0.1, 0.2, 0.3]",
+            "mean = [0.1, 0.2]",
+            "one value per input channel: 3",
+        ),
+        (
+            "channels = [\"FLAIR\", \"T1c\", \"T2\"]",
+            "channels = [\"FLAIR\", \"T1c\", \"FLAIR\"]",
+            "lists FLAIR twice",
+        ),
+        (
+            "channels = [\"FLAIR\", \"T1c\", \"T2\"]",
+            "channels = [\"FLAIR\", \"T1c\", \"T2\"]\ncolor = \"rgb\"",
+            "color goes with single-image models",
+        ),
+        (
+            "channels = [\"FLAIR\", \"T1c\", \"T2\"]",
+            "channels = [\"FLAIR\", \"T1c\", \"DWI\"]",
+            "unknown variant `DWI`",
+        ),
+        (
+            "name = \"input\"",
+            "tensors = [\"a\", \"b\"]",
+            "tensors names 2 inputs for 3 channels",
+        ),
+        (
+            "task = \"segmentation\"",
+            "task = \"detection\"",
+            "task must be",
+        ),
+        (
+            "task = \"segmentation\"",
+            "",
+            "go with [model] task = \"segmentation\"",
+        ),
+    ];
+    for (from, to, needle) in cases {
+        assert!(SEGMENTATION.contains(from), "{from}");
+        let err = load_err(&SEGMENTATION.replacen(from, to, 1));
+        assert!(err.contains(needle), "{to}: {err}");
+    }
+    // A segmentation model without channels, a classifier with them.
+    let err = load_err(&SEGMENTATION.replace(
+        "channels = [\"FLAIR\", \"T1c\", \"T2\"]\n",
+        "color = \"rgb\"\n",
+    ));
+    assert!(
+        err.contains("a segmentation model declares its channels"),
+        "{err}"
+    );
+    let err = load_err(
+        &GOOD
+            .replace("color = \"rgb\"", "channels = [\"FLAIR\", \"T2\", \"T1\"]")
+            .replace("[model]", "[model]\ntask = \"classification\""),
+    );
+    assert!(
+        err.contains("multi-modal classification models are not supported yet"),
+        "{err}"
+    );
+}

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod registry;
+pub mod segment;
 pub mod series;
 pub mod served;
 
@@ -115,6 +116,8 @@ pub struct Limits {
     /// (two thread wake-ups: about a third of the serving path's own CPU for one small slice).
     /// 0: every image goes to the preprocessing pool.
     pub inline_decode_bytes: u64,
+    /// Most bytes of probability maps one segmentation request may ask for.
+    pub max_probability_bytes: u64,
 }
 
 /// An image this large (decoded) takes the one "large image" lane, so at most one such decode
@@ -212,12 +215,31 @@ impl Admitted {
         model: &Arc<ServedModel>,
         request: InferRequest,
     ) -> Result<Vec<ImageResult>, InferError> {
+        model.classifies()?;
         within(
             request.deadline,
             "deadline exceeded before the images were classified",
             self.pipeline.classify_through_cache(model, request),
         )
         .await
+    }
+}
+
+impl ServedModel {
+    /// Refuses a classification of a segmentation model (FAILED_PRECONDITION, naming it).
+    pub fn classifies(&self) -> Result<(), InferError> {
+        match &self.segmenter {
+            None => Ok(()),
+            Some(_) => Err(InferError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "model {} is a segmentation model: it takes {} per slice and answers masks \
+                     (use Segment or POST /v1/segment)",
+                    self.spec.config.name,
+                    self.spec.config.input.channel_names()
+                ),
+            )),
+        }
     }
 }
 

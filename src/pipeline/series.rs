@@ -89,6 +89,7 @@ impl Admitted {
         model: &Arc<crate::pipeline::ServedModel>,
         request: SeriesRequest,
     ) -> Result<SeriesResult, InferError> {
+        model.classifies()?;
         within(
             request.deadline,
             "deadline exceeded before the series was classified",

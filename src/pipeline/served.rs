@@ -11,6 +11,7 @@ use crate::input::InputLimits;
 use crate::metrics::{self, ModelMetrics};
 use crate::model::task::Classifier;
 use crate::model::{BatchingOverrides, ModelSpec};
+use crate::postprocess::Segmenter;
 use crate::preprocess::Preprocessor;
 use crate::priority::Priority;
 
@@ -119,6 +120,8 @@ pub struct ServedModel {
     pub warnings: Vec<String>,
     pub preprocessor: Preprocessor,
     pub classifier: Classifier,
+    /// A segmentation model's postprocessing (`None`: a classifier).
+    pub segmenter: Option<Segmenter>,
     pub batcher: Batcher,
     pub metrics: ModelMetrics,
     /// SHA-256 of the `model.toml` it was loaded with.
@@ -148,6 +151,7 @@ impl ServedModel {
         toml_sha256: String,
     ) -> Result<ServedModel, String> {
         let classifier = Classifier::new(&spec);
+        let segmenter = Segmenter::new(&spec);
         let preprocessor = Preprocessor::new(spec.config.input.clone(), limits);
         let sizes = BatchSizes::new(settings.max_batch_size);
         let config = BatcherConfig {
@@ -157,7 +161,10 @@ impl ServedModel {
             instances: settings.instances,
             max_queue_wait: settings.max_queue_wait,
             input_len: spec.config.input.image_len(),
-            output_len: classifier.output_len(),
+            output_len: match &segmenter {
+                Some(segmenter) => segmenter.output_len(),
+                None => classifier.output_len(),
+            },
             host_memory: engine.host_memory,
             inline_run: engine.inline_run,
         };
@@ -193,6 +200,7 @@ impl ServedModel {
             device: engine.device,
             preprocessor,
             classifier,
+            segmenter,
             batcher,
             metrics: model_metrics,
             toml_sha256,

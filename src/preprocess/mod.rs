@@ -35,17 +35,27 @@ pub struct Preprocessor {
     spec: InputSpec,
     limits: InputLimits,
     /// Value of an 8-bit pixel, per channel.
-    lut: [[f32; 256]; 3],
+    lut: Vec<[f32; 256]>,
+}
+
+/// What preprocessing learned about a multi-modal input ([`Preprocessor::preprocess_channels`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelsSource {
+    /// Size of the channels' images (all the same): the geometry of the answer's mask.
+    pub width: u32,
+    pub height: u32,
+    /// The DICOM channels' identifiers and guard warnings, in channel order.
+    pub dicom: Vec<(crate::input::sequence::Sequence, DicomSource)>,
 }
 
 impl Preprocessor {
     pub fn new(spec: InputSpec, limits: InputLimits) -> Self {
-        let mut lut = [[0f32; 256]; 3];
+        let mut lut = vec![[0f32; 256]; spec.channel_count()];
         for (c, table) in lut.iter_mut().enumerate() {
             for (p, v) in table.iter_mut().enumerate() {
                 *v = match spec.scaling {
                     // Same float32 operations, in the same order, as numpy's reference.
-                    Scaling::MeanStd { mean, std } => (p as f32 / 255.0 - mean[c]) / std[c],
+                    Scaling::MeanStd { ref mean, ref std } => (p as f32 / 255.0 - mean[c]) / std[c],
                     Scaling::ScaleOffset { scale, offset } => p as f32 * scale + offset,
                 };
             }
@@ -110,6 +120,103 @@ impl Preprocessor {
         Ok((ids, preview))
     }
 
+    /// A multi-modal input (`[input] channels`): one image per channel, in the model's channel
+    /// order, each decoded, made gray (Pillow's luma), resized and scaled with its channel's
+    /// mean/std into its channel of `out` (`image_len()` values). Every image must have the same
+    /// size: the answer's geometry. A DICOM image is checked by the model's guard against the
+    /// sequence of its channel. An error names the channel (its index in `images`).
+    pub fn preprocess_channels(
+        &self,
+        images: &[(&[u8], Encoding)],
+        out: &mut [f32],
+    ) -> Result<ChannelsSource, (usize, InputError)> {
+        assert_eq!(
+            out.len(),
+            self.spec.image_len(),
+            "wrong output size: this is a bug"
+        );
+        assert_eq!(
+            images.len(),
+            self.spec.channels.len(),
+            "one image per channel: this is a bug"
+        );
+        let mut geometry = None;
+        let mut dicom = Vec::new();
+        for (c, &(data, encoding)) in images.iter().enumerate() {
+            let sequence = self.spec.channels[c];
+            let (plane, source) = self
+                .decode_as(data, encoding, Some(sequence))
+                .map_err(|e| (c, e))?;
+            let size = match &plane {
+                Plane::Bytes(p) => (p.width, p.height),
+                Plane::Float { width, height, .. } => (*width, *height),
+            };
+            match geometry {
+                None => geometry = Some(size),
+                Some(first) if first != size => {
+                    return Err((
+                        c,
+                        InputError::Inconsistent(format!(
+                            "the image is {}×{}, but the {} image is {}×{}: a slice's images must have the same size",
+                            size.0,
+                            size.1,
+                            self.spec.channels[0].as_str(),
+                            first.0,
+                            first.1
+                        )),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if let Some(source) = source {
+                dicom.push((sequence, source));
+            }
+            match plane {
+                Plane::Bytes(pixels) => {
+                    let pixels = self.resize(self.convert_color(pixels));
+                    let lut = &self.lut[c];
+                    self.write_channel(c, pixels.data.iter().map(|&p| lut[p as usize]), out);
+                }
+                Plane::Float {
+                    width,
+                    height,
+                    data,
+                } => {
+                    let levels = self.resize_levels(data, width, height);
+                    let value = |v: f32| match &self.spec.scaling {
+                        Scaling::MeanStd { mean, std } => (v / 255.0 - mean[c]) / std[c],
+                        Scaling::ScaleOffset { scale, offset } => v * scale + offset,
+                    };
+                    self.write_channel(c, levels.iter().map(|&v| value(v)), out);
+                }
+            }
+        }
+        let (width, height) = geometry.expect("a model with channels has at least one");
+        Ok(ChannelsSource {
+            width,
+            height,
+            dicom,
+        })
+    }
+
+    /// Writes one channel's values (a plane in row-major order) into channel `c` of `out`.
+    fn write_channel(&self, c: usize, values: impl Iterator<Item = f32>, out: &mut [f32]) {
+        let channels = self.spec.channel_count();
+        let plane = self.spec.width as usize * self.spec.height as usize;
+        match self.spec.layout {
+            Layout::Nchw => {
+                for (o, v) in out[c * plane..(c + 1) * plane].iter_mut().zip(values) {
+                    *o = v;
+                }
+            }
+            Layout::Nhwc => {
+                for (o, v) in out[c..].iter_mut().step_by(channels).zip(values) {
+                    *o = v;
+                }
+            }
+        }
+    }
+
     /// Converts, resizes and scales decoded pixels into `out`.
     fn write_plane(&self, plane: Plane, out: &mut [f32]) {
         match plane {
@@ -145,7 +252,7 @@ impl Preprocessor {
     /// 8-bit values are (the same float32 operations as the 8-bit table).
     fn write_levels(&self, levels: &[f32], out: &mut [f32]) {
         let plane = levels.len();
-        let value = |v: f32, c: usize| match self.spec.scaling {
+        let value = |v: f32, c: usize| match &self.spec.scaling {
             Scaling::MeanStd { mean, std } => (v / 255.0 - mean[c]) / std[c],
             Scaling::ScaleOffset { scale, offset } => v * scale + offset,
         };
@@ -174,19 +281,40 @@ impl Preprocessor {
         data: &[u8],
         encoding: Encoding,
     ) -> Result<(Plane, Option<DicomSource>), InputError> {
+        self.decode_as(data, encoding, None)
+    }
+
+    /// [`Preprocessor::decode`]; a DICOM image of a multi-modal input (`channel`: its channel's
+    /// sequence) is checked by the model's guard as that sequence.
+    fn decode_as(
+        &self,
+        data: &[u8],
+        encoding: Encoding,
+        channel: Option<crate::input::sequence::Sequence>,
+    ) -> Result<(Plane, Option<DicomSource>), InputError> {
         if !encoding.is_dicom(data) {
             let pixels = input::decode(data, encoding, &self.limits, self.spec.sixteen_bit)?;
             return Ok((Plane::Bytes(pixels), None));
         }
         let image = dicom::decode(data, &self.limits)?;
-        let warnings = self.guard(&image.header)?;
+        let warnings = match (channel, &self.spec.dicom_guard) {
+            (Some(sequence), Some(guard)) => {
+                let channel_guard = crate::model::DicomGuard {
+                    sequences: vec![sequence],
+                    ..guard.clone()
+                };
+                guard::check(&channel_guard, &image.header).map_err(InputError::NotAccepted)?
+            }
+            _ => self.guard(&image.header)?,
+        };
         if image.frames.len() != 1 {
+            let takes = match channel {
+                None => "Classify takes single-frame instances",
+                Some(_) => "a slice's channel is one single-frame instance",
+            };
             return Err(InputError::Decode {
                 format: "DICOM",
-                message: format!(
-                    "the instance has {} frames; Classify takes single-frame instances",
-                    image.frames.len()
-                ),
+                message: format!("the instance has {} frames; {takes}", image.frames.len()),
             });
         }
         let frame = image.frames.into_iter().next().expect("one frame");
@@ -420,6 +548,8 @@ mod tests {
 
     fn spec(layout: Layout, color: ColorMode) -> InputSpec {
         InputSpec {
+            channels: Vec::new(),
+            tensors: Vec::new(),
             tensor_name: "input".into(),
             layout,
             height: 2,
@@ -491,13 +621,67 @@ mod tests {
     fn mean_std_lut_matches_formula() {
         let mut s = spec(Layout::Nchw, ColorMode::Rgb);
         s.scaling = Scaling::MeanStd {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
         };
         let out = Preprocessor::new(s, LIMITS)
             .preprocess_to_vec(&[255; 4], raw(2, 2, 1))
             .unwrap();
         assert_eq!(out[0], (1.0f32 - 0.485) / 0.229);
         assert_eq!(out[11], (1.0f32 - 0.406) / 0.225);
+    }
+
+    fn two_channels(layout: Layout) -> Preprocessor {
+        use crate::input::sequence::Sequence;
+        let mut s = spec(layout, ColorMode::Grayscale);
+        s.channels = vec![Sequence::T2, Sequence::Flair];
+        s.scaling = Scaling::MeanStd {
+            mean: vec![0.0, 1.0],
+            std: vec![1.0 / 255.0, 1.0 / 255.0],
+        };
+        Preprocessor::new(s, LIMITS)
+    }
+
+    #[test]
+    fn channels_are_stacked_in_order_each_with_its_own_scaling() {
+        let (t2, flair) = ([1u8, 2, 3, 4], [10u8, 20, 30, 40]);
+        let images = [(&t2[..], raw(2, 2, 1)), (&flair[..], raw(2, 2, 1))];
+        // Channel 1 has mean 1: (p/255 - 1) * 255 = p - 255.
+        let mut nchw = vec![0f32; 8];
+        let source = two_channels(Layout::Nchw)
+            .preprocess_channels(&images, &mut nchw)
+            .unwrap();
+        assert_eq!((source.width, source.height), (2, 2));
+        let round = |v: &[f32]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
+        assert_eq!(round(&nchw), [1., 2., 3., 4., -245., -235., -225., -215.]);
+        let mut nhwc = vec![0f32; 8];
+        two_channels(Layout::Nhwc)
+            .preprocess_channels(&images, &mut nhwc)
+            .unwrap();
+        assert_eq!(round(&nhwc), [1., -245., 2., -235., 3., -225., 4., -215.]);
+        // RGB input is made gray with Pillow's luma.
+        let rgb = [255u8, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255];
+        let mut out = vec![0f32; 8];
+        two_channels(Layout::Nchw)
+            .preprocess_channels(
+                &[(&rgb[..], raw(2, 2, 3)), (&flair[..], raw(2, 2, 1))],
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(round(&out[..4]), [76., 150., 29., 255.]);
+    }
+
+    #[test]
+    fn channels_of_different_sizes_are_refused_naming_the_channel() {
+        let (a, b) = ([1u8; 4], [1u8; 6]);
+        let mut out = vec![0f32; 8];
+        let (channel, error) = two_channels(Layout::Nchw)
+            .preprocess_channels(&[(&a[..], raw(2, 2, 1)), (&b[..], raw(3, 2, 1))], &mut out)
+            .unwrap_err();
+        assert_eq!(channel, 1);
+        assert_eq!(
+            error.to_string(),
+            "the image is 3×2, but the T2 image is 2×2: a slice's images must have the same size"
+        );
     }
 }

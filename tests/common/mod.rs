@@ -81,7 +81,7 @@ fn serve_args(source: &[&str], extra: &[&str]) -> ServeArgs {
     argv.extend(extra.iter().map(|s| s.to_string()));
     match Cli::parse_from(argv).command {
         Command::Serve(args) => *args,
-        Command::Classify(_) => unreachable!(),
+        _ => unreachable!(),
     }
 }
 
@@ -617,6 +617,26 @@ pub fn multipart(files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
         body.extend(
             format!(
                 "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// A multipart/form-data body of files, each in its own named field (`/v1/segment`: the field
+/// is the sequence); returns (content type, body).
+pub fn multipart_fields(fields: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "brainai-test-boundary-9c02";
+    let mut body = Vec::new();
+    for (field, data) in fields {
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{field}.png\"\r\n\
                  Content-Type: application/octet-stream\r\n\r\n"
             )
             .as_bytes(),
