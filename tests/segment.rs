@@ -747,3 +747,116 @@ async fn dicom_channels_are_checked_as_their_sequence_and_named_in_the_answer() 
     );
     t.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_list_and_the_open_inference_protocol_know_segmentation_models() {
+    let root = repository();
+    let t = serve_repository(root.path(), &[]).await;
+    let addr = t.server.http_addr;
+    let r = http(addr, "GET", "/v1/models", &[], b"").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let list = r.json();
+    assert_eq!(list["default_model"], "tiny");
+    let model = |name: &str| {
+        list["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} listed"))
+            .clone()
+    };
+    let seg = model("seg-nhwc");
+    assert_eq!(seg["task"], "segmentation");
+    assert_eq!(seg["channels"], serde_json::json!(["T2", "FLAIR", "T1c"]));
+    assert_eq!(seg["colors"][1], "#1f77b4");
+    assert_eq!(seg["regions"].as_array().unwrap().len(), 3);
+    assert_eq!(seg["clinically_trained"], false);
+    let tiny = model("tiny");
+    assert_eq!(tiny["task"], "classification");
+    assert_eq!(tiny["channels"], serde_json::json!([]));
+    // Open Inference Protocol metadata: one BYTES input per channel, mask and probabilities.
+    let r = http(addr, "GET", "/v2/models/seg-threshold", &[], b"").await;
+    let meta = r.json();
+    let names: Vec<&str> = meta["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["FLAIR", "T1c", "T2", "input"]);
+    assert_eq!(meta["outputs"][0]["name"], "mask");
+    assert_eq!(meta["outputs"][0]["datatype"], "UINT8");
+    // A model with one ONNX input per channel has no stacked FP32 tensor: refused, not a panic.
+    let body = serde_json::json!({"inputs": [{"name": "flair", "datatype": "FP32",
+        "shape": [1, 3, 16, 16], "data": vec![0.0f32; 768]}]});
+    let r = http(
+        addr,
+        "POST",
+        "/v2/models/seg-multi/infer",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("send each channel (FLAIR, T1c, T2) as BYTES")
+    );
+    // The FP32 stacked tensor of seg-threshold: the closed form, as a UINT8 mask in JSON.
+    let levels: Vec<f32> = (0..768).map(|i| ((i * 37) % 256) as f32).collect();
+    let body = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32",
+        "shape": [1, 3, 16, 16], "data": levels}]});
+    let r = http(
+        addr,
+        "POST",
+        "/v2/models/seg-threshold/infer",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let out = &r.json()["outputs"][0];
+    assert_eq!(
+        (out["name"].as_str(), out["datatype"].as_str()),
+        (Some("mask"), Some("UINT8"))
+    );
+    assert_eq!(out["shape"], serde_json::json!([1, 16, 16]));
+    let mask: Vec<u8> = out["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u8)
+        .collect();
+    let want: Vec<u8> = (0..256)
+        .map(|p| {
+            closed_form(
+                levels[p] as u8,
+                levels[256 + p] as u8,
+                levels[512 + p] as u8,
+            )
+        })
+        .collect();
+    assert_eq!(mask, want);
+    // A classification output on a segmentation model: refused by name.
+    let body = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32",
+        "shape": [1, 3, 16, 16], "data": vec![0.0f32; 768]}], "outputs": [{"name": "label"}]});
+    let r = http(
+        addr,
+        "POST",
+        "/v2/models/seg-threshold/infer",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("(mask, probabilities)")
+    );
+    t.server.shutdown().await.unwrap();
+}

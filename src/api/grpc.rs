@@ -296,7 +296,10 @@ pub fn segment_slices(
                 encoding,
             });
         }
-        inputs.push(SliceInput { images });
+        inputs.push(SliceInput {
+            images,
+            tensor: None,
+        });
     }
     Ok((ids, inputs))
 }

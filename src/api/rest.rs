@@ -302,7 +302,10 @@ async fn segment(
         })
         .collect();
     let request = SegmentRequest {
-        slices: vec![SliceInput { images }],
+        slices: vec![SliceInput {
+            images,
+            tensor: None,
+        }],
         priority,
         deadline,
         probabilities: matches!(get("probabilities"), "1" | "true"),

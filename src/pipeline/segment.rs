@@ -34,10 +34,12 @@ pub struct SequenceImage {
     pub encoding: Encoding,
 }
 
-/// One slice: one image per sequence the model takes.
+/// One slice: one image per sequence the model takes, or (`tensor`) the stacked input tensor
+/// in the model's layout and size, used as it is (an Open Inference Protocol FP32 input).
 #[derive(Debug, Clone, Default)]
 pub struct SliceInput {
     pub images: Vec<SequenceImage>,
+    pub tensor: Option<Vec<f32>>,
 }
 
 /// A segmentation request, transport-neutral.
@@ -135,6 +137,12 @@ impl Admitted {
     }
 }
 
+/// A slice as the request gave it: its images in channel order, or the stacked tensor.
+enum SliceSource {
+    Images(Vec<(bytes::Bytes, Encoding)>),
+    Tensor(Vec<f32>),
+}
+
 /// One slice ready to run: its row of a batch buffer and what preprocessing learned.
 struct PreparedSlice {
     ticket: Ticket,
@@ -177,6 +185,24 @@ impl Pipeline {
         let mut slices = Vec::with_capacity(n);
         let mut total = 0u64;
         for (index, slice) in request.slices.into_iter().enumerate() {
+            if let Some(tensor) = slice.tensor {
+                let want = config.input.image_len();
+                if tensor.len() != want || !slice.images.is_empty() {
+                    return Err(InferError::invalid(format!(
+                        "slice {index}: the tensor has {} values; model {} takes {want}",
+                        tensor.len(),
+                        config.name
+                    )));
+                }
+                let answer = segmenter.answer_bytes(
+                    config.input.width,
+                    config.input.height,
+                    request.probabilities,
+                );
+                total = total.saturating_add(answer);
+                slices.push(SliceSource::Tensor(tensor));
+                continue;
+            }
             let ordered = in_channel_order(&config.input, &config.name, slice)
                 .map_err(|e| e.for_slice(index))?;
             for (c, (data, encoding)) in ordered.iter().enumerate() {
@@ -194,7 +220,7 @@ impl Pipeline {
                 };
                 total = total.saturating_add(size).saturating_add(answer);
             }
-            slices.push(ordered);
+            slices.push(SliceSource::Images(ordered));
         }
         check_decode_budget(
             total,
@@ -229,9 +255,22 @@ impl Pipeline {
             let parallel = rayon::current_num_threads().max(1);
             let prepared: Vec<PreparedSlice> =
                 futures_util::stream::iter(slices.into_iter().zip(places.into_places()).enumerate())
-                    .map(|(index, (images, place))| {
+                    .map(|(index, (source, place))| {
                         let model = model.clone();
                         async move {
+                            let images = match source {
+                                SliceSource::Tensor(values) => {
+                                    let input = &model.spec.config.input;
+                                    return Ok(PreparedSlice {
+                                        ticket: place.fill(&values),
+                                        width: input.width,
+                                        height: input.height,
+                                        dicom: Vec::new(),
+                                        took: Duration::ZERO,
+                                    });
+                                }
+                                SliceSource::Images(images) => images,
+                            };
                             let mut ticket = place.claim();
                             let sequences = model.spec.config.input.channels.clone();
                             let job = move || {

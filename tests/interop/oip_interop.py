@@ -9,6 +9,14 @@ answer is compared with `brainai classify --json` (the `Classify` RPC, another c
 the same images: BYTES images must give Classify's probabilities (1e-6), FP32 tensors preprocessed
 by the independent Pillow reference must give them to 1e-4.
 
+Segmentation models (seg-threshold: NCHW logits, nearest mask mapping; seg-nhwc: NHWC
+probabilities in another channel order, bilinear mapping): metadata (one BYTES input per channel,
+the stacked FP32 tensor, outputs `mask` UINT8 [N, H, W] and `probabilities` FP32
+[N, labels, H, W]), two slices of one BYTES image per channel whose masks must equal the
+independent numpy + Pillow + onnxruntime reference (tests/reference/segment_reference.py) exactly,
+the probability maps (binary data on HTTP) whose argmax is the mask, the stacked FP32 tensor whose
+mask must equal the test model's closed form, and a missing channel refused naming it.
+
 Usage: tests/interop/oip_interop.py [--bin target/release/brainai]. Exit status 1 on any mismatch.
 """
 
@@ -34,6 +42,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests/data"
 IMAGES = ["flair_256_a.png", "flair_512_a.jpg", "flair_300x220.png", "flair_512_rgb.png"]
 MODELS = {"tiny": "tiny", "tiny-nhwc-probs": "tiny-nhwc-probs"}
+SEG_MODELS = ["seg-threshold", "seg-nhwc"]
+# Two slices of 256x256 images, one per channel (FLAIR, T1c, T2).
+SLICES = [
+    {"FLAIR": "flair_256_a.png", "T1c": "flair_256_b.png", "T2": "flair_256_c.png"},
+    {"FLAIR": "flair_256_c.png", "T1c": "flair_256_tumor.png", "T2": "flair_256_a.png"},
+]
+# seg-threshold's closed form (models/make_tiny_models.py): z_k = W[k] . (FLAIR, T1c, T2) + B[k].
+SEG_W = np.array([[0, 0, 0], [0, -1, 2], [2, -1, 1], [0, 3, 0]], dtype=np.int64)
+SEG_B = np.array([48, 0, -100, -216], dtype=np.int64)
 PATIENCE_S = 120
 
 failures: list[str] = []
@@ -204,6 +221,124 @@ def run_http(url: str, model: str, model_dir: Path, classified: dict) -> None:
     c.close()
 
 
+def seg_reference(model_dir: Path) -> np.ndarray:
+    """The independent reference's masks of SLICES, [N, H, W] uint8."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = Path(tmp) / "cases.json"
+        cases.write_text(json.dumps([{k: str(DATA / v) for k, v in s.items()} for s in SLICES]))
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "tests/reference/segment_reference.py"), "--model-dir",
+             str(model_dir), "--batch-file", str(cases)],
+            check=True, capture_output=True, text=True, timeout=PATIENCE_S,
+        ).stdout
+    masks = []
+    for line in out.splitlines():
+        r = json.loads(line)
+        masks.append(np.array(r["mask"], dtype=np.uint8).reshape(r["height"], r["width"]))
+    return np.stack(masks)
+
+
+def channel_arrays() -> dict[str, np.ndarray]:
+    """Each channel's images of SLICES as one BYTES array."""
+    return {seq: np.array([(DATA / s[seq]).read_bytes() for s in SLICES], dtype=np.object_)
+            for seq in ("FLAIR", "T1c", "T2")}
+
+
+def closed_form_case(model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A stacked FP32 tensor of integer levels at the model's size (seg-threshold's layout) and its
+    closed-form mask."""
+    rng = np.random.default_rng(23)
+    levels = rng.integers(0, 256, size=(3, 3, 16, 16)).astype(np.int64)  # [N, FLAIR/T1c/T2, H, W]
+    z = np.einsum("kc,nchw->nkhw", SEG_W, levels) + SEG_B[None, :, None, None]
+    return levels.astype(np.float32), z.argmax(axis=1).astype(np.uint8)
+
+
+def run_seg_grpc(url: str, model: str, model_dir: Path) -> None:
+    print(f"gRPC ({url}), segmentation model {model}")
+    c = grpcclient.InferenceServerClient(url=url)
+    mm = c.get_model_metadata(model)
+    inputs = {i.name: (i.datatype, list(i.shape)) for i in mm.inputs}
+    outputs = {o.name: (o.datatype, list(o.shape)) for o in mm.outputs}
+    check(all(inputs.get(s) == ("BYTES", [-1]) for s in ("FLAIR", "T1c", "T2")),
+          f"metadata: one BYTES input per channel {inputs}")
+    check(outputs.get("mask") == ("UINT8", [-1, -1, -1]) and outputs.get("probabilities") == ("FP32", [-1, 4, -1, -1]),
+          f"metadata outputs {outputs}")
+    want = seg_reference(model_dir)
+    ins = []
+    for seq, arr in channel_arrays().items():
+        i = grpcclient.InferInput(seq, [len(arr)], "BYTES")
+        i.set_data_from_numpy(arr)
+        ins.append(i)
+    r = c.infer(model, ins)
+    mask = r.as_numpy("mask")
+    check(mask is not None and mask.dtype == np.uint8 and mask.shape == want.shape,
+          f"mask UINT8 {None if mask is None else (mask.dtype, mask.shape)}")
+    check(mask is not None and np.array_equal(mask, want), "BYTES slices: masks = the Pillow reference, exactly")
+    check(r.as_numpy("probabilities") is None, "probabilities only when asked")
+    params = r.get_response().parameters
+    check(params["model_sha256"].string_param != "" and not params["clinically_trained"].bool_param,
+          "response names the model and says it is not clinically trained")
+    outs = [grpcclient.InferRequestedOutput("mask"), grpcclient.InferRequestedOutput("probabilities")]
+    r = c.infer(model, ins, outputs=outs)
+    probs = r.as_numpy("probabilities")
+    check(probs is not None and probs.shape == (len(SLICES), 4, 256, 256), f"probabilities {None if probs is None else probs.shape}")
+    check(probs is not None and np.array_equal(probs.argmax(axis=1).astype(np.uint8), r.as_numpy("mask")),
+          "the mask is the argmax of the probability maps")
+    if "input" in inputs and model == "seg-threshold":
+        tensor, closed = closed_form_case(model_dir)
+        fp32 = grpcclient.InferInput("input", list(tensor.shape), "FP32")
+        fp32.set_data_from_numpy(tensor)
+        r = c.infer(model, [fp32])
+        check(np.array_equal(r.as_numpy("mask"), closed), "FP32 stacked tensor: mask = the closed form")
+    try:
+        c.infer(model, ins[:2])
+        check(False, "a missing channel is refused")
+    except InferenceServerException as e:
+        check(e.status() == "StatusCode.INVALID_ARGUMENT" and "no T2 image" in e.message(),
+              f"a missing channel is refused: {e.status()} {e.message()}")
+    c.close()
+
+
+def run_seg_http(url: str, model: str, model_dir: Path) -> None:
+    print(f"HTTP ({url}), segmentation model {model}")
+    c = httpclient.InferenceServerClient(url=url, network_timeout=PATIENCE_S)
+    mm = c.get_model_metadata(model)
+    outputs = {o["name"]: (o["datatype"], o["shape"]) for o in mm["outputs"]}
+    check(outputs.get("mask") == ("UINT8", [-1, -1, -1]), f"metadata outputs {outputs}")
+    want = seg_reference(model_dir)
+    ins = []
+    for seq, arr in channel_arrays().items():
+        i = httpclient.InferInput(seq, [len(arr)], "BYTES")
+        i.set_data_from_numpy(arr, binary_data=True)
+        ins.append(i)
+    for binary in (True, False):
+        r = c.infer(model, ins, outputs=[httpclient.InferRequestedOutput("mask", binary_data=binary)])
+        mask = r.as_numpy("mask")
+        check(mask is not None and np.array_equal(mask.astype(np.uint8), want),
+              f"BYTES slices, {'binary' if binary else 'JSON'} mask = the Pillow reference, exactly")
+    outs = [httpclient.InferRequestedOutput("mask", binary_data=True),
+            httpclient.InferRequestedOutput("probabilities", binary_data=True)]
+    r = c.infer(model, ins, outputs=outs)
+    probs = r.as_numpy("probabilities")
+    check(probs is not None and probs.shape == (len(SLICES), 4, 256, 256)
+          and np.array_equal(probs.argmax(axis=1).astype(np.uint8), r.as_numpy("mask")),
+          "binary probability maps; their argmax is the mask")
+    if model == "seg-threshold":
+        tensor, closed = closed_form_case(model_dir)
+        for binary in (True, False):
+            fp32 = httpclient.InferInput("input", list(tensor.shape), "FP32")
+            fp32.set_data_from_numpy(tensor, binary_data=binary)
+            r = c.infer(model, [fp32])
+            check(np.array_equal(r.as_numpy("mask").astype(np.uint8), closed),
+                  f"FP32 stacked tensor ({'binary' if binary else 'JSON'}): mask = the closed form")
+    try:
+        c.infer(model, ins[:2])
+        check(False, "a missing channel is refused")
+    except InferenceServerException as e:
+        check("no T2 image" in e.message(), f"a missing channel is refused: {e.message()}")
+    c.close()
+
+
 def wait_ready(proc: subprocess.Popen, http_port: int, log: Path) -> None:
     deadline = time.time() + PATIENCE_S
     while time.time() < deadline:
@@ -228,6 +363,8 @@ def main() -> int:
         repo = Path(tmp) / "models"
         for name, fixture in MODELS.items():
             shutil.copytree(ROOT / "tests/fixtures/models" / fixture, repo / name)
+        for name in SEG_MODELS:
+            shutil.copytree(ROOT / "tests/fixtures/models" / name, repo / name)
         grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
         log = Path(tmp) / "server.log"
         with open(log, "w") as log_file:
@@ -242,6 +379,9 @@ def main() -> int:
                 classified = classify_cli(args.bin, grpc_port, model)
                 run_grpc(f"127.0.0.1:{grpc_port}", model, repo / model, classified)
                 run_http(f"127.0.0.1:{http_port}", model, repo / model, classified)
+            for model in SEG_MODELS:
+                run_seg_grpc(f"127.0.0.1:{grpc_port}", model, repo / model)
+                run_seg_http(f"127.0.0.1:{http_port}", model, repo / model)
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
                 metrics = r.read().decode()
             for rpc in ("ModelInfer", "v2.infer"):
@@ -258,7 +398,7 @@ def main() -> int:
     if failures:
         print(f"\ninterop FAILED ({len(failures)}):\n  " + "\n  ".join(failures))
         return 1
-    print("\ninterop: tritonclient gRPC and HTTP agree with Classify")
+    print("\ninterop: tritonclient gRPC and HTTP agree with Classify and the segmentation reference")
     return 0
 
 

@@ -179,8 +179,12 @@ fn encode(response: OipResponse, raw: bool) -> pb::ModelInferResponse {
             match &out.data {
                 TensorData::Fp32(v) if raw => raw_output_contents.push(super::fp32_to_raw(v)),
                 TensorData::Bytes(v) if raw => raw_output_contents.push(super::bytes_to_raw(v)),
+                TensorData::Uint8(v) if raw => raw_output_contents.push(v.clone()),
                 TensorData::Fp32(v) => contents.fp32_contents = v.clone(),
                 TensorData::Bytes(v) => contents.bytes_contents = v.clone(),
+                TensorData::Uint8(v) => {
+                    contents.uint_contents = v.iter().map(|&b| u32::from(b)).collect();
+                }
             }
             pb::model_infer_response::InferOutputTensor {
                 name: out.name.clone(),

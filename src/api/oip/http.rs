@@ -455,12 +455,14 @@ fn encode(response: OipResponse, binary_all: bool) -> Response {
             let bytes = match &out.data {
                 TensorData::Fp32(v) => super::fp32_to_raw(v),
                 TensorData::Bytes(v) => super::bytes_to_raw(v),
+                TensorData::Uint8(v) => v.clone(),
             };
             entry["parameters"] = json!({"binary_data_size": bytes.len()});
             blobs.extend(bytes);
         } else {
             entry["data"] = match &out.data {
                 TensorData::Fp32(v) => json!(v),
+                TensorData::Uint8(v) => json!(v),
                 TensorData::Bytes(v) => json!(
                     v.iter()
                         .map(|b| String::from_utf8_lossy(b).into_owned())

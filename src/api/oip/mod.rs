@@ -8,6 +8,11 @@
 //! `input`) as `FP32` in the model's layout and size, used as it is — of which a request sends
 //! one; and two outputs: `probabilities` (`FP32 [N, labels]`, or with the classification
 //! extension `BYTES [N, k]` of `"score:index:label"`) and `label` (`BYTES [N]`).
+//!
+//! A segmentation model's inputs are one `BYTES` input per channel, named by its MR sequence
+//! (`FLAIR`, `T1c`, `T2`, …: element *i* of each is slice *i*), or its stacked tensor as `FP32`;
+//! its outputs are `mask` (`UINT8 [N, H, W]`, the label map at the slices' geometry) and, when
+//! asked for by name, `probabilities` (`FP32 [N, labels, H, W]`).
 
 pub mod grpc;
 pub mod http;
@@ -19,7 +24,8 @@ use tokio::time::Instant;
 
 use crate::error::{InferError, echo};
 use crate::input::Encoding;
-use crate::model::{Layout, ModelConfig};
+use crate::model::{Layout, ModelConfig, Task};
+use crate::pipeline::segment::{SegmentRequest, SequenceImage, SliceInput};
 use crate::pipeline::{Admitted, ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
 use crate::priority::Priority;
 
@@ -27,6 +33,8 @@ use crate::priority::Priority;
 pub const IMAGE_INPUT: &str = "IMAGE";
 pub const PROBABILITIES: &str = "probabilities";
 pub const LABEL: &str = "label";
+/// A segmentation model's label map output.
+pub const MASK: &str = "mask";
 /// `platform` of every model in metadata.
 pub const PLATFORM: &str = "onnxruntime_onnx";
 /// Protocol extensions this server implements (server metadata).
@@ -61,6 +69,8 @@ pub fn priority(value: Option<i64>) -> Result<Option<Priority>, InferError> {
 pub enum TensorData {
     Bytes(Vec<Vec<u8>>),
     Fp32(Vec<f32>),
+    /// Output only (a segmentation mask).
+    Uint8(Vec<u8>),
 }
 
 /// One input tensor of a request.
@@ -110,6 +120,7 @@ impl OutputTensor {
         match self.data {
             TensorData::Bytes(_) => "BYTES",
             TensorData::Fp32(_) => "FP32",
+            TensorData::Uint8(_) => "UINT8",
         }
     }
 }
@@ -162,11 +173,30 @@ pub fn tensors(model: &ServedModel) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
 fn tensors_of(config: &ModelConfig) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
     let input = &config.input;
     let (h, w) = (i64::from(input.height), i64::from(input.width));
+    let c = input.channel_count() as i64;
     let layout = match input.layout {
-        Layout::Nchw => vec![-1, 3, h, w],
-        Layout::Nhwc => vec![-1, h, w, 3],
+        Layout::Nchw => vec![-1, c, h, w],
+        Layout::Nhwc => vec![-1, h, w, c],
     };
     let labels = config.labels.len() as i64;
+    if let Task::Segmentation(_) = config.task {
+        let mut inputs: Vec<TensorMeta> = input
+            .channels
+            .iter()
+            .map(|s| (s.as_str().to_string(), "BYTES", vec![-1]))
+            .collect();
+        // The stacked tensor, when the graph takes one (not one input per channel).
+        if input.tensors.is_empty() {
+            inputs.push((input.tensor_name.clone(), "FP32", layout));
+        }
+        return (
+            inputs,
+            vec![
+                (MASK.to_string(), "UINT8", vec![-1, -1, -1]),
+                (PROBABILITIES.to_string(), "FP32", vec![-1, labels, -1, -1]),
+            ],
+        );
+    }
     (
         vec![
             (IMAGE_INPUT.to_string(), "BYTES", vec![-1]),
@@ -199,6 +229,9 @@ pub fn versions(pipeline: &Pipeline, model: &ServedModel) -> Vec<String> {
 /// Runs an inference request of an admitted call through the pipeline.
 pub async fn infer(call: &Admitted, request: OipRequest) -> Result<OipResponse, InferError> {
     let model = call.resolve(&request.model, &request.version)?;
+    if model.segmenter.is_some() {
+        return segment(call, model, request).await;
+    }
     let images = images(&model.spec.config, request.inputs)?;
     check_outputs(&model.spec.config, &request.outputs)?;
     let infer = InferRequest {
@@ -215,6 +248,185 @@ pub async fn infer(call: &Admitted, request: OipRequest) -> Result<OipResponse, 
         id: request.id,
         outputs,
     })
+}
+
+/// A segmentation model's request: its slices from the per-channel `BYTES` inputs (or the stacked
+/// `FP32` tensor), its masks (and probability maps when asked) as tensors.
+async fn segment(
+    call: &Admitted,
+    model: Arc<ServedModel>,
+    request: OipRequest,
+) -> Result<OipResponse, InferError> {
+    let config = &model.spec.config;
+    for (i, output) in request.outputs.iter().enumerate() {
+        if request.outputs[..i].iter().any(|o| o.name == output.name) {
+            return Err(InferError::invalid(format!(
+                "output {} is requested twice",
+                echo(&output.name)
+            ))
+            .quoting_caller());
+        }
+        if output.name != MASK && output.name != PROBABILITIES {
+            return Err(InferError::invalid(format!(
+                "output {} is not an output of segmentation model {} ({MASK}, {PROBABILITIES})",
+                echo(&output.name),
+                config.name
+            ))
+            .quoting_caller());
+        }
+        if output.classification.is_some() {
+            return Err(InferError::invalid(
+                "the classification extension does not apply to a segmentation model",
+            ));
+        }
+    }
+    let default = [RequestedOutput {
+        name: MASK.into(),
+        ..Default::default()
+    }];
+    let requested = if request.outputs.is_empty() {
+        &default[..]
+    } else {
+        &request.outputs[..]
+    };
+    let probabilities = requested.iter().any(|o| o.name == PROBABILITIES);
+    let slices = slices(config, request.inputs)?;
+    let n = slices.len() as i64;
+    let results = call
+        .segment(
+            &model,
+            SegmentRequest {
+                slices,
+                priority: request.priority,
+                deadline: request.deadline,
+                probabilities,
+            },
+        )
+        .await?;
+    let (w, h) = (results[0].mask.width, results[0].mask.height);
+    if let Some(other) = results
+        .iter()
+        .find(|r| (r.mask.width, r.mask.height) != (w, h))
+    {
+        return Err(InferError::invalid(format!(
+            "slice {} is {}×{} but slice 0 is {w}×{h}: the masks of one request form one tensor, \
+             so its slices must have the same size (send the others in another request)",
+            other.index, other.mask.width, other.mask.height
+        )));
+    }
+    let (w, h) = (i64::from(w), i64::from(h));
+    let outputs = requested
+        .iter()
+        .map(|out| {
+            let (shape, data) = if out.name == MASK {
+                (
+                    vec![n, h, w],
+                    TensorData::Uint8(
+                        results
+                            .iter()
+                            .flat_map(|r| r.mask.labels.iter().copied())
+                            .collect(),
+                    ),
+                )
+            } else {
+                (
+                    vec![n, config.labels.len() as i64, h, w],
+                    TensorData::Fp32(
+                        results
+                            .iter()
+                            .flat_map(|r| r.mask.probabilities.iter().flatten().copied())
+                            .collect(),
+                    ),
+                )
+            };
+            OutputTensor {
+                name: out.name.clone(),
+                shape,
+                data,
+                binary: out.binary,
+            }
+        })
+        .collect();
+    Ok(OipResponse {
+        model,
+        id: request.id,
+        outputs,
+    })
+}
+
+/// A segmentation request's inputs as slices: one `BYTES` input per channel, named by its
+/// sequence, element *i* of each being slice *i*; or the stacked `FP32` tensor.
+fn slices(config: &ModelConfig, inputs: Vec<InputTensor>) -> Result<Vec<SliceInput>, InferError> {
+    let channels = config.input.channel_names();
+    if inputs.is_empty() {
+        return Err(InferError::invalid(format!(
+            "send one BYTES input per channel ({channels}), or {} as FP32",
+            config.input.tensor_name
+        )));
+    }
+    if inputs
+        .iter()
+        .any(|i| matches!(i.data, Some(TensorData::Fp32(_))))
+    {
+        // The stacked tensor, checked and split as a classifier's FP32 input is.
+        return Ok(images(config, inputs)?
+            .into_iter()
+            .map(|image| match image {
+                ImageInput::Tensor(values) => SliceInput {
+                    images: Vec::new(),
+                    tensor: Some(values),
+                },
+                ImageInput::Encoded { .. } => unreachable!("an FP32 input gives tensors"),
+            })
+            .collect());
+    }
+    let mut slices: Vec<SliceInput> = Vec::new();
+    let mut count = None;
+    for input in inputs {
+        let name = echo(&input.name);
+        let Some(TensorData::Bytes(items)) = input.data else {
+            return Err(InferError::invalid(format!(
+                "input {name} has datatype {}: send each channel ({channels}) as BYTES (encoded \
+                 images)",
+                echo(&input.datatype)
+            ))
+            .quoting_caller());
+        };
+        let shape_ok = (input.shape.len() == 1 || (input.shape.len() == 2 && input.shape[1] == 1))
+            && input.shape[0] == items.len() as i64;
+        if !shape_ok {
+            return Err(InferError::invalid(format!(
+                "input {name}: a BYTES input of images has shape [N] or [N, 1] with N elements; \
+                 got shape {:?} and {} elements",
+                input.shape,
+                items.len()
+            ))
+            .quoting_caller());
+        }
+        match count {
+            None => {
+                count = Some(items.len());
+                slices.resize_with(items.len(), SliceInput::default);
+            }
+            Some(n) if n != items.len() => {
+                return Err(InferError::invalid(format!(
+                    "input {name} has {} images, the first input {n}: one image per slice in \
+                     every channel",
+                    items.len()
+                ))
+                .quoting_caller());
+            }
+            Some(_) => {}
+        }
+        for (slice, data) in slices.iter_mut().zip(items) {
+            slice.images.push(SequenceImage {
+                sequence: input.name.clone(),
+                data: data.into(),
+                encoding: Encoding::Detect,
+            });
+        }
+    }
+    Ok(slices)
 }
 
 /// The request's one input as the pipeline's images.
@@ -236,7 +448,7 @@ pub(crate) fn images(
     let expected = match input.data {
         Some(TensorData::Bytes(_)) => IMAGE_INPUT,
         Some(TensorData::Fp32(_)) => config.input.tensor_name.as_str(),
-        None => "",
+        None | Some(TensorData::Uint8(_)) => "",
     };
     if !expected.is_empty() && input.name != expected {
         return Err(InferError::invalid(format!(
@@ -282,13 +494,19 @@ pub(crate) fn images(
                 .collect())
         }
         Some(TensorData::Fp32(values)) => {
-            let (_, expected) = {
-                let (inputs, _) = tensors_of(config);
-                inputs
-                    .into_iter()
-                    .nth(1)
-                    .map(|(n, _, s)| (n, s))
-                    .expect("two inputs")
+            // A model with one ONNX input per channel has no stacked tensor to send.
+            let Some((_, _, expected)) = tensors_of(config)
+                .0
+                .into_iter()
+                .find(|(_, datatype, _)| *datatype == "FP32")
+            else {
+                return Err(InferError::invalid(format!(
+                    "input {name}: model {} takes no FP32 tensor (its graph has one input per \
+                     channel): send each channel ({}) as BYTES",
+                    config.name,
+                    config.input.channel_names()
+                ))
+                .quoting_caller());
             };
             let ok = input.shape.len() == expected.len()
                 && input.shape[1..] == expected[1..]
@@ -317,7 +535,7 @@ pub(crate) fn images(
                 .map(|c| ImageInput::Tensor(c.to_vec()))
                 .collect())
         }
-        None => Err(InferError::invalid(format!(
+        None | Some(TensorData::Uint8(_)) => Err(InferError::invalid(format!(
             "input {name} has datatype {datatype}: send BYTES (encoded images) or FP32 (the \
              model's tensor)"
         ))
