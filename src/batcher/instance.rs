@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::queue::{self, Batch};
-use super::{BatchError, ImageOutput, Shared, buffers};
+use super::{BatchError, ImageOutput, OutputRows, Shared, buffers};
 use crate::backend::host::HostBuffer;
 use crate::backend::{Backend, EngineError, InstanceFactory};
 use crate::metrics::Stage;
@@ -284,11 +284,10 @@ fn run_batch(
 
     match result {
         Ok(outputs) => {
-            for (job, values) in batch
-                .jobs
-                .into_iter()
-                .zip(outputs.chunks_exact(config.output_len))
-            {
+            let outputs = Arc::new(outputs);
+            for (k, job) in batch.jobs.into_iter().enumerate() {
+                let values =
+                    OutputRows::new(outputs.clone(), k * config.output_len, config.output_len);
                 let queue_time = batch.dispatched - job.enqueued;
                 // The request's span as the explicit parent, not entered: where a batch runs in
                 // place that span is already entered on this thread, and entering it again would
@@ -302,7 +301,7 @@ fn run_batch(
                     "image ran"
                 );
                 let _ = job.reply.send(Ok(ImageOutput {
-                    values: values.to_vec(),
+                    values,
                     batch_size: n,
                     queue_time,
                     inference_time,

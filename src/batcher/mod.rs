@@ -54,11 +54,46 @@ pub struct BatcherConfig {
     pub inline_run: Duration,
 }
 
+/// One image's rows of its batch's output, without a copy: every image of a batch shares the one
+/// buffer the model run returned (a segmentation model's output is a megabyte per slice), which
+/// is freed when the last of them is done with it.
+#[derive(Debug, Clone)]
+pub struct OutputRows {
+    batch: Arc<Vec<f32>>,
+    start: usize,
+    len: usize,
+}
+
+impl OutputRows {
+    /// Rows `start..start + len` of `batch`.
+    pub(crate) fn new(batch: Arc<Vec<f32>>, start: usize, len: usize) -> Self {
+        assert!(
+            start + len <= batch.len(),
+            "rows inside the batch: this is a bug"
+        );
+        OutputRows { batch, start, len }
+    }
+}
+
+/// Rows are equal when their values are.
+impl PartialEq for OutputRows {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl std::ops::Deref for OutputRows {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.batch[self.start..self.start + self.len]
+    }
+}
+
 /// The answer for one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageOutput {
     /// The model's output for this image (`output_len` values).
-    pub values: Vec<f32>,
+    pub values: OutputRows,
     /// Images in the batch this one ran in.
     pub batch_size: usize,
     /// Time from enqueue to the batch being handed to an instance.

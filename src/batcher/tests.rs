@@ -162,7 +162,7 @@ async fn full_batch_runs_without_waiting_for_the_delay() {
     for (i, r) in out.into_iter().enumerate() {
         let r = r.unwrap();
         assert_eq!(r.batch_size, 4);
-        assert_eq!(r.values, [i as f32, -(i as f32)]);
+        assert_eq!(r.values[..], [i as f32, -(i as f32)]);
     }
 }
 
@@ -200,7 +200,7 @@ async fn large_request_is_split_and_reassembled_in_order() {
     assert_eq!(log.sizes(), [4, 4, 2]);
     for (i, r) in out.into_iter().enumerate() {
         assert_eq!(
-            r.unwrap().values,
+            r.unwrap().values[..],
             [i as f32, -(i as f32)],
             "image {i} out of order"
         );
@@ -744,7 +744,10 @@ async fn short_batches_run_where_they_are_dispatched_and_long_ones_on_the_instan
                 .join()
                 .unwrap();
             let out = answers(pending).await;
-            let values: Vec<_> = out.into_iter().map(|o| o.unwrap().values).collect();
+            let values: Vec<_> = out
+                .into_iter()
+                .map(|o| o.unwrap().values.to_vec())
+                .collect();
             assert_eq!(values, [vec![v, -v], vec![-v, v]]);
         }
         let threads = threads.take();
