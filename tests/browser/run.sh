@@ -2,11 +2,16 @@
 # Browser test of the upload page (make browser; part of make test):
 #   1. Debian's chromium (apt, when missing and this runs as root) and the pinned playwright-core
 #      (npm ci from tests/browser/package-lock.json) into tests/browser/node_modules;
-#   2. the release binary on free loopback ports with the tiny test model;
-#   3. `brainai classify --json` of the test images: the gRPC API's answers;
+#   2. the release binary on free loopback ports, serving a temporary model repository with two
+#      test models: tiny (a classifier, the default model) and seg-threshold (segmentation from
+#      FLAIR, T1c and T2);
+#   3. the gRPC API's answers: `brainai classify --json` of the test images, and `brainai segment
+#      --json --out expected-mask.png` of a 300x220 slice made from tests/data/flair_300x220.png
+#      (FLAIR: its gray levels; T1c: mirrored; T2: upside down; all four labels occur);
 #   4. tests/browser/upload.test.mjs loads GET / in chromium (under its Content-Security-Policy),
 #      uploads the images, compares what the page shows with those answers, then many files with a
-#      bad one among them; screenshots in target/browser/.
+#      bad one among them, then picks seg-threshold and segments the slice (the mask compared pixel
+#      by pixel); screenshots in target/browser/.
 # Exit status non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,18 +43,41 @@ if [[ ! -f $lock_stamp ]]; then
 fi
 [[ -x $BIN ]] || { echo "error: $BIN missing: run make build"; exit 1; }
 
+# The slice to segment (Pillow from the project's venv, which make build sets up).
+PY=${PYTHON_WITH_PILLOW:-.venv/bin/python}
+[[ -x $PY ]] || { echo "error: $PY missing: run make setup"; exit 1; }
+SLICE=$OUT/slice
+rm -rf "$SLICE" && mkdir -p "$SLICE"
+"$PY" - "$SLICE" <<'EOF'
+import sys
+from PIL import Image, ImageOps
+out = sys.argv[1]
+flair = Image.open("tests/data/flair_300x220.png").convert("L")
+flair.save(f"{out}/flair.png")
+ImageOps.mirror(flair).save(f"{out}/t1c.png")
+ImageOps.flip(flair).save(f"{out}/t2.png")
+EOF
+
+# A model repository with the classifier (default) and the segmentation model.
+SERVER=
+REPO=$(mktemp -d)
+cleanup() {
+    if [[ -n $SERVER ]]; then
+        kill -TERM "$SERVER" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$SERVER" 2>/dev/null || true
+    fi
+    rm -rf "$REPO"
+}
+trap cleanup EXIT
+cp -r tests/fixtures/models/tiny tests/fixtures/models/seg-threshold "$REPO/"
+
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 GRPC=$(free_port); HTTP=$(free_port); METRICS=$(free_port)
-"$BIN" serve --model-dir tests/fixtures/models/tiny --grpc-addr "127.0.0.1:$GRPC" \
+"$BIN" serve --model-repository "$REPO" --default-model tiny --grpc-addr "127.0.0.1:$GRPC" \
     --http-addr "127.0.0.1:$HTTP" --metrics-addr "127.0.0.1:$METRICS" --intra-op-threads 1 \
     >"$OUT/server.log" 2>&1 &
 SERVER=$!
-cleanup() {
-    kill -TERM "$SERVER" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$SERVER" 2>/dev/null || return 0; sleep 0.1; done
-    kill -KILL "$SERVER" 2>/dev/null || true
-}
-trap cleanup EXIT
 for i in $(seq 600); do
     curl -fsS "http://127.0.0.1:$HTTP/v2/health/ready" >/dev/null 2>&1 && break
     kill -0 "$SERVER" 2>/dev/null || { echo "error: the server exited:"; tail -20 "$OUT/server.log"; exit 1; }
@@ -59,7 +87,11 @@ done
 
 IMAGES=()
 for f in flair_256_a.png flair_512_a.jpg flair_300x220.png flair_256_tumor.png; do IMAGES+=("$PWD/tests/data/$f"); done
-"$BIN" classify --json --server "http://127.0.0.1:$GRPC" "${IMAGES[@]}" >"$OUT/expected.json"
+timeout 120 "$BIN" classify --json --server "http://127.0.0.1:$GRPC" --model tiny "${IMAGES[@]}" >"$OUT/expected.json"
+rm -f "$OUT/expected-mask.png"
+timeout 120 "$BIN" segment --json --server "http://127.0.0.1:$GRPC" --model seg-threshold \
+    --flair "$SLICE/flair.png" --t1c "$SLICE/t1c.png" --t2 "$SLICE/t2.png" \
+    --out "$OUT/expected-mask.png" >"$OUT/expected-segment.json"
 
 # Many files, one bad among them: copies of the first image, and many_05.png that is no image.
 MANY=$OUT/many
@@ -69,4 +101,6 @@ cp tests/data/bad/not_an_image.bin "$MANY/many_05.png"
 
 BRAINAI_URL=http://127.0.0.1:$HTTP BRAINAI_EXPECTED=$OUT/expected.json \
 BRAINAI_BAD=$PWD/tests/data/bad/not_an_image.bin BRAINAI_MANY=$PWD/$MANY CHROMIUM=$CHROMIUM SCREENSHOTS=$OUT \
+BRAINAI_SEGMENT_EXPECTED=$OUT/expected-segment.json BRAINAI_SEGMENT_MASK=$OUT/expected-mask.png \
+BRAINAI_SLICE=$PWD/$SLICE \
     timeout 300 node tests/browser/upload.test.mjs

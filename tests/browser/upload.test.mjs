@@ -8,6 +8,10 @@
 //   BRAINAI_BAD       a file that is no image
 //   BRAINAI_MANY      a directory of copies of the first expected image and one file that is no
 //                     image (many_05.png), chosen together
+//   BRAINAI_SEGMENT_EXPECTED  a JSON file: `brainai segment --json --model seg-threshold` of the
+//                     slice (the gRPC API's answer)
+//   BRAINAI_SEGMENT_MASK      the mask PNG that call wrote (--out)
+//   BRAINAI_SLICE     a directory with the slice: flair.png, t1c.png, t2.png
 //   CHROMIUM          the browser (default /usr/bin/chromium)
 //   SCREENSHOTS       where the screenshots go (default target/browser)
 //
@@ -18,10 +22,21 @@
 // model's name, version and SHA-256, the timings, and the not-clinically-trained banner; the drop
 // zone is reached and opened from the keyboard; a file that is no image gets a card that says why
 // in words; many files with one bad among them get one card each, at most 4 calls in flight, the
-// bad one in words, and a 429 answer (injected) is tried again. Finally an inline script injected
+// bad one in words, and a 429 answer (injected) is tried again. The model is picked from a select
+// filled from GET /v1/models (the default model preselected). Segmentation: seg-threshold picked
+// with the keyboard, the slice form shows a labelled file input per sequence of the model
+// (FLAIR, T1c, T2), each reached with Tab and filled from its file chooser (Space), Segment
+// pressed with the keyboard; the card's legend has every label in the model's colour with the
+// gRPC API's pixel counts, the regions the gRPC API's pixel counts, the mask alone (a canvas read
+// back) the colour of the gRPC mask's label at every pixel, the overlay (a canvas) the FLAIR
+// image with each label's colour blended in at every pixel, the model's name, version and
+// SHA-256, the timings and the banner; a slice without its T2 image is refused in words on its
+// card; a file dropped on a sequence's box fills its input. When the model list cannot be loaded
+// the page says so in words and keeps the drop zone (the server's default model). Finally an inline script injected
 // into the page is refused by the policy (the check sees violations). Any console error fails the
-// test, except the browser's own reports of the HTTP 400s the bad files provoke and of the
-// injected 429. Every wait is bounded.
+// test, except the browser's own reports of the HTTP 400s the bad files and the incomplete slice
+// provoke and of the injected 429 and 503 (the slice's first call, tried again). Every wait is
+// bounded.
 
 import { readFileSync, readdirSync, mkdirSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
@@ -32,15 +47,29 @@ const expected = JSON.parse(readFileSync(process.env.BRAINAI_EXPECTED, "utf8")).
 const BAD = process.env.BRAINAI_BAD;
 const MANY = readdirSync(process.env.BRAINAI_MANY).sort().map((f) => join(process.env.BRAINAI_MANY, f));
 const MANY_BAD = "many_05.png";
+const SEG = JSON.parse(readFileSync(process.env.BRAINAI_SEGMENT_EXPECTED, "utf8"));
+const SEG_MASK = `data:image/png;base64,${readFileSync(process.env.BRAINAI_SEGMENT_MASK).toString("base64")}`;
+const SLICE = { FLAIR: "flair.png", T1c: "t1c.png", T2: "t2.png" };
+for (const k of Object.keys(SLICE)) SLICE[k] = join(process.env.BRAINAI_SLICE, SLICE[k]);
+const SEG_MODEL = "seg-threshold";
 const SHOTS = resolve(process.env.SCREENSHOTS || "target/browser");
 const WAIT_MS = 30_000;
 mkdirSync(SHOTS, { recursive: true });
+
+// The models the server lists (GET /v1/models): the page's select and the legend's colours.
+const listed = await (await fetch(`${URL_}/v1/models`, { signal: AbortSignal.timeout(WAIT_MS) })).json();
+const listedSeg = listed.models.find((m) => m.name === SEG_MODEL);
 
 const failures = [];
 function check(ok, what) {
   console.log(`${ok ? "  ok    " : "  FAIL  "}${what}`);
   if (!ok) failures.push(what);
 }
+check(listed.default_model === "tiny" && listedSeg?.task === "segmentation" &&
+  JSON.stringify(listedSeg.channels) === JSON.stringify(Object.keys(SLICE)) && listedSeg.colors.length === SEG.labels.length &&
+  JSON.stringify(listedSeg.labels) === JSON.stringify(SEG.labels),
+  `GET /v1/models: default tiny, ${SEG_MODEL} takes ${listedSeg?.channels} with a colour per label ${JSON.stringify(listedSeg?.colors)}`);
+if (!listedSeg) throw new Error(`${SEG_MODEL} is not served`);
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -56,13 +85,14 @@ async function session(width, height, name) {
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT_MS);
   const consoleErrors = [];
-  let allowed400 = 0, allowed429 = 0;
+  let allowed400 = 0, allowed429 = 0, allowed503 = 0;
   page.on("console", (m) => {
     if (m.type() !== "error") return;
     // Chromium logs every 4xx response of fetch(); each refusal step expects exactly one 400, the
     // injected 429 at most one report.
     if (allowed400 > 0 && /status of 400/.test(m.text())) { allowed400 -= 1; return; }
     if (allowed429 > 0 && /status of 429/.test(m.text())) { allowed429 -= 1; return; }
+    if (allowed503 > 0 && /status of 503/.test(m.text())) { allowed503 -= 1; return; }
     consoleErrors.push(m.text());
   });
   page.on("pageerror", (e) => consoleErrors.push(`uncaught: ${e.message}`));
@@ -79,6 +109,18 @@ async function session(width, height, name) {
   const isClassify = (r) => new URL(r.url()).pathname === "/v1/classify";
   page.on("request", (r) => { if (isClassify(r)) { classifyCalls += 1; inFlight += 1; maxInFlight = Math.max(maxInFlight, inFlight); } });
   for (const ev of ["requestfinished", "requestfailed"]) page.on(ev, (r) => { if (isClassify(r)) inFlight -= 1; });
+  // Calls to /v1/segment; while segBusy > 0 they are answered 503 (injected). The route is in
+  // place before the page loads (a route added later was seen to miss a request now and then).
+  let segCalls = 0, segBusy = 0;
+  await page.route("**/v1/segment*", (route) => {
+    segCalls += 1;
+    if (segBusy > 0) {
+      segBusy -= 1;
+      return route.fulfill({ status: 503, contentType: "application/json",
+        body: JSON.stringify({ error: "the model is not ready (injected by the test)" }) });
+    }
+    return route.continue();
+  });
   // Listening from the start turns on file-chooser interception before any key is pressed (it is
   // switched on asynchronously when the first listener is added).
   const choosers = [];
@@ -93,7 +135,16 @@ async function session(width, height, name) {
   const border = await page.evaluate(() => getComputedStyle(document.getElementById("drop")).borderTopStyle);
   check(border === "dashed", `the stylesheet applies under the policy (drop zone border ${border})`);
 
-  // Keyboard: Tab reaches the drop zone (after the model field and the preview box); Enter
+  // The model is picked from the list the server serves, the default model preselected.
+  await page.locator(`#model option[value="${SEG_MODEL}"]`).waitFor({ state: "attached" });
+  const options = await page.locator("#model option").evaluateAll((os) => os.map((o) => [o.value, o.textContent]));
+  check(JSON.stringify(options) === JSON.stringify([[SEG_MODEL, `${SEG_MODEL} v1 — segmentation`],
+    ["tiny", "tiny v1 — classification (default)"]]), `the model select lists the served models ${JSON.stringify(options)}`);
+  check((await page.locator("#model").inputValue()) === "tiny", "the default model is preselected");
+  check(await page.locator("#drop").isVisible() && !(await page.locator("#slice").isVisible()),
+    "a classification model shows the drop zone, no slice form");
+
+  // Keyboard: Tab reaches the drop zone (after the model select and the preview box); Enter
   // opens the file chooser.
   await page.keyboard.press("Tab");
   await page.keyboard.press("Tab");
@@ -196,6 +247,150 @@ async function session(width, height, name) {
   check(allowed400 === 0, "the bad file was one HTTP 400");
   await page.unroute("**/v1/classify*");
 
+  // Segmentation: seg-threshold picked with the keyboard (type-ahead on the focused select).
+  await page.locator("#model").focus();
+  await page.keyboard.type("seg");
+  check((await page.locator("#model").inputValue()) === SEG_MODEL, `the keyboard picks ${SEG_MODEL}`);
+  check(!(await page.locator("#drop").isVisible()) && await page.locator("#slice").isVisible(),
+    "a segmentation model shows the slice form instead of the drop zone");
+  const channelNames = await page.locator("#channels label").allTextContents();
+  check(JSON.stringify(channelNames) === JSON.stringify(Object.keys(SLICE)),
+    `a labelled file input per sequence, in the model's order ${JSON.stringify(channelNames)}`);
+  // Tab to each file input, Space opens its file chooser; then Tab to Segment, Enter.
+  for (const [channel, path] of Object.entries(SLICE)) {
+    await page.keyboard.press("Tab");
+    const id = `ch-${channel.toLowerCase()}`;
+    const focused = await page.evaluate(() => document.activeElement?.id);
+    check(focused === id, `Tab reaches the ${channel} file input (${focused})`);
+    choosers.length = 0;
+    await page.keyboard.press("Space");
+    for (let i = 0; i < 100 && choosers.length === 0; i++) await page.waitForTimeout(50);
+    const c = choosers.shift();
+    check(c !== undefined && !c.isMultiple(), `Space on the ${channel} input opens a one-file chooser`);
+    if (c) await c.setFiles(path); else await page.setInputFiles(`#${id}`, path);
+  }
+  await page.keyboard.press("Tab");
+  check(await page.evaluate(() => document.activeElement?.id === "segment"), "Tab reaches the Segment button");
+  const segBefore = await cards.count();
+  // The first call is answered 503 (injected), and is tried again.
+  segCalls = 0;
+  segBusy = 1;
+  allowed503 = 1;
+  await page.keyboard.press("Enter");
+  await settled(page, segBefore + 1);
+  check(segBusy === 0 && segCalls === 2, `the 503 was tried again (${segCalls} calls for one slice)`);
+  const segCard = cards.nth(0);
+  const segError = await segCard.locator(".error").allTextContents();
+  check(await segCard.evaluate((c) => c.classList.contains("seg")), `the slice's card shows a segmentation ${JSON.stringify(segError)}`);
+  const area = SEG.width * SEG.height;
+  const pct = (n) => `${((100 * n) / area).toFixed(2)} %`;
+  // The legend: every label, in the model's colour, with the gRPC API's pixel count.
+  const colors = listedSeg.colors;
+  const rows = await segCard.locator(".legend tbody tr").evaluateAll((trs) => trs.map((tr) => ({
+    label: tr.dataset.label, pixels: Number(tr.dataset.pixels), text: tr.textContent,
+    color: getComputedStyle(tr.querySelector(".swatch")).backgroundColor,
+  })));
+  check(rows.length === SEG.labels.length, `the legend has one entry per label (${rows.length})`);
+  SEG.classes.forEach((want, i) => {
+    const row = rows[i] || {};
+    const [r, g, b] = [1, 3, 5].map((k) => parseInt(colors[i].slice(k, k + 2), 16));
+    check(row.label === want.label && row.pixels === want.pixels && row.text.includes(pct(want.pixels)),
+      `legend ${want.label}: ${row.pixels} px = gRPC ${want.pixels}, ${pct(want.pixels)}`);
+    check(row.color === `rgb(${r}, ${g}, ${b})`, `legend ${want.label}: swatch ${row.color} = the model's ${colors[i]}`);
+  });
+  check(SEG.classes.every((c) => c.pixels > 0), "every label occurs in the slice");
+  const regionRows = await segCard.locator(".regions tbody tr").evaluateAll((trs) => trs.map((tr) => ({
+    name: tr.dataset.region, pixels: Number(tr.dataset.pixels), text: tr.textContent })));
+  check(regionRows.length === SEG.regions.length, `one row per region (${regionRows.length})`);
+  for (const want of SEG.regions) {
+    const row = regionRows.find((r) => r.name === want.name) || {};
+    check(row.pixels === want.pixels && row.text?.includes(want.labels.join(", ")) && row.text.includes(pct(want.pixels)),
+      `region ${want.name} (${want.labels.join(", ")}): ${row.pixels} px = gRPC ${want.pixels}`);
+  }
+  // The canvases, read back, against the gRPC API's mask and the FLAIR image, at every pixel.
+  const flair = `data:image/png;base64,${readFileSync(SLICE.FLAIR).toString("base64")}`;
+  const px = await segCard.evaluate(async (card, { mask, flair, colors, w, h }) => {
+    const decode = async (src) => {
+      const img = new Image();
+      img.src = src;
+      await img.decode();
+      const c = document.createElement("canvas");
+      c.width = w;
+      c.height = h;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(img, 0, 0, w, h);
+      return { size: [img.naturalWidth, img.naturalHeight], data: ctx.getImageData(0, 0, w, h).data };
+    };
+    const want = await decode(mask);
+    const gray = await decode(flair);
+    const only = card.querySelector("canvas.mask-only");
+    const over = card.querySelector("canvas.overlay");
+    const out = { maskSize: want.size, onlySize: [only.width, only.height], overSize: [over.width, over.height],
+                  counts: colors.map(() => 0), badMask: 0, badOnly: 0, badOver: 0, first: [] };
+    if (only.width !== w || only.height !== h || over.width !== w || over.height !== h) return out;
+    const got = only.getContext("2d").getImageData(0, 0, w, h).data;
+    const blend = over.getContext("2d").getImageData(0, 0, w, h).data;
+    const rgb = colors.map((hex) => [1, 3, 5].map((k) => parseInt(hex.slice(k, k + 2), 16)));
+    for (let i = 0; i < w * h; i++) {
+      const o = 4 * i, l = want.data[o];
+      if (l >= colors.length || want.data[o + 1] !== l || want.data[o + 2] !== l) { out.badMask += 1; continue; }
+      out.counts[l] += 1;
+      const c = rgb[l];
+      if (got[o] !== c[0] || got[o + 1] !== c[1] || got[o + 2] !== c[2] || got[o + 3] !== 255) {
+        out.badOnly += 1;
+        if (out.first.length < 3) out.first.push({ x: i % w, y: Math.floor(i / w), label: l, got: [...got.slice(o, o + 4)] });
+      }
+      for (let k = 0; k < 3; k++) {
+        const g = gray.data[o + k];
+        const expect = l === 0 ? g : Math.round(0.5 * g + 0.5 * c[k]);
+        if (Math.abs(blend[o + k] - expect) > 1) { out.badOver += 1; break; }
+      }
+    }
+    return out;
+  }, { mask: SEG_MASK, flair, colors, w: SEG.width, h: SEG.height });
+  check(px.maskSize[0] === SEG.width && px.maskSize[1] === SEG.height &&
+    JSON.stringify(px.counts) === JSON.stringify(SEG.classes.map((c) => c.pixels)) && px.badMask === 0,
+    `the gRPC mask decodes in the page: ${px.maskSize.join("×")}, label counts ${JSON.stringify(px.counts)}`);
+  check(px.onlySize[0] === SEG.width && px.onlySize[1] === SEG.height && px.badOnly === 0,
+    `the mask alone (${px.onlySize.join("×")}) is the model's colour of the gRPC label at every pixel ` +
+    `(${px.badOnly} differ ${JSON.stringify(px.first)})`);
+  check(px.overSize[0] === SEG.width && px.overSize[1] === SEG.height && px.badOver === 0,
+    `the overlay (${px.overSize.join("×")}) is the FLAIR image with each label's colour at 50 % (${px.badOver} pixels differ)`);
+  const segMeta = await segCard.locator(".meta").allTextContents();
+  check(segMeta[0]?.includes(`Model ${SEG.model.name} v${SEG.model.version}`) && segMeta[0].includes(SEG.model.sha256) &&
+    segMeta[0].includes("not clinically trained"), "the slice's card: model name, version, full SHA-256, not trained");
+  check(/Mask 300×220 · preprocess [\d.]+ ms · queue [\d.]+ ms · inference [\d.]+ ms/.test(segMeta[1] || ""),
+    `the slice's card: size and timings "${segMeta[1]}"`);
+  check(new RegExp(`Not for diagnostic use.*model ${SEG_MODEL} v1 is not clinically trained`).test(await banner.textContent()),
+    "the banner names the segmentation model as not clinically trained");
+  const segOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  check(segOverflow <= 0, `no sideways scrolling with the slice's card (${segOverflow} px too wide)`);
+  const widest = await segCard.locator("canvas").evaluateAll((cs) => Math.max(...cs.map((c) => c.getBoundingClientRect().right)));
+  check(widest <= width, `the canvases fit the width (right edge ${widest.toFixed(0)} of ${width})`);
+  await page.evaluate(() => window.scrollTo(0, 0));
+  const segBox = await segCard.boundingBox();
+  await page.screenshot({ path: `${SHOTS}/segment-${width}x${height}.png`, fullPage: true,
+    clip: { x: 0, y: 0, width, height: Math.ceil(segBox.y + segBox.height + 16) } });
+
+  // A slice without its T2 image: refused in words on its card.
+  await page.setInputFiles("#ch-t2", []);
+  allowed400 = 1;
+  await page.locator("#segment").focus();
+  await page.keyboard.press("Enter");
+  await settled(page, segBefore + 2);
+  const noT2 = await cards.nth(0).locator(".error").allTextContents();
+  check(/refused this slice \(400\): no T2 image/.test(noT2.join(" ")), `a slice without T2 is refused in words: ${JSON.stringify(noT2)}`);
+  check(allowed400 === 0, "the refusal was one HTTP 400");
+  // A file dropped on a sequence's box fills its input.
+  const dropped = await page.evaluateHandle((b64) => {
+    const bytes = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], "t2.png", { type: "image/png" }));
+    return dt;
+  }, readFileSync(SLICE.T2).toString("base64"));
+  await page.dispatchEvent('.channel[data-sequence="t2"]', "drop", { dataTransfer: dropped });
+  check((await page.locator("#ch-t2").evaluate((i) => i.files[0]?.name)) === "t2.png", "a file dropped on the T2 box fills its input");
+
   check(consoleErrors.length === 0, `no console errors ${JSON.stringify(consoleErrors)}`);
   const seen = await violations();
   check(seen.length === 0, `no Content-Security-Policy violations ${JSON.stringify(seen)}`);
@@ -208,6 +403,21 @@ async function session(width, height, name) {
   const after = await violations();
   check(after.length === 1 && /^script-src/.test(after[0]) && !(await page.evaluate(() => window.__inlineRan)),
     `an injected inline script is refused by the policy ${JSON.stringify(after)}`);
+
+  // Without the model list (GET /v1/models answered 503, injected) the page says so in words and
+  // still offers the drop zone, for the server's default model.
+  const bare = await context.newPage();
+  bare.setDefaultTimeout(WAIT_MS);
+  await bare.route("**/v1/models", (route) => route.fulfill({ status: 503, contentType: "application/json",
+    body: JSON.stringify({ error: "the server is starting (injected by the test)" }) }));
+  await bare.goto(`${URL_}/`);
+  const about = bare.locator("#model-about.error");
+  await about.waitFor();
+  const aboutText = await about.textContent();
+  check(/The list of models could not be loaded \(HTTP 503: the server is starting \(injected by the test\)\): images are classified with the server's default model/.test(aboutText) &&
+    (await bare.locator("#model").inputValue()) === "" && await bare.locator("#drop").isVisible(),
+    `without the model list the page says so and classifies with the default model: "${aboutText}"`);
+  await bare.close();
   await context.close();
 }
 

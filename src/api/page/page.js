@@ -1,9 +1,19 @@
 // The upload page's script (GET /page.js; the page's Content-Security-Policy allows no inline
-// script). Each chosen file is its own POST /v1/classify call, at most IN_FLIGHT at once: one
-// image is never over the model's batch size or the server's images per request, a refused file
-// fails alone, and the server's batcher still runs the concurrent calls together. Every file gets
-// a card at once, in the order chosen (newest upload first), filled when its answer comes: the
-// result, or the error in words. 429 (busy) and 503 (unavailable) are tried again after a backoff.
+// script). The model comes from a list the server serves (GET /v1/models); the page shows what
+// that model's task needs.
+//
+// Classification: each chosen file is its own POST /v1/classify call, at most IN_FLIGHT at once:
+// one image is never over the model's batch size or the server's images per request, a refused
+// file fails alone, and the server's batcher still runs the concurrent calls together. Every file
+// gets a card at once, in the order chosen (newest upload first), filled when its answer comes:
+// the result, or the error in words.
+//
+// Segmentation: one file input per sequence the model takes (its `channels`, in order) and a
+// Segment button: one POST /v1/segment call per slice, each part named by its sequence. The card
+// shows the first sequence's image with the mask drawn over it and the mask alone (canvases, in
+// the model's colours), a legend with each label's area, the regions' areas, or the error in words.
+//
+// 429 (busy) and 503 (unavailable) are tried again after a backoff.
 "use strict";
 
 /** Calls at once (a browser opens at most 6 connections to one server). */
@@ -37,7 +47,8 @@ const warnings = new Set();
 function classify(files) {
   if (!files.length) return;
   const params = new URLSearchParams();
-  if ($("model").value.trim()) params.set("model", $("model").value.trim());
+  // "" while the list is loading or when it could not be loaded: the server's default model.
+  if ($("model").value) params.set("model", $("model").value);
   if ($("preview").checked) params.set("preview", "1");
   const cards = files.map((file) => pendingCard(file));
   // Newest upload first; within one upload, in the order the files were chosen.
@@ -103,22 +114,32 @@ function backoff(failed) {
 }
 
 /** One file's call, tried again while the server is busy: { result } or { error } in words. */
-async function classifyOne(file, params) {
-  for (let tries = 1; ; tries++) {
+function classifyOne(file, params) {
+  return post("/v1/classify", params, "file", () => {
     const form = new FormData();
     form.append("image", file, file.name);
+    return form;
+  }, (body) => (body && Array.isArray(body.results) && body.results.length === 1 ? body.results[0] : null));
+}
+
+/**
+ * A POST of a form (`makeForm()` builds it anew for each try), tried again while the server
+ * answers 429 or 503: { result: accept(body) } when the server answered 2xx with a body that
+ * `accept` takes, else { error } in words about `what` ("file", "slice").
+ */
+async function post(path, params, what, makeForm, accept) {
+  for (let tries = 1; ; tries++) {
     let response, body;
     try {
-      response = await fetch("/v1/classify?" + params, { method: "POST", body: form });
+      response = await fetch(path + "?" + params, { method: "POST", body: makeForm() });
       body = await response.json().catch(() => null);
     } catch (e) {
       return { error: `The server could not be reached: ${e.message}` };
     }
-    if (response.ok && body && Array.isArray(body.results) && body.results.length === 1) {
-      return { result: body.results[0] };
-    }
-    // "image 0: ..." is this file: its card already names it.
-    const reason = (body && body.error ? body.error : `HTTP ${response.status}`).replace(/^image \d+: /, "");
+    const result = response.ok ? accept(body) : null;
+    if (result) return { result };
+    // "image 0: ..." / "slice 0: ..." is this file or slice: its card already names it.
+    const reason = (body && body.error ? body.error : `HTTP ${response.status}`).replace(/^(image|slice) \d+: /, "");
     const busy = response.status === 429 || response.status === 503;
     if (busy && tries < MAX_TRIES) {
       await sleep(backoff(tries));
@@ -127,7 +148,7 @@ async function classifyOne(file, params) {
     if (busy) {
       return { error: `The server stayed busy (${response.status}) after ${tries} tries: ${reason}` };
     }
-    return { error: `The server refused this file (${response.status}): ${reason}` };
+    return { error: `The server refused this ${what} (${response.status}): ${reason}` };
   }
 }
 
@@ -137,7 +158,7 @@ function noteWarnings(r) {
   for (const w of r.warnings) warnings.add(w);
   if (warnings.size !== before || !$("banner").firstChild) {
     $("banner").replaceChildren(el("p", { class: "banner", role: "note" },
-      el("strong", {}, "Not for diagnostic use. "), [...warnings].join(" ")));
+      el("strong", {}, "Not for diagnostic use. "), [...warnings].join("; ")));
   }
 }
 
@@ -184,6 +205,277 @@ function resultCard(r, file) {
   return el("li", { class: "card" }, ...figures, info);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The model list (GET /v1/models)
+
+/** The models served, by name (each its highest version), from GET /v1/models. */
+const models = new Map();
+
+async function loadModels() {
+  let response, body;
+  try {
+    response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
+    body = await response.json().catch(() => null);
+  } catch (e) {
+    return modelsFailed(`the server could not be reached: ${e.message}`);
+  }
+  if (!response.ok || !body || !Array.isArray(body.models)) {
+    return modelsFailed(`HTTP ${response.status}${body && body.error ? `: ${body.error}` : ""}`);
+  }
+  if (!body.models.length) return modelsFailed("the server serves no model");
+  const select = $("model");
+  select.replaceChildren(...body.models.map((m) => {
+    models.set(m.name, m);
+    const isDefault = m.name === body.default_model;
+    return el("option", { value: m.name }, `${m.name} v${m.version} — ${m.task}${isDefault ? " (default)" : ""}`);
+  }));
+  select.value = models.has(body.default_model) ? body.default_model : body.models[0].name;
+  modelChanged();
+}
+
+/** Without the list the page still classifies, with the server's default model. */
+function modelsFailed(reason) {
+  $("model").replaceChildren(el("option", { value: "" }, "the server's default model"));
+  const about = $("model-about");
+  about.className = "about error";
+  about.setAttribute("role", "alert");
+  about.textContent = `The list of models could not be loaded (${reason}): images are classified ` +
+    "with the server's default model.";
+  modelChanged();
+}
+
+/** Shows what the selected model's task needs: the drop zone, or a slice form. */
+function modelChanged() {
+  const m = models.get($("model").value);
+  const segments = Boolean(m && m.task === "segmentation");
+  $("drop").hidden = segments;
+  $("preview-option").hidden = segments;
+  $("slice").hidden = !segments;
+  if (!m) return;
+  const about = $("model-about");
+  about.className = "about";
+  about.removeAttribute("role");
+  about.textContent = (m.description || "") + (segments ? ` Takes ${m.channels.join(", ")} for each slice.` : "");
+  if (segments) showChannels(m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segmentation: one slice, an image per sequence
+
+/** A file input per sequence, kept while the page lives (a file chosen stays when the model changes). */
+const channelControls = new Map();
+
+/** The form field (and element id) of a sequence: its name in lower case ("T1c" -> "t1c"). */
+const field = (channel) => channel.toLowerCase();
+
+function showChannels(m) {
+  $("channels").replaceChildren(...m.channels.map(channelControl));
+}
+
+function channelControl(channel) {
+  const key = field(channel);
+  if (channelControls.has(key)) return channelControls.get(key);
+  const id = `ch-${key}`;
+  const input = el("input", { type: "file", id, name: key, accept: "image/png,image/jpeg,application/dicom,.dcm" });
+  const thumb = el("img", { class: "thumb", alt: "" });
+  thumb.hidden = true;
+  const box = el("div", { class: "channel", "data-sequence": key },
+    el("label", { for: id }, channel), input, thumb);
+  const show = () => {
+    if (thumb.src) URL.revokeObjectURL(thumb.src);
+    const file = input.files[0];
+    thumb.hidden = !file;
+    if (file) {
+      thumb.onerror = () => { thumb.hidden = true; }; // DICOM: the browser cannot show it
+      thumb.src = URL.createObjectURL(file);
+    } else {
+      thumb.removeAttribute("src");
+    }
+  };
+  input.addEventListener("change", show);
+  // Drag and drop onto the sequence's box (the first file dropped).
+  for (const ev of ["dragenter", "dragover"]) box.addEventListener(ev, (e) => { e.preventDefault(); box.classList.add("over"); });
+  for (const ev of ["dragleave", "drop"]) box.addEventListener(ev, () => box.classList.remove("over"));
+  box.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer.files[0];
+    if (!file) return;
+    const one = new DataTransfer();
+    one.items.add(file);
+    input.files = one.files;
+    show();
+  });
+  channelControls.set(key, box);
+  return box;
+}
+
+/** The Segment button: one /v1/segment call with the files chosen (the server names what is missing). */
+async function segmentSlice() {
+  const m = models.get($("model").value);
+  if (!m || m.task !== "segmentation") return;
+  const parts = m.channels
+    .map((channel) => ({ channel, file: $(`ch-${field(channel)}`).files[0] }))
+    .filter((p) => p.file);
+  const title = parts.length ? parts.map((p) => `${p.channel} ${p.file.name}`).join(" · ") : "no image chosen";
+  const card = el("li", { class: "card pending", "aria-busy": "true" },
+    el("p", { class: "file" }, title), el("p", { class: "waiting" }, `Segmenting with ${m.name}…`));
+  $("results").prepend(card);
+  const params = new URLSearchParams({ model: m.name });
+  let outcome = await post("/v1/segment", params, "slice", () => {
+    const form = new FormData();
+    for (const p of parts) form.append(field(p.channel), p.file, p.file.name);
+    return form;
+  }, (body) => (body && typeof body.mask_png === "string" ? body : null))
+    .catch((e) => ({ error: `The page failed: ${e.message}` }));
+  let done;
+  if (outcome.result) {
+    try {
+      done = await segmentCard(outcome.result, parts, title);
+      noteWarnings(outcome.result);
+    } catch (e) {
+      outcome = { error: `The answer could not be shown: ${e.message}` };
+    }
+  }
+  card.replaceWith(done || failedCard({ name: title }, outcome.error));
+}
+
+/** Alpha of a label's colour over the image. */
+const OVERLAY_ALPHA = 0.5;
+
+/** "#rrggbb" -> [r, g, b]; a grey for anything else (the server always sends #rrggbb). */
+function rgb(hex) {
+  const m = /^#([0-9a-f]{2})([0-9a-f]{2})([0-9a-f]{2})$/i.exec(hex || "");
+  return m ? [1, 2, 3].map((i) => parseInt(m[i], 16)) : [128, 128, 128];
+}
+
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser could not decode the image"));
+    img.src = src;
+  });
+}
+
+/** The label map of the answer's mask PNG (each pixel its label's index), checked against its counts. */
+async function labelMap(r) {
+  const img = await loadImage(r.mask_png);
+  const { width: w, height: h } = r;
+  if (img.naturalWidth !== w || img.naturalHeight !== h) {
+    throw new Error(`the mask is ${img.naturalWidth}×${img.naturalHeight}, the answer says ${w}×${h}`);
+  }
+  const canvas = el("canvas", { width: w, height: h });
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(img, 0, 0);
+  const rgba = ctx.getImageData(0, 0, w, h).data;
+  const labels = new Uint8Array(w * h);
+  const counts = new Array(r.labels.length).fill(0);
+  for (let i = 0; i < labels.length; i++) {
+    const v = rgba[4 * i];
+    if (v >= r.labels.length) {
+      throw new Error(`the mask has the value ${v} at x ${i % w}, y ${Math.floor(i / w)}, and the model ${r.labels.length} labels`);
+    }
+    labels[i] = v;
+    counts[v] += 1;
+  }
+  r.classes.forEach((c, i) => {
+    if (counts[i] !== c.pixels) throw new Error(`the mask has ${counts[i]} ${c.label} pixels, the answer says ${c.pixels}`);
+  });
+  return labels;
+}
+
+/** A slice's answer as a card: the image with the mask over it, the mask alone, legend, regions. */
+async function segmentCard(r, parts, title) {
+  const { width: w, height: h } = r;
+  const labels = await labelMap(r);
+  const colors = r.labels.map((_, i) => rgb(r.colors[i]));
+
+  // The mask alone, every pixel its label's colour (the background's too, black).
+  const maskOnly = el("canvas", { class: "mask-only", width: w, height: h, role: "img",
+    "aria-label": `The mask alone, ${w}×${h} pixels, in the model's colours` });
+  const mctx = maskOnly.getContext("2d");
+  const mask = mctx.createImageData(w, h);
+  for (let i = 0; i < labels.length; i++) {
+    const c = colors[labels[i]];
+    mask.data.set([c[0], c[1], c[2], 255], 4 * i);
+  }
+  mctx.putImageData(mask, 0, 0);
+
+  // The first sequence's image (black where the browser cannot show it, e.g. DICOM), each
+  // pixel of a label other than the background blended with its colour.
+  const first = parts[0];
+  const overlay = el("canvas", { class: "overlay", width: w, height: h, role: "img",
+    "aria-label": `${first.channel} image with the mask drawn over it` });
+  const octx = overlay.getContext("2d", { willReadFrequently: true });
+  octx.fillStyle = "#000";
+  octx.fillRect(0, 0, w, h);
+  const url = URL.createObjectURL(first.file);
+  const base = await loadImage(url).catch(() => null);
+  URL.revokeObjectURL(url);
+  if (base) octx.drawImage(base, 0, 0, w, h);
+  const pixels = octx.getImageData(0, 0, w, h);
+  for (let i = 0; i < labels.length; i++) {
+    if (labels[i] === 0) continue;
+    const c = colors[labels[i]];
+    for (let k = 0; k < 3; k++) {
+      const o = 4 * i + k;
+      pixels.data[o] = Math.round((1 - OVERLAY_ALPHA) * pixels.data[o] + OVERLAY_ALPHA * c[k]);
+    }
+  }
+  octx.putImageData(pixels, 0, 0);
+
+  // Label and region names break after an underscore, not inside a word ("non_enhancing_core").
+  const name = (text) => {
+    const span = el("span", { class: "name" });
+    text.split("_").forEach((part, i, all) => {
+      span.append(part + (i < all.length - 1 ? "_" : ""));
+      if (i < all.length - 1) span.append(el("wbr"));
+    });
+    return span;
+  };
+  const area = w * h;
+  const pct = (n) => `${((100 * n) / area).toFixed(2)} %`;
+  const count = (n) => n.toLocaleString("en");
+  const swatch = (i) => {
+    const s = el("span", { class: "swatch", "aria-hidden": "true", "data-color": r.colors[i] || "" });
+    s.style.backgroundColor = `rgb(${colors[i].join(", ")})`; // CSSOM: allowed by style-src 'self'
+    return s;
+  };
+  const legend = el("table", { class: "legend" },
+    el("caption", {}, "Labels"),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Label"), el("th", { scope: "col" }, "Pixels"),
+      el("th", { scope: "col" }, "Slice"))),
+    el("tbody", {}, ...r.classes.map((c, i) => el("tr", { "data-label": c.label, "data-pixels": String(c.pixels) },
+      el("th", { scope: "row" }, swatch(i), name(c.label)), el("td", {}, count(c.pixels)), el("td", {}, pct(c.pixels))))));
+  const regions = el("table", { class: "regions" },
+    el("caption", {}, "Regions"),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Region (its labels)"),
+      el("th", { scope: "col" }, "Pixels"), el("th", { scope: "col" }, "Slice"))),
+    el("tbody", {}, ...r.regions.map((g) => el("tr", { "data-region": g.name, "data-pixels": String(g.pixels) },
+      el("th", { scope: "row" }, name(g.name),
+        el("span", { class: "members" }, ...g.labels.flatMap((l, i) => (i ? [", ", name(l)] : [name(l)])))),
+      el("td", {}, count(g.pixels)),
+      el("td", {}, pct(g.pixels))))));
+  const biggest = r.regions.length ? r.regions.reduce((a, b) => (b.pixels > a.pixels ? b : a)) : null;
+  const t = r.timing;
+  const ms = (s) => `${(1000 * s).toFixed(1)} ms`;
+  const info = el("div", { class: "info" },
+    el("p", { class: "top" }, biggest ? `${biggest.name} — ${pct(biggest.pixels)} of the slice` : `${w}×${h} label map`),
+    el("p", { class: "file" }, title),
+    legend,
+    regions,
+    el("p", { class: "meta" }, `Model ${r.model.name} v${r.model.version} · SHA-256 `,
+      el("code", { class: "sha" }, r.model.sha256),
+      ` · ${r.model.clinically_trained ? "clinically trained" : "not clinically trained"}`),
+    el("p", { class: "meta" }, `Mask ${w}×${h} · preprocess ${ms(t.preprocess_seconds)} · queue ${ms(t.queue_seconds)} · ` +
+      `inference ${ms(t.inference_seconds)} (batch of ${r.batch_size})`));
+  return el("li", { class: "card seg" },
+    el("figure", {}, overlay, el("figcaption", {}, base ? `${first.channel} with the mask` :
+      `${first.channel} (the browser cannot show it) with the mask`)),
+    el("figure", {}, maskOnly, el("figcaption", {}, "the mask")),
+    info);
+}
+
 $("options").addEventListener("submit", (e) => e.preventDefault());
 $("files").addEventListener("change", (e) => { classify([...e.target.files]); e.target.value = ""; });
 const drop = $("drop");
@@ -193,3 +485,6 @@ drop.addEventListener("keydown", (e) => {
 for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
 for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); classify([...e.dataTransfer.files]); });
+$("model").addEventListener("change", modelChanged);
+$("slice").addEventListener("submit", (e) => { e.preventDefault(); segmentSlice(); });
+loadModels();
