@@ -52,6 +52,12 @@ struct Opts {
     /// ORT intra-op threads for the bare loop, the server and the Python stack (0: per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Model instances of the served side (the bare loop is one session).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// ORT intra-op threads of the Python stack (0: per core; default: --threads).
+    #[arg(long)]
+    python_threads: Option<usize>,
     /// Postprocessing runs per round and side.
     #[arg(long, default_value_t = 300)]
     iterations: usize,
@@ -108,6 +114,7 @@ async fn served(opts: &Opts) -> f64 {
         opts.delay_us.to_string(),
         "--queue-capacity".into(),
         (opts.concurrency * 4).max(64).to_string(),
+        format!("--instances={}", opts.instances),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let t = common::serve(common::args(&opts.model_dir, &flags), None).await;
@@ -165,13 +172,15 @@ fn main() {
     let segmenter = Segmenter::new(&spec).expect("a segmentation model");
     println!("# BrainAI Serve segmentation benchmark");
     println!(
-        "model {} v{} ({}), batch {}, queue delay {} µs, ORT threads {} (0 = per core), {} s per throughput measurement, {} rounds",
+        "model {} v{} ({}), batch {}, queue delay {} µs, ORT threads {} (0 = per core; Python stack {}), served instances {}, {} s per throughput measurement, {} rounds",
         spec.config.name,
         spec.version,
         &spec.sha256[..12],
         opts.batch,
         opts.delay_us,
         opts.threads,
+        opts.python_threads.unwrap_or(opts.threads),
+        opts.instances,
         opts.seconds,
         opts.rounds
     );
@@ -241,7 +250,7 @@ fn main() {
         "--seconds".into(),
         opts.seconds.to_string(),
         "--threads".into(),
-        opts.threads.to_string(),
+        opts.python_threads.unwrap_or(opts.threads).to_string(),
     ];
     for (sequence, file) in SLICE {
         python_serve.push("--image".into());
