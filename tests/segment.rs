@@ -860,3 +860,72 @@ async fn the_model_list_and_the_open_inference_protocol_know_segmentation_models
     );
     t.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_segment_call_leaves_one_audit_record_naming_the_model_and_no_patient_data() {
+    let root = repository();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let flag = audit.display().to_string();
+    let mut t = serve_repository(root.path(), &["--audit-log", &flag]).await;
+    let images = channels(16, 16, 4);
+    // gRPC: two slices of three images.
+    segment(
+        &mut t,
+        segment_request(
+            "seg-threshold",
+            vec![slice("a", &images, 16, 16), slice("b", &images, 16, 16)],
+        ),
+    )
+    .await
+    .unwrap();
+    // gRPC, refused: a missing sequence.
+    let mut bad = slice("c", &images, 16, 16);
+    bad.images.pop();
+    segment(&mut t, segment_request("seg-threshold", vec![bad]))
+        .await
+        .unwrap_err();
+    // HTTP: one slice.
+    let parts: Vec<Vec<u8>> = images.iter().map(|p| png(16, 16, p)).collect();
+    let (content_type, body) = multipart_fields(&[
+        ("flair", &parts[0][..]),
+        ("t1c", &parts[1][..]),
+        ("t2", &parts[2][..]),
+    ]);
+    let r = http(
+        t.server.http_addr,
+        "POST",
+        "/v1/segment?model=seg-threshold",
+        &[("Content-Type", &content_type)],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let records = audit_records(&audit, 3).await;
+    assert_eq!(records.len(), 3, "one record per call: {records:#?}");
+    let sha = sha256_hex(&root.path().join("seg-threshold/1/model.onnx"));
+    for (record, (front_end, method, outcome, images)) in records.iter().zip([
+        ("grpc", "brainai.v1.TumorClassifier/Segment", "OK", 6),
+        (
+            "grpc",
+            "brainai.v1.TumorClassifier/Segment",
+            "INVALID_ARGUMENT",
+            2,
+        ),
+        ("rest", "/v1/segment", "200", 3),
+    ]) {
+        assert_eq!(record["front_end"], front_end, "{record}");
+        assert!(
+            record["method"].as_str().unwrap().ends_with(method),
+            "{record}"
+        );
+        assert_eq!(record["outcome"], outcome, "{record}");
+        assert_eq!(record["images"], images, "{record}");
+        assert_eq!(record["model"]["name"], "seg-threshold", "{record}");
+        assert_eq!(record["model"]["sha256"], sha, "{record}");
+    }
+    // The slice ids the caller chose are not in the trail.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(!text.contains("\"a\"") && !text.contains("\"b\""), "{text}");
+    t.server.shutdown().await.unwrap();
+}
