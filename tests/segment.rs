@@ -901,8 +901,20 @@ async fn every_segment_call_leaves_one_audit_record_naming_the_model_and_no_pati
     )
     .await;
     assert_eq!(r.status, 200);
-    let records = audit_records(&audit, 3).await;
-    assert_eq!(records.len(), 3, "one record per call: {records:#?}");
+    // Open Inference Protocol: two stacked tensors, two slices.
+    let body = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32",
+        "shape": [2, 3, 16, 16], "data": vec![7.0f32; 1536]}]});
+    let r = http(
+        t.server.http_addr,
+        "POST",
+        "/v2/models/seg-threshold/infer",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let records = audit_records(&audit, 4).await;
+    assert_eq!(records.len(), 4, "one record per call: {records:#?}");
     let sha = sha256_hex(&root.path().join("seg-threshold/1/model.onnx"));
     for (record, (front_end, method, outcome, images)) in records.iter().zip([
         ("grpc", "brainai.v1.TumorClassifier/Segment", "OK", 6),
@@ -913,6 +925,7 @@ async fn every_segment_call_leaves_one_audit_record_naming_the_model_and_no_pati
             2,
         ),
         ("rest", "/v1/segment", "200", 3),
+        ("rest", "/v2/models/{model}/infer", "200", 2),
     ]) {
         assert_eq!(record["front_end"], front_end, "{record}");
         assert!(

@@ -159,7 +159,14 @@ impl Pipeline {
         request: SegmentRequest,
     ) -> Result<Vec<SliceResult>, InferError> {
         let config = &model.spec.config;
-        audit::note_images(request.slices.iter().map(|s| s.images.len()).sum());
+        // Images as sent: a slice's channel images, or its one stacked tensor.
+        audit::note_images(
+            request
+                .slices
+                .iter()
+                .map(|s| s.images.len().max(usize::from(s.tensor.is_some())))
+                .sum(),
+        );
         let Some(segmenter) = model.segmenter.clone() else {
             return Err(InferError::new(
                 ErrorKind::FailedPrecondition,
