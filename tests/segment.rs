@@ -672,6 +672,22 @@ async fn get_model_describes_the_segmentation_model() {
     t.server.shutdown().await.unwrap();
 }
 
+/// `POST path` of a JSON body (the Open Inference Protocol over HTTP).
+async fn post_json(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> HttpResponse {
+    http(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
 fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD
@@ -790,14 +806,7 @@ async fn the_model_list_and_the_open_inference_protocol_know_segmentation_models
     // A model with one ONNX input per channel has no stacked FP32 tensor: refused, not a panic.
     let body = serde_json::json!({"inputs": [{"name": "flair", "datatype": "FP32",
         "shape": [1, 3, 16, 16], "data": vec![0.0f32; 768]}]});
-    let r = http(
-        addr,
-        "POST",
-        "/v2/models/seg-multi/infer",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let r = post_json(addr, "/v2/models/seg-multi/infer", &body).await;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     assert!(
         r.json()["error"]
@@ -809,14 +818,7 @@ async fn the_model_list_and_the_open_inference_protocol_know_segmentation_models
     let levels: Vec<f32> = (0..768).map(|i| ((i * 37) % 256) as f32).collect();
     let body = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32",
         "shape": [1, 3, 16, 16], "data": levels}]});
-    let r = http(
-        addr,
-        "POST",
-        "/v2/models/seg-threshold/infer",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let r = post_json(addr, "/v2/models/seg-threshold/infer", &body).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let out = &r.json()["outputs"][0];
     assert_eq!(
@@ -843,14 +845,7 @@ async fn the_model_list_and_the_open_inference_protocol_know_segmentation_models
     // A classification output on a segmentation model: refused by name.
     let body = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32",
         "shape": [1, 3, 16, 16], "data": vec![0.0f32; 768]}], "outputs": [{"name": "label"}]});
-    let r = http(
-        addr,
-        "POST",
-        "/v2/models/seg-threshold/infer",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let r = post_json(addr, "/v2/models/seg-threshold/infer", &body).await;
     assert_eq!(r.status, 400);
     assert!(
         r.json()["error"]
@@ -904,14 +899,7 @@ async fn every_segment_call_leaves_one_audit_record_naming_the_model_and_no_pati
     // Open Inference Protocol: two stacked tensors, two slices.
     let body = serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32",
         "shape": [2, 3, 16, 16], "data": vec![7.0f32; 1536]}]});
-    let r = http(
-        t.server.http_addr,
-        "POST",
-        "/v2/models/seg-threshold/infer",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let r = post_json(t.server.http_addr, "/v2/models/seg-threshold/infer", &body).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let records = audit_records(&audit, 4).await;
     assert_eq!(records.len(), 4, "one record per call: {records:#?}");
