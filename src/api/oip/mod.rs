@@ -258,14 +258,8 @@ async fn segment(
     request: OipRequest,
 ) -> Result<OipResponse, InferError> {
     let config = &model.spec.config;
-    for (i, output) in request.outputs.iter().enumerate() {
-        if request.outputs[..i].iter().any(|o| o.name == output.name) {
-            return Err(InferError::invalid(format!(
-                "output {} is requested twice",
-                echo(&output.name)
-            ))
-            .quoting_caller());
-        }
+    requested_once(&request.outputs)?;
+    for output in &request.outputs {
         if output.name != MASK && output.name != PROBABILITIES {
             return Err(InferError::invalid(format!(
                 "output {} is not an output of segmentation model {} ({MASK}, {PROBABILITIES})",
@@ -543,10 +537,8 @@ pub(crate) fn images(
     }
 }
 
-pub(crate) fn check_outputs(
-    config: &ModelConfig,
-    requested: &[RequestedOutput],
-) -> Result<(), InferError> {
+/// Refuses an output named twice (as Triton does), quoting its name.
+fn requested_once(requested: &[RequestedOutput]) -> Result<(), InferError> {
     for (i, output) in requested.iter().enumerate() {
         if requested[..i].iter().any(|o| o.name == output.name) {
             return Err(InferError::invalid(format!(
@@ -555,6 +547,16 @@ pub(crate) fn check_outputs(
             ))
             .quoting_caller());
         }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_outputs(
+    config: &ModelConfig,
+    requested: &[RequestedOutput],
+) -> Result<(), InferError> {
+    requested_once(requested)?;
+    for output in requested {
         match output.name.as_str() {
             PROBABILITIES => {
                 if output.classification == Some(0) {
