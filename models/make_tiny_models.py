@@ -56,6 +56,14 @@ map is known in closed form, per pixel (x_c = level of channel c, c in FLAIR, T1
                    z_background = 0, z_tumor = x - 127 (tumor iff x >= 128); labels background /
                    tumor, no colors, no regions.
 
+Multi-modal classifier fixture (issue 23, a classifier with `channels`):
+
+  multi-classify   NCHW input [batch,3,16,16], channels T2, FLAIR, T1c (not the canonical order,
+                   so a channel put in the wrong place shows) -> logits [batch,3] = each channel's
+                   mean (GlobalAveragePool + Flatten); scale = 0.0625, offset 0, so logit c is the
+                   mean 8-bit level of channel c / 16 and the probabilities are their softmax.
+                   Labels t2_brightest, flair_brightest, t1c_brightest; not clinically trained.
+
 Also writes tests/fixtures/graphs/tiny-v2.onnx: tiny's inputs and outputs with other head weights,
 the "version 2" that hot-reload tests drop into a model repository.
 
@@ -288,6 +296,16 @@ def build_seg_flair_only() -> onnx.ModelProto:
     return finish(graph, "seg-flair-only", False)
 
 
+def build_multi_classify() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["logits"], name="flatten", axis=1),
+    ]
+    graph = helper.make_graph(nodes, "multi_classify", [seg_value("input", 3)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])])
+    return finish(graph, "multi-classify", False)
+
+
 def seg_closed_form(x: np.ndarray, w: np.ndarray = W_SEG, b: np.ndarray = B_SEG) -> np.ndarray:
     """z = W x + b per pixel in float64 (exact for 8-bit integer levels): x [N,C,H,W] -> [N,K,H,W]."""
     return np.einsum("kc,nchw->nkhw", w.astype(np.float64), x.astype(np.float64)) + b.astype(np.float64)[None, :, None, None]
@@ -353,6 +371,14 @@ MODELS = {
         dict(SEG, description="Segmentation test model on FLAIR alone: tumor where the level is >= 128 (logit x - 127 against 0).",
              name="input", layout="NCHW", filt="bilinear", channels=["FLAIR"], out_name="logits", kind="logits",
              out_layout="NCHW", mask_resize="nearest", labels=["background", "tumor"], colors=None, regions=None),
+    ),
+    "multi-classify": (
+        build_multi_classify,
+        dict(description="Multi-modal classifier test model: each channel's mean level / 16 as its logit (channels T2, FLAIR, T1c; closed form, see models/make_tiny_models.py).",
+             clinically_trained=False, max_batch=8, name="input", layout="NCHW", color=None, filt="bilinear",
+             scaling="scale = 0.0625\noffset = 0.0", out_name="logits", kind="logits",
+             labels=["t2_brightest", "flair_brightest", "t1c_brightest"], height=SEG_SIZE, width=SEG_SIZE,
+             channels=["T2", "FLAIR", "T1c"]),
     ),
 }
 
@@ -485,6 +511,11 @@ def verify_segmentation(root: str, rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(got, zf.astype(np.float32))
     np.testing.assert_array_equal(got.argmax(axis=1), (f[:, 0] >= 128).astype(np.int64))
     print("seg-flair-only: ok, tumor iff level >= 128")
+
+    s = session(f"{root}/multi-classify/1/model.onnx")
+    got = s.run(["logits"], {"input": x / 16})[0]
+    np.testing.assert_allclose(got, x.mean(axis=(2, 3)) / 16, rtol=1e-6)
+    print("multi-classify: ok, logits are the channel means / 16")
 
 
 def main() -> None:

@@ -119,6 +119,9 @@ pub async fn run(args: &ClassifyArgs) -> Result<ExitCode, String> {
         args,
         bearer,
     };
+    if !args.slice.given().is_empty() {
+        return slice(&caller).await;
+    }
     let files = expand(&args.files)?;
     if args.series || args.sr_out.is_some() {
         return series(&caller, &files).await;
@@ -142,6 +145,58 @@ fn priority(args: &ClassifyArgs) -> i32 {
         Some(Priority::Routine) => pb::Priority::Routine,
     };
     priority as i32
+}
+
+/// One ClassifySlices call with the slice's images (a multi-modal model): printed as one file's
+/// result, named by the sequences given.
+async fn slice(caller: &Caller<'_>) -> Result<ExitCode, String> {
+    let args = caller.args;
+    let images = segment::slice_images(&args.slice)?;
+    let name: Vec<String> = args
+        .slice
+        .given()
+        .iter()
+        .map(|(sequence, path)| format!("{sequence}={}", path.display()))
+        .collect();
+    let name = name.join(",");
+    let message = pb::ClassifySlicesRequest {
+        slices: vec![pb::SegmentSlice {
+            id: name.clone(),
+            images,
+        }],
+        model: args.model.clone().unwrap_or_default(),
+        version: args.model_version.clone().unwrap_or_default(),
+        priority: priority(args),
+    };
+    let outcome = retry::with_retries(args.connect.max_tries, || {
+        let mut client = caller.client.clone();
+        let mut request = tonic::Request::new(message.clone());
+        request.set_timeout(Duration::from_secs_f64(args.connect.timeout_s));
+        if let Some(token) = &caller.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        async move { client.classify_slices(request).await }
+    })
+    .await
+    .map_err(|failed| failed.describe())
+    .and_then(|response| {
+        response
+            .into_inner()
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| "the server answered no result".to_string())
+    });
+    let mut printer = output::Printer::new(args.json);
+    printer.file(std::path::Path::new(&name), outcome);
+    printer.finish(None);
+    Ok(if printer.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// One ClassifySeries call with every file; the SR into `--sr-out` when asked.

@@ -382,6 +382,22 @@ pub struct SegmentArgs {
     #[arg(long)]
     pub priority: Option<Priority>,
 
+    /// The slice's images, one per sequence.
+    #[command(flatten)]
+    pub slice: SliceFiles,
+
+    /// Write the mask (8-bit PNG, each pixel its label's index) here.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// Print the answer as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One slice's images, one per MR sequence (a multi-modal model's channels).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SliceFiles {
     /// The slice's FLAIR image (PNG, JPEG or DICOM).
     #[arg(long, value_name = "FILE")]
     pub flair: Option<PathBuf>,
@@ -397,14 +413,21 @@ pub struct SegmentArgs {
     /// The slice's T2 image.
     #[arg(long, value_name = "FILE")]
     pub t2: Option<PathBuf>,
+}
 
-    /// Write the mask (8-bit PNG, each pixel its label's index) here.
-    #[arg(long, value_name = "FILE")]
-    pub out: Option<PathBuf>,
-
-    /// Print the answer as JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
+impl SliceFiles {
+    /// The images given, by sequence name.
+    pub fn given(&self) -> Vec<(&'static str, &PathBuf)> {
+        [
+            ("FLAIR", &self.flair),
+            ("T1", &self.t1),
+            ("T1c", &self.t1c),
+            ("T2", &self.t2),
+        ]
+        .into_iter()
+        .filter_map(|(sequence, path)| path.as_ref().map(|p| (sequence, p)))
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -449,8 +472,13 @@ pub struct ClassifyArgs {
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub in_flight: Option<usize>,
 
+    /// A multi-modal model's slice instead of files: one image per sequence, one ClassifySlices
+    /// call.
+    #[command(flatten)]
+    pub slice: SliceFiles,
+
     /// PNG, JPEG or DICOM files, or directories of them (searched recursively).
-    #[arg(required = true)]
+    #[arg(required_unless_present_any = ["flair", "t1", "t1c", "t2"], conflicts_with_all = ["flair", "t1", "t1c", "t2"])]
     pub files: Vec<PathBuf>,
 }
 

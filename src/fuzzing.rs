@@ -403,6 +403,12 @@ pub fn prescan(data: &[u8]) {
             use crate::api::prescan::MAX_SLICE_IMAGES;
             let path = "/brainai.v1.TumorClassifier/Segment";
             let refused = scan(path, &whole, &limits).expect("scanned").is_err();
+            // `ClassifySlices` carries the same slices (field 1) and is held to the same bound.
+            let slices = "/brainai.v1.TumorClassifier/ClassifySlices";
+            assert_eq!(
+                scan(slices, &whole, &limits).expect("scanned").is_err(),
+                refused
+            );
             if let Ok(r) = pb::SegmentRequest::decode(message) {
                 let over = r.slices.len() > limits.max_images
                     || r.slices.iter().any(|s| s.images.len() > MAX_SLICE_IMAGES);

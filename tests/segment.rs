@@ -930,3 +930,259 @@ async fn every_segment_call_leaves_one_audit_record_naming_the_model_and_no_pati
     assert!(!text.contains("\"a\"") && !text.contains("\"b\""), "{text}");
     t.server.shutdown().await.unwrap();
 }
+
+/// `multi-classify`'s closed form for one slice: logit c is channel c's mean level / 16, in the
+/// model's channel order (T2, FLAIR, T1c); the probabilities are their softmax.
+fn multi_classify_closed_form(flair: &[u8], t1c: &[u8], t2: &[u8]) -> Vec<f64> {
+    let mean = |p: &[u8]| p.iter().map(|&v| f64::from(v)).sum::<f64>() / p.len() as f64 / 16.0;
+    let z = [mean(t2), mean(flair), mean(t1c)];
+    let top = z.iter().cloned().fold(f64::MIN, f64::max);
+    let e: Vec<f64> = z.iter().map(|v| (v - top).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|v| v / sum).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_modal_classifier_answers_the_closed_form_through_every_front_end() {
+    const LABELS: [&str; 3] = ["t2_brightest", "flair_brightest", "t1c_brightest"];
+    let root = tempfile::tempdir().unwrap();
+    copy_model("tiny", root.path(), "tiny");
+    copy_model("multi-classify", root.path(), "multi");
+    let mut t = serve(
+        repository_args(root.path(), &["--default-model", "tiny"]),
+        None,
+    )
+    .await;
+    // Three slices, each with another channel brightest, at the model's 16×16 (no resizing).
+    let flat = |v: u8| vec![v; 256];
+    let ramp = |base: u8| {
+        (0..256u32)
+            .map(|i| base + (i % 16) as u8)
+            .collect::<Vec<u8>>()
+    };
+    let slices: Vec<[Vec<u8>; 3]> = vec![
+        [ramp(60), flat(20), flat(30)], // FLAIR brightest
+        [flat(10), ramp(40), flat(30)], // T1c brightest
+        [flat(5), flat(20), ramp(35)],  // T2 brightest
+    ];
+    let want_labels = ["flair_brightest", "t1c_brightest", "t2_brightest"];
+    let want: Vec<Vec<f64>> = slices
+        .iter()
+        .map(|[f, c, t2]| multi_classify_closed_form(f, c, t2))
+        .collect();
+    let check = |what: &str, k: usize, label: &str, probabilities: &[f64]| {
+        assert_eq!(label, want_labels[k], "{what}: slice {k}");
+        for (got, w) in probabilities.iter().zip(&want[k]) {
+            assert!(
+                (got - w).abs() < 1e-5,
+                "{what}: slice {k}: {probabilities:?} vs {:?}",
+                want[k]
+            );
+        }
+    };
+
+    // gRPC ClassifySlices: one result per slice, in order, ids echoed, model named.
+    let response = bounded(
+        "classify slices",
+        t.client.classify_slices(pb::ClassifySlicesRequest {
+            slices: slices
+                .iter()
+                .enumerate()
+                .map(|(k, s)| slice(&format!("s{k}"), s, 16, 16))
+                .collect(),
+            model: "multi".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(response.results.len(), 3);
+    for (k, r) in response.results.iter().enumerate() {
+        assert_eq!(r.image_id, format!("s{k}"));
+        let probabilities: Vec<f64> = LABELS
+            .iter()
+            .map(|l| {
+                f64::from(
+                    r.probabilities
+                        .iter()
+                        .find(|p| p.label == *l)
+                        .unwrap()
+                        .probability,
+                )
+            })
+            .collect();
+        check("gRPC", k, &r.label, &probabilities);
+        let model = r.model.as_ref().unwrap();
+        assert_eq!(
+            (model.name.as_str(), model.clinically_trained),
+            ("multi", false)
+        );
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.contains("not clinically trained"))
+        );
+    }
+    // Single images on a multi-modal model: refused naming what it takes; a missing sequence
+    // named; ClassifySlices of a one-image model refused.
+    let err = bounded(
+        "classify",
+        t.client.classify(request_for(
+            "multi",
+            "",
+            vec![image("a", png(16, 16, &slices[0][0]))],
+        )),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("takes T2, FLAIR, T1c for each slice"),
+        "{}",
+        err.message()
+    );
+    let mut partial = slice("p", &slices[0], 16, 16);
+    partial.images.remove(1);
+    let err = bounded(
+        "classify slices",
+        t.client.classify_slices(pb::ClassifySlicesRequest {
+            slices: vec![partial],
+            model: "multi".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("slice 0: no T1c image"),
+        "{}",
+        err.message()
+    );
+    let err = bounded(
+        "classify slices",
+        t.client.classify_slices(pb::ClassifySlicesRequest {
+            slices: vec![slice("s", &slices[0], 16, 16)],
+            model: "tiny".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.message()
+            .contains("a FLAIR image was given, but model tiny takes"),
+        "{}",
+        err.message()
+    );
+
+    // HTTP POST /v1/classify: one part per sequence.
+    let addr = t.server.http_addr;
+    for (k, [f, c, t2]) in slices.iter().enumerate() {
+        let parts = [
+            ("t1c", png(16, 16, c)),
+            ("FLAIR", png(16, 16, f)),
+            ("t2", png(16, 16, t2)),
+        ];
+        let (content_type, body) =
+            multipart_fields(&parts.iter().map(|(n, d)| (*n, &d[..])).collect::<Vec<_>>());
+        let r = http(
+            addr,
+            "POST",
+            "/v1/classify?model=multi",
+            &[("Content-Type", &content_type)],
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let row = &r.json()["results"][0];
+        let probabilities: Vec<f64> = LABELS
+            .iter()
+            .map(|l| row["probabilities"][l].as_f64().unwrap())
+            .collect();
+        check("HTTP", k, row["label"].as_str().unwrap(), &probabilities);
+        assert_eq!(row["model"]["name"], "multi");
+    }
+    // A raw body is not a slice: 400 saying what it takes.
+    let r = http(
+        addr,
+        "POST",
+        "/v1/classify?model=multi",
+        &[],
+        &png(16, 16, &slices[0][0]),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("one file part per sequence")
+    );
+
+    // Open Inference Protocol over HTTP: metadata lists one BYTES input per channel and the
+    // classifier's outputs; an infer of three slices answers the closed form.
+    let meta = http(addr, "GET", "/v2/models/multi", &[], b"").await.json();
+    let names: Vec<&str> = meta["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["T2", "FLAIR", "T1c", "input"]);
+    assert_eq!(meta["outputs"][0]["name"], "probabilities");
+    use base64::Engine;
+    let b64 = |p: &[u8]| base64::engine::general_purpose::STANDARD.encode(png(16, 16, p));
+    let channel = |name: &str, c: usize| {
+        serde_json::json!({"name": name, "datatype": "BYTES", "shape": [3],
+            "data": slices.iter().map(|s| b64(&s[c])).collect::<Vec<_>>()})
+    };
+    let body = serde_json::json!({"inputs": [channel("FLAIR", 0), channel("T1c", 1), channel("T2", 2)],
+        "outputs": [{"name": "probabilities"}, {"name": "label"}]});
+    let r = post_json(addr, "/v2/models/multi/infer", &body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let json = r.json();
+    let values: Vec<f64> = json["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(json["outputs"][0]["shape"], serde_json::json!([3, 3]));
+    for k in 0..3 {
+        let label = json["outputs"][1]["data"][k].as_str().unwrap();
+        check("OIP", k, label, &values[3 * k..3 * k + 3]);
+    }
+
+    // The CLI: `brainai classify --flair --t1c --t2`, one line naming the label.
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = Vec::new();
+    for (flag, pixels) in ["--flair", "--t1c", "--t2"].iter().zip(&slices[2]) {
+        let path = dir.path().join(format!("{}.png", &flag[2..]));
+        std::fs::write(&path, png(16, 16, pixels)).unwrap();
+        flags.push(flag.to_string());
+        flags.push(path.display().to_string());
+    }
+    let run = {
+        let (url, flags) = (t.grpc_url(), flags.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_brainai"))
+                .args(["classify", "--server", &url, "--model", "multi", "--json"])
+                .args(&flags)
+                .output()
+                .unwrap()
+        })
+    };
+    let output = bounded("brainai classify", run).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(printed["results"][0]["label"], "t2_brightest", "{stdout}");
+    t.server.shutdown().await.unwrap();
+}

@@ -50,6 +50,11 @@ pub const ROUTES: &[Route] = &[
         Protection::Scope(Scope::Infer),
     ),
     Route::new(
+        "/brainai.v1.TumorClassifier/ClassifySlices",
+        "ClassifySlices",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
         "/brainai.v1.TumorClassifier/GetModel",
         "GetModel",
         Protection::Scope(Scope::Read),
@@ -510,6 +515,31 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
                 .collect(),
             model: Some(model_ref(&model)),
             labels: model.spec.config.labels.clone(),
+        }))
+    }
+
+    async fn classify_slices(
+        &self,
+        request: Request<pb::ClassifySlicesRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let call = self.pipeline.admit()?;
+        let request = request.into_inner();
+        let model = call.resolve(&request.model, &request.version)?;
+        let (ids, slices) = segment_slices(request.slices)?;
+        let classify = SegmentRequest {
+            slices,
+            priority: priority(request.priority)?,
+            deadline,
+            probabilities: false,
+        };
+        let results = call.classify_slices(&model, classify).await?;
+        Ok(Response::new(pb::ClassifyResponse {
+            results: results
+                .into_iter()
+                .zip(ids)
+                .map(|(r, id)| classification(&model, id, r))
+                .collect(),
         }))
     }
 

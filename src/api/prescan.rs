@@ -4,7 +4,7 @@
 //! one 64 MiB `Classify` of empty images would make prost allocate gigabytes (measured: 4.3 GB of
 //! resident memory and 20 s of CPU) before the image limit is ever checked. This layer reads the
 //! (already size-limited) message of the unary calls that carry repeated data, `Classify`,
-//! `ClassifySeries`, `Segment` and `ModelInfer`, walks its wire format without allocating (a `Classify` body in the pieces it
+//! `ClassifySeries`, `Segment`, `ClassifySlices` and `ModelInfer`, walks its wire format without allocating (a `Classify` body in the pieces it
 //! arrived in, without copying it into one buffer), and refuses it `INVALID_ARGUMENT` when a
 //! repeated field holds more elements than the request may have: images (or slices) over
 //! `--max-images-per-request`, images per slice over [`MAX_SLICE_IMAGES`], tensors, dimensions and parameters over small fixed caps. Anything
@@ -28,6 +28,7 @@ const CLASSIFY: &str = "/brainai.v1.TumorClassifier/Classify";
 const CLASSIFY_SERIES: &str = "/brainai.v1.TumorClassifier/ClassifySeries";
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 const SEGMENT: &str = "/brainai.v1.TumorClassifier/Segment";
+const CLASSIFY_SLICES: &str = "/brainai.v1.TumorClassifier/ClassifySlices";
 
 /// Most images one slice of a `Segment` call may hold: one per MR sequence (four), with room for a
 /// duplicate or an extra to be refused by name rather than by count.
@@ -85,7 +86,8 @@ where
             CLASSIFY => (classify_request, false),
             CLASSIFY_SERIES => (classify_series_request, false),
             MODEL_INFER => (model_infer_request, true),
-            SEGMENT => (segment_request, true),
+            // Its slices are a `SegmentRequest`'s (field 1 of the same `SegmentSlice`).
+            SEGMENT | CLASSIFY_SLICES => (segment_request, true),
             _ => return Box::pin(self.inner.call(request.map(tonic::body::Body::new))),
         };
         // The ready service goes with this call; the clone waits for the next poll_ready.
@@ -146,7 +148,7 @@ pub fn scan(
         CLASSIFY => classify_request,
         CLASSIFY_SERIES => classify_series_request,
         MODEL_INFER => model_infer_request,
-        SEGMENT => segment_request,
+        SEGMENT | CLASSIFY_SLICES => segment_request,
         _ => return None,
     };
     Some(scan(Wire::new(pieces), limits))

@@ -280,27 +280,7 @@ async fn segment(
     let get = |k: &str| query.get(k).map(String::as_str).unwrap_or_default();
     let model = call.resolve_segmenter(get("model"), get("version"))?;
     let (priority, deadline) = priority_and_deadline(&query)?;
-    let is_form = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("multipart/form-data"));
-    if !is_form {
-        return Err(InferError::invalid(
-            "POST /v1/segment takes a multipart/form-data body: one file part per sequence, \
-             named by its sequence (flair, t1, t1c, t2)",
-        )
-        .into());
-    }
-    // One part per sequence; a few more, so a duplicate is named as such.
-    let files = uploads(&headers, body, 8).await?;
-    let images = files
-        .into_iter()
-        .map(|f| SequenceImage {
-            sequence: f.field,
-            data: f.data.into(),
-            encoding: Encoding::Detect,
-        })
-        .collect();
+    let images = sequence_parts(&headers, body, "/v1/segment").await?;
     let request = SegmentRequest {
         slices: vec![SliceInput {
             images,
@@ -316,6 +296,35 @@ async fn segment(
         .pop()
         .expect("one result per slice");
     Ok(axum::Json(segment_json(&model, result)).into_response())
+}
+
+/// One slice's images from a multipart form of one file part per sequence, each named by its
+/// sequence (`route` names the endpoint in the error for any other body).
+async fn sequence_parts(
+    headers: &HeaderMap,
+    body: Bytes,
+    route: &str,
+) -> Result<Vec<SequenceImage>, InferError> {
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("multipart/form-data"));
+    if !is_form {
+        return Err(InferError::invalid(format!(
+            "POST {route} takes a multipart/form-data body for this model: one file part per \
+             sequence, named by its sequence (flair, t1, t1c, t2)"
+        )));
+    }
+    // One part per sequence; a few more, so a duplicate is named as such.
+    let files = uploads(headers, body, crate::api::prescan::MAX_SLICE_IMAGES).await?;
+    Ok(files
+        .into_iter()
+        .map(|f| SequenceImage {
+            sequence: f.field,
+            data: f.data.into(),
+            encoding: Encoding::Detect,
+        })
+        .collect())
 }
 
 /// One slice's answer as `/v1/segment` (and the page) show it.
@@ -387,6 +396,27 @@ async fn classify(
     let get = |k: &str| query.get(k).map(String::as_str).unwrap_or_default();
     let model = call.resolve(get("model"), get("version"))?;
     let (priority, deadline) = priority_and_deadline(&query)?;
+    if model.spec.config.input.is_multi_modal() {
+        // A multi-modal classifier: one slice, one part per sequence, as `/v1/segment` takes it.
+        let images = sequence_parts(&headers, body, "/v1/classify").await?;
+        // The row is named by the parts it came from ("flair, t1c, t2").
+        let name = images
+            .iter()
+            .map(|i| crate::error::echo(&i.sequence))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let request = SegmentRequest {
+            slices: vec![SliceInput {
+                images,
+                tensor: None,
+            }],
+            priority,
+            deadline,
+            probabilities: false,
+        };
+        let results = call.classify_slices(&model, request).await?;
+        return Ok(classify_json(&model, results, vec![name]));
+    }
     let files = uploads(&headers, body, rest.pipeline.max_images_per_request()).await?;
     let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
     let request = InferRequest {
@@ -405,6 +435,16 @@ async fn classify(
         preview: matches!(get("preview"), "1" | "true"),
     };
     let results = call.classify(&model, request).await?;
+    Ok(classify_json(&model, results, names))
+}
+
+/// A classification's answer as `/v1/classify` (and the page) show it: one row per image, named
+/// by its file.
+fn classify_json(
+    model: &crate::pipeline::ServedModel,
+    results: Vec<crate::pipeline::ImageResult>,
+    names: Vec<String>,
+) -> Response {
     let labels = &model.spec.config.labels;
     let rows: Vec<_> = results
         .into_iter()
@@ -448,5 +488,5 @@ async fn classify(
             row
         })
         .collect();
-    Ok(axum::Json(json!({ "results": rows })).into_response())
+    axum::Json(json!({ "results": rows })).into_response()
 }

@@ -9,21 +9,13 @@ use serde_json::json;
 
 use super::{bearer, connect, format_of, retry};
 use crate::batcher::Priority;
-use crate::config::SegmentArgs;
+use crate::config::{SegmentArgs, SliceFiles};
 use crate::pb;
 use crate::pb::tumor_classifier_client::TumorClassifierClient;
 
-/// Runs `brainai segment`: exit status 0 when the slice was segmented.
-pub async fn run(args: &SegmentArgs) -> Result<ExitCode, String> {
-    let given: Vec<(&str, &std::path::PathBuf)> = [
-        ("FLAIR", &args.flair),
-        ("T1", &args.t1),
-        ("T1c", &args.t1c),
-        ("T2", &args.t2),
-    ]
-    .into_iter()
-    .filter_map(|(sequence, path)| path.as_ref().map(|p| (sequence, p)))
-    .collect();
+/// One slice's images as the `Segment` and `ClassifySlices` RPCs take them.
+pub(super) fn slice_images(files: &SliceFiles) -> Result<Vec<pb::SequenceImage>, String> {
+    let given = files.given();
     if given.is_empty() {
         return Err(
             "give the slice's images: --flair, --t1, --t1c and/or --t2, as the model's channels list them"
@@ -43,6 +35,12 @@ pub async fn run(args: &SegmentArgs) -> Result<ExitCode, String> {
             }),
         });
     }
+    Ok(images)
+}
+
+/// Runs `brainai segment`: exit status 0 when the slice was segmented.
+pub async fn run(args: &SegmentArgs) -> Result<ExitCode, String> {
+    let images = slice_images(&args.slice)?;
     let token = bearer(&args.connect)?;
     let client = TumorClassifierClient::new(connect(&args.connect).await?)
         .max_decoding_message_size(256 << 20)

@@ -166,18 +166,10 @@ impl ModelConfig {
             return Err(err("[output] labels must name at least two classes".into()));
         }
         let task = file.output.task(file.model.task.as_deref()).map_err(err)?;
-        match (&task, input.is_multi_modal()) {
-            (Task::Segmentation(_), false) => {
-                return Err(err(
-                    "[input] a segmentation model declares its channels (e.g. channels = [\"FLAIR\", \"T1c\", \"T2\"])".into(),
-                ));
-            }
-            (Task::Classification, true) => {
-                return Err(err(
-                    "[input] channels: multi-modal classification models are not supported yet; declare task = \"segmentation\" or one RGB/gray image".into(),
-                ));
-            }
-            _ => {}
+        if matches!(task, Task::Segmentation(_)) && !input.is_multi_modal() {
+            return Err(err(
+                "[input] a segmentation model declares its channels (e.g. channels = [\"FLAIR\", \"T1c\", \"T2\"])".into(),
+            ));
         }
         if input.is_multi_modal()
             && input

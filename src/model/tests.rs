@@ -293,13 +293,23 @@ fn bad_segmentation_tomls_name_the_problem() {
         err.contains("a segmentation model declares its channels"),
         "{err}"
     );
-    let err = load_err(
+    // A classifier may be multi-modal: its channels stacked as a segmentation model's are.
+    let root = repo_with(
         &GOOD
             .replace("color = \"rgb\"", "channels = [\"FLAIR\", \"T2\", \"T1\"]")
             .replace("[model]", "[model]\ntask = \"classification\""),
+        &[1],
     );
-    assert!(
-        err.contains("multi-modal classification models are not supported yet"),
-        "{err}"
+    let config = ModelSpec::load(&root.path().join("m"), None)
+        .map(|spec| spec.config)
+        .expect("a multi-modal classifier");
+    assert!(matches!(config.task, Task::Classification));
+    assert_eq!(
+        config.input.channels,
+        [
+            crate::input::sequence::Sequence::Flair,
+            crate::input::sequence::Sequence::T2,
+            crate::input::sequence::Sequence::T1
+        ]
     );
 }

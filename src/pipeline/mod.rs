@@ -216,6 +216,15 @@ impl Admitted {
         request: InferRequest,
     ) -> Result<Vec<ImageResult>, InferError> {
         model.classifies()?;
+        if request
+            .images
+            .iter()
+            .any(|i| matches!(i, ImageInput::Encoded { .. }))
+        {
+            model.takes_single_images().inspect_err(|_| {
+                audit::note_images(request.images.len());
+            })?;
+        }
         within(
             request.deadline,
             "deadline exceeded before the images were classified",
@@ -240,6 +249,22 @@ impl ServedModel {
                 ),
             )),
         }
+    }
+}
+
+impl ServedModel {
+    /// Refuses single images for a multi-modal model (`[input] channels`), naming what it takes.
+    pub fn takes_single_images(&self) -> Result<(), InferError> {
+        let input = &self.spec.config.input;
+        if !input.is_multi_modal() {
+            return Ok(());
+        }
+        Err(InferError::invalid(format!(
+            "model {} is multi-modal: it takes {} for each slice, one image per sequence; send \
+             slices (gRPC ClassifyRequest.slices, one HTTP part or OIP input per sequence)",
+            self.spec.config.name,
+            input.channel_names()
+        )))
     }
 }
 

@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{
-    Admitted, Pipeline, ServedModel, Timing, batch_error, check_decode_budget, input_error,
-    note_dicom, on_rayon, reserve, within,
+    Admitted, ImageResult, Pipeline, ServedModel, Timing, batch_error, check_decode_budget,
+    input_error, note_dicom, on_rayon, reserve, within,
 };
 use crate::batcher::{BatchError, Ticket};
 use crate::error::{ErrorKind, InferError, echo};
@@ -21,7 +21,8 @@ use crate::input::dicom::DicomIds;
 use crate::input::sequence::Sequence;
 use crate::metrics::Stage;
 use crate::model::InputSpec;
-use crate::postprocess::Mask;
+use crate::model::task::Classification;
+use crate::postprocess::{Mask, Segmenter};
 use crate::priority::Priority;
 use crate::security::audit;
 
@@ -135,6 +136,22 @@ impl Admitted {
         )
         .await
     }
+
+    /// Classifies the request's slices with multi-modal classifier `model` (`[input] channels`):
+    /// one result per slice, in order, as [`Admitted::classify`] answers images.
+    pub async fn classify_slices(
+        &self,
+        model: &Arc<ServedModel>,
+        request: SegmentRequest,
+    ) -> Result<Vec<ImageResult>, InferError> {
+        model.classifies()?;
+        within(
+            request.deadline,
+            "deadline exceeded before the slices were classified",
+            self.pipeline().classify_slices(model, request),
+        )
+        .await
+    }
 }
 
 /// A slice as the request gave it: its images in channel order, or the stacked tensor.
@@ -152,31 +169,118 @@ struct PreparedSlice {
     took: Duration,
 }
 
+/// What a slice's output row becomes.
+#[derive(Clone)]
+enum SliceTask {
+    /// A mask (and, when asked, its probability maps).
+    Segment {
+        segmenter: Segmenter,
+        probabilities: bool,
+    },
+    /// One classification of the slice's stacked channels (a multi-modal classifier).
+    Classify,
+}
+
+/// What one slice's output row became.
+enum SliceAnswer {
+    Mask(Mask),
+    Classification(Classification),
+}
+
+/// One slice, run: its answer and where its time went.
+struct SliceRun {
+    index: usize,
+    answer: SliceAnswer,
+    timing: Timing,
+    batch_size: usize,
+    dicom: Vec<(Sequence, DicomIds)>,
+    warnings: Vec<String>,
+}
+
 impl Pipeline {
     async fn segment(
         &self,
         model: &Arc<ServedModel>,
         request: SegmentRequest,
     ) -> Result<Vec<SliceResult>, InferError> {
-        let config = &model.spec.config;
-        // Images as sent: a slice's channel images, or its one stacked tensor.
-        audit::note_images(
-            request
-                .slices
-                .iter()
-                .map(|s| s.images.len().max(usize::from(s.tensor.is_some())))
-                .sum(),
-        );
         let Some(segmenter) = model.segmenter.clone() else {
+            audit::note_images(images_sent(&request.slices));
             return Err(InferError::new(
                 ErrorKind::FailedPrecondition,
                 format!(
                     "model {} is a classification model: it has no masks (use Classify; ListModels \
                      and GetModel name each model's task)",
-                    config.name
+                    model.spec.config.name
                 ),
             ));
         };
+        let task = SliceTask::Segment {
+            segmenter,
+            probabilities: request.probabilities,
+        };
+        let runs = self.run_slices(model, request, task).await?;
+        Ok(runs
+            .into_iter()
+            .map(|run| SliceResult {
+                index: run.index,
+                mask: match run.answer {
+                    SliceAnswer::Mask(mask) => mask,
+                    SliceAnswer::Classification(_) => unreachable!("a segmentation task"),
+                },
+                timing: run.timing,
+                batch_size: run.batch_size,
+                dicom: run.dicom,
+                warnings: run.warnings,
+            })
+            .collect())
+    }
+
+    /// A multi-modal classifier's request: one classification per slice (its channels stacked).
+    async fn classify_slices(
+        &self,
+        model: &Arc<ServedModel>,
+        request: SegmentRequest,
+    ) -> Result<Vec<ImageResult>, InferError> {
+        if request.probabilities {
+            audit::note_images(images_sent(&request.slices));
+            return Err(InferError::invalid(
+                "probability maps are a segmentation model's answer; a classifier answers one \
+                 probability per label",
+            ));
+        }
+        let runs = self.run_slices(model, request, SliceTask::Classify).await?;
+        Ok(runs
+            .into_iter()
+            .map(|run| ImageResult {
+                index: run.index,
+                classification: match run.answer {
+                    SliceAnswer::Classification(c) => c,
+                    SliceAnswer::Mask(_) => unreachable!("a classification task"),
+                },
+                timing: run.timing,
+                batch_size: run.batch_size,
+                // A result names one instance: the reference (first) channel's.
+                dicom: run.dicom.into_iter().next().map(|(_, ids)| ids),
+                warnings: run.warnings,
+                from_cache: false,
+                preview: None,
+            })
+            .collect())
+    }
+
+    /// Runs the request's slices through `model`'s batcher: each slice's images in channel
+    /// order, decoded and stacked into its row (off the async runtime), its output row made into
+    /// `task`'s answer (also off the async runtime). The same admission facts, budgets, queue
+    /// places and deadline as a classification of images.
+    async fn run_slices(
+        &self,
+        model: &Arc<ServedModel>,
+        request: SegmentRequest,
+        task: SliceTask,
+    ) -> Result<Vec<SliceRun>, InferError> {
+        let config = &model.spec.config;
+        // Images as sent: a slice's channel images, or its one stacked tensor.
+        audit::note_images(images_sent(&request.slices));
         let n = request.slices.len();
         if n == 0 {
             return Err(InferError::invalid("request has no slices"));
@@ -187,6 +291,14 @@ impl Pipeline {
                 self.limits.max_images_per_request
             )));
         }
+        // The most an answer holds per pixel of the slice's reference image.
+        let answer_bytes = |width: u32, height: u32| match &task {
+            SliceTask::Segment {
+                segmenter,
+                probabilities,
+            } => segmenter.answer_bytes(width, height, *probabilities),
+            SliceTask::Classify => 0,
+        };
         // Each slice's images in the model's channel order; decoded sizes from their headers.
         let limits = model.preprocessor.input_limits();
         let mut slices = Vec::with_capacity(n);
@@ -201,12 +313,7 @@ impl Pipeline {
                         config.name
                     )));
                 }
-                let answer = segmenter.answer_bytes(
-                    config.input.width,
-                    config.input.height,
-                    request.probabilities,
-                );
-                total = total.saturating_add(answer);
+                total = total.saturating_add(answer_bytes(config.input.width, config.input.height));
                 slices.push(SliceSource::Tensor(tensor));
                 continue;
             }
@@ -217,11 +324,7 @@ impl Pipeline {
                     .map_err(|e| input_error(e).for_channel(index, config.input.channels[c]))?;
                 // The answer holds at most a label map and probabilities per decoded pixel.
                 let answer = if c == 0 {
-                    segmenter.answer_bytes(
-                        size.min(u64::from(u32::MAX)) as u32,
-                        1,
-                        request.probabilities,
-                    )
+                    answer_bytes(size.min(u64::from(u32::MAX)) as u32, 1)
                 } else {
                     0
                 };
@@ -232,7 +335,7 @@ impl Pipeline {
         check_decode_budget(
             total,
             self.limits.max_request_decode_bytes,
-            "the request's slices (their images and masks)",
+            "the request's slices (their images and answers)",
             "send fewer or smaller slices per call",
         )?;
         let priority = request.priority.unwrap_or(model.settings.default_priority);
@@ -248,13 +351,22 @@ impl Pipeline {
             .acquire_many_owned(kib)
             .await
             .expect("the decoding budget is never closed");
-        let span = tracing::info_span!(
-            "segment",
-            model = %config.name,
-            version = %model.spec.version,
-            slices = n as i64,
-            priority = priority.as_str(),
-        );
+        let span = match &task {
+            SliceTask::Segment { .. } => tracing::info_span!(
+                "segment",
+                model = %config.name,
+                version = %model.spec.version,
+                slices = n as i64,
+                priority = priority.as_str(),
+            ),
+            SliceTask::Classify => tracing::info_span!(
+                "classify",
+                model = %config.name,
+                version = %model.spec.version,
+                images = n as i64,
+                priority = priority.as_str(),
+            ),
+        };
         async {
             // Decode and stack each slice into its row, in order, as many at once as the pool has
             // threads; the first bad slice fails the request.
@@ -306,7 +418,11 @@ impl Pipeline {
                     .try_collect()
                     .instrument(tracing::debug_span!("preprocess", slices = n as i64))
                     .await?;
-            if request.probabilities {
+            if let SliceTask::Segment {
+                probabilities: true,
+                ..
+            } = &task
+            {
                 let bytes: u64 = prepared
                     .iter()
                     .map(|p| {
@@ -332,7 +448,7 @@ impl Pipeline {
                 .batcher
                 .submit(tickets, deadline, &tracing::Span::current())
                 .map_err(|e| batch_error(e, 0).relabel_slice())?;
-            let mut results = Vec::with_capacity(n);
+            let mut runs = Vec::with_capacity(n);
             for (index, (rx, (width, height, dicom, took))) in
                 pending.into_iter().zip(sources).enumerate()
             {
@@ -340,12 +456,26 @@ impl Pipeline {
                     .await
                     .unwrap_or(Err(BatchError::Stopped))
                     .map_err(|e| batch_error(e, index).relabel_slice())?;
-                let segmenter = segmenter.clone();
-                let probabilities = request.probabilities;
                 let finished = output.finished;
-                let values = output.values;
-                let mask = on_rayon(move || segmenter.segment(&values, width, height, probabilities))
-                    .await;
+                let answer = match &task {
+                    SliceTask::Segment {
+                        segmenter,
+                        probabilities,
+                    } => {
+                        let segmenter = segmenter.clone();
+                        let probabilities = *probabilities;
+                        let values = output.values;
+                        SliceAnswer::Mask(
+                            on_rayon(move || {
+                                segmenter.segment(&values, width, height, probabilities)
+                            })
+                            .await,
+                        )
+                    }
+                    SliceTask::Classify => {
+                        SliceAnswer::Classification(model.classifier.classify(&output.values))
+                    }
+                };
                 model.metrics.stage(Stage::Reply, finished.elapsed());
                 let mut warnings = Vec::new();
                 let mut ids = Vec::new();
@@ -359,9 +489,9 @@ impl Pipeline {
                     );
                     ids.push((sequence, source.ids));
                 }
-                results.push(SliceResult {
+                runs.push(SliceRun {
                     index,
-                    mask,
+                    answer,
                     timing: Timing {
                         queue: output.queue_time,
                         preprocess: took,
@@ -372,12 +502,20 @@ impl Pipeline {
                     warnings,
                 });
             }
-            model.metrics.images_done(results.len());
-            Ok(results)
+            model.metrics.images_done(runs.len());
+            Ok(runs)
         }
         .instrument(span)
         .await
     }
+}
+
+/// Images a request sent, for its audit record: a slice's channel images, or its one tensor.
+fn images_sent(slices: &[SliceInput]) -> usize {
+    slices
+        .iter()
+        .map(|s| s.images.len().max(usize::from(s.tensor.is_some())))
+        .sum()
 }
 
 /// A slice's images in the channel order of model `name`'s `input`; refuses an unknown,

@@ -90,6 +90,7 @@ impl Admitted {
         request: SeriesRequest,
     ) -> Result<SeriesResult, InferError> {
         model.classifies()?;
+        model.takes_single_images()?;
         within(
             request.deadline,
             "deadline exceeded before the series was classified",

@@ -50,6 +50,9 @@ const MANY_BAD = "many_05.png";
 const SEG = JSON.parse(readFileSync(process.env.BRAINAI_SEGMENT_EXPECTED, "utf8"));
 const SEG_MASK = `data:image/png;base64,${readFileSync(process.env.BRAINAI_SEGMENT_MASK).toString("base64")}`;
 const SLICE = { FLAIR: "flair.png", T1c: "t1c.png", T2: "t2.png" };
+// `brainai classify --json --model multi-classify --flair … --t1c … --t2 …` of the same slice.
+const MULTI_MODEL = "multi-classify";
+const MULTI = JSON.parse(readFileSync(process.env.BRAINAI_MULTI_EXPECTED, "utf8")).results[0];
 for (const k of Object.keys(SLICE)) SLICE[k] = join(process.env.BRAINAI_SLICE, SLICE[k]);
 const SEG_MODEL = "seg-threshold";
 const SHOTS = resolve(process.env.SCREENSHOTS || "target/browser");
@@ -138,7 +141,8 @@ async function session(width, height, name) {
   // The model is picked from the list the server serves, the default model preselected.
   await page.locator(`#model option[value="${SEG_MODEL}"]`).waitFor({ state: "attached" });
   const options = await page.locator("#model option").evaluateAll((os) => os.map((o) => [o.value, o.textContent]));
-  check(JSON.stringify(options) === JSON.stringify([[SEG_MODEL, `${SEG_MODEL} v1 — segmentation`],
+  check(JSON.stringify(options) === JSON.stringify([[MULTI_MODEL, `${MULTI_MODEL} v1 — classification`],
+    [SEG_MODEL, `${SEG_MODEL} v1 — segmentation`],
     ["tiny", "tiny v1 — classification (default)"]]), `the model select lists the served models ${JSON.stringify(options)}`);
   check((await page.locator("#model").inputValue()) === "tiny", "the default model is preselected");
   check(await page.locator("#drop").isVisible() && !(await page.locator("#slice").isVisible()),
@@ -390,6 +394,28 @@ async function session(width, height, name) {
   }, readFileSync(SLICE.T2).toString("base64"));
   await page.dispatchEvent('.channel[data-sequence="t2"]', "drop", { dataTransfer: dropped });
   check((await page.locator("#ch-t2").evaluate((i) => i.files[0]?.name)) === "t2.png", "a file dropped on the T2 box fills its input");
+
+  // A multi-modal classifier: the same slice form, its channels in its order, a Classify button;
+  // one /v1/classify call, answered with a classification card equal to the gRPC API's.
+  await page.locator("#model").selectOption(MULTI_MODEL);
+  check(await page.locator("#slice").isVisible() && !(await page.locator("#drop").isVisible()),
+    "a multi-modal classifier shows the slice form instead of the drop zone");
+  const multiChannels = await page.locator("#channels label").allTextContents();
+  check(JSON.stringify(multiChannels) === JSON.stringify(["T2", "FLAIR", "T1c"]),
+    `its file inputs follow its channel order ${JSON.stringify(multiChannels)}`);
+  check((await page.locator("#segment").textContent()) === "Classify", "its button says Classify");
+  for (const [channel, path] of Object.entries(SLICE)) await page.setInputFiles(`#ch-${channel.toLowerCase()}`, path);
+  const multiBefore = await cards.count();
+  await page.locator("#segment").focus();
+  await page.keyboard.press("Enter");
+  await settled(page, multiBefore + 1);
+  const multiCard = cards.nth(0);
+  const multiError = await multiCard.locator(".error").allTextContents();
+  const multiTop = await multiCard.locator(".top").getAttribute("data-label").catch(() => null);
+  check(multiTop === MULTI.label, `the slice's classification is the gRPC API's ${MULTI.label} (${multiTop} ${JSON.stringify(multiError)})`);
+  const multiText = (await multiCard.textContent()) || "";
+  check(multiText.includes(`${(100 * MULTI.probability).toFixed(1)} %`) && multiText.includes(`Model ${MULTI_MODEL} v1`) &&
+    multiText.includes("not clinically trained"), "the card: the probability, the model, not trained");
 
   check(consoleErrors.length === 0, `no console errors ${JSON.stringify(consoleErrors)}`);
   const seen = await violations();

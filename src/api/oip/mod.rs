@@ -12,7 +12,8 @@
 //! A segmentation model's inputs are one `BYTES` input per channel, named by its MR sequence
 //! (`FLAIR`, `T1c`, `T2`, …: element *i* of each is slice *i*), or its stacked tensor as `FP32`;
 //! its outputs are `mask` (`UINT8 [N, H, W]`, the label map at the slices' geometry) and, when
-//! asked for by name, `probabilities` (`FP32 [N, labels, H, W]`).
+//! asked for by name, `probabilities` (`FP32 [N, labels, H, W]`). A multi-modal classifier takes
+//! the same per-channel inputs and answers as any classifier.
 
 pub mod grpc;
 pub mod http;
@@ -179,7 +180,7 @@ fn tensors_of(config: &ModelConfig) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
         Layout::Nhwc => vec![-1, h, w, c],
     };
     let labels = config.labels.len() as i64;
-    if let Task::Segmentation(_) = config.task {
+    let inputs: Vec<TensorMeta> = if input.is_multi_modal() {
         let mut inputs: Vec<TensorMeta> = input
             .channels
             .iter()
@@ -189,24 +190,24 @@ fn tensors_of(config: &ModelConfig) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
         if input.tensors.is_empty() {
             inputs.push((input.tensor_name.clone(), "FP32", layout));
         }
-        return (
-            inputs,
-            vec![
-                (MASK.to_string(), "UINT8", vec![-1, -1, -1]),
-                (PROBABILITIES.to_string(), "FP32", vec![-1, labels, -1, -1]),
-            ],
-        );
-    }
-    (
+        inputs
+    } else {
         vec![
             (IMAGE_INPUT.to_string(), "BYTES", vec![-1]),
             (input.tensor_name.clone(), "FP32", layout),
+        ]
+    };
+    let outputs = match config.task {
+        Task::Segmentation(_) => vec![
+            (MASK.to_string(), "UINT8", vec![-1, -1, -1]),
+            (PROBABILITIES.to_string(), "FP32", vec![-1, labels, -1, -1]),
         ],
-        vec![
+        Task::Classification => vec![
             (PROBABILITIES.to_string(), "FP32", vec![-1, labels]),
             (LABEL.to_string(), "BYTES", vec![-1]),
         ],
-    )
+    };
+    (inputs, outputs)
 }
 
 /// The versions of `model`'s model that are being served.
@@ -232,8 +233,30 @@ pub async fn infer(call: &Admitted, request: OipRequest) -> Result<OipResponse, 
     if model.segmenter.is_some() {
         return segment(call, model, request).await;
     }
-    let images = images(&model.spec.config, request.inputs)?;
     check_outputs(&model.spec.config, &request.outputs)?;
+    if model.spec.config.input.is_multi_modal() {
+        // A multi-modal classifier: its slices from the per-channel inputs, as a segmentation
+        // model's.
+        let slices = slices(&model.spec.config, request.inputs)?;
+        let results = call
+            .classify_slices(
+                &model,
+                SegmentRequest {
+                    slices,
+                    priority: request.priority,
+                    deadline: request.deadline,
+                    probabilities: false,
+                },
+            )
+            .await?;
+        let outputs = outputs(&model, &results, &request.outputs);
+        return Ok(OipResponse {
+            model,
+            id: request.id,
+            outputs,
+        });
+    }
+    let images = images(&model.spec.config, request.inputs)?;
     let infer = InferRequest {
         images,
         priority: request.priority,
@@ -348,7 +371,7 @@ async fn segment(
     })
 }
 
-/// A segmentation request's inputs as slices: one `BYTES` input per channel, named by its
+/// A multi-modal model's inputs as slices: one `BYTES` input per channel, named by its
 /// sequence, element *i* of each being slice *i*; or the stacked `FP32` tensor.
 fn slices(config: &ModelConfig, inputs: Vec<InputTensor>) -> Result<Vec<SliceInput>, InferError> {
     let channels = config.input.channel_names();

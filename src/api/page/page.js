@@ -12,6 +12,8 @@
 // Segment button: one POST /v1/segment call per slice, each part named by its sequence. The card
 // shows the first sequence's image with the mask drawn over it and the mask alone (canvases, in
 // the model's colours), a legend with each label's area, the regions' areas, or the error in words.
+// A multi-modal classifier (a classifier with `channels`) takes the same slice form and a Classify
+// button: one POST /v1/classify call, parts named by sequence, answered with a classification card.
 //
 // 429 (busy) and 503 (unavailable) are tried again after a backoff.
 "use strict";
@@ -247,16 +249,18 @@ function modelsFailed(reason) {
 /** Shows what the selected model's task needs: the drop zone, or a slice form. */
 function modelChanged() {
   const m = models.get($("model").value);
-  const segments = Boolean(m && m.task === "segmentation");
-  $("drop").hidden = segments;
-  $("preview-option").hidden = segments;
-  $("slice").hidden = !segments;
+  // A model of several sequences per slice (segmentation, or a multi-modal classifier).
+  const slices = Boolean(m && Array.isArray(m.channels) && m.channels.length);
+  $("drop").hidden = slices;
+  $("preview-option").hidden = slices;
+  $("slice").hidden = !slices;
   if (!m) return;
+  $("segment").textContent = m.task === "segmentation" ? "Segment" : "Classify";
   const about = $("model-about");
   about.className = "about";
   about.removeAttribute("role");
-  about.textContent = (m.description || "") + (segments ? ` Takes ${m.channels.join(", ")} for each slice.` : "");
-  if (segments) showChannels(m);
+  about.textContent = (m.description || "") + (slices ? ` Takes ${m.channels.join(", ")} for each slice.` : "");
+  if (slices) showChannels(m);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -309,28 +313,42 @@ function channelControl(channel) {
   return box;
 }
 
-/** The Segment button: one /v1/segment call with the files chosen (the server names what is missing). */
-async function segmentSlice() {
+/**
+ * The slice form's button: one /v1/segment call (a segmentation model) or one /v1/classify call
+ * (a multi-modal classifier) with the files chosen (the server names what is missing).
+ */
+async function submitSlice() {
   const m = models.get($("model").value);
-  if (!m || m.task !== "segmentation") return;
+  if (!m || !m.channels || !m.channels.length) return;
+  const segments = m.task === "segmentation";
   const parts = m.channels
     .map((channel) => ({ channel, file: $(`ch-${field(channel)}`).files[0] }))
     .filter((p) => p.file);
   const title = parts.length ? parts.map((p) => `${p.channel} ${p.file.name}`).join(" · ") : "no image chosen";
   const card = el("li", { class: "card pending", "aria-busy": "true" },
-    el("p", { class: "file" }, title), el("p", { class: "waiting" }, `Segmenting with ${m.name}…`));
+    el("p", { class: "file" }, title),
+    el("p", { class: "waiting" }, `${segments ? "Segmenting" : "Classifying"} with ${m.name}…`));
   $("results").prepend(card);
   const params = new URLSearchParams({ model: m.name });
-  let outcome = await post("/v1/segment", params, "slice", () => {
+  const accept = segments
+    ? (body) => (body && typeof body.mask_png === "string" ? body : null)
+    : (body) => (body && Array.isArray(body.results) && body.results.length === 1 ? body.results[0] : null);
+  let outcome = await post(segments ? "/v1/segment" : "/v1/classify", params, "slice", () => {
     const form = new FormData();
     for (const p of parts) form.append(field(p.channel), p.file, p.file.name);
     return form;
-  }, (body) => (body && typeof body.mask_png === "string" ? body : null))
+  }, accept)
     .catch((e) => ({ error: `The page failed: ${e.message}` }));
   let done;
   if (outcome.result) {
     try {
-      done = await segmentCard(outcome.result, parts, title);
+      if (segments) {
+        done = await segmentCard(outcome.result, parts, title);
+      } else {
+        // The card shows the first sequence's image, and names every part.
+        outcome.result.file = title;
+        done = resultCard(outcome.result, parts[0].file);
+      }
       noteWarnings(outcome.result);
     } catch (e) {
       outcome = { error: `The answer could not be shown: ${e.message}` };
@@ -486,5 +504,5 @@ for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e
 for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); classify([...e.dataTransfer.files]); });
 $("model").addEventListener("change", modelChanged);
-$("slice").addEventListener("submit", (e) => { e.preventDefault(); segmentSlice(); });
+$("slice").addEventListener("submit", (e) => { e.preventDefault(); submitSlice(); });
 loadModels();
