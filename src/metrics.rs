@@ -31,6 +31,7 @@ pub const MODEL_INSTANCES: &str = "brainai_model_instances";
 pub const BATCH_BUFFERS: &str = "brainai_batch_buffers";
 pub const BATCH_BUFFER_BYTES: &str = "brainai_batch_buffer_bytes";
 pub const BATCH_BUFFER_ALLOCATIONS: &str = "brainai_batch_buffer_allocations_total";
+pub const OUTPUT_BUFFER_ALLOCATIONS: &str = "brainai_output_buffer_allocations_total";
 pub const PINNED_HOST_BYTES: &str = "brainai_pinned_host_bytes";
 pub const IMAGES_TOTAL: &str = "brainai_images_total";
 pub const DROPPED_TOTAL: &str = "brainai_dropped_total";
@@ -211,6 +212,12 @@ fn describe() {
         BATCH_BUFFER_ALLOCATIONS,
         Unit::Count,
         "Batch buffers allocated; flat once warm (buffers are reused), by model and version."
+    );
+    describe_counter!(
+        OUTPUT_BUFFER_ALLOCATIONS,
+        Unit::Count,
+        "Batch output buffers allocated (a full batch of model output each); flat once warm \
+         (buffers are reused), by model and version."
     );
     describe_gauge!(
         QUEUE_DEPTH,
@@ -577,6 +584,7 @@ pub struct ModelMetrics {
     buffers: Gauge,
     buffer_bytes: Gauge,
     buffer_allocations: Counter,
+    output_allocations: Counter,
     queue_duration: [Histogram; 2],
     queue_depth: [Gauge; 2],
     dropped: [Counter; 4],
@@ -607,6 +615,7 @@ impl ModelMetrics {
             buffers: gauge!(BATCH_BUFFERS, &base),
             buffer_bytes: gauge!(BATCH_BUFFER_BYTES, &base),
             buffer_allocations: counter!(BATCH_BUFFER_ALLOCATIONS, &base),
+            output_allocations: counter!(OUTPUT_BUFFER_ALLOCATIONS, &base),
             queue_duration: Priority::ALL
                 .map(|p| histogram!(QUEUE_DURATION, &with("priority", p.as_str()))),
             queue_depth: Priority::ALL.map(|p| gauge!(QUEUE_DEPTH, &with("priority", p.as_str()))),
@@ -624,6 +633,7 @@ impl ModelMetrics {
         }
         metrics.images.increment(0);
         metrics.buffer_allocations.increment(0);
+        metrics.output_allocations.increment(0);
         for c in metrics.assembly.iter().chain(&metrics.runs) {
             c.increment(0);
         }
@@ -660,6 +670,10 @@ impl ModelMetrics {
 
     pub fn buffer_allocated(&self) {
         self.buffer_allocations.increment(1);
+    }
+
+    pub fn output_buffer_allocated(&self) {
+        self.output_allocations.increment(1);
     }
 
     /// The pool holds `count` buffers of `bytes` each.

@@ -465,6 +465,62 @@ async fn concurrent_slices_share_batches_and_a_bad_one_harms_no_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_output_buffers_are_reused_once_warm() {
+    let root = repository();
+    let t = serve_repository(root.path(), &["--max-queue-delay-us", "500"]).await;
+    // `clients` concurrent clients, `calls` one-slice Segment calls each, every mask checked.
+    let load = |clients: u32, calls: u32| {
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| {
+                let mut client = t.client.clone();
+                tokio::spawn(async move {
+                    for i in 0..calls {
+                        let images = channels(16, 16, c * calls + i);
+                        let r = client
+                            .segment(segment_request(
+                                "seg-threshold",
+                                vec![slice("s", &images, 16, 16)],
+                            ))
+                            .await
+                            .expect("segmented")
+                            .into_inner()
+                            .results
+                            .remove(0);
+                        let want: Vec<u8> = (0..256)
+                            .map(|p| closed_form(images[0][p], images[1][p], images[2][p]))
+                            .collect();
+                        assert_eq!(decode_mask(&r.mask_png).2, want);
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for task in tasks {
+                task.await.unwrap();
+            }
+        }
+    };
+    let allocated = || {
+        scrape(
+            t.metrics_addr(),
+            "brainai_output_buffer_allocations_total",
+            &["model=\"seg-threshold\""],
+        )
+    };
+    bounded("warm-up load", load(4, 10)).await;
+    let warm = allocated().await;
+    assert!(warm >= 1.0, "the pool allocated its buffers ({warm})");
+    bounded("the measured load", load(4, 30)).await;
+    let grown = allocated().await - warm;
+    // 120 slices in at least 30 batches: without reuse, one buffer per batch.
+    assert!(
+        grown <= 2.0,
+        "{grown} output buffers allocated after warm-up ({warm} during it)"
+    );
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_segment_answers_the_same_mask_and_names_bad_parts() {
     let root = repository();
     let mut t = serve_repository(root.path(), &[]).await;

@@ -31,6 +31,21 @@ pub trait Backend: Send + 'static {
     /// `input` holds `batch` images back to back in the model's layout; returns `batch` outputs
     /// back to back (the batcher checks their total length once, for every backend).
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError>;
+
+    /// [`Backend::run`] into `output` (cleared first), whose memory is reused: the batcher passes
+    /// pooled output buffers, so a backend that can write into one (ONNX Runtime's copies its
+    /// output tensor there) allocates nothing per batch. By default, `run`'s values are copied.
+    fn run_into(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        output: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
+        let values = self.run(input, batch)?;
+        output.clear();
+        output.extend_from_slice(&values);
+        Ok(())
+    }
 }
 
 /// Builds the backend of instance `i` of one model version (called on that instance's thread).

@@ -341,6 +341,17 @@ fn split_channels(
 
 impl Backend for OrtBackend {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, EngineError> {
+        let mut output = Vec::new();
+        self.run_into(input, batch, &mut output)?;
+        Ok(output)
+    }
+
+    fn run_into(
+        &mut self,
+        input: &[f32],
+        batch: usize,
+        output: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
         let [a, b, c] = self.image_shape;
         let (run_batch, input) = match &mut self.padding {
             Some((sizes, buffer)) if sizes.padded(batch) > batch => {
@@ -386,7 +397,9 @@ impl Backend for OrtBackend {
         let (_, data) = value.try_extract_tensor::<f32>().map_err(infer)?;
         // Padding rows are cut off; the batcher checks the length of what is left.
         let keep = data.len() / run_batch * batch;
-        Ok(data[..keep].to_vec())
+        output.clear();
+        output.extend_from_slice(&data[..keep]);
+        Ok(())
     }
 }
 

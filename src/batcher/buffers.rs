@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::backend::host::{HostBuffer, HostMemory};
+use crate::metrics::ModelMetrics;
 use crate::priority::Priority;
 
 /// The rows of one batch buffer.
@@ -227,6 +228,84 @@ impl BufferPool {
             .unwrap_or_else(|p| p.into_inner())
             .buffers
             .len()
+    }
+}
+
+/// The batches' output buffers of one model version: a batch's output is written into a buffer
+/// taken from here ([`crate::backend::Backend::run_into`]) and shared by the batch's images
+/// ([`super::OutputRows`]); when the last of them is done with it, it comes back. Each holds a
+/// full batch (`max_batch × output_len`), so it never grows once made; at most `keep` wait here.
+/// Once warm, a segmentation model (a megabyte of output per slice) allocates no output memory.
+pub(crate) struct OutputPool {
+    free: Mutex<Vec<Vec<f32>>>,
+    capacity: usize,
+    keep: usize,
+    metrics: ModelMetrics,
+}
+
+impl OutputPool {
+    pub(crate) fn new(
+        max_batch: usize,
+        output_len: usize,
+        keep: usize,
+        metrics: ModelMetrics,
+    ) -> Arc<Self> {
+        Arc::new(OutputPool {
+            free: Mutex::new(Vec::new()),
+            capacity: max_batch * output_len,
+            keep,
+            metrics,
+        })
+    }
+
+    /// A buffer for one batch's output: a pooled one, or a new one while none is free.
+    pub(crate) fn take(self: &Arc<Self>) -> PooledOutput {
+        let data = self
+            .free
+            .lock()
+            .expect("the output pool's lock is never poisoned")
+            .pop()
+            .unwrap_or_else(|| {
+                self.metrics.output_buffer_allocated();
+                Vec::with_capacity(self.capacity)
+            });
+        PooledOutput {
+            data,
+            pool: self.clone(),
+        }
+    }
+}
+
+/// One batch's output values, back to their [`OutputPool`] when dropped.
+pub(crate) struct PooledOutput {
+    pub(crate) data: Vec<f32>,
+    pool: Arc<OutputPool>,
+}
+
+impl Drop for PooledOutput {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        // A buffer a backend replaced or grew (more values than a full batch: the batcher refuses
+        // them) is not the pool's size: dropped rather than kept.
+        if data.capacity() != self.pool.capacity {
+            return;
+        }
+        let mut free = self
+            .pool
+            .free
+            .lock()
+            .expect("the output pool's lock is never poisoned");
+        if free.len() < self.pool.keep {
+            free.push(data);
+        }
+    }
+}
+
+impl std::fmt::Debug for PooledOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledOutput")
+            .field("len", &self.data.len())
+            .finish()
     }
 }
 

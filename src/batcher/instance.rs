@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::buffers::PooledOutput;
 use super::queue::{self, Batch};
 use super::{BatchError, ImageOutput, OutputRows, Shared, buffers};
 use crate::backend::host::HostBuffer;
@@ -167,7 +168,15 @@ fn warm_up(
         for size in config.sizes.warmup() {
             let input = vec![0f32; size * config.input_len];
             let started = std::time::Instant::now();
-            execute(instance, backend.as_mut(), &input, size, config.output_len)?;
+            let outputs = shared.outputs.take();
+            execute(
+                instance,
+                backend.as_mut(),
+                &input,
+                size,
+                config.output_len,
+                outputs,
+            )?;
             // Seeds the batch-time estimates admission relies on.
             shared.times.record(size, started.elapsed());
         }
@@ -188,18 +197,21 @@ fn execute(
     input: &[f32],
     batch: usize,
     output_len: usize,
-) -> Result<Vec<f32>, EngineError> {
-    let outputs =
-        catch_unwind(AssertUnwindSafe(|| backend.run(input, batch))).unwrap_or_else(|panic| {
-            Err(EngineError::Panic {
-                instance,
-                message: panic_message(panic.as_ref()),
-            })
-        })?;
-    if outputs.len() != batch * output_len {
+    mut outputs: PooledOutput,
+) -> Result<PooledOutput, EngineError> {
+    catch_unwind(AssertUnwindSafe(|| {
+        backend.run_into(input, batch, &mut outputs.data)
+    }))
+    .unwrap_or_else(|panic| {
+        Err(EngineError::Panic {
+            instance,
+            message: panic_message(panic.as_ref()),
+        })
+    })?;
+    if outputs.data.len() != batch * output_len {
         return Err(EngineError::Inference(format!(
             "model returned {} values for {batch} images, expected {batch} × {output_len}",
-            outputs.len()
+            outputs.data.len()
         )));
     }
     Ok(outputs)
@@ -270,8 +282,10 @@ fn run_batch(
     metrics.stage(Stage::Assemble, assembling.elapsed());
     shared.busy.fetch_add(1, Ordering::SeqCst);
     let started = std::time::Instant::now();
-    let result = tracing::debug_span!("run", size = n as i64)
-        .in_scope(|| execute(instance, backend, input, n, config.output_len));
+    let result = tracing::debug_span!("run", size = n as i64).in_scope(|| {
+        let outputs = shared.outputs.take();
+        execute(instance, backend, input, n, config.output_len, outputs)
+    });
     let finished = std::time::Instant::now();
     let inference_time = finished - started;
     shared.busy.fetch_sub(1, Ordering::SeqCst);

@@ -55,20 +55,20 @@ pub struct BatcherConfig {
 }
 
 /// One image's rows of its batch's output, without a copy: every image of a batch shares the one
-/// buffer the model run returned (a segmentation model's output is a megabyte per slice), which
-/// is freed when the last of them is done with it.
+/// pooled buffer the model run wrote (a segmentation model's output is a megabyte per slice),
+/// which goes back to the model's output pool when the last of them is done with it.
 #[derive(Debug, Clone)]
 pub struct OutputRows {
-    batch: Arc<Vec<f32>>,
+    batch: Arc<buffers::PooledOutput>,
     start: usize,
     len: usize,
 }
 
 impl OutputRows {
     /// Rows `start..start + len` of `batch`.
-    pub(crate) fn new(batch: Arc<Vec<f32>>, start: usize, len: usize) -> Self {
+    pub(crate) fn new(batch: Arc<buffers::PooledOutput>, start: usize, len: usize) -> Self {
         assert!(
-            start + len <= batch.len(),
+            start + len <= batch.data.len(),
             "rows inside the batch: this is a bug"
         );
         OutputRows { batch, start, len }
@@ -85,7 +85,7 @@ impl PartialEq for OutputRows {
 impl std::ops::Deref for OutputRows {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        &self.batch[self.start..self.start + self.len]
+        &self.batch.data[self.start..self.start + self.len]
     }
 }
 
@@ -285,6 +285,8 @@ struct Shared {
     next_batch: std::sync::atomic::AtomicU64,
     /// The batch buffers images are preprocessed into.
     pool: buffers::BufferPool,
+    /// The buffers batches' outputs are written into.
+    outputs: Arc<buffers::OutputPool>,
     policy: policy::BatchPolicy,
     /// The queued images and the idle instances.
     core: std::sync::Mutex<queue::Core>,
@@ -342,6 +344,14 @@ impl Batcher {
                 config.input_len,
                 2 * config.instances + 2,
                 config.host_memory,
+                metrics.clone(),
+            ),
+            // As many as the input buffers: a batch's output is held while its images are
+            // postprocessed and answered.
+            outputs: buffers::OutputPool::new(
+                config.sizes.max(),
+                config.output_len,
+                2 * config.instances + 2,
                 metrics.clone(),
             ),
             places: config.queue_capacity.map(|c| Arc::new(Semaphore::new(c))),
