@@ -465,6 +465,91 @@ async fn concurrent_slices_share_batches_and_a_bad_one_harms_no_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_stream_answers_each_slice_and_goes_on_after_a_bad_one() {
+    let root = repository();
+    let mut t = serve_repository(root.path(), &[]).await;
+    let all: Vec<[Vec<u8>; 3]> = (0..6u32).map(|i| channels(16, 16, i)).collect();
+    let messages: Vec<pb::SegmentStreamRequest> = all
+        .iter()
+        .enumerate()
+        .map(|(k, [flair, t1c, t2])| pb::SegmentStreamRequest {
+            id: format!("s{k}"),
+            flair: Some(image("", png(16, 16, flair))),
+            t1c: Some(image("", png(16, 16, t1c))),
+            // Slice 3 has no T2 image: answered with an error, and the stream goes on.
+            t2: (k != 3).then(|| image("", png(16, 16, t2))),
+            model: "seg-threshold".into(),
+            ..Default::default()
+        })
+        .collect();
+    let mut responses = bounded(
+        "open the stream",
+        t.client
+            .segment_stream(futures_util::stream::iter(messages.clone())),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let mut seen = std::collections::BTreeMap::new();
+    while let Some(response) = bounded("a stream response", responses.message())
+        .await
+        .unwrap()
+    {
+        seen.insert(response.sequence, response);
+    }
+    assert_eq!(seen.len(), 6, "one response per slice");
+    for (k, images) in all.iter().enumerate() {
+        let response = &seen[&(k as u64)];
+        assert_eq!(response.slice_id, format!("s{k}"));
+        match response.outcome.as_ref().unwrap() {
+            pb::segment_stream_response::Outcome::Error(e) => {
+                assert_eq!(k, 3, "only slice 3 fails: {}", e.message);
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+                assert!(
+                    e.message.starts_with("slice 3: no T2 image"),
+                    "{}",
+                    e.message
+                );
+            }
+            pb::segment_stream_response::Outcome::Result(mask) => {
+                assert_ne!(k, 3);
+                assert_eq!(mask.index as usize, k);
+                let want: Vec<u8> = (0..256)
+                    .map(|p| closed_form(images[0][p], images[1][p], images[2][p]))
+                    .collect();
+                assert_eq!(decode_mask(&mask.mask_png), (16, 16, want), "slice {k}");
+                assert_eq!(mask.model.as_ref().unwrap().name, "seg-threshold");
+                assert!(
+                    mask.warnings
+                        .iter()
+                        .any(|w| w.contains("not clinically trained"))
+                );
+            }
+        }
+    }
+    // A classification model on the stream: each slice answered FAILED_PRECONDITION.
+    let mut wrong = messages[0].clone();
+    wrong.model = "tiny".into();
+    let mut responses = bounded(
+        "open the stream",
+        t.client
+            .segment_stream(futures_util::stream::iter(vec![wrong])),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let response = bounded("a stream response", responses.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(pb::segment_stream_response::Outcome::Error(e)) = response.outcome else {
+        panic!("an error response")
+    };
+    assert_eq!(e.code, Code::FailedPrecondition as i32, "{}", e.message);
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_output_buffers_are_reused_once_warm() {
     let root = repository();
     let t = serve_repository(root.path(), &["--max-queue-delay-us", "500"]).await;

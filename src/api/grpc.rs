@@ -50,6 +50,11 @@ pub const ROUTES: &[Route] = &[
         Protection::Scope(Scope::Infer),
     ),
     Route::new(
+        "/brainai.v1.TumorClassifier/SegmentStream",
+        "SegmentStream",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
         "/brainai.v1.TumorClassifier/ClassifySlices",
         "ClassifySlices",
         Protection::Scope(Scope::Infer),
@@ -460,8 +465,87 @@ fn model_status(m: ModelStatus) -> pb::ModelStatus {
     }
 }
 
-type ResponseStream =
-    Pin<Box<dyn futures_util::Stream<Item = Result<pb::ClassifyStreamResponse, Status>> + Send>>;
+/// The responses of a streaming call.
+type Responses<T> = Pin<Box<dyn futures_util::Stream<Item = Result<T, Status>> + Send>>;
+
+/// What one message of a stream becomes: its response (a result or an error response, never a
+/// broken stream).
+type OneMessage<Req, Resp> =
+    for<'a> fn(&'a Admitted, u64, Req) -> futures_util::future::BoxFuture<'a, Resp>;
+
+/// Serves a bidirectional stream of an admitted call: each message read is answered by `one`, up
+/// to `window` at once, responses sent as they are ready. At shutdown it reads no more messages,
+/// answers those in flight, then ends the stream with UNAVAILABLE so the client sends the rest
+/// elsewhere; a message that cannot be read ends it with that error after the answers.
+fn serve_stream<Req, Resp>(
+    call: Admitted,
+    mut incoming: Streaming<Req>,
+    window: usize,
+    one: OneMessage<Req, Resp>,
+) -> Responses<Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(window);
+    // The stream is served by its own task: it carries the call's facts along, and the admitted
+    // call (the drain waits for it).
+    let facts = audit::current();
+    tokio::spawn(audit::maybe_scope(
+        facts,
+        tracing::Instrument::in_current_span(async move {
+            let call = &call;
+            let state = call.pipeline().state().clone();
+            let draining = state.draining();
+            tokio::pin!(draining);
+            let mut running = FuturesUnordered::new();
+            let mut sequence: u64 = 0;
+            let mut open = true;
+            let mut drained = false;
+            let mut request_error: Option<Status> = None;
+            while open || !running.is_empty() {
+                tokio::select! {
+                    biased;
+                    () = &mut draining, if open => {
+                        open = false;
+                        drained = true;
+                    }
+                    Some(response) = running.next() => {
+                        if tx.send(Ok(response)).await.is_err() {
+                            // The client left: the call layer records CANCELLED.
+                            break;
+                        }
+                    }
+                    message = incoming.next(), if open && running.len() < window => match message {
+                        Some(Ok(message)) => {
+                            let seq = sequence;
+                            sequence += 1;
+                            running.push(one(call, seq, message));
+                        }
+                        Some(Err(status)) => {
+                            // A message that could not be read (not protobuf, too large): answer
+                            // what was read, then end the call with that error.
+                            request_error = Some(crate::api::status::fix(status));
+                            open = false;
+                        }
+                        None => open = false,
+                    },
+                }
+            }
+            if let Some(status) = request_error {
+                let _ = tx.send(Err(status)).await;
+            } else if drained {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "the server is shutting down: this stream was closed after {sequence} \
+                         messages, each answered; send the rest to another replica"
+                    ))))
+                    .await;
+            }
+        }),
+    ));
+    Box::pin(ReceiverStream::new(rx))
+}
 
 #[tonic::async_trait]
 impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
@@ -569,75 +653,36 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         Ok(Response::new(series_response(&model, &ids, result)))
     }
 
-    type ClassifyStreamStream = ResponseStream;
+    type ClassifyStreamStream = Responses<pb::ClassifyStreamResponse>;
 
     async fn classify_stream(
         &self,
         request: Request<Streaming<pb::ClassifyStreamRequest>>,
     ) -> Result<Response<Self::ClassifyStreamStream>, Status> {
         let call = self.pipeline.admit()?;
-        let mut incoming = request.into_inner();
         let window = self.pipeline.max_images_per_request();
-        let (tx, rx) = mpsc::channel(window);
-        // The stream is served by its own task: it carries the call's facts along, and the
-        // admitted call (the drain waits for it).
-        let facts = audit::current();
-        tokio::spawn(audit::maybe_scope(
-            facts,
-            tracing::Instrument::in_current_span(async move {
-                let call = &call;
-                let state = call.pipeline().state().clone();
-                let draining = state.draining();
-                tokio::pin!(draining);
-                let mut running = FuturesUnordered::new();
-                let mut sequence: u64 = 0;
-                let mut open = true;
-                let mut drained = false;
-                let mut request_error: Option<Status> = None;
-                while open || !running.is_empty() {
-                    tokio::select! {
-                        biased;
-                        // At shutdown: read no more messages, finish those in flight, then end the
-                        // stream with UNAVAILABLE so the client sends the rest elsewhere.
-                        () = &mut draining, if open => {
-                            open = false;
-                            drained = true;
-                        }
-                        Some(response) = running.next() => {
-                            if tx.send(Ok(response)).await.is_err() {
-                                // The client left: the call layer records CANCELLED.
-                                break;
-                            }
-                        }
-                        message = incoming.next(), if open && running.len() < window => match message {
-                            Some(Ok(message)) => {
-                                let seq = sequence;
-                                sequence += 1;
-                                running.push(classify_one(call, seq, message));
-                            }
-                            Some(Err(status)) => {
-                                // A message that could not be read (not protobuf, too large): answer
-                                // what was read, then end the call with that error.
-                                request_error = Some(crate::api::status::fix(status));
-                                open = false;
-                            }
-                            None => open = false,
-                        },
-                    }
-                }
-                if let Some(status) = request_error {
-                    let _ = tx.send(Err(status)).await;
-                } else if drained {
-                    let _ = tx
-                        .send(Err(Status::unavailable(format!(
-                            "the server is shutting down: this stream was closed after {sequence} \
-                         messages, each answered; send the rest to another replica"
-                        ))))
-                        .await;
-                }
-            }),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(serve_stream(
+            call,
+            request.into_inner(),
+            window,
+            |call, seq, message| Box::pin(classify_one(call, seq, message)),
+        )))
+    }
+
+    type SegmentStreamStream = Responses<pb::SegmentStreamResponse>;
+
+    async fn segment_stream(
+        &self,
+        request: Request<Streaming<pb::SegmentStreamRequest>>,
+    ) -> Result<Response<Self::SegmentStreamStream>, Status> {
+        let call = self.pipeline.admit()?;
+        let window = self.pipeline.max_images_per_request();
+        Ok(Response::new(serve_stream(
+            call,
+            request.into_inner(),
+            window,
+            |call, seq, message| Box::pin(segment_one(call, seq, message)),
+        )))
     }
 
     async fn get_model(
@@ -708,6 +753,74 @@ async fn classify_one(
     };
     pb::ClassifyStreamResponse {
         image_id,
+        sequence,
+        outcome: Some(outcome),
+    }
+}
+
+/// One slice of a stream: a mask or an error response, never a broken stream.
+async fn segment_one(
+    call: &Admitted,
+    sequence: u64,
+    message: pb::SegmentStreamRequest,
+) -> pb::SegmentStreamResponse {
+    let slice_id = message.id.clone();
+    let index = sequence as usize;
+    let result = async {
+        if call.pipeline().state().is_draining() {
+            return Err(InferError::unavailable(
+                "the server is shutting down; retry on another replica",
+            ));
+        }
+        let model = call.resolve_segmenter(&message.model, &message.version)?;
+        let mut images = Vec::new();
+        for (sequence, image) in [
+            ("FLAIR", message.flair),
+            ("T1", message.t1),
+            ("T1c", message.t1c),
+            ("T2", message.t2),
+        ] {
+            let Some(image) = image else { continue };
+            let ImageInput::Encoded { data, encoding } = image_input(image, index)
+                .map_err(|e| InferError::invalid(e.message.replacen("image", "slice", 1)))?
+            else {
+                unreachable!("image_input never makes tensors")
+            };
+            images.push(SequenceImage {
+                sequence: sequence.into(),
+                data,
+                encoding,
+            });
+        }
+        let request = SegmentRequest {
+            slices: vec![SliceInput {
+                images,
+                tensor: None,
+            }],
+            priority: priority(message.priority)?,
+            // A stream has no per-message deadline; the call's own deadline cancels the stream.
+            deadline: None,
+            probabilities: message.probabilities,
+        };
+        let mut result = call
+            .segment(&model, request)
+            .await
+            .map_err(|e| e.renumber_slice(index))?
+            .pop()
+            .expect("one slice in, one result out");
+        result.index = index;
+        Ok(slice_mask(&model, slice_id.clone(), result))
+    }
+    .await;
+    let outcome = match result {
+        Ok(result) => pb::segment_stream_response::Outcome::Result(result),
+        Err(e) => pb::segment_stream_response::Outcome::Error(pb::ImageError {
+            code: code(e.kind) as i32,
+            message: e.message,
+        }),
+    };
+    pb::SegmentStreamResponse {
+        slice_id,
         sequence,
         outcome: Some(outcome),
     }

@@ -588,6 +588,16 @@ impl InferError {
         }
     }
 
+    /// The same error of a one-slice request about slice `index` of a stream ("slice 0: …" →
+    /// "slice 7: …").
+    pub fn renumber_slice(self, index: usize) -> Self {
+        let message = match self.message.strip_prefix("slice 0") {
+            Some(rest) => format!("slice {index}{rest}"),
+            None => self.message,
+        };
+        InferError { message, ..self }
+    }
+
     /// A batcher error worded for slices ("image 3: …" → "slice 3: …").
     fn relabel_slice(self) -> Self {
         let message = match self.message.strip_prefix("image ") {
