@@ -5,6 +5,8 @@
 //! series and instance, references to the slices). The tools are required: a missing one fails
 //! the test with the Debian package to install.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -93,31 +95,6 @@ fn report(context_of: &str, clinically_trained: bool) -> SeriesReport {
     }
 }
 
-/// The executable `name` on the PATH, or a failure naming the Debian package that provides it.
-fn tool(name: &str, package: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not on the PATH: install the Debian package `{package}` \
-                 (apt-get install {package}); this test does not skip without it"
-            )
-        })
-}
-
-fn python() -> PathBuf {
-    let py = repo().join(".venv/bin/python");
-    assert!(
-        py.is_file(),
-        "{} missing: run `make setup dicom-reference` (the venv with pydicom)",
-        py.display()
-    );
-    py
-}
-
 /// Writes the SR into `dir` and returns its path.
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
@@ -125,42 +102,9 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
-/// dciodvfy's report: fails on any "Error" line, returns the warnings.
-fn dciodvfy(path: &Path) -> Vec<String> {
-    let output = Command::new(tool("dciodvfy", "dicom3tools"))
-        .arg(path)
-        .output()
-        .expect("dciodvfy runs");
-    // dciodvfy reports on stderr; take both.
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("Error")).collect();
-    assert!(
-        errors.is_empty(),
-        "dciodvfy found errors in {}:\n{text}",
-        path.display()
-    );
-    assert!(
-        text.contains("ComprehensiveSR"),
-        "dciodvfy did not check the file as a Comprehensive SR:\n{text}"
-    );
-    let warnings: Vec<String> = text
-        .lines()
-        .filter(|l| l.starts_with("Warning"))
-        .map(str::to_string)
-        .collect();
-    for warning in &warnings {
-        eprintln!("dciodvfy {}: {warning}", path.display());
-    }
-    warnings
-}
-
 /// dsrdump's rendering of the document; fails unless it succeeds.
 fn dsrdump(path: &Path) -> String {
-    let output = Command::new(tool("dsrdump", "dcmtk"))
+    let output = Command::new(common::tool("dsrdump", "dcmtk"))
         // Long values in full, every code, referenced instance UIDs. The relationship content
         // constraints of Comprehensive SR are checked (the default).
         .args(["+Pl", "+Pc", "+Pu"])
@@ -246,7 +190,7 @@ print(json.dumps({
 
 /// The SR as pydicom reads it, next to the same attributes of `source`.
 fn pydicom(path: &Path, source: &Path) -> Value {
-    let output = Command::new(python())
+    let output = Command::new(common::python())
         .args(["-c", PYDICOM_READ])
         .arg(path)
         .arg(source)
@@ -300,7 +244,7 @@ fn untrained_model_sr_is_valid_and_says_what_it_should() {
 
     let first = sr::build(&report).expect("the SR builds");
     let first_path = write(dir.path(), "first.dcm", &first);
-    dciodvfy(&first_path);
+    common::dciodvfy(&first_path, "ComprehensiveSR");
 
     let dump = dsrdump(&first_path);
     for expected in [
@@ -422,7 +366,7 @@ fn clinically_trained_model_sr_has_no_disclaimer() {
     let report = report("ts_explicit_le.dcm", true);
     let bytes = sr::build(&report).expect("the SR builds");
     let path = write(dir.path(), "trained.dcm", &bytes);
-    dciodvfy(&path);
+    common::dciodvfy(&path, "ComprehensiveSR");
     let dump = dsrdump(&path);
     assert!(
         !dump.contains("NOT FOR DIAGNOSTIC USE"),
@@ -472,7 +416,7 @@ fn sparse_context_gives_empty_type_2_attributes() {
     report.slices[2].sop_class_uid = ENHANCED_MR.into();
     let bytes = sr::build(&report).expect("the SR builds");
     let path = write(dir.path(), "sparse.dcm", &bytes);
-    dciodvfy(&path);
+    common::dciodvfy(&path, "ComprehensiveSR");
     let dump = dsrdump(&path);
     assert!(dump.contains("NOT FOR DIAGNOSTIC USE"));
     let read = pydicom(&path, &source_path("ts_explicit_le.dcm"));

@@ -1,6 +1,7 @@
 //! Results as DICOM for the PACS: a Comprehensive SR instance for a classified series
-//! ([`sr::build`]).
+//! ([`sr::build`]) and a Segmentation (SEG) instance for a segmented series ([`seg::build`]).
 
+pub mod seg;
 pub mod sr;
 
 use crate::input::dicom::PatientContext;

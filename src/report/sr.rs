@@ -58,7 +58,7 @@ use super::{SeriesReport, SliceFinding};
 /// Comprehensive SR Storage.
 pub const COMPREHENSIVE_SR: &str = "1.2.840.10008.5.1.4.1.1.88.33";
 /// Explicit VR Little Endian.
-const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+pub(super) const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 /// Manufacturer (General Equipment and Contributing Equipment).
 pub const MANUFACTURER: &str = "BrainAI Serve";
 /// The text item written when the model was not clinically trained.
@@ -102,7 +102,7 @@ const PROCESSING_EQUIPMENT: Code = Code("109102", "DCM", "Processing Equipment")
 
 /// Patient, General Study and Patient Study attributes copied from the source: (tag, VR, Type 2).
 /// Type 2 attributes the source lacks are written empty; Type 3 ones are left out.
-const COPIED: &[(Tag, VR, bool)] = &[
+pub(super) const COPIED: &[(Tag, VR, bool)] = &[
     (tags::PATIENT_NAME, VR::PN, true),
     (tags::PATIENT_ID, VR::LO, true),
     (tags::ISSUER_OF_PATIENT_ID, VR::LO, false),
@@ -189,18 +189,7 @@ pub fn build(report: &SeriesReport) -> Result<Vec<u8>, String> {
     let now = Now::utc();
     let (series_uid, instance_uid) = fresh_uids(report);
 
-    let study_uid = match context_str(context, tags::STUDY_INSTANCE_UID) {
-        Some(uid) if uid != report.study_instance_uid => {
-            return Err(
-                "the context's Study Instance UID differs from the report's study UID".into(),
-            );
-        }
-        _ => report.study_instance_uid.clone(),
-    };
-    let source_series_number = context_str(context, tags::SERIES_NUMBER)
-        .and_then(|n| n.parse::<i64>().ok())
-        .filter(|n| (0..1_000_000).contains(n))
-        .unwrap_or(0);
+    let (study_uid, source_series_number) = study_of(context, &report.study_instance_uid)?;
 
     let mut obj = InMemDicomObject::new_empty();
 
@@ -282,10 +271,37 @@ pub fn build(report: &SeriesReport) -> Result<Vec<u8>, String> {
     obj.put(el(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"));
     obj.put(seq(tags::CONTENT_SEQUENCE, content(report)));
 
+    part10(obj, context, &study_uid, "SR", 16 << 10)
+}
+
+/// The study a derived object belongs to (the context's, which must be the report's) and the
+/// source's Series Number (0 when absent or out of range), which its own is derived from.
+pub(super) fn study_of(context: &InMemDicomObject, study: &str) -> Result<(String, i64), String> {
+    if context_str(context, tags::STUDY_INSTANCE_UID).is_some_and(|uid| uid != study) {
+        return Err("the context's Study Instance UID differs from the report's study UID".into());
+    }
+    let series_number = context_str(context, tags::SERIES_NUMBER)
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| (0..1_000_000).contains(n))
+        .unwrap_or(0);
+    Ok((study.to_string(), series_number))
+}
+
+/// A derived object of the source study as Part 10 bytes: the Patient, General Study and Patient
+/// Study attributes copied from `context` (Type 2 ones it lacks written empty), the Specific
+/// Character Set they need, the file meta group, explicit VR little endian. `what` names the
+/// object in errors ("SR", "SEG").
+pub(super) fn part10(
+    mut obj: InMemDicomObject,
+    context: &InMemDicomObject,
+    study_uid: &str,
+    what: &str,
+    capacity: usize,
+) -> Result<Vec<u8>, String> {
     let own_ascii = all_ascii(&obj);
 
     // Patient, General Study, Patient Study: copied.
-    obj.put(el(tags::STUDY_INSTANCE_UID, VR::UI, &study_uid));
+    obj.put(el(tags::STUDY_INSTANCE_UID, VR::UI, study_uid));
     for &(tag, vr, type2) in COPIED {
         if let Some(element) = context.get(tag) {
             obj.put(element.clone());
@@ -307,10 +323,10 @@ pub fn build(report: &SeriesReport) -> Result<Vec<u8>, String> {
                 )))
                 .implementation_version_name(format!("BRAINAI_{}", env!("CARGO_PKG_VERSION"))),
         )
-        .map_err(|e| format!("the SR file meta group could not be built: {e}"))?;
-    let mut out = Vec::with_capacity(16 << 10);
+        .map_err(|e| format!("the {what} file meta group could not be built: {e}"))?;
+    let mut out = Vec::with_capacity(capacity);
     file.write_all(&mut out)
-        .map_err(|e| format!("the SR could not be encoded: {e}"))?;
+        .map_err(|e| format!("the {what} could not be encoded: {e}"))?;
     Ok(out)
 }
 
@@ -363,7 +379,7 @@ fn check(report: &SeriesReport) -> Result<(), String> {
     Ok(())
 }
 
-fn check_uid(what: &str, uid: &str) -> Result<(), String> {
+pub(super) fn check_uid(what: &str, uid: &str) -> Result<(), String> {
     let valid = !uid.is_empty()
         && uid.len() <= 64
         && uid
@@ -538,7 +554,11 @@ fn contributing_equipment(report: &SeriesReport, now: &Now) -> InMemDicomObject 
 /// Specific Character Set: the source's when every value can be written in it, else UTF-8
 /// (values are Unicode in memory, dicom-rs encodes them on writing); none when all is ASCII and
 /// the source declared none.
-fn charset(context: &InMemDicomObject, own_ascii: bool, all: bool) -> Option<InMemElement> {
+pub(super) fn charset(
+    context: &InMemDicomObject,
+    own_ascii: bool,
+    all: bool,
+) -> Option<InMemElement> {
     let source = context.get(tags::SPECIFIC_CHARACTER_SET);
     let values: Vec<String> = source
         .and_then(|e| e.value().to_multi_str().ok())
@@ -557,7 +577,7 @@ fn charset(context: &InMemDicomObject, own_ascii: bool, all: bool) -> Option<InM
     Some(el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"))
 }
 
-fn all_ascii(obj: &InMemDicomObject) -> bool {
+pub(super) fn all_ascii(obj: &InMemDicomObject) -> bool {
     obj.iter().all(|element| match element.value() {
         DicomValue::Primitive(PrimitiveValue::Str(s)) => s.is_ascii(),
         DicomValue::Primitive(PrimitiveValue::Strs(v)) => v.iter().all(|s| s.is_ascii()),
@@ -648,11 +668,11 @@ fn with_children(item: &mut InMemDicomObject, children: Vec<InMemDicomObject>) {
 
 // Elements and values.
 
-fn el(tag: Tag, vr: VR, value: &str) -> InMemElement {
+pub(super) fn el(tag: Tag, vr: VR, value: &str) -> InMemElement {
     DataElement::new(tag, vr, PrimitiveValue::from(value))
 }
 
-fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
+pub(super) fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
     DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
 }
 
@@ -681,7 +701,7 @@ fn ds(value: f32) -> String {
 }
 
 /// An LO value: no backslash (the value delimiter) nor control characters, 64 characters.
-fn lo(text: &str) -> String {
+pub(super) fn lo(text: &str) -> String {
     text.chars()
         .map(|c| if c == '\\' || c.is_control() { ' ' } else { c })
         .take(64)
@@ -691,7 +711,7 @@ fn lo(text: &str) -> String {
 }
 
 /// An ST value: no control characters but CR, LF, FF and TAB; 1024 characters.
-fn st(text: &str) -> String {
+pub(super) fn st(text: &str) -> String {
     printable(text).chars().take(1024).collect()
 }
 
@@ -700,7 +720,7 @@ fn ut(text: &str) -> String {
     printable(text)
 }
 
-fn printable(text: &str) -> String {
+pub(super) fn printable(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_control() && !matches!(c, '\r' | '\n' | '\t' | '\u{c}') {
@@ -712,7 +732,7 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-fn context_str(context: &InMemDicomObject, tag: Tag) -> Option<String> {
+pub(super) fn context_str(context: &InMemDicomObject, tag: Tag) -> Option<String> {
     context
         .get(tag)
         .and_then(|e| e.value().to_str().ok())
@@ -723,7 +743,7 @@ fn context_str(context: &InMemDicomObject, tag: Tag) -> Option<String> {
 // UIDs.
 
 /// A `2.25.` UID from the first 128 bits of a digest, marked as an RFC 9562 version 8 UUID.
-fn uid_from(digest: &[u8]) -> String {
+pub(super) fn uid_from(digest: &[u8]) -> String {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     bytes[6] = (bytes[6] & 0x0f) | 0x80;
@@ -785,14 +805,14 @@ fn device_uid(report: &SeriesReport) -> String {
 // Time.
 
 /// The current time in UTC as DA, TM and DT (with its +0000 offset) values.
-struct Now {
-    date: String,
-    time: String,
-    datetime: String,
+pub(super) struct Now {
+    pub(super) date: String,
+    pub(super) time: String,
+    pub(super) datetime: String,
 }
 
 impl Now {
-    fn utc() -> Self {
+    pub(super) fn utc() -> Self {
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();

@@ -812,3 +812,60 @@ pub async fn audit_records(file: &std::path::Path, n: usize) -> Vec<serde_json::
     })
     .await
 }
+
+/// The executable `name` on the PATH, or a failure naming the Debian package that provides it.
+pub fn tool(name: &str, package: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` is not on the PATH: install the Debian package `{package}` \
+                 (apt-get install {package}); this test does not skip without it"
+            )
+        })
+}
+
+/// dicom3tools' `dciodvfy` on `path`: fails on any "Error" line or when it did not check the
+/// file as `iod` (e.g. "ComprehensiveSR", "Segmentation"); returns the warnings.
+pub fn dciodvfy(path: &Path, iod: &str) -> Vec<String> {
+    let output = std::process::Command::new(tool("dciodvfy", "dicom3tools"))
+        .arg(path)
+        .output()
+        .expect("dciodvfy runs");
+    // dciodvfy reports on stderr; take both.
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("Error")).collect();
+    assert!(
+        errors.is_empty(),
+        "dciodvfy found errors in {}:\n{text}",
+        path.display()
+    );
+    assert!(
+        text.contains(iod),
+        "dciodvfy did not check the file as a {iod}:\n{text}"
+    );
+    let warnings: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("Warning"))
+        .map(str::to_string)
+        .collect();
+    for warning in &warnings {
+        eprintln!("dciodvfy {}: {warning}", path.display());
+    }
+    warnings
+}
+
+/// A mask PNG's width, height and values.
+pub fn decode_mask(png: &[u8]) -> (u32, u32, Vec<u8>) {
+    let image = image::load_from_memory(png)
+        .expect("the mask is a PNG")
+        .to_luma8();
+    (image.width(), image.height(), image.into_raw())
+}
