@@ -22,6 +22,7 @@ fn main() {
     tonic_prost_build::configure()
         // Image bytes as `Bytes`: a slice of tonic's receive buffer instead of a copy.
         .bytes(".brainai.v1.Image.data")
+        .bytes(".brainai.v1.SegmentStudyRequest.instance")
         .file_descriptor_set_path(out.join("brainai_descriptor.bin"))
         .compile_protos(
             &[

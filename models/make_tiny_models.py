@@ -64,6 +64,14 @@ Multi-modal classifier fixture (issue 23, a classifier with `channels`):
                    mean 8-bit level of channel c / 16 and the probabilities are their softmax.
                    Labels t2_brightest, flair_brightest, t1c_brightest; not clinically trained.
 
+Study fixture (issue 24, a DICOM study segmented end to end):
+
+  seg-study        NCHW input [batch,3,64,64], channels FLAIR, T1c, T2 -> logits [batch,2,64,64]:
+                   z_background = 0, z_tumor = x_T2 - 127 (tumor iff the T2 level is above 127;
+                   FLAIR and T1c weigh 0, so a mask shows where the T2 series was sampled after
+                   alignment).  [input.dicom] window { center = 500, width = 1000 }, modality MR;
+                   labels background / tumor, region whole_tumor, SNOMED CT codes for the SEG.
+
 Also writes tests/fixtures/graphs/tiny-v2.onnx: tiny's inputs and outputs with other head weights,
 the "version 2" that hot-reload tests drop into a model repository.
 
@@ -122,7 +130,7 @@ def toml_list(values) -> str:
 
 def toml(*, description, clinically_trained, max_batch, name, layout, color, filt, scaling, out_name, kind, labels,
          height=SIZE, width=SIZE, task=None, channels=None, tensors=None, dicom=None, out_layout=None, colors=None,
-         mask_resize=None, regions=None):
+         mask_resize=None, regions=None, codes=None):
     """model.toml text.  The keyword arguments after `labels` are the segmentation / multi-modal
     keys (models/README.md, "Segmentation and multi-modal models"); left at None they write
     nothing, so the classification fixtures keep their bytes.  With `channels`, `color` is
@@ -138,6 +146,8 @@ def toml(*, description, clinically_trained, max_batch, name, layout, color, fil
     out_s += f'mask_resize = "{mask_resize}"\n' if mask_resize else ""
     if regions:
         out_s += "\n[output.regions]\n" + "".join(f"{k} = {toml_list(v)}\n" for k, v in regions.items())
+    for name_, (category, kind_) in (codes or {}).items():
+        out_s += f"\n[output.codes.{name_}]\ncategory = {toml_list(category)}\ntype = {toml_list(kind_)}\n"
     return f"""# Test fixture written by models/make_tiny_models.py; do not edit by hand.
 
 [model]
@@ -296,6 +306,18 @@ def build_seg_flair_only() -> onnx.ModelProto:
     return finish(graph, "seg-flair-only", False)
 
 
+STUDY_SIZE = 64
+W_STUDY = np.array([[0, 0, 0], [0, 0, 1]], dtype=np.float32)
+B_STUDY = np.array([0, -127], dtype=np.float32)
+
+
+def build_seg_study() -> onnx.ModelProto:
+    nodes, inits = conv1x1("input", "logits", W_STUDY, B_STUDY)
+    value = lambda name, c: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", c, STUDY_SIZE, STUDY_SIZE])
+    graph = helper.make_graph(nodes, "seg_study", [value("input", 3)], [value("logits", 2)], initializer=inits)
+    return finish(graph, "seg-study", False)
+
+
 def build_multi_classify() -> onnx.ModelProto:
     nodes = [
         helper.make_node("GlobalAveragePool", ["input"], ["gap"], name="gap"),
@@ -371,6 +393,16 @@ MODELS = {
         dict(SEG, description="Segmentation test model on FLAIR alone: tumor where the level is >= 128 (logit x - 127 against 0).",
              name="input", layout="NCHW", filt="bilinear", channels=["FLAIR"], out_name="logits", kind="logits",
              out_layout="NCHW", mask_resize="nearest", labels=["background", "tumor"], colors=None, regions=None),
+    ),
+    "seg-study": (
+        build_seg_study,
+        dict(SEG, description="Study test model: tumor where the T2 level is above 127 (FLAIR and T1c weigh 0), 64x64; see models/make_tiny_models.py.",
+             name="input", layout="NCHW", filt="bilinear", channels=["FLAIR", "T1c", "T2"],
+             dicom={"window": "{ center = 500, width = 1000 }", "modality": '["MR"]'}, out_name="logits",
+             kind="logits", out_layout="NCHW", mask_resize="nearest", labels=["background", "tumor"],
+             colors=["#000000", "#d62728"], regions={"whole_tumor": ["tumor"]}, height=STUDY_SIZE, width=STUDY_SIZE,
+             codes={"tumor": (["49755003", "SCT", "Morphologically Altered Structure"], ["108369006", "SCT", "Neoplasm"]),
+                    "whole_tumor": (["49755003", "SCT", "Morphologically Altered Structure"], ["108369006", "SCT", "Neoplasm"])}),
     ),
     "multi-classify": (
         build_multi_classify,

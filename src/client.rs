@@ -82,18 +82,27 @@ pub(crate) struct Caller<'a> {
 impl Caller<'_> {
     /// A request with the call deadline (`--timeout-s`) and the credential.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(Duration::from_secs_f64(self.args.connect.timeout_s));
-        if let Some(bearer) = &self.bearer {
-            request
-                .metadata_mut()
-                .insert("authorization", bearer.clone());
-        }
-        request
+        request(message, &self.args.connect, &self.bearer)
     }
 }
 
 /// `Bearer <token>` as a header value, when `--token` (or BRAINAI_TOKEN) is set.
+/// A call's request: `message` with the deadline and the bearer token of `connect`.
+fn request<T>(
+    message: T,
+    connect: &ConnectArgs,
+    bearer: &Option<MetadataValue<Ascii>>,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(Duration::from_secs_f64(connect.timeout_s));
+    if let Some(bearer) = bearer {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+    }
+    request
+}
+
 fn bearer(args: &ConnectArgs) -> Result<Option<MetadataValue<Ascii>>, String> {
     let Some(token) = &args.token else {
         return Ok(None);
@@ -170,13 +179,7 @@ async fn slice(caller: &Caller<'_>) -> Result<ExitCode, String> {
     };
     let outcome = retry::with_retries(args.connect.max_tries, || {
         let mut client = caller.client.clone();
-        let mut request = tonic::Request::new(message.clone());
-        request.set_timeout(Duration::from_secs_f64(args.connect.timeout_s));
-        if let Some(token) = &caller.bearer {
-            request
-                .metadata_mut()
-                .insert("authorization", token.clone());
-        }
+        let request = caller.request(message.clone());
         async move { client.classify_slices(request).await }
     })
     .await
@@ -322,7 +325,7 @@ fn has_extension(path: &std::path::Path, extensions: &[&str]) -> bool {
 
 /// The files to send: files as given; a directory's images (PNG, JPEG, `.dcm`, and extensionless
 /// files that are DICOM, as PACS exports often are), recursively, in name order.
-fn expand(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, String> {
+pub(crate) fn expand(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, String> {
     let mut files = Vec::new();
     for path in paths {
         if !path.is_dir() {
@@ -357,7 +360,7 @@ fn expand(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, Strin
     Ok(files)
 }
 
-fn is_dicom_file(path: &std::path::Path) -> bool {
+pub(crate) fn is_dicom_file(path: &std::path::Path) -> bool {
     use std::io::Read;
     let mut head = [0u8; 132];
     std::fs::File::open(path)

@@ -179,6 +179,17 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_MAX_PROBABILITY_MIB", default_value_t = 32)]
     pub max_probability_mib: u64,
 
+    /// Most instances in one SegmentStudy call (all its series together); a stream with more is
+    /// refused at the first instance over, before it is read.
+    #[arg(long, env = "BRAINAI_MAX_STUDY_INSTANCES", default_value_t = 2000)]
+    pub max_study_instances: usize,
+
+    /// Most bytes one study's instances may decode to, with the aligned planes made from them,
+    /// in MiB (read from their headers before decoding; held in the shared decoding budget,
+    /// --max-decode-in-flight-mib, while the study runs).
+    #[arg(long, env = "BRAINAI_MAX_STUDY_DECODE_MIB", default_value_t = 1024)]
+    pub max_study_decode_mib: u64,
+
     /// Most bytes being decoded at once over all requests, in MiB; an image waits for room.
     #[arg(long, env = "BRAINAI_MAX_DECODE_IN_FLIGHT_MIB", default_value_t = 1024)]
     pub max_decode_in_flight_mib: u64,
@@ -386,6 +397,25 @@ pub struct SegmentArgs {
     #[command(flatten)]
     pub slice: SliceFiles,
 
+    /// Segment a whole DICOM study instead: every DICOM file under this directory (several
+    /// series, any order), streamed to SegmentStudy; prints the series used and the volumes.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["flair", "t1", "t1c", "t2", "out"])]
+    pub study: Option<PathBuf>,
+
+    /// With --study: write the DICOM Segmentation object into this directory.
+    #[arg(long, value_name = "DIR", requires = "study")]
+    pub seg_out: Option<PathBuf>,
+
+    /// With --study: the sequence of a series whose headers do not say, as UID=SEQUENCE
+    /// (FLAIR, T1, T1c or T2); repeatable.
+    #[arg(long, value_name = "UID=SEQUENCE", requires = "study")]
+    pub series: Vec<String>,
+
+    /// With --study: interpolate linearly between the two slices either side of a reference
+    /// slice instead of taking the nearest.
+    #[arg(long, requires = "study")]
+    pub linear_between_slices: bool,
+
     /// Write the mask (8-bit PNG, each pixel its label's index) here.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -536,6 +566,17 @@ impl ServeArgs {
                     self.max_images_per_request
                 ));
             }
+        }
+        if self.max_study_decode_mib == 0
+            || self.max_study_decode_mib > self.max_decode_in_flight_mib
+        {
+            return Err(format!(
+                "--max-study-decode-mib ({}) must be at least 1 and at most --max-decode-in-flight-mib ({})",
+                self.max_study_decode_mib, self.max_decode_in_flight_mib
+            ));
+        }
+        if self.max_study_instances == 0 {
+            return Err("--max-study-instances must be at least 1".into());
         }
         if self.max_request_decode_mib == 0
             || self.max_request_decode_mib > self.max_decode_in_flight_mib

@@ -26,7 +26,7 @@ const LIMITS: InputLimits = InputLimits {
 pub type Target = fn(&[u8]);
 
 /// The targets by name.
-pub const TARGETS: [(&str, Target); 11] = [
+pub const TARGETS: [(&str, Target); 12] = [
     ("image", image),
     ("dicom", dicom),
     ("model_toml", model_toml),
@@ -38,6 +38,7 @@ pub const TARGETS: [(&str, Target); 11] = [
     ("upload", upload),
     ("prescan", prescan),
     ("segment_request", segment_request),
+    ("study", study),
 ];
 
 /// A `Segment` request as the gRPC front end and the pipeline read it before anything is
@@ -472,4 +473,137 @@ pub fn prescan(data: &[u8]) {
             );
         }
     }
+}
+
+/// Bytes of one instance record of the [`study`] target.
+pub const STUDY_RECORD: usize = 16;
+
+/// A study's grouping, alignment and measurement, from headers made of the bytes: each
+/// [`STUDY_RECORD`] bytes one instance (series, description, position, orientation, spacing, size,
+/// frame of reference, study, patient, SOP UID, frames, missing attributes), as hostile as headers
+/// get. The plan must not panic; when it succeeds, its slices are sorted, every partner is an
+/// instance of its channel's series, and aligning and measuring every slice works.
+pub fn study(data: &[u8]) {
+    use crate::input::dicom::{Acquisition, DicomIds, Geometry, Header, Photometric, VoiFunction};
+    use crate::input::sequence::Sequence;
+    use crate::study::{Interpolation, Partner, StudyOptions, measure, plan, plane_of, resample};
+    const DESCRIPTIONS: [&str; 6] = ["AX FLAIR", "T1 POST GD", "AX T2", "T1", "scout", "T2 FLAIR"];
+    let Some((&options_byte, records)) = data.split_first() else {
+        return;
+    };
+    let headers: Vec<Header> = records
+        .chunks_exact(STUDY_RECORD)
+        .take(64)
+        .map(|r| {
+            let signed = |b: u8| f64::from(b as i8);
+            let tilt = f64::from(r[4] % 8) * 0.2_f64.to_radians();
+            let orientation = match r[4] >> 5 {
+                0..=2 => Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+                3 => Some([tilt.cos(), tilt.sin(), 0.0, -tilt.sin(), tilt.cos(), 0.0]),
+                4 => Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]),
+                5 => Some([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]),
+                6 => Some([f64::NAN, 0.0, 0.0, 0.0, 1.0, 0.0]),
+                _ => None,
+            };
+            let size = u32::from(r[6] % 12) + 1;
+            Header {
+                transfer_syntax: "1.2.840.10008.1.2.1".into(),
+                ids: DicomIds {
+                    study_instance_uid: format!("1.{}", r[10] % 2),
+                    series_instance_uid: format!("2.{}", r[0] % 4),
+                    sop_instance_uid: format!("3.{}", r[11]),
+                },
+                modality: if r[12] % 16 == 0 { "CT" } else { "MR" }.into(),
+                rows: size,
+                columns: u32::from(r[7] % 12) + 1,
+                frames: if r[12] % 32 == 1 { 2 } else { 1 },
+                samples_per_pixel: 1,
+                bits_allocated: 16,
+                bits_stored: 12,
+                signed: false,
+                photometric: Photometric::Monochrome2,
+                rescale: None,
+                modality_lut: None,
+                windows: Vec::new(),
+                voi_function: VoiFunction::Linear,
+                voi_lut: None,
+                padding: None,
+                acquisition: Acquisition {
+                    series_description: DESCRIPTIONS[r[1] as usize % DESCRIPTIONS.len()].into(),
+                    ..Default::default()
+                },
+                geometry: Geometry {
+                    sop_class_uid: "1.2.840.10008.5.1.4.1.1.4".into(),
+                    instance_number: None,
+                    position: (r[13] % 8 != 0)
+                        .then(|| [signed(r[2]) / 4.0, signed(r[3]) / 4.0, signed(r[5]) / 2.0]),
+                    orientation,
+                    frame_positions: Vec::new(),
+                    pixel_spacing: (r[13] % 8 != 1)
+                        .then(|| [f64::from(r[8] % 8 + 1) / 2.0, f64::from(r[9] % 8 + 1) / 2.0]),
+                    slice_thickness: (r[14] % 4 != 0).then(|| f64::from(r[14] % 8 + 1) / 2.0),
+                    frame_of_reference_uid: if r[15] % 8 == 0 {
+                        String::new()
+                    } else {
+                        format!("4.{}", r[15] % 3)
+                    },
+                    patient_key: (r[12] % 64 != 2).then_some(u64::from(r[10] % 2 == 0)),
+                },
+            }
+        })
+        .collect();
+    let channels = [Sequence::Flair, Sequence::T1c, Sequence::T2];
+    let options = StudyOptions {
+        named: Vec::new(),
+        interpolation: if options_byte % 2 == 0 {
+            Interpolation::Nearest
+        } else {
+            Interpolation::Linear
+        },
+    };
+    let count = 1 + usize::from(options_byte / 2 % 3);
+    let Ok(planned) = plan(&headers, &channels[..count], None, &options) else {
+        return;
+    };
+    assert_eq!(planned.channels.len(), count);
+    for pair in planned.slices.windows(2) {
+        assert!(pair[0].along <= pair[1].along, "slices in order");
+    }
+    let mut masks = Vec::new();
+    for (k, slice) in planned.slices.iter().enumerate() {
+        assert_eq!(slice.partners.len(), count);
+        for (c, partner) in slice.partners.iter().enumerate() {
+            let series = &planned.channels[c];
+            let instances: Vec<usize> = match partner {
+                None => continue,
+                Some(Partner::Exact(i) | Partner::Nearest(i)) => vec![*i],
+                Some(Partner::Linear(a, b, w)) => {
+                    assert!((0.0..=1.0).contains(w), "a weight between the neighbours");
+                    vec![*a, *b]
+                }
+            };
+            for i in instances {
+                assert!(
+                    series.instances.contains(&i),
+                    "a partner of the channel's series"
+                );
+                let from = plane_of(&headers[i]).expect("a planned instance is placed");
+                let values = vec![1.0f32; from.rows as usize * from.columns as usize];
+                let out = resample::onto(&values, &from, &slice.plane);
+                assert_eq!(
+                    out.len(),
+                    slice.plane.rows as usize * slice.plane.columns as usize
+                );
+            }
+        }
+        if slice.complete() {
+            let n = slice.plane.rows as usize * slice.plane.columns as usize;
+            masks.push((k, vec![(k % 3) as u8; n]));
+        }
+    }
+    let refs: Vec<(usize, &[u8])> = masks.iter().map(|(k, m)| (*k, &m[..])).collect();
+    let labels: Vec<String> = ["background", "a", "b"].map(String::from).to_vec();
+    let regions = vec![("ab".to_string(), vec![1u8, 2])];
+    let measured = measure::measure(&planned, &refs, &labels, &regions);
+    assert_eq!(measured[3].voxels, measured[1].voxels + measured[2].voxels);
 }

@@ -28,6 +28,7 @@ pub mod report;
 pub mod security;
 pub mod server;
 pub mod state;
+pub mod study;
 pub mod telemetry;
 pub mod threads;
 

@@ -301,6 +301,7 @@ mod tests {
                     name: "tumour".into(),
                     classes: vec![1, 2],
                 }],
+                codes: Default::default(),
             },
             kind,
             classes: 3,

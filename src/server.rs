@@ -183,6 +183,8 @@ fn build_pipeline(
             max_decode_in_flight_bytes: args.max_decode_in_flight_mib << 20,
             inline_decode_bytes: args.inline_decode_kib << 10,
             max_probability_bytes: args.max_probability_mib << 20,
+            max_study_instances: args.max_study_instances,
+            max_study_decode_bytes: args.max_study_decode_mib << 20,
         },
     );
     Ok((registry, pipeline))

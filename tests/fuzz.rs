@@ -246,6 +246,11 @@ fn segment_request() {
 }
 
 #[test]
+fn study() {
+    fuzz("study");
+}
+
+#[test]
 fn every_target_has_a_test_here() {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(
@@ -261,7 +266,8 @@ fn every_target_has_a_test_here() {
             "oip_http_request",
             "upload",
             "prescan",
-            "segment_request"
+            "segment_request",
+            "study"
         ]
     );
 }

@@ -58,13 +58,6 @@ fn png(w: u32, h: u32, pixels: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decode_mask(png: &[u8]) -> (u32, u32, Vec<u8>) {
-    let image = image::load_from_memory(png)
-        .expect("the mask is a PNG")
-        .to_luma8();
-    (image.width(), image.height(), image.into_raw())
-}
-
 fn seq_image(sequence: &str, data: Vec<u8>) -> pb::SequenceImage {
     pb::SequenceImage {
         sequence: sequence.into(),

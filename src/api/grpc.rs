@@ -20,6 +20,7 @@ use crate::pb;
 use crate::pipeline::registry::{ModelStatus, VersionState};
 use crate::pipeline::segment::{SegmentRequest, SequenceImage, SliceInput, SliceResult};
 use crate::pipeline::series::{SeriesRequest, SeriesResult};
+use crate::pipeline::study::{StudyRequest, StudyResult};
 use crate::pipeline::{Admitted, ImageInput, ImageResult, InferRequest, Pipeline, ServedModel};
 use crate::postprocess::Area;
 use crate::priority::Priority;
@@ -52,6 +53,11 @@ pub const ROUTES: &[Route] = &[
     Route::new(
         "/brainai.v1.TumorClassifier/SegmentStream",
         "SegmentStream",
+        Protection::Scope(Scope::Infer),
+    ),
+    Route::new(
+        "/brainai.v1.TumorClassifier/SegmentStudy",
+        "SegmentStudy",
         Protection::Scope(Scope::Infer),
     ),
     Route::new(
@@ -653,6 +659,84 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
         Ok(Response::new(series_response(&model, &ids, result)))
     }
 
+    async fn segment_study(
+        &self,
+        request: Request<Streaming<pb::SegmentStudyRequest>>,
+    ) -> Result<Response<pb::SegmentStudyResponse>, Status> {
+        let deadline = request_deadline(&request);
+        let call = self.pipeline.admit()?;
+        let mut incoming = request.into_inner();
+        let limits = self.pipeline.limits();
+        let mut settings: Option<pb::StudySettings> = None;
+        let mut study = StudyRequest {
+            deadline,
+            ..Default::default()
+        };
+        let mut bytes = 0u64;
+        // Read the stream, refusing at the first message over a limit (nothing more is read).
+        while let Some(message) = incoming.message().await.map_err(crate::api::status::fix)? {
+            match message.part {
+                Some(pb::segment_study_request::Part::Settings(s)) => {
+                    if settings.is_some() || !study.instances.is_empty() {
+                        return Err(InferError::invalid(
+                            "settings come once, before the first instance",
+                        )
+                        .into());
+                    }
+                    settings = Some(s);
+                }
+                Some(pb::segment_study_request::Part::Instance(data)) => {
+                    let index = study.instances.len();
+                    if index >= limits.max_study_instances {
+                        return Err(InferError::invalid(format!(
+                            "instance {index}: the study has more than {} instances, the limit \
+                             per call",
+                            limits.max_study_instances
+                        ))
+                        .into());
+                    }
+                    bytes = bytes.saturating_add(data.len() as u64);
+                    if bytes > limits.max_study_decode_bytes {
+                        return Err(InferError::new(
+                            ErrorKind::ResourceExhausted,
+                            format!(
+                                "instance {index}: the study's instances take more than {} MiB, \
+                                 the limit per call",
+                                limits.max_study_decode_bytes >> 20
+                            ),
+                        )
+                        .into());
+                    }
+                    study.instances.push(data);
+                }
+                Some(pb::segment_study_request::Part::Series(named)) => {
+                    if study.named.len() >= MAX_NAMED_SERIES {
+                        return Err(InferError::invalid(format!(
+                            "more than {MAX_NAMED_SERIES} series named"
+                        ))
+                        .into());
+                    }
+                    study
+                        .named
+                        .push((named.series_instance_uid, named.sequence));
+                }
+                None => {
+                    return Err(InferError::invalid("a study message with no part").into());
+                }
+            }
+        }
+        let settings = settings.unwrap_or_default();
+        let model = call.resolve_segmenter(&settings.model, &settings.version)?;
+        study.priority = priority(settings.priority)?;
+        study.segmentation_object = settings.segmentation_object;
+        study.previews = settings.previews;
+        if settings.linear_between_slices {
+            study.interpolation = crate::study::Interpolation::Linear;
+        }
+        let result = call.segment_study(&model, study).await?;
+        Ok(Response::new(study_response(&model, result)))
+    }
+
     type ClassifyStreamStream = Responses<pb::ClassifyStreamResponse>;
 
     async fn classify_stream(
@@ -755,6 +839,73 @@ async fn classify_one(
         image_id,
         sequence,
         outcome: Some(outcome),
+    }
+}
+
+/// Most series one SegmentStudy call may name.
+const MAX_NAMED_SERIES: usize = 64;
+
+/// A study's answer on the wire.
+fn study_response(model: &ServedModel, r: StudyResult) -> pb::SegmentStudyResponse {
+    let seconds = |d: Duration| d.as_secs_f64();
+    pb::SegmentStudyResponse {
+        model: Some(model_ref(model)),
+        study_instance_uid: r.study_instance_uid,
+        series: r
+            .channels
+            .iter()
+            .map(|c| pb::StudySeries {
+                sequence: c.sequence.as_str().into(),
+                series_instance_uid: c.series_instance_uid.clone(),
+                because: c.because.clone(),
+                instances: c.instances.len() as u32,
+                exact: c.exact,
+            })
+            .collect(),
+        slices: r
+            .slices
+            .into_iter()
+            .map(|s| pb::StudySliceMask {
+                sop_instance_uid: s.sop_instance_uid,
+                position: s.position,
+                segmented: s.mask.is_some(),
+                mask_png: s.mask.map(|m| m.png).unwrap_or_default(),
+                missing: s.missing.iter().map(|q| q.as_str().into()).collect(),
+                preview_png: s.preview.unwrap_or_default(),
+            })
+            .collect(),
+        measurements: r
+            .measurements
+            .into_iter()
+            .map(|m| pb::StudyMeasurement {
+                name: m.name,
+                voxels: m.voxels,
+                volume_ml: m.volume_ml,
+                bounds_min: m.bounds.map(|b| b.0.to_vec()).unwrap_or_default(),
+                bounds_max: m.bounds.map(|b| b.1.to_vec()).unwrap_or_default(),
+                first_slice: m.slices.map(|s| s.0 as u32),
+                last_slice: m.slices.map(|s| s.1 as u32),
+            })
+            .collect(),
+        segmentation_object: r.segmentation_object.unwrap_or_default(),
+        warnings: r.warnings,
+        timing: Some(pb::StudyTiming {
+            headers_seconds: seconds(r.timing.headers),
+            decode_seconds: seconds(r.timing.decode),
+            align_seconds: seconds(r.timing.align),
+            queue_seconds: seconds(r.timing.queue),
+            inference_seconds: seconds(r.timing.inference),
+            segment_seconds: seconds(r.timing.segment),
+            segmentation_object_seconds: seconds(r.timing.segmentation_object),
+        }),
+        voxel_depth_mm: r.depth.map_or(0.0, |d| d.0),
+        voxel_depth_from: match r.depth {
+            None => "",
+            Some((_, crate::study::DepthFrom::Positions)) => "positions",
+            Some((_, crate::study::DepthFrom::SliceThickness)) => "slice_thickness",
+        }
+        .into(),
+        labels: model.spec.config.labels.clone(),
     }
 }
 

@@ -45,6 +45,11 @@ mod declared {
     );
     pub static SEGMENT: Route =
         Route::new("/v1/segment", "v1.segment", Protection::Scope(Scope::Infer));
+    pub static SEGMENT_STUDY: Route = Route::new(
+        "/v1/segment-study",
+        "v1.segment_study",
+        Protection::Scope(Scope::Infer),
+    );
     pub static MODELS: Route =
         Route::new("/v1/models", "v1.models", Protection::Scope(Scope::Read));
     pub static LIVE: Route = Route::new("/v2/health/live", "v2.health.live", Open);
@@ -96,6 +101,7 @@ pub fn router(pipeline: Pipeline, max_body: usize, calls: CallLayer) -> Router {
     let router = at(router, &PAGE_CSS, get(super::page::page_css));
     let router = at(router, &CLASSIFY, post(classify));
     let router = at(router, &SEGMENT, post(segment));
+    let router = at(router, &SEGMENT_STUDY, post(segment_study));
     let router = at(router, &MODELS, get(models));
     let router = at(router, &LIVE, get(oip::live));
     let router = at(router, &READY, get(oip::ready));
@@ -296,6 +302,114 @@ async fn segment(
         .pop()
         .expect("one result per slice");
     Ok(axum::Json(segment_json(&model, result)).into_response())
+}
+
+/// `POST /v1/segment-study`: a DICOM study as a multipart form, every file part one instance (any
+/// order, several series). Query: `model`, `version`, `priority`, `timeout_ms`,
+/// `segmentation_object=1` (also the DICOM Segmentation object, base64), `preview=1` (each
+/// segmented reference slice as the model saw it, a PNG data URL), `linear=1`
+/// (interpolate between slices), `series=UID:SEQUENCE` (repeatable: a series whose headers do not
+/// say). Answers JSON: the series used, each reference slice's mask as a PNG data URL (or why it
+/// was not segmented), the volumes, the warnings.
+async fn segment_study(
+    State(rest): State<Rest>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Answer {
+    let call = rest.pipeline.admit()?;
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
+    let query: HashMap<String, String> = pairs.iter().cloned().collect();
+    let get = |k: &str| query.get(k).map(String::as_str).unwrap_or_default();
+    let model = call.resolve_segmenter(get("model"), get("version"))?;
+    let (priority, deadline) = priority_and_deadline(&query)?;
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("multipart/form-data"));
+    if !is_form {
+        return Err(InferError::invalid(
+            "POST /v1/segment-study takes a multipart/form-data body: one file part per DICOM \
+             instance",
+        )
+        .into());
+    }
+    let limits = *rest.pipeline.limits();
+    let files = uploads(&headers, body, limits.max_study_instances).await?;
+    let mut named = Vec::new();
+    for (key, value) in &pairs {
+        if key != "series" {
+            continue;
+        }
+        let (uid, sequence) = value.rsplit_once(':').ok_or_else(|| {
+            InferError::invalid(format!(
+                "series={}: expected UID:SEQUENCE",
+                crate::error::echo(value)
+            ))
+            .quoting_caller()
+        })?;
+        named.push((uid.to_string(), sequence.to_string()));
+    }
+    let request = crate::pipeline::study::StudyRequest {
+        instances: files.into_iter().map(|f| f.data.into()).collect(),
+        named,
+        interpolation: if matches!(get("linear"), "1" | "true") {
+            crate::study::Interpolation::Linear
+        } else {
+            crate::study::Interpolation::Nearest
+        },
+        priority,
+        deadline,
+        segmentation_object: matches!(get("segmentation_object"), "1" | "true"),
+        previews: matches!(get("preview"), "1" | "true"),
+    };
+    let result = call.segment_study(&model, request).await?;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let config = &model.spec.config;
+    Ok(axum::Json(json!({
+        "model": {
+            "name": config.name,
+            "version": model.spec.version,
+            "sha256": model.spec.sha256,
+            "clinically_trained": config.clinically_trained,
+        },
+        "labels": config.labels,
+        "colors": match &config.task {
+            crate::model::Task::Segmentation(seg) => seg.hex_colors(),
+            crate::model::Task::Classification => Vec::new(),
+        },
+        "study_instance_uid": result.study_instance_uid,
+        "series": result.channels.iter().map(|c| json!({
+            "sequence": c.sequence.as_str(),
+            "series_instance_uid": c.series_instance_uid,
+            "because": c.because,
+            "instances": c.instances.len(),
+            "exact": c.exact,
+        })).collect::<Vec<_>>(),
+        "slices": result.slices.iter().map(|s| json!({
+            "sop_instance_uid": s.sop_instance_uid,
+            "position": s.position,
+            "segmented": s.mask.is_some(),
+            "mask_png": s.mask.as_ref().map(|m| format!("data:image/png;base64,{}", b64(&m.png))),
+            "missing": s.missing.iter().map(|q| q.as_str()).collect::<Vec<_>>(),
+            "preview_png": s.preview.as_ref().map(|p| format!("data:image/png;base64,{}", b64(p))),
+        })).collect::<Vec<_>>(),
+        "measurements": result.measurements.iter().map(|m| json!({
+            "name": m.name,
+            "voxels": m.voxels,
+            "volume_ml": m.volume_ml,
+            "bounds_min": m.bounds.map(|b| b.0),
+            "bounds_max": m.bounds.map(|b| b.1),
+            "first_slice": m.slices.map(|s| s.0),
+            "last_slice": m.slices.map(|s| s.1),
+        })).collect::<Vec<_>>(),
+        "voxel_depth_mm": result.depth.map(|d| d.0),
+        "segmentation_object": result.segmentation_object.as_deref().map(b64),
+        "warnings": result.warnings,
+    }))
+    .into_response())
 }
 
 /// One slice's images from a multipart form of one file part per sequence, each named by its

@@ -3,7 +3,6 @@
 //! writes the mask PNG with `--out`.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use serde_json::json;
 
@@ -38,8 +37,11 @@ pub(super) fn slice_images(files: &SliceFiles) -> Result<Vec<pb::SequenceImage>,
     Ok(images)
 }
 
-/// Runs `brainai segment`: exit status 0 when the slice was segmented.
+/// Runs `brainai segment`: exit status 0 when the slice (or the study) was segmented.
 pub async fn run(args: &SegmentArgs) -> Result<ExitCode, String> {
+    if let Some(dir) = &args.study {
+        return study(args, dir).await;
+    }
     let images = slice_images(&args.slice)?;
     let token = bearer(&args.connect)?;
     let client = TumorClassifierClient::new(connect(&args.connect).await?)
@@ -62,13 +64,7 @@ pub async fn run(args: &SegmentArgs) -> Result<ExitCode, String> {
     };
     let response = retry::with_retries(args.connect.max_tries, || {
         let mut client = client.clone();
-        let mut request = tonic::Request::new(message.clone());
-        request.set_timeout(Duration::from_secs_f64(args.connect.timeout_s));
-        if let Some(token) = &token {
-            request
-                .metadata_mut()
-                .insert("authorization", token.clone());
-        }
+        let request = super::request(message.clone(), &args.connect, &token);
         async move { client.segment(request).await }
     })
     .await
@@ -142,6 +138,147 @@ pub async fn run(args: &SegmentArgs) -> Result<ExitCode, String> {
     }
     if let Some(out) = &args.out {
         println!("mask written to {}", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `brainai segment --study DIR`: every DICOM file under DIR streamed to SegmentStudy.
+async fn study(args: &SegmentArgs, dir: &std::path::Path) -> Result<ExitCode, String> {
+    let files: Vec<std::path::PathBuf> = super::expand(&[dir.to_path_buf()])?
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n != "DICOMDIR" && !n.to_string_lossy().starts_with('.'))
+                && super::is_dicom_file(p)
+        })
+        .collect();
+    if files.is_empty() {
+        return Err(format!("{}: no DICOM files", dir.display()));
+    }
+    let mut named = Vec::with_capacity(args.series.len());
+    for pair in &args.series {
+        let (uid, sequence) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--series {pair}: expected UID=SEQUENCE"))?;
+        named.push(pb::SeriesSequence {
+            series_instance_uid: uid.trim().into(),
+            sequence: sequence.trim().into(),
+        });
+    }
+    let settings = pb::StudySettings {
+        model: args.model.clone().unwrap_or_default(),
+        version: args.model_version.clone().unwrap_or_default(),
+        priority: match args.priority {
+            None => pb::Priority::Unspecified,
+            Some(Priority::Stat) => pb::Priority::Stat,
+            Some(Priority::Routine) => pb::Priority::Routine,
+        } as i32,
+        segmentation_object: args.seg_out.is_some(),
+        linear_between_slices: args.linear_between_slices,
+        previews: false,
+    };
+    let token = bearer(&args.connect)?;
+    let client = TumorClassifierClient::new(connect(&args.connect).await?)
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(256 << 20);
+    use pb::segment_study_request::Part;
+    let response = retry::with_retries(args.connect.max_tries, || {
+        let mut client = client.clone();
+        // The files are read as the stream is sent, one at a time; each try reads them anew.
+        let head: Vec<pb::SegmentStudyRequest> = std::iter::once(Part::Settings(settings.clone()))
+            .chain(named.iter().cloned().map(Part::Series))
+            .map(|part| pb::SegmentStudyRequest { part: Some(part) })
+            .collect();
+        let instances = files.clone().into_iter().map(|path| {
+            // A file that cannot be read is sent empty: the server names it by its index.
+            let data = std::fs::read(&path).unwrap_or_default();
+            pb::SegmentStudyRequest {
+                part: Some(Part::Instance(data.into())),
+            }
+        });
+        let stream = futures_util::stream::iter(head.into_iter().chain(instances));
+        let request = super::request(stream, &args.connect, &token);
+        async move { client.segment_study(request).await }
+    })
+    .await
+    .map_err(|failed| failed.describe())?
+    .into_inner();
+    let mut written = None;
+    if let Some(out) = &args.seg_out {
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let path = out.join("segmentation.dcm");
+        std::fs::write(&path, &response.segmentation_object)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        written = Some(path);
+    }
+    let model = response.model.clone().unwrap_or_default();
+    let segmented = response.slices.iter().filter(|s| s.segmented).count();
+    if args.json {
+        let answer = json!({
+            "model": {
+                "name": model.name,
+                "version": model.version,
+                "sha256": model.sha256,
+                "clinically_trained": model.clinically_trained,
+            },
+            "study_instance_uid": response.study_instance_uid,
+            "series": response.series.iter().map(|s| json!({
+                "sequence": s.sequence, "series_instance_uid": s.series_instance_uid,
+                "because": s.because, "instances": s.instances, "exact": s.exact,
+            })).collect::<Vec<_>>(),
+            "slices": response.slices.len(),
+            "segmented": segmented,
+            "voxel_depth_mm": response.voxel_depth_mm,
+            "voxel_depth_from": response.voxel_depth_from,
+            "measurements": response.measurements.iter().map(|m| json!({
+                "name": m.name, "voxels": m.voxels, "volume_ml": m.volume_ml,
+                "bounds_min": m.bounds_min, "bounds_max": m.bounds_max,
+                "first_slice": m.first_slice, "last_slice": m.last_slice,
+            })).collect::<Vec<_>>(),
+            "warnings": response.warnings,
+            "segmentation_object": written.as_ref().map(|p| p.display().to_string()),
+            "timing": response.timing.map(|t| json!({
+                "headers_seconds": t.headers_seconds,
+                "decode_seconds": t.decode_seconds,
+                "align_seconds": t.align_seconds,
+                "queue_seconds": t.queue_seconds,
+                "inference_seconds": t.inference_seconds,
+                "segment_seconds": t.segment_seconds,
+                "segmentation_object_seconds": t.segmentation_object_seconds,
+            })),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer).expect("JSON values serialise")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sha = model.sha256.get(..12).unwrap_or(&model.sha256);
+    println!(
+        "model {} v{} (sha256 {sha}…), {} files, {segmented} of {} reference slices segmented",
+        model.name,
+        model.version,
+        files.len(),
+        response.slices.len()
+    );
+    for warning in &response.warnings {
+        eprintln!("warning: {warning}");
+    }
+    for s in &response.series {
+        let how = if s.exact { "exact" } else { "resampled" };
+        println!(
+            "series\t{}\t{}\t{} instances\t{how}\t({})",
+            s.sequence, s.series_instance_uid, s.instances, s.because
+        );
+    }
+    for m in &response.measurements {
+        let volume = m
+            .volume_ml
+            .map_or("-".to_string(), |v| format!("{v:.3} mL"));
+        println!("volume\t{}\t{} voxels\t{volume}", m.name, m.voxels);
+    }
+    if let Some(path) = written {
+        println!("DICOM Segmentation object written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,9 +8,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Aggregation, ColorMode, DicomGuard, DicomOutput, DicomWindow, GuardPolicy, InputSpec, Layout,
-    MaskResize, ModelError, OutputKind, Region, ResizeFilter, Scaling, SegmentationSpec,
-    SeriesSettings, Task,
+    Aggregation, ColorMode, Concept, DicomGuard, DicomOutput, DicomWindow, GuardPolicy, InputSpec,
+    Layout, MaskResize, ModelError, OutputKind, Region, ResizeFilter, Scaling, SegmentCodes,
+    SegmentationSpec, SeriesSettings, Task,
 };
 use crate::input::SixteenBit;
 use crate::input::sequence::Sequence;
@@ -532,6 +532,17 @@ struct OutputSection {
     mask_resize: Option<MaskResize>,
     /// Segmentation: named unions of classes.
     regions: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Segmentation: each label's or region's coded concepts, for DICOM Segmentation objects.
+    codes: Option<std::collections::BTreeMap<String, CodesSection>>,
+}
+
+/// `[output.codes.<label or region>]`: `category` and `type` as `[value, scheme, meaning]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodesSection {
+    category: [String; 3],
+    #[serde(rename = "type")]
+    kind: [String; 3],
 }
 
 impl OutputSection {
@@ -539,7 +550,8 @@ impl OutputSection {
         let segmentation_keys = self.layout.is_some()
             || self.colors.is_some()
             || self.mask_resize.is_some()
-            || self.regions.is_some();
+            || self.regions.is_some()
+            || self.codes.is_some();
         for (i, label) in self.labels.iter().enumerate() {
             if label.is_empty() || self.labels[..i].contains(label) {
                 return Err(format!(
@@ -549,7 +561,7 @@ impl OutputSection {
         }
         match task.unwrap_or("classification") {
             "classification" if segmentation_keys => Err(
-                "[output] layout, colors, mask_resize and regions go with [model] task = \"segmentation\""
+                "[output] layout, colors, mask_resize, regions and codes go with [model] task = \"segmentation\""
                     .into(),
             ),
             "classification" => Ok(Task::Classification),
@@ -610,11 +622,39 @@ impl OutputSection {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let mut codes = std::collections::BTreeMap::new();
+        for (name, section) in self.codes.iter().flatten() {
+            if !self.labels[1..].contains(name) && !regions.iter().any(|r| &r.name == name) {
+                return Err(format!(
+                    "[output.codes] {name} is not a label (other than the background) or a region"
+                ));
+            }
+            let code = |[value, scheme, meaning]: &[String; 3]| {
+                if value.is_empty() || scheme.is_empty() || meaning.is_empty() {
+                    return Err(format!(
+                        "[output.codes] {name}: a code is [value, scheme, meaning], none empty"
+                    ));
+                }
+                Ok(Concept {
+                    value: value.clone(),
+                    scheme: scheme.clone(),
+                    meaning: meaning.clone(),
+                })
+            };
+            codes.insert(
+                name.clone(),
+                SegmentCodes {
+                    category: code(&section.category)?,
+                    kind: code(&section.kind)?,
+                },
+            );
+        }
         Ok(SegmentationSpec {
             layout: self.layout.unwrap_or(Layout::Nchw),
             mask_resize: self.mask_resize.unwrap_or(MaskResize::Nearest),
             colors,
             regions,
+            codes,
         })
     }
 }

@@ -239,9 +239,51 @@ pub struct SegmentationSpec {
     pub colors: Vec<[u8; 3]>,
     /// Named unions of classes (e.g. BraTS's whole tumour).
     pub regions: Vec<Region>,
+    /// Coded concepts of labels and regions (`[output.codes]`), by name; see
+    /// [`SegmentationSpec::codes_of`] for the default.
+    pub codes: std::collections::BTreeMap<String, SegmentCodes>,
+}
+
+/// A coded concept: value, coding scheme designator (e.g. `SCT`: SNOMED CT), meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Concept {
+    pub value: String,
+    pub scheme: String,
+    pub meaning: String,
+}
+
+impl Concept {
+    fn sct(value: &str, meaning: &str) -> Self {
+        Concept {
+            value: value.into(),
+            scheme: "SCT".into(),
+            meaning: meaning.into(),
+        }
+    }
+}
+
+/// What a segment is, as DICOM Segmentation objects code it (Segmented Property Category and
+/// Type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentCodes {
+    pub category: Concept,
+    pub kind: Concept,
 }
 
 impl SegmentationSpec {
+    /// The codes of label or region `name`: as `[output.codes]` declares them, else SNOMED CT
+    /// "Morphologically Altered Structure" / "Neoplasm" (a tumour-segmentation model's classes
+    /// are parts of a neoplasm; the model's own codes say which).
+    pub fn codes_of(&self, name: &str) -> SegmentCodes {
+        self.codes
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| SegmentCodes {
+                category: Concept::sct("49755003", "Morphologically Altered Structure"),
+                kind: Concept::sct("108369006", "Neoplasm"),
+            })
+    }
+
     /// The colours as `model.toml` writes them, `#rrggbb`.
     pub fn hex_colors(&self) -> Vec<String> {
         self.colors

@@ -12,6 +12,7 @@ pub mod registry;
 pub mod segment;
 pub mod series;
 pub mod served;
+pub mod study;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +119,10 @@ pub struct Limits {
     pub inline_decode_bytes: u64,
     /// Most bytes of probability maps one segmentation request may ask for.
     pub max_probability_bytes: u64,
+    /// Most instances one study may hold.
+    pub max_study_instances: usize,
+    /// Most bytes one study's instances may decode to, with the planes aligned from them.
+    pub max_study_decode_bytes: u64,
 }
 
 /// An image this large (decoded) takes the one "large image" lane, so at most one such decode
@@ -162,6 +167,24 @@ impl Pipeline {
 
     pub fn max_images_per_request(&self) -> usize {
         self.limits.max_images_per_request
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Holds `bytes` of the shared decoding budget (at most all of it) until the permit drops:
+    /// what one request decodes and answers, so concurrent requests cannot together exceed
+    /// `--max-decode-in-flight-mib`.
+    async fn hold_decoding(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.decoding_capacity_kib);
+        self.decoding
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the decoding budget is never closed")
     }
 
     /// Lets a call in (counted for the drain until the [`Admitted`] drops) unless the server is

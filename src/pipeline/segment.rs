@@ -154,10 +154,16 @@ impl Admitted {
     }
 }
 
-/// A slice as the request gave it: its images in channel order, or the stacked tensor.
-enum SliceSource {
+/// A slice as the request gave it: its images in channel order, or the stacked tensor; or (a
+/// study) its channels' gray levels, already at the reference slice's geometry.
+pub(super) enum SliceSource {
     Images(Vec<(bytes::Bytes, Encoding)>),
     Tensor(Vec<f32>),
+    Levels {
+        planes: Vec<Vec<f32>>,
+        width: u32,
+        height: u32,
+    },
 }
 
 /// One slice ready to run: its row of a batch buffer and what preprocessing learned.
@@ -171,7 +177,7 @@ struct PreparedSlice {
 
 /// What a slice's output row becomes.
 #[derive(Clone)]
-enum SliceTask {
+pub(super) enum SliceTask {
     /// A mask (and, when asked, its probability maps).
     Segment {
         segmenter: Segmenter,
@@ -181,17 +187,30 @@ enum SliceTask {
     Classify,
 }
 
+impl SliceTask {
+    /// The most an answer holds for a slice of `width × height`.
+    fn answer_bytes(&self, width: u32, height: u32) -> u64 {
+        match self {
+            SliceTask::Segment {
+                segmenter,
+                probabilities,
+            } => segmenter.answer_bytes(width, height, *probabilities),
+            SliceTask::Classify => 0,
+        }
+    }
+}
+
 /// What one slice's output row became.
-enum SliceAnswer {
+pub(super) enum SliceAnswer {
     Mask(Mask),
     Classification(Classification),
 }
 
 /// One slice, run: its answer and where its time went.
-struct SliceRun {
-    index: usize,
-    answer: SliceAnswer,
-    timing: Timing,
+pub(super) struct SliceRun {
+    pub(super) index: usize,
+    pub(super) answer: SliceAnswer,
+    pub(super) timing: Timing,
     batch_size: usize,
     dicom: Vec<(Sequence, DicomIds)>,
     warnings: Vec<String>,
@@ -278,7 +297,6 @@ impl Pipeline {
         request: SegmentRequest,
         task: SliceTask,
     ) -> Result<Vec<SliceRun>, InferError> {
-        let config = &model.spec.config;
         // Images as sent: a slice's channel images, or its one stacked tensor.
         audit::note_images(images_sent(&request.slices));
         let n = request.slices.len();
@@ -291,19 +309,37 @@ impl Pipeline {
                 self.limits.max_images_per_request
             )));
         }
-        // The most an answer holds per pixel of the slice's reference image.
-        let answer_bytes = |width: u32, height: u32| match &task {
-            SliceTask::Segment {
-                segmenter,
-                probabilities,
-            } => segmenter.answer_bytes(width, height, *probabilities),
-            SliceTask::Classify => 0,
-        };
-        // Each slice's images in the model's channel order; decoded sizes from their headers.
+        let (slices, total) = self.sources(model, request.slices, &task)?;
+        check_decode_budget(
+            total,
+            self.limits.max_request_decode_bytes,
+            "the request's slices (their images and answers)",
+            "send fewer or smaller slices per call",
+        )?;
+        self.run_sources(
+            model,
+            slices,
+            total,
+            request.priority,
+            request.deadline,
+            task,
+        )
+        .await
+    }
+
+    /// Each slice's images in the model's channel order (or its tensor), and the bytes they
+    /// decode to and their answers take, from their headers.
+    fn sources(
+        &self,
+        model: &Arc<ServedModel>,
+        request: Vec<SliceInput>,
+        task: &SliceTask,
+    ) -> Result<(Vec<SliceSource>, u64), InferError> {
+        let config = &model.spec.config;
         let limits = model.preprocessor.input_limits();
-        let mut slices = Vec::with_capacity(n);
+        let mut slices = Vec::with_capacity(request.len());
         let mut total = 0u64;
-        for (index, slice) in request.slices.into_iter().enumerate() {
+        for (index, slice) in request.into_iter().enumerate() {
             if let Some(tensor) = slice.tensor {
                 let want = config.input.image_len();
                 if tensor.len() != want || !slice.images.is_empty() {
@@ -313,7 +349,8 @@ impl Pipeline {
                         config.name
                     )));
                 }
-                total = total.saturating_add(answer_bytes(config.input.width, config.input.height));
+                total = total
+                    .saturating_add(task.answer_bytes(config.input.width, config.input.height));
                 slices.push(SliceSource::Tensor(tensor));
                 continue;
             }
@@ -324,7 +361,7 @@ impl Pipeline {
                     .map_err(|e| input_error(e).for_channel(index, config.input.channels[c]))?;
                 // The answer holds at most a label map and probabilities per decoded pixel.
                 let answer = if c == 0 {
-                    answer_bytes(size.min(u64::from(u32::MAX)) as u32, 1)
+                    task.answer_bytes(size.min(u64::from(u32::MAX)) as u32, 1)
                 } else {
                     0
                 };
@@ -332,25 +369,26 @@ impl Pipeline {
             }
             slices.push(SliceSource::Images(ordered));
         }
-        check_decode_budget(
-            total,
-            self.limits.max_request_decode_bytes,
-            "the request's slices (their images and answers)",
-            "send fewer or smaller slices per call",
-        )?;
-        let priority = request.priority.unwrap_or(model.settings.default_priority);
-        let deadline = request.deadline;
+        Ok((slices, total))
+    }
+
+    /// Runs slices made ready: queue places, the shared decoding budget (`total` bytes held
+    /// until they are answered), preprocessing off the runtime, the batcher, the answers.
+    pub(super) async fn run_sources(
+        &self,
+        model: &Arc<ServedModel>,
+        slices: Vec<SliceSource>,
+        total: u64,
+        priority: Option<Priority>,
+        deadline: Option<Instant>,
+        task: SliceTask,
+    ) -> Result<Vec<SliceRun>, InferError> {
+        let config = &model.spec.config;
+        let n = slices.len();
+        let priority = priority.unwrap_or(model.settings.default_priority);
         let places = reserve(model, n, priority, deadline)?;
         // What this request decodes and answers, held in the shared budget until it answers.
-        let kib = u32::try_from(total.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .min(self.decoding_capacity_kib);
-        let _room = self
-            .decoding
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("the decoding budget is never closed");
+        let _room = self.hold_decoding(total).await;
         let span = match &task {
             SliceTask::Segment { .. } => tracing::info_span!(
                 "segment",
@@ -387,6 +425,32 @@ impl Pipeline {
                                         dicom: Vec::new(),
                                         took: Duration::ZERO,
                                     });
+                                }
+                                SliceSource::Levels {
+                                    planes,
+                                    width,
+                                    height,
+                                } => {
+                                    let mut ticket = place.claim();
+                                    let job = move || {
+                                        let started = std::time::Instant::now();
+                                        model.preprocessor.preprocess_levels(
+                                            &planes,
+                                            width,
+                                            height,
+                                            ticket.as_mut_slice(),
+                                        );
+                                        let took = started.elapsed();
+                                        model.metrics.preprocess_duration(took.as_secs_f64());
+                                        PreparedSlice {
+                                            ticket,
+                                            width,
+                                            height,
+                                            dicom: Vec::new(),
+                                            took,
+                                        }
+                                    };
+                                    return Ok(on_rayon(job).await);
                                 }
                                 SliceSource::Images(images) => images,
                             };

@@ -171,20 +171,12 @@ impl Pipeline {
         let span = self.span(model, count, priority);
         // Decode the instances with selected slices (within the shared decoding budget), and
         // preprocess the selected frames.
-        let kib = u32::try_from(total.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .min(self.decoding_capacity_kib);
         let wanted: Vec<(usize, Option<u32>)> = slices[selected.clone()]
             .iter()
             .map(|s| (s.instance, s.frame))
             .collect();
         let (prepared, context) = async {
-            let room = self
-                .decoding
-                .clone()
-                .acquire_many_owned(kib)
-                .await
-                .expect("the decoding budget is never closed");
+            let room = self.hold_decoding(total).await;
             let (model, instances) = (model.clone(), instances.clone());
             let headers: Vec<Header> = headers.iter().map(|(h, _)| h.clone()).collect();
             let places = places.into_places();

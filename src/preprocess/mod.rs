@@ -199,6 +199,74 @@ impl Preprocessor {
         })
     }
 
+    /// One DICOM instance of a study as its gray levels (windowed as the model's `[input.dicom]`
+    /// says, 0–255, as `f32`): what a study's series are resampled on before
+    /// [`Preprocessor::preprocess_levels`]. The sequence guard is not applied: the study's plan
+    /// decided each series' channel (from the headers, or as the caller named it).
+    pub fn decode_levels(&self, data: &[u8]) -> Result<(Vec<f32>, u32, u32), InputError> {
+        let image = dicom::decode(data, &self.limits)?;
+        if image.frames.len() != 1 {
+            return Err(InputError::Decode {
+                format: "DICOM",
+                message: format!(
+                    "the instance has {} frames; a study takes single-frame instances",
+                    image.frames.len()
+                ),
+            });
+        }
+        let frame = image.frames.into_iter().next().expect("one frame");
+        Ok(match self.dicom_frame(frame, &image.header)? {
+            Plane::Float {
+                width,
+                height,
+                data,
+            } => (data, width, height),
+            Plane::Bytes(pixels) => {
+                let gray = if pixels.channels == 3 {
+                    // Pillow's luma, as `convert_color` makes gray for a gray model.
+                    pixels
+                        .data
+                        .chunks_exact(3)
+                        .map(|p| {
+                            ((p[0] as u32 * 19595
+                                + p[1] as u32 * 38470
+                                + p[2] as u32 * 7471
+                                + 0x8000)
+                                >> 16) as f32
+                        })
+                        .collect()
+                } else {
+                    pixels.data.iter().map(|&v| f32::from(v)).collect()
+                };
+                (gray, pixels.width, pixels.height)
+            }
+        })
+    }
+
+    /// A study's slice: one gray-level plane per channel (`width × height` each, the reference
+    /// slice's geometry), resized and scaled into the model's input as
+    /// [`Preprocessor::preprocess_channels`] does for decoded 16-bit images.
+    pub fn preprocess_levels(&self, planes: &[Vec<f32>], width: u32, height: u32, out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            self.spec.image_len(),
+            "wrong output size: this is a bug"
+        );
+        assert_eq!(
+            planes.len(),
+            self.spec.channels.len(),
+            "one plane per channel: this is a bug"
+        );
+        for (c, plane) in planes.iter().enumerate() {
+            let levels = self.resize_levels(plane.clone(), width, height);
+            let value = |v: f32| match &self.spec.scaling {
+                Scaling::MeanStd { mean, std } => (v / 255.0 - mean[c]) / std[c],
+                Scaling::ScaleOffset { scale, offset } => v * scale + offset,
+            };
+            self.write_channel(c, levels.iter().map(|&v| value(v)), out);
+        }
+    }
+
     /// Writes one channel's values (a plane in row-major order) into channel `c` of `out`.
     fn write_channel(&self, c: usize, values: impl Iterator<Item = f32>, out: &mut [f32]) {
         let channels = self.spec.channel_count();

@@ -2,16 +2,18 @@
 # Browser test of the upload page (make browser; part of make test):
 #   1. Debian's chromium (apt, when missing and this runs as root) and the pinned playwright-core
 #      (npm ci from tests/browser/package-lock.json) into tests/browser/node_modules;
-#   2. the release binary on free loopback ports, serving a temporary model repository with three
+#   2. the release binary on free loopback ports, serving a temporary model repository with four
 #      test models: tiny (a classifier, the default model), seg-threshold (segmentation from
-#      FLAIR, T1c and T2) and multi-classify (a multi-modal classifier of T2, FLAIR and T1c);
+#      FLAIR, T1c and T2), multi-classify (a multi-modal classifier of T2, FLAIR and T1c) and
+#      study-seg (tests/fixtures/models/seg-study: a study's segmentation);
 #   3. the gRPC API's answers: `brainai classify --json` of the test images, and `brainai segment
 #      --json --out expected-mask.png` and `brainai classify --json --flair … --t1c … --t2 …` of a 300x220 slice made from tests/data/flair_300x220.png
 #      (FLAIR: its gray levels; T1c: mirrored; T2: upside down; all four labels occur);
 #   4. tests/browser/upload.test.mjs loads GET / in chromium (under its Content-Security-Policy),
 #      uploads the images, compares what the page shows with those answers, then many files with a
 #      bad one among them, then picks seg-threshold and segments the slice (the mask compared pixel
-#      by pixel), then picks multi-classify and classifies the slice; screenshots in target/browser/.
+#      by pixel), then picks multi-classify and classifies the slice, then picks study-seg and
+#      segments a small DICOM study (tests/dicom/make_study.py); screenshots in target/browser/.
 # Exit status non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -71,6 +73,15 @@ cleanup() {
 }
 trap cleanup EXIT
 cp -r tests/fixtures/models/tiny tests/fixtures/models/seg-threshold tests/fixtures/models/multi-classify "$REPO/"
+cp -r tests/fixtures/models/seg-study "$REPO/study-seg"
+# A small DICOM study (a sphere seen by FLAIR, T1c and T2 series of 16 slices) for the study form.
+STUDY_DIR=$OUT/study
+rm -rf "$STUDY_DIR"
+S=1.2.826.0.1.3680043.10.1087.77
+series() { echo "{\"uid\": \"$S.$1\", \"description\": \"$2\", \"rows\": 64, \"columns\": 64, \"spacing\": [1.0, 1.0], \"origin\": [-32, -32, 0], \"slices\": 16, \"step\": 1.0}"; }
+"$PY" tests/dicom/make_study.py "$STUDY_DIR" "{\"study_uid\": \"$S\", \"patient_id\": \"PAGE\", \"frame_of_reference_uid\": \"$S.9\",
+  \"sphere\": {\"center\": [2, -3, 8], \"radius\": 6, \"inside\": 900, \"outside\": 100},
+  \"series\": [$(series 1 'AX FLAIR'), $(series 2 'AX T1 POST GD'), $(series 3 'AX T2')]}"
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 GRPC=$(free_port); HTTP=$(free_port); METRICS=$(free_port)
@@ -92,6 +103,8 @@ rm -f "$OUT/expected-mask.png"
 timeout 120 "$BIN" segment --json --server "http://127.0.0.1:$GRPC" --model seg-threshold \
     --flair "$SLICE/flair.png" --t1c "$SLICE/t1c.png" --t2 "$SLICE/t2.png" \
     --out "$OUT/expected-mask.png" >"$OUT/expected-segment.json"
+timeout 120 "$BIN" segment --json --server "http://127.0.0.1:$GRPC" --model study-seg --study "$STUDY_DIR" \
+    >"$OUT/expected-study.json"
 timeout 120 "$BIN" classify --json --server "http://127.0.0.1:$GRPC" --model multi-classify \
     --flair "$SLICE/flair.png" --t1c "$SLICE/t1c.png" --t2 "$SLICE/t2.png" >"$OUT/expected-multi.json"
 
@@ -105,4 +118,5 @@ BRAINAI_URL=http://127.0.0.1:$HTTP BRAINAI_EXPECTED=$OUT/expected.json \
 BRAINAI_BAD=$PWD/tests/data/bad/not_an_image.bin BRAINAI_MANY=$PWD/$MANY CHROMIUM=$CHROMIUM SCREENSHOTS=$OUT \
 BRAINAI_SEGMENT_EXPECTED=$OUT/expected-segment.json BRAINAI_SEGMENT_MASK=$OUT/expected-mask.png \
 BRAINAI_SLICE=$PWD/$SLICE BRAINAI_MULTI_EXPECTED=$OUT/expected-multi.json \
+BRAINAI_STUDY=$PWD/$STUDY_DIR BRAINAI_STUDY_EXPECTED=$OUT/expected-study.json \
     timeout 300 node tests/browser/upload.test.mjs

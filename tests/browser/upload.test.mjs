@@ -53,6 +53,11 @@ const SLICE = { FLAIR: "flair.png", T1c: "t1c.png", T2: "t2.png" };
 // `brainai classify --json --model multi-classify --flair … --t1c … --t2 …` of the same slice.
 const MULTI_MODEL = "multi-classify";
 const MULTI = JSON.parse(readFileSync(process.env.BRAINAI_MULTI_EXPECTED, "utf8")).results[0];
+// `brainai segment --json --model study-seg --study …` of the study the page segments.
+const STUDY_MODEL = "study-seg";
+const STUDY = JSON.parse(readFileSync(process.env.BRAINAI_STUDY_EXPECTED, "utf8"));
+const STUDY_FILES = readdirSync(process.env.BRAINAI_STUDY, { recursive: true })
+  .filter((f) => f.endsWith(".dcm")).sort().map((f) => join(process.env.BRAINAI_STUDY, f));
 for (const k of Object.keys(SLICE)) SLICE[k] = join(process.env.BRAINAI_SLICE, SLICE[k]);
 const SEG_MODEL = "seg-threshold";
 const SHOTS = resolve(process.env.SCREENSHOTS || "target/browser");
@@ -142,7 +147,7 @@ async function session(width, height, name) {
   await page.locator(`#model option[value="${SEG_MODEL}"]`).waitFor({ state: "attached" });
   const options = await page.locator("#model option").evaluateAll((os) => os.map((o) => [o.value, o.textContent]));
   check(JSON.stringify(options) === JSON.stringify([[MULTI_MODEL, `${MULTI_MODEL} v1 — classification`],
-    [SEG_MODEL, `${SEG_MODEL} v1 — segmentation`],
+    [SEG_MODEL, `${SEG_MODEL} v1 — segmentation`], [STUDY_MODEL, `${STUDY_MODEL} v1 — segmentation`],
     ["tiny", "tiny v1 — classification (default)"]]), `the model select lists the served models ${JSON.stringify(options)}`);
   check((await page.locator("#model").inputValue()) === "tiny", "the default model is preselected");
   check(await page.locator("#drop").isVisible() && !(await page.locator("#slice").isVisible()),
@@ -416,6 +421,43 @@ async function session(width, height, name) {
   const multiText = (await multiCard.textContent()) || "";
   check(multiText.includes(`${(100 * MULTI.probability).toFixed(1)} %`) && multiText.includes(`Model ${MULTI_MODEL} v1`) &&
     multiText.includes("not clinically trained"), "the card: the probability, the model, not trained");
+
+  // A whole study: the study form of a segmentation model; its files chosen; one
+  // /v1/segment-study call; a viewer of the reference slices, the volumes equal to the gRPC
+  // API's, the DICOM Segmentation object to download.
+  await page.locator("#model").selectOption(STUDY_MODEL);
+  check(await page.locator("#study").isVisible(), "a segmentation model offers the study form");
+  await page.setInputFiles("#study-files", STUDY_FILES);
+  check(/48 file\(s\) chosen/.test(await page.locator("#study-chosen").textContent()), "the study's files are counted");
+  const studyBefore = await cards.count();
+  await page.locator("#segment-study").focus();
+  await page.keyboard.press("Enter");
+  await settled(page, studyBefore + 1);
+  const studyCard = cards.nth(0);
+  const studyError = await studyCard.locator(".error").allTextContents();
+  check(await studyCard.evaluate((c) => c.classList.contains("study")), `the study's card ${JSON.stringify(studyError)}`);
+  const want = STUDY.measurements.find((m) => m.name === "tumor");
+  const shownVoxels = await studyCard.locator('.volumes tr[data-name="tumor"]').getAttribute("data-voxels");
+  check(Number(shownVoxels) === want.voxels, `the tumour's voxels are the gRPC API's (${shownVoxels} = ${want.voxels})`);
+  const volumeText = await studyCard.locator('.volumes tr[data-name="tumor"]').textContent();
+  check(volumeText.includes(`${want.volume_ml.toFixed(2)} mL`), `its volume in mL: ${volumeText}`);
+  const download = studyCard.locator("a.download");
+  check((await download.getAttribute("download")) === "segmentation.dcm" && /^blob:/.test(await download.getAttribute("href")),
+    "the DICOM Segmentation object can be downloaded");
+  // The slider moves through the reference slices, with the keyboard.
+  const slider = studyCard.locator(".viewer input[type=range]");
+  const sliceBefore = await studyCard.locator("canvas").getAttribute("data-slice");
+  await slider.focus();
+  await page.keyboard.press("ArrowRight");
+  await page.waitForFunction((b) => document.querySelector("#results .card.study canvas")?.dataset.slice !== b, sliceBefore);
+  const positionText = await studyCard.locator(".viewer .position").textContent();
+  check(/Slice \d+ of 16, at [\d.]+ mm/.test(positionText), `the slider moves to another slice: ${positionText}`);
+  const studyOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  check(studyOverflow <= 0, `no sideways scrolling with the study's card (${studyOverflow} px too wide)`);
+  await page.evaluate(() => window.scrollTo(0, 0));
+  const studyBox = await studyCard.boundingBox();
+  await page.screenshot({ path: `${SHOTS}/study-${width}x${height}.png`, fullPage: true,
+    clip: { x: 0, y: 0, width, height: Math.ceil(studyBox.y + studyBox.height + 16) } });
 
   check(consoleErrors.length === 0, `no console errors ${JSON.stringify(consoleErrors)}`);
   const seen = await violations();

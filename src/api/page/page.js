@@ -254,8 +254,10 @@ function modelChanged() {
   $("drop").hidden = slices;
   $("preview-option").hidden = slices;
   $("slice").hidden = !slices;
+  $("study").hidden = true;
   if (!m) return;
   $("segment").textContent = m.task === "segmentation" ? "Segment" : "Classify";
+  $("study").hidden = m.task !== "segmentation";
   const about = $("model-about");
   about.className = "about";
   about.removeAttribute("role");
@@ -505,4 +507,127 @@ for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, () => drop.cla
 drop.addEventListener("drop", (e) => { e.preventDefault(); classify([...e.dataTransfer.files]); });
 $("model").addEventListener("change", modelChanged);
 $("slice").addEventListener("submit", (e) => { e.preventDefault(); submitSlice(); });
+$("study").addEventListener("submit", (e) => { e.preventDefault(); segmentStudy(); });
+$("study-files").addEventListener("change", () => chooseStudy([...$("study-files").files]));
+for (const ev of ["dragenter", "dragover"]) $("study-box").addEventListener(ev, (e) => { e.preventDefault(); $("study-box").classList.add("over"); });
+for (const ev of ["dragleave", "drop"]) $("study-box").addEventListener(ev, () => $("study-box").classList.remove("over"));
+$("study-box").addEventListener("drop", async (e) => {
+  e.preventDefault();
+  // A dropped folder: every file under it (the entries API); dropped files as they are.
+  const entries = [...e.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry()).filter(Boolean);
+  const files = entries.length ? (await Promise.all(entries.map(filesOf))).flat() : [...e.dataTransfer.files];
+  chooseStudy(files);
+});
 loadModels();
+
+// ---------------------------------------------------------------------------------------------
+// A whole study: its DICOM files to POST /v1/segment-study, a viewer of the reference slices with
+// the mask over them, the volumes, and the DICOM Segmentation object to download.
+
+/** The files chosen for the study (a dropped folder's, or the file chooser's). */
+let studyFiles = [];
+
+function chooseStudy(files) {
+  studyFiles = files.filter((f) => !f.name.startsWith(".") && f.name !== "DICOMDIR");
+  $("study-chosen").textContent = studyFiles.length ? `${studyFiles.length} file(s) chosen.` : "";
+}
+
+/** Every file under a dropped directory entry. */
+async function filesOf(entry) {
+  if (entry.isFile) return [await new Promise((resolve, reject) => entry.file(resolve, reject))];
+  const reader = entry.createReader();
+  const all = [];
+  for (;;) {
+    const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+    if (!batch.length) break;
+    all.push(...batch);
+  }
+  return (await Promise.all(all.map(filesOf))).flat();
+}
+
+async function segmentStudy() {
+  const m = models.get($("model").value);
+  if (!m || m.task !== "segmentation") return;
+  const title = `Study: ${studyFiles.length} file(s)`;
+  const card = el("li", { class: "card pending", "aria-busy": "true" },
+    el("p", { class: "file" }, title), el("p", { class: "waiting" }, `Segmenting the study with ${m.name}…`));
+  $("results").prepend(card);
+  const params = new URLSearchParams({ model: m.name, segmentation_object: "1", preview: "1" });
+  let outcome = await post("/v1/segment-study", params, "study", () => {
+    const form = new FormData();
+    studyFiles.forEach((f, i) => form.append(`i${i}`, f, f.name));
+    return form;
+  }, (body) => (body && Array.isArray(body.slices) ? body : null))
+    .catch((e) => ({ error: `The page failed: ${e.message}` }));
+  let done;
+  if (outcome.result) {
+    try {
+      done = await studyCard(outcome.result, title);
+      noteWarnings(outcome.result);
+    } catch (e) {
+      outcome = { error: `The answer could not be shown: ${e.message}` };
+    }
+  }
+  card.replaceWith(done || failedCard({ name: title }, outcome.error));
+}
+
+/** A study's answer: a slice viewer (preview with the mask over it), series, volumes, download. */
+async function studyCard(r, title) {
+  const colors = r.labels.map((_, i) => rgb(r.colors[i]));
+  const shown = r.slices.map((s, k) => ({ ...s, k })).filter((s) => s.segmented);
+  if (!shown.length) throw new Error("no reference slice could be segmented");
+  const canvas = el("canvas", { class: "overlay", role: "img", "aria-label": "Reference slice with the mask drawn over it" });
+  const slider = el("input", { type: "range", min: "0", max: String(shown.length - 1), step: "1",
+    value: String(Math.floor(shown.length / 2)), "aria-label": "Reference slice" });
+  const where = el("p", { class: "position", "aria-live": "polite" });
+  const draw = async () => {
+    const s = shown[Number(slider.value)];
+    const [base, mask] = await Promise.all([loadImage(s.preview_png), loadImage(s.mask_png)]);
+    const w = mask.naturalWidth, h = mask.naturalHeight;
+    canvas.width = w; canvas.height = h;
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    ctx.drawImage(mask, 0, 0);
+    const labels = ctx.getImageData(0, 0, w, h).data;
+    ctx.drawImage(base, 0, 0, w, h);
+    const pixels = ctx.getImageData(0, 0, w, h);
+    for (let i = 0; i < w * h; i++) {
+      const v = labels[4 * i];
+      if (v === 0 || v >= colors.length) continue;
+      for (let c = 0; c < 3; c++) {
+        const o = 4 * i + c;
+        pixels.data[o] = Math.round((1 - OVERLAY_ALPHA) * pixels.data[o] + OVERLAY_ALPHA * colors[v][c]);
+      }
+    }
+    ctx.putImageData(pixels, 0, 0);
+    where.textContent = `Slice ${s.k + 1} of ${r.slices.length}, at ${s.position.toFixed(1)} mm`;
+    canvas.dataset.slice = String(s.k);
+  };
+  slider.addEventListener("input", () => { draw(); });
+  await draw();
+  const ml = (v) => (v == null ? "–" : `${v.toFixed(2)} mL`);
+  const volumes = el("table", { class: "volumes" },
+    el("caption", {}, "Volumes"),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Label or region"), el("th", { scope: "col" }, "Voxels"),
+      el("th", { scope: "col" }, "Volume"))),
+    el("tbody", {}, ...r.measurements.filter((m) => m.name !== r.labels[0]).map((m) => el("tr", { "data-name": m.name, "data-voxels": String(m.voxels) },
+      el("th", { scope: "row" }, m.name), el("td", {}, m.voxels.toLocaleString("en")), el("td", {}, ml(m.volume_ml))))));
+  const series = el("table", { class: "series" },
+    el("caption", {}, "Series used"),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Sequence"), el("th", { scope: "col" }, "Instances"),
+      el("th", { scope: "col" }, "Grid"))),
+    el("tbody", {}, ...r.series.map((s) => el("tr", {}, el("th", { scope: "row" }, s.sequence),
+      el("td", {}, String(s.instances)), el("td", {}, s.exact ? "same" : "resampled")))));
+  const info = el("div", { class: "info" },
+    el("p", { class: "file" }, title),
+    volumes, series,
+    el("p", { class: "meta" }, `Model ${r.model.name} v${r.model.version} · SHA-256 `, el("code", { class: "sha" }, r.model.sha256),
+      ` · ${r.model.clinically_trained ? "clinically trained" : "not clinically trained"}`),
+    el("p", { class: "meta" }, `${shown.length} of ${r.slices.length} reference slices segmented`));
+  if (r.segmentation_object) {
+    const bytes = Uint8Array.from(atob(r.segmentation_object), (ch) => ch.charCodeAt(0));
+    const link = el("a", { class: "download", download: "segmentation.dcm",
+      href: URL.createObjectURL(new Blob([bytes], { type: "application/dicom" })) }, "Download the DICOM Segmentation object");
+    info.prepend(link);
+  }
+  return el("li", { class: "card study" }, el("div", { class: "viewer" }, canvas, slider, where), info);
+}

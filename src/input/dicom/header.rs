@@ -80,6 +80,17 @@ pub struct Geometry {
     pub orientation: Option<[f64; 6]>,
     /// Per-frame positions of an Enhanced (multi-frame) instance, in frame order.
     pub frame_positions: Vec<Option<[f64; 3]>>,
+    /// Pixel Spacing (0028,0030): row spacing, then column spacing, in mm (top level, or the
+    /// shared Pixel Measures of an Enhanced instance).
+    pub pixel_spacing: Option<[f64; 2]>,
+    /// Slice Thickness (0018,0050), in mm.
+    pub slice_thickness: Option<f64>,
+    /// Frame of Reference UID (0020,0052): the patient coordinate system the positions are in.
+    pub frame_of_reference_uid: String,
+    /// A keyed hash of Patient ID and Issuer of Patient ID (the key random per process): tells
+    /// instances of two patients apart without holding the identifier, or anything that could be
+    /// turned back into it. `None` when the instance has no Patient ID.
+    pub patient_key: Option<u64>,
 }
 
 /// What the header says about the pixels.
@@ -472,6 +483,33 @@ fn geometry(object: &InMemDicomObject) -> Geometry {
         position: floats(object, tags::IMAGE_POSITION_PATIENT).and_then(three),
         orientation,
         frame_positions,
+        pixel_spacing: floats(object, tags::PIXEL_SPACING)
+            .or_else(|| {
+                shared
+                    .and_then(|s| first_item(s, tags::PIXEL_MEASURES_SEQUENCE))
+                    .and_then(|p| floats(p, tags::PIXEL_SPACING))
+            })
+            .and_then(|v| <[f64; 2]>::try_from(v).ok())
+            .filter(|[r, c]| r.is_finite() && c.is_finite() && *r > 0.0 && *c > 0.0),
+        slice_thickness: float(object, tags::SLICE_THICKNESS)
+            .or_else(|| {
+                shared
+                    .and_then(|s| first_item(s, tags::PIXEL_MEASURES_SEQUENCE))
+                    .and_then(|p| float(p, tags::SLICE_THICKNESS))
+            })
+            .filter(|t| t.is_finite() && *t > 0.0),
+        frame_of_reference_uid: text(object, tags::FRAME_OF_REFERENCE_UID),
+        patient_key: {
+            let id = text(object, tags::PATIENT_ID);
+            (!id.is_empty()).then(|| {
+                use std::hash::BuildHasher;
+                static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+                    std::sync::OnceLock::new();
+                let issuer = text(object, tags::ISSUER_OF_PATIENT_ID);
+                KEY.get_or_init(Default::default)
+                    .hash_one((id.as_str(), issuer.as_str()))
+            })
+        },
     }
 }
 #[cfg(test)]

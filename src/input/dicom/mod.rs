@@ -193,6 +193,13 @@ pub fn read_header(data: &[u8], limits: &InputLimits) -> Result<(Header, u64), I
     Ok((header, size))
 }
 
+/// The attributes a derived object copies from this instance ([`PatientContext`]), from its
+/// header alone.
+pub fn read_context(data: &[u8], limits: &InputLimits) -> Result<PatientContext, InputError> {
+    let object = parse(data, limits, Some(tags::PIXEL_DATA))?;
+    Ok(PatientContext::of(&object))
+}
+
 /// Decodes every frame of a DICOM instance.
 pub fn decode(data: &[u8], limits: &InputLimits) -> Result<DicomImage, InputError> {
     let object = parse(data, limits, None)?;
