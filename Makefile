@@ -148,6 +148,13 @@ bench-dicom: build model dicom-reference
 ## bench-front-ends: call rate, latency and server CPU per call of every front end (gRPC Classify and
 ##        ModelInfer with ghz, HTTP /v1/classify and /v2 infer with hey), interleaved rounds, ratios
 ##        to Classify; target ModelInfer >= 0.95 x Classify (docs/PERFORMANCE.md)
+## bench-study: a BraTS-sized DICOM study (3 × 155 slices of 240²) end to end through
+##              `brainai segment --study` against the Python stack (pydicom + numpy + onnxruntime +
+##              highdicom), alternating rounds (benches/study.sh)
+.PHONY: bench-study
+bench-study: build model dicom-reference
+	benches/study.sh $(or $(ROUNDS),3)
+
 .PHONY: bench-front-ends
 bench-front-ends: build ghz
 	$(PY) benches/front_ends.py $(ARGS)
