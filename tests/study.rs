@@ -745,3 +745,63 @@ async fn http_segment_study_answers_what_the_grpc_call_does() {
     );
     t.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_study_call_leaves_one_audit_record_with_uids_and_no_patient_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = |uid: u32, description: &str| {
+        series(
+            &format!("{STUDY}.{uid}"),
+            description,
+            64,
+            1.0,
+            [-32.0, -32.0, 0.0],
+            4,
+            1.0,
+        )
+    };
+    let files = make_study(
+        dir.path(),
+        vec![
+            small(1, "AX FLAIR"),
+            small(2, "AX T1 POST GD"),
+            small(3, "AX T2"),
+        ],
+    );
+    let logs = tempfile::tempdir().unwrap();
+    let audit = logs.path().join("audit.jsonl");
+    let flag = audit.display().to_string();
+    let (mut t, _root) = serve_study(&["--audit-log", &flag]).await;
+    let instances = read_all(&files);
+    segment_study(&mut t, messages(settings(true), instances.clone()))
+        .await
+        .unwrap();
+    // Refused: no T2 series.
+    segment_study(&mut t, messages(settings(false), instances[..8].to_vec()))
+        .await
+        .unwrap_err();
+    let records = audit_records(&audit, 2).await;
+    assert_eq!(records.len(), 2, "one record per call: {records:#?}");
+    for (record, (outcome, images)) in records.iter().zip([("OK", 12), ("INVALID_ARGUMENT", 8)]) {
+        assert!(
+            record["method"]
+                .as_str()
+                .unwrap()
+                .ends_with("brainai.v1.TumorClassifier/SegmentStudy"),
+            "{record}"
+        );
+        assert_eq!(record["outcome"], outcome, "{record}");
+        assert_eq!(record["images"], images, "{record}");
+        assert_eq!(record["model"]["name"], "seg-study", "{record}");
+    }
+    // The instances used are named by UID.
+    let dicom = records[0]["dicom"].as_array().expect("DICOM references");
+    assert_eq!(dicom.len(), 12);
+    assert!(dicom.iter().all(|d| d["study"] == STUDY));
+    // No patient attribute in the trail.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    for value in ["Phantom", "PHANTOM-1", "19700101", "ACC1"] {
+        assert!(!text.contains(value), "{value} in the audit trail: {text}");
+    }
+    t.server.shutdown().await.unwrap();
+}
