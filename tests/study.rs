@@ -394,6 +394,51 @@ async fn a_series_on_another_grid_is_resampled_like_the_scipy_reference() {
         (volume / analytic_ml() - 1.0).abs() < 0.05,
         "{volume} mL, resampled from 2 mm"
     );
+    // Linear between the two T2 slices either side: the reference's blend, too.
+    let mut linear = settings(false);
+    linear.linear_between_slices = true;
+    let l = segment_study(&mut t, messages(linear, read_all(&files)))
+        .await
+        .unwrap();
+    let reference = reference_script(
+        "study_reference.py",
+        &[
+            dir.path().join(format!("{STUDY}.1")).to_str().unwrap(),
+            dir.path().join(format!("{STUDY}.3")).to_str().unwrap(),
+            "--linear",
+        ],
+    );
+    let reference: serde_json::Value = serde_json::from_str(&reference).unwrap();
+    let (mut pixels, mut differ, mut unlike_nearest) = (0usize, 0usize, 0usize);
+    for (s, nearest) in l.slices.iter().zip(&r.slices) {
+        let want = &reference[&s.sop_instance_uid];
+        if want.is_null() {
+            assert!(!s.segmented);
+            continue;
+        }
+        let want = hex(want.as_str().unwrap());
+        assert!(
+            s.segmented && nearest.segmented,
+            "slice at {}: linear {}, nearest {}, missing {:?}",
+            s.position,
+            s.segmented,
+            nearest.segmented,
+            s.missing
+        );
+        let (_, _, got) = decode_mask(&s.mask_png);
+        pixels += got.len();
+        differ += got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        let (_, _, n) = decode_mask(&nearest.mask_png);
+        unlike_nearest += got.iter().zip(&n).filter(|(a, b)| a != b).count();
+    }
+    assert!(
+        differ * 10_000 <= pixels,
+        "linear: {differ} of {pixels} pixels differ from scipy's"
+    );
+    assert!(
+        unlike_nearest > 0,
+        "linear interpolation changes some masks"
+    );
     t.server.shutdown().await.unwrap();
 }
 

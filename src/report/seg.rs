@@ -152,8 +152,28 @@ struct Planned {
     slice: usize,
 }
 
+/// The identity of a built SEG instance, which a measurement report ([`super::measurement`])
+/// references.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegIds {
+    pub series_instance_uid: String,
+    pub sop_instance_uid: String,
+}
+
+/// The Segment Number of `report.segments[index]`: segments are numbered 1.. in the order of
+/// [`SegReport::segments`] (at most 65535 of them, which [`build`] checks); `None` past that.
+pub fn segment_number(index: usize) -> Option<u16> {
+    index.checked_add(1).and_then(|n| u16::try_from(n).ok())
+}
+
 /// The SEG instance as DICOM Part 10 bytes (explicit VR little endian).
 pub fn build(report: &SegReport) -> Result<Vec<u8>, String> {
+    build_with_ids(report).map(|(bytes, _)| bytes)
+}
+
+/// The SEG instance as DICOM Part 10 bytes (explicit VR little endian), with the Series and SOP
+/// Instance UIDs it was given.
+pub fn build_with_ids(report: &SegReport) -> Result<(Vec<u8>, SegIds), String> {
     check(report)?;
     let context = &report.context.0;
     let now = Now::utc();
@@ -343,13 +363,18 @@ pub fn build(report: &SegReport) -> Result<Vec<u8>, String> {
         PrimitiveValue::from(pixel_data),
     ));
 
-    part10(
+    let bytes = part10(
         obj,
         context,
         &study_uid,
         "SEG",
         planned.len() * 512 + (64 << 10),
-    )
+    )?;
+    let ids = SegIds {
+        series_instance_uid: uids.series,
+        sop_instance_uid: uids.instance,
+    };
+    Ok((bytes, ids))
 }
 
 /// Refuses reports that would make an invalid instance. Messages name the field and indices,

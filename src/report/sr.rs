@@ -69,34 +69,40 @@ pub const CODING_SCHEME: &str = "99BRAINAI";
 
 /// A coded concept: (Code Value, Coding Scheme Designator, Code Meaning).
 #[derive(Clone, Copy)]
-struct Code(&'static str, &'static str, &'static str);
+pub(super) struct Code(
+    pub(super) &'static str,
+    pub(super) &'static str,
+    pub(super) &'static str,
+);
 
 const REPORT_TITLE: Code = Code(
     "REPORT",
     CODING_SCHEME,
     "BrainAI Serve classification report",
 );
-const USAGE: Code = Code("USAGE", CODING_SCHEME, "Usage restriction");
-const WARNING: Code = Code("WARNING", CODING_SCHEME, "Warning");
+pub(super) const USAGE: Code = Code("USAGE", CODING_SCHEME, "Usage restriction");
+pub(super) const WARNING: Code = Code("WARNING", CODING_SCHEME, "Warning");
 const ALGORITHM: Code = Code("ALGORITHM", CODING_SCHEME, "Algorithm identification");
 const MODEL_SHA256: Code = Code("SHA256", CODING_SCHEME, "Model SHA-256");
 const TOP_CLASS: Code = Code("CLASS", CODING_SCHEME, "Most probable class");
 const FRAME: Code = Code("FRAME", CODING_SCHEME, "Frame number");
 
-const OBSERVER_TYPE: Code = Code("121005", "DCM", "Observer Type");
-const DEVICE: Code = Code("121007", "DCM", "Device");
-const DEVICE_OBSERVER_UID: Code = Code("121012", "DCM", "Device Observer UID");
-const DEVICE_OBSERVER_NAME: Code = Code("121013", "DCM", "Device Observer Name");
-const DEVICE_OBSERVER_MANUFACTURER: Code = Code("121014", "DCM", "Device Observer Manufacturer");
-const DEVICE_OBSERVER_MODEL_NAME: Code = Code("121015", "DCM", "Device Observer Model Name");
-const ALGORITHM_NAME: Code = Code("111001", "DCM", "Algorithm Name");
-const ALGORITHM_VERSION: Code = Code("111003", "DCM", "Algorithm Version");
+pub(super) const OBSERVER_TYPE: Code = Code("121005", "DCM", "Observer Type");
+pub(super) const DEVICE: Code = Code("121007", "DCM", "Device");
+pub(super) const DEVICE_OBSERVER_UID: Code = Code("121012", "DCM", "Device Observer UID");
+pub(super) const DEVICE_OBSERVER_NAME: Code = Code("121013", "DCM", "Device Observer Name");
+pub(super) const DEVICE_OBSERVER_MANUFACTURER: Code =
+    Code("121014", "DCM", "Device Observer Manufacturer");
+pub(super) const DEVICE_OBSERVER_MODEL_NAME: Code =
+    Code("121015", "DCM", "Device Observer Model Name");
+pub(super) const ALGORITHM_NAME: Code = Code("111001", "DCM", "Algorithm Name");
+pub(super) const ALGORITHM_VERSION: Code = Code("111003", "DCM", "Algorithm Version");
 const SUMMARY: Code = Code("121111", "DCM", "Summary");
-const FINDING: Code = Code("121071", "DCM", "Finding");
+pub(super) const FINDING: Code = Code("121071", "DCM", "Finding");
 const PROBABILITY: Code = Code("122157", "DCM", "Probability");
-const MEASUREMENT_METHOD: Code = Code("370129005", "SCT", "Measurement Method");
+pub(super) const MEASUREMENT_METHOD: Code = Code("370129005", "SCT", "Measurement Method");
 const SOURCE_OF_MEASUREMENT: Code = Code("121112", "DCM", "Source of Measurement");
-const MEASUREMENT_GROUP: Code = Code("125007", "DCM", "Measurement Group");
+pub(super) const MEASUREMENT_GROUP: Code = Code("125007", "DCM", "Measurement Group");
 const NO_UNITS: Code = Code("1", "UCUM", "no units");
 const PROCESSING_EQUIPMENT: Code = Code("109102", "DCM", "Processing Equipment");
 
@@ -588,7 +594,7 @@ pub(super) fn all_ascii(obj: &InMemDicomObject) -> bool {
 
 // Content items.
 
-fn base_item(relationship: &str, value_type: &str, name: Code) -> InMemDicomObject {
+pub(super) fn base_item(relationship: &str, value_type: &str, name: Code) -> InMemDicomObject {
     InMemDicomObject::from_element_iter([
         el(tags::RELATIONSHIP_TYPE, VR::CS, relationship),
         el(tags::VALUE_TYPE, VR::CS, value_type),
@@ -596,19 +602,19 @@ fn base_item(relationship: &str, value_type: &str, name: Code) -> InMemDicomObje
     ])
 }
 
-fn text_item(relationship: &str, name: Code, text: &str) -> InMemDicomObject {
+pub(super) fn text_item(relationship: &str, name: Code, text: &str) -> InMemDicomObject {
     let mut item = base_item(relationship, "TEXT", name);
     item.put(el(tags::TEXT_VALUE, VR::UT, &ut(text)));
     item
 }
 
-fn code_item(relationship: &str, name: Code, value: Code) -> InMemDicomObject {
+pub(super) fn code_item(relationship: &str, name: Code, value: Code) -> InMemDicomObject {
     let mut item = base_item(relationship, "CODE", name);
     item.put(seq(tags::CONCEPT_CODE_SEQUENCE, vec![code(value)]));
     item
 }
 
-fn uidref_item(relationship: &str, name: Code, uid: &str) -> InMemDicomObject {
+pub(super) fn uidref_item(relationship: &str, name: Code, uid: &str) -> InMemDicomObject {
     let mut item = base_item(relationship, "UIDREF", name);
     item.put(el(tags::UID, VR::UI, uid));
     item
@@ -653,14 +659,18 @@ fn image_item(relationship: &str, name: Code, slice: &SliceFinding) -> InMemDico
     item
 }
 
-fn container(relationship: &str, name: Code, children: Vec<InMemDicomObject>) -> InMemDicomObject {
+pub(super) fn container(
+    relationship: &str,
+    name: Code,
+    children: Vec<InMemDicomObject>,
+) -> InMemDicomObject {
     let mut item = base_item(relationship, "CONTAINER", name);
     item.put(el(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"));
     with_children(&mut item, children);
     item
 }
 
-fn with_children(item: &mut InMemDicomObject, children: Vec<InMemDicomObject>) {
+pub(super) fn with_children(item: &mut InMemDicomObject, children: Vec<InMemDicomObject>) {
     if !children.is_empty() {
         item.put(seq(tags::CONTENT_SEQUENCE, children));
     }
@@ -676,7 +686,7 @@ pub(super) fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
     DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
 }
 
-fn code(code: Code) -> InMemDicomObject {
+pub(super) fn code(code: Code) -> InMemDicomObject {
     let Code(value, scheme, meaning) = code;
     InMemDicomObject::from_element_iter([
         el(tags::CODE_VALUE, VR::SH, value),
@@ -685,13 +695,13 @@ fn code(code: Code) -> InMemDicomObject {
     ])
 }
 
-fn concept(name: Code) -> InMemElement {
+pub(super) fn concept(name: Code) -> InMemElement {
     seq(tags::CONCEPT_NAME_CODE_SEQUENCE, vec![code(name)])
 }
 
 /// A Decimal String (16 bytes at most) for a finite value: the shortest representation that
 /// reads back as the same `f32`, in exponent form when the plain one is too long.
-fn ds(value: f32) -> String {
+pub(super) fn ds(value: f32) -> String {
     let plain = format!("{value}");
     if plain.len() <= 16 {
         plain
@@ -754,7 +764,7 @@ pub(super) fn uid_from(digest: &[u8]) -> String {
 /// New Series and SOP Instance UIDs: a SHA-256 over what the report is about and a nonce that
 /// differs on every call (time, a process-wide counter, the process id and std's random hash
 /// keys).
-fn fresh_uids(report: &SeriesReport) -> (String, String) {
+pub(super) fn fresh_uids(report: &SeriesReport) -> (String, String) {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -795,7 +805,7 @@ fn fresh_uids(report: &SeriesReport) -> (String, String) {
 }
 
 /// The Device Observer UID: the same for the same model.
-fn device_uid(report: &SeriesReport) -> String {
+pub(super) fn device_uid(report: &SeriesReport) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"brainai-serve device observer v1\0");
     hasher.update(report.model.sha256.to_ascii_lowercase().as_bytes());

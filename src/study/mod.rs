@@ -412,13 +412,14 @@ fn partner(
     if (nearest.2 - along).abs() > half {
         return None;
     }
-    if interpolation == Interpolation::Linear {
-        let after = other.iter().position(|x| x.2 >= along)?;
-        if after > 0 {
-            let (a, b) = (&other[after - 1], &other[after]);
-            let w = (along - a.2) / (b.2 - a.2);
-            return Some(Partner::Linear(a.0, b.0, w));
-        }
+    // Linear only between two slices; past either end, the nearest (within half a spacing).
+    if interpolation == Interpolation::Linear
+        && let Some(after) = other.iter().position(|x| x.2 >= along)
+        && after > 0
+    {
+        let (a, b) = (&other[after - 1], &other[after]);
+        let w = (along - a.2) / (b.2 - a.2);
+        return Some(Partner::Linear(a.0, b.0, w));
     }
     Some(Partner::Nearest(nearest.0))
 }

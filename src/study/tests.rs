@@ -142,6 +142,9 @@ fn another_spacing_is_paired_with_the_nearest_slice_within_half_its_spacing() {
     };
     let p = plan(&headers, &CHANNELS, None, &linear).unwrap();
     assert_eq!(p.slices[5].partners[1], Some(Partner::Linear(12, 13, 0.5)));
+    // Past the last T1c slice (6) but within half its spacing: the nearest, not nothing.
+    assert_eq!(p.slices[7].partners[1], Some(Partner::Nearest(13)));
+    assert_eq!(p.slices[8].partners[1], None);
 }
 
 #[test]

@@ -7,7 +7,11 @@ floor(t * 255 + 0.5)), sampled bilinearly at the reference pixel centres project
 plane (points outside its pixel centres are 0), then thresholded as seg-study does (tumor where
 the level is above 127).
 
-Usage:  study_reference.py REFERENCE_DIR OTHER_DIR
+With --linear, a reference slice between two slices of the other series takes their linear
+blend by distance along the normal (each resampled as above) instead of the nearest; at the ends
+the nearest within half a spacing.
+
+Usage:  study_reference.py REFERENCE_DIR OTHER_DIR [--linear]
 Prints JSON: {"<reference SOP Instance UID>": "<hex of the 0/1 mask, row-major>" | null}, null
 where the other series has no slice within half its spacing.
 """
@@ -40,8 +44,25 @@ def levels(ds) -> np.ndarray:
     return np.floor(t * 255 + 0.5)
 
 
+def sample(ref, src) -> np.ndarray:
+    """`src`'s levels at `ref`'s pixel centres projected onto `src`'s plane (0 outside)."""
+    r_origin, r_row, r_col, (r_dr, r_dc) = plane(ref)
+    s_origin, s_row, s_col, (s_dr, s_dc) = plane(src)
+    rr, cc = np.meshgrid(np.arange(ref.Rows), np.arange(ref.Columns), indexing="ij")
+    points = r_origin + cc[..., None] * r_dc * r_row + rr[..., None] * r_dr * r_col
+    rel = points - s_origin
+    si = rel @ s_col / s_dr
+    sj = rel @ s_row / s_dc
+    values = map_coordinates(levels(src), [si, sj], order=1, mode="nearest")
+    edge = 0.01
+    outside = (si < -edge) | (sj < -edge) | (si > src.Rows - 1 + edge) | (sj > src.Columns - 1 + edge)
+    values[outside] = 0.0
+    return values
+
+
 def main() -> None:
     reference, other = read(sys.argv[1]), read(sys.argv[2])
+    linear = "--linear" in sys.argv[3:]
     origin, row, col, _ = plane(reference[0])
     normal = np.cross(row, col)
     along = np.array([np.dot(plane(d)[0], normal) for d in other])
@@ -56,17 +77,16 @@ def main() -> None:
         if abs(along[k] - d) > half:
             out[ref.SOPInstanceUID] = None
             continue
-        src = other[k]
-        s_origin, s_row, s_col, (s_dr, s_dc) = plane(src)
-        rr, cc = np.meshgrid(np.arange(ref.Rows), np.arange(ref.Columns), indexing="ij")
-        points = r_origin + cc[..., None] * r_dc * r_row + rr[..., None] * r_dr * r_col
-        rel = points - s_origin
-        si = rel @ s_col / s_dr
-        sj = rel @ s_row / s_dc
-        values = map_coordinates(levels(src), [si, sj], order=1, mode="nearest")
-        edge = 0.01
-        outside = (si < -edge) | (sj < -edge) | (si > src.Rows - 1 + edge) | (sj > src.Columns - 1 + edge)
-        values[outside] = 0.0
+        values = None
+        if linear:
+            after = [i for i in order if along[i] >= d]
+            before = [i for i in order if along[i] < d]
+            if after and before:
+                a, b = before[-1], after[0]
+                w = (d - along[a]) / (along[b] - along[a])
+                values = (1 - w) * sample(ref, other[a]) + w * sample(ref, other[b])
+        if values is None:
+            values = sample(ref, other[k])
         mask = (values > 127).astype(np.uint8)
         out[ref.SOPInstanceUID] = mask.tobytes().hex()
     print(json.dumps(out))
