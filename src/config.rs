@@ -402,7 +402,8 @@ pub struct SegmentArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["flair", "t1", "t1c", "t2", "out"])]
     pub study: Option<PathBuf>,
 
-    /// With --study: write the DICOM Segmentation object into this directory.
+    /// With --study: write the DICOM Segmentation object (segmentation.dcm) and its measurement
+    /// report (measurement-report.dcm, TID 1500 SR) into this directory.
     #[arg(long, value_name = "DIR", requires = "study")]
     pub seg_out: Option<PathBuf>,
 

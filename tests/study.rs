@@ -259,6 +259,51 @@ async fn a_study_on_one_grid_measures_the_sphere_and_answers_a_valid_segmentatio
     let seg = dir.path().join("seg.dcm");
     std::fs::write(&seg, &r.segmentation_object).unwrap();
     check_segmentation_object(&seg, &files, &r);
+    // Its measurement report: dciodvfy, and highdicom reads one volumetric group per segment,
+    // referencing the SEG, with the answer's volume.
+    let report = dir.path().join("report.dcm");
+    std::fs::write(&report, &r.measurement_report).unwrap();
+    common::dciodvfy(&report, "ComprehensiveSR");
+    let checked: serde_json::Value = serde_json::from_str(&reference_script(
+        "measurement_check.py",
+        &[report.to_str().unwrap(), seg.to_str().unwrap()],
+    ))
+    .unwrap();
+    let seg_uid = dicom_object::open_file(&seg)
+        .unwrap()
+        .element(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    let groups = checked["groups"].as_array().unwrap();
+    let names: Vec<&str> = groups
+        .iter()
+        .map(|g| g["tracking_identifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tumor", "whole_tumor"]);
+    for (k, g) in groups.iter().enumerate() {
+        assert_eq!(g["referenced_sop_instance"], seg_uid.as_str(), "{g}");
+        assert_eq!(g["referenced_segment_numbers"], json!([k + 1]));
+        let volume = g["measurements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["unit"][0] == "ml")
+            .expect("a volume in mL");
+        let want = r
+            .measurements
+            .iter()
+            .find(|m| m.name == names[k])
+            .unwrap()
+            .volume_ml
+            .unwrap();
+        assert!(
+            (volume["value"].as_f64().unwrap() - want).abs() < 1e-4,
+            "{volume} vs {want}"
+        );
+    }
     t.server.shutdown().await.unwrap();
 }
 
@@ -614,6 +659,17 @@ async fn the_cli_segments_a_study_directory_and_writes_the_segmentation_object()
     assert_eq!(printed["segmented"], 48);
     let seg = out.path().join("segmentation.dcm");
     assert_eq!(printed["segmentation_object"], seg.display().to_string());
+    let report = out.path().join("measurement-report.dcm");
+    assert_eq!(printed["measurement_report"], report.display().to_string());
+    let sr = dicom_object::open_file(&report).expect("the measurement report is a DICOM file");
+    assert_eq!(
+        sr.element(dicom_dictionary_std::tags::MODALITY)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        "SR"
+    );
     let object = dicom_object::open_file(&seg).expect("a DICOM file");
     use dicom_dictionary_std::tags;
     assert_eq!(

@@ -888,6 +888,7 @@ fn study_response(model: &ServedModel, r: StudyResult) -> pb::SegmentStudyRespon
             })
             .collect(),
         segmentation_object: r.segmentation_object.unwrap_or_default(),
+        measurement_report: r.measurement_report.unwrap_or_default(),
         warnings: r.warnings,
         timing: Some(pb::StudyTiming {
             headers_seconds: seconds(r.timing.headers),

@@ -306,7 +306,8 @@ async fn segment(
 
 /// `POST /v1/segment-study`: a DICOM study as a multipart form, every file part one instance (any
 /// order, several series). Query: `model`, `version`, `priority`, `timeout_ms`,
-/// `segmentation_object=1` (also the DICOM Segmentation object, base64), `preview=1` (each
+/// `segmentation_object=1` (also the DICOM Segmentation object and its TID 1500 measurement
+/// report, base64), `preview=1` (each
 /// segmented reference slice as the model saw it, a PNG data URL), `linear=1`
 /// (interpolate between slices), `series=UID:SEQUENCE` (repeatable: a series whose headers do not
 /// say). Answers JSON: the series used, each reference slice's mask as a PNG data URL (or why it
@@ -407,6 +408,7 @@ async fn segment_study(
         })).collect::<Vec<_>>(),
         "voxel_depth_mm": result.depth.map(|d| d.0),
         "segmentation_object": result.segmentation_object.as_deref().map(b64),
+        "measurement_report": result.measurement_report.as_deref().map(b64),
         "warnings": result.warnings,
     }))
     .into_response())

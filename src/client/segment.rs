@@ -209,7 +209,10 @@ async fn study(args: &SegmentArgs, dir: &std::path::Path) -> Result<ExitCode, St
         let path = out.join("segmentation.dcm");
         std::fs::write(&path, &response.segmentation_object)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        written = Some(path);
+        let report = out.join("measurement-report.dcm");
+        std::fs::write(&report, &response.measurement_report)
+            .map_err(|e| format!("{}: {e}", report.display()))?;
+        written = Some((path, report));
     }
     let model = response.model.clone().unwrap_or_default();
     let segmented = response.slices.iter().filter(|s| s.segmented).count();
@@ -236,7 +239,8 @@ async fn study(args: &SegmentArgs, dir: &std::path::Path) -> Result<ExitCode, St
                 "first_slice": m.first_slice, "last_slice": m.last_slice,
             })).collect::<Vec<_>>(),
             "warnings": response.warnings,
-            "segmentation_object": written.as_ref().map(|p| p.display().to_string()),
+            "segmentation_object": written.as_ref().map(|p| p.0.display().to_string()),
+            "measurement_report": written.as_ref().map(|p| p.1.display().to_string()),
             "timing": response.timing.map(|t| json!({
                 "headers_seconds": t.headers_seconds,
                 "decode_seconds": t.decode_seconds,
@@ -277,8 +281,12 @@ async fn study(args: &SegmentArgs, dir: &std::path::Path) -> Result<ExitCode, St
             .map_or("-".to_string(), |v| format!("{v:.3} mL"));
         println!("volume\t{}\t{} voxels\t{volume}", m.name, m.voxels);
     }
-    if let Some(path) = written {
-        println!("DICOM Segmentation object written to {}", path.display());
+    if let Some((seg, report)) = written {
+        println!("DICOM Segmentation object written to {}", seg.display());
+        println!(
+            "measurement report (TID 1500 SR) written to {}",
+            report.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

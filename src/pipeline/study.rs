@@ -37,7 +37,7 @@ pub struct StudyRequest {
     pub interpolation: Interpolation,
     pub priority: Option<Priority>,
     pub deadline: Option<Instant>,
-    /// Also build the DICOM Segmentation object.
+    /// Also build the DICOM Segmentation object and its measurement report (TID 1500).
     pub segmentation_object: bool,
     /// Also return each segmented reference slice as the model saw it (its gray levels as a PNG
     /// at its geometry): what a viewer draws the mask over.
@@ -83,6 +83,8 @@ pub struct StudyResult {
     pub depth: Option<(f64, DepthFrom)>,
     /// The DICOM Segmentation object (Part 10), when asked for.
     pub segmentation_object: Option<Vec<u8>>,
+    /// Its measurement report (TID 1500 Comprehensive SR, Part 10), with it.
+    pub measurement_report: Option<Vec<u8>>,
     pub warnings: Vec<String>,
     pub timing: StudyTiming,
 }
@@ -394,25 +396,31 @@ impl Pipeline {
             // 7. The DICOM Segmentation object.
             let mut warnings: Vec<String> = model.warnings.clone();
             warnings.extend(plan.warnings.iter().cloned());
-            let segmentation_object = if request.segmentation_object && !refs.is_empty() {
-                let started = std::time::Instant::now();
-                let first = plan.slices[refs[0].0].instance;
-                let context =
-                    dicom::read_context(&instances[first], &limits).map_err(input_error)?;
-                let report = seg_report(model, &plan, &headers, &masks, context, &warnings);
-                let bytes = on_rayon(move || crate::report::seg::build(&report))
+            let (segmentation_object, measurement_report) =
+                if request.segmentation_object && !refs.is_empty() {
+                    let started = std::time::Instant::now();
+                    let first = plan.slices[refs[0].0].instance;
+                    let context =
+                        dicom::read_context(&instances[first], &limits).map_err(input_error)?;
+                    let seg = seg_report(model, &plan, &headers, &masks, context, &warnings);
+                    let measured = measurements.clone();
+                    let (seg_bytes, sr_bytes) = on_rayon(move || {
+                        let (bytes, ids) = crate::report::seg::build_with_ids(&seg)
+                            .map_err(|e| format!("the DICOM Segmentation object: {e}"))?;
+                        let report = measurement_report(&seg, ids, &measured);
+                        let sr = crate::report::measurement::build(&report)
+                            .map_err(|e| format!("the measurement report: {e}"))?;
+                        Ok::<_, String>((bytes, sr))
+                    })
                     .await
                     .map_err(|e| {
-                        InferError::new(
-                            ErrorKind::Internal,
-                            format!("the DICOM Segmentation object could not be built: {e}"),
-                        )
+                        InferError::new(ErrorKind::Internal, format!("{e} could not be built"))
                     })?;
-                timing.segmentation_object = started.elapsed();
-                Some(bytes)
-            } else {
-                None
-            };
+                    timing.segmentation_object = started.elapsed();
+                    (Some(seg_bytes), Some(sr_bytes))
+                } else {
+                    (None, None)
+                };
             let slices = plan
                 .slices
                 .iter()
@@ -440,6 +448,7 @@ impl Pipeline {
                 measurements,
                 depth: plan.depth,
                 segmentation_object,
+                measurement_report,
                 warnings,
                 timing,
             })
@@ -485,6 +494,42 @@ fn renumber(e: InferError, chunk: &[usize]) -> InferError {
         })
         .unwrap_or(e.message);
     InferError { message, ..e }
+}
+
+/// The measurement report of the Segmentation object `seg` (written with `ids`): one group per
+/// segment, its volume from `measured` (the labels' and regions' measurements, by name).
+fn measurement_report(
+    seg: &SegReport,
+    ids: crate::report::seg::SegIds,
+    measured: &[Measurement],
+) -> crate::report::measurement::MeasurementReport {
+    use crate::report::measurement::{MeasurementReport, SegmentMeasurement};
+    let measurements = seg
+        .segments
+        .iter()
+        .enumerate()
+        .map(|(k, segment)| {
+            let m = measured.iter().find(|m| m.name == segment.label);
+            SegmentMeasurement {
+                segment_number: crate::report::seg::segment_number(k)
+                    .expect("at most 256 labels and their regions"),
+                label: segment.label.clone(),
+                finding: segment.kind.clone(),
+                category: segment.category.clone(),
+                voxels: m.map_or(0, |m| m.voxels),
+                volume_ml: m.and_then(|m| m.volume_ml),
+            }
+        })
+        .collect();
+    MeasurementReport {
+        context: seg.context.clone(),
+        study_instance_uid: seg.study_instance_uid.clone(),
+        segmentation: ids,
+        source_series: seg.referenced_series.clone(),
+        measurements,
+        model: seg.model.clone(),
+        warnings: seg.warnings.clone(),
+    }
 }
 
 /// The Segmentation object's content: the reference slices segmented, one segment per class

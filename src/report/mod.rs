@@ -1,6 +1,8 @@
 //! Results as DICOM for the PACS: a Comprehensive SR instance for a classified series
-//! ([`sr::build`]) and a Segmentation (SEG) instance for a segmented series ([`seg::build`]).
+//! ([`sr::build`]), a Segmentation (SEG) instance for a segmented series ([`seg::build`]) and a
+//! TID 1500 measurement report of the SEG's segment volumes ([`measurement::build`]).
 
+pub mod measurement;
 pub mod seg;
 pub mod sr;
 

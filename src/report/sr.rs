@@ -53,7 +53,7 @@ use dicom_object::mem::InMemElement;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use sha2::{Digest, Sha256};
 
-use super::{SeriesReport, SliceFinding};
+use super::{ModelIdentity, SeriesReport, SliceFinding};
 
 /// Comprehensive SR Storage.
 pub const COMPREHENSIVE_SR: &str = "1.2.840.10008.5.1.4.1.1.88.33";
@@ -250,6 +250,20 @@ pub fn build(report: &SeriesReport) -> Result<Vec<u8>, String> {
         vec![],
     ));
 
+    document_general(&mut obj, &now, evidence(report, &study_uid));
+
+    // SR Document Content: the root content item.
+    obj.put(el(tags::VALUE_TYPE, VR::CS, "CONTAINER"));
+    obj.put(concept(REPORT_TITLE));
+    obj.put(el(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"));
+    obj.put(seq(tags::CONTENT_SEQUENCE, content(report)));
+
+    part10(obj, context, &study_uid, "SR", 16 << 10)
+}
+
+/// The General Equipment and SR Document General modules of a document made now, with its
+/// evidence (the Current Requested Procedure Evidence Sequence item).
+pub(super) fn document_general(obj: &mut InMemDicomObject, now: &Now, evidence: InMemDicomObject) {
     // General Equipment.
     obj.put(el(tags::MANUFACTURER, VR::LO, MANUFACTURER));
     obj.put(el(tags::MANUFACTURER_MODEL_NAME, VR::LO, MANUFACTURER));
@@ -268,16 +282,8 @@ pub fn build(report: &SeriesReport) -> Result<Vec<u8>, String> {
     obj.put(seq(tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, vec![]));
     obj.put(seq(
         tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
-        vec![evidence(report, &study_uid)],
+        vec![evidence],
     ));
-
-    // SR Document Content: the root content item.
-    obj.put(el(tags::VALUE_TYPE, VR::CS, "CONTAINER"));
-    obj.put(concept(REPORT_TITLE));
-    obj.put(el(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"));
-    obj.put(seq(tags::CONTENT_SEQUENCE, content(report)));
-
-    part10(obj, context, &study_uid, "SR", 16 << 10)
 }
 
 /// The study a derived object belongs to (the context's, which must be the report's) and the
@@ -412,7 +418,11 @@ fn content(report: &SeriesReport) -> Vec<InMemDicomObject> {
     let finding = &report.finding;
     let mut items = vec![
         code_item("HAS OBS CONTEXT", OBSERVER_TYPE, DEVICE),
-        uidref_item("HAS OBS CONTEXT", DEVICE_OBSERVER_UID, &device_uid(report)),
+        uidref_item(
+            "HAS OBS CONTEXT",
+            DEVICE_OBSERVER_UID,
+            &device_uid(&report.model),
+        ),
         text_item("HAS OBS CONTEXT", DEVICE_OBSERVER_NAME, MANUFACTURER),
         text_item(
             "HAS OBS CONTEXT",
@@ -765,6 +775,27 @@ pub(super) fn uid_from(digest: &[u8]) -> String {
 /// differs on every call (time, a process-wide counter, the process id and std's random hash
 /// keys).
 pub(super) fn fresh_uids(report: &SeriesReport) -> (String, String) {
+    fresh_uids_of(|hasher| {
+        for part in [
+            report.series_instance_uid.as_bytes(),
+            report.model.sha256.as_bytes(),
+        ] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+        for slice in &report.slices {
+            hasher.update((slice.sop_instance_uid.len() as u64).to_le_bytes());
+            hasher.update(slice.sop_instance_uid.as_bytes());
+            hasher.update(slice.frame.unwrap_or(0).to_le_bytes());
+            hasher.update(slice.finding_probability.to_bits().to_le_bytes());
+            hasher.update(slice.probability.to_bits().to_le_bytes());
+        }
+    })
+}
+
+/// New Series and SOP Instance UIDs for a document: a digest of what `hash_content` feeds (the
+/// document's content) and a per-call nonce (counter, time, process, random).
+pub(super) fn fresh_uids_of(hash_content: impl FnOnce(&mut Sha256)) -> (String, String) {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -775,20 +806,7 @@ pub(super) fn fresh_uids(report: &SeriesReport) -> (String, String) {
 
     let mut hasher = Sha256::new();
     hasher.update(b"brainai-serve SR UID v1\0");
-    for part in [
-        report.series_instance_uid.as_bytes(),
-        report.model.sha256.as_bytes(),
-    ] {
-        hasher.update((part.len() as u64).to_le_bytes());
-        hasher.update(part);
-    }
-    for slice in &report.slices {
-        hasher.update((slice.sop_instance_uid.len() as u64).to_le_bytes());
-        hasher.update(slice.sop_instance_uid.as_bytes());
-        hasher.update(slice.frame.unwrap_or(0).to_le_bytes());
-        hasher.update(slice.finding_probability.to_bits().to_le_bytes());
-        hasher.update(slice.probability.to_bits().to_le_bytes());
-    }
+    hash_content(&mut hasher);
     hasher.update(count.to_le_bytes());
     hasher.update(nanos.to_le_bytes());
     hasher.update(std::process::id().to_le_bytes());
@@ -805,10 +823,10 @@ pub(super) fn fresh_uids(report: &SeriesReport) -> (String, String) {
 }
 
 /// The Device Observer UID: the same for the same model.
-pub(super) fn device_uid(report: &SeriesReport) -> String {
+pub(super) fn device_uid(model: &ModelIdentity) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"brainai-serve device observer v1\0");
-    hasher.update(report.model.sha256.to_ascii_lowercase().as_bytes());
+    hasher.update(model.sha256.to_ascii_lowercase().as_bytes());
     uid_from(&hasher.finalize())
 }
 

@@ -441,7 +441,9 @@ async function session(width, height, name) {
   check(Number(shownVoxels) === want.voxels, `the tumour's voxels are the gRPC API's (${shownVoxels} = ${want.voxels})`);
   const volumeText = await studyCard.locator('.volumes tr[data-name="tumor"]').textContent();
   check(volumeText.includes(`${want.volume_ml.toFixed(2)} mL`), `its volume in mL: ${volumeText}`);
-  const download = studyCard.locator("a.download");
+  const report = studyCard.locator("a.download.report");
+  check((await report.getAttribute("download")) === "measurement-report.dcm", "the measurement report can be downloaded");
+  const download = studyCard.locator("a.download:not(.report)");
   check((await download.getAttribute("download")) === "segmentation.dcm" && /^blob:/.test(await download.getAttribute("href")),
     "the DICOM Segmentation object can be downloaded");
   // The slider moves through the reference slices, with the keyboard.

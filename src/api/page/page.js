@@ -629,5 +629,11 @@ async function studyCard(r, title) {
       href: URL.createObjectURL(new Blob([bytes], { type: "application/dicom" })) }, "Download the DICOM Segmentation object");
     info.prepend(link);
   }
+  if (r.measurement_report) {
+    const bytes = Uint8Array.from(atob(r.measurement_report), (ch) => ch.charCodeAt(0));
+    const link = el("a", { class: "download report", download: "measurement-report.dcm",
+      href: URL.createObjectURL(new Blob([bytes], { type: "application/dicom" })) }, "Download the measurement report (DICOM SR)");
+    info.prepend(link);
+  }
   return el("li", { class: "card study" }, el("div", { class: "viewer" }, canvas, slider, where), info);
 }
