@@ -255,7 +255,8 @@ pub struct ServeArgs {
     #[arg(long, env = "BRAINAI_MAX_HTTP_CONNECTIONS", hide = true)]
     pub max_http_connections: Option<usize>,
 
-    /// A request body (HTTP API, and gRPC calls other than request streams) may pause this many
+    /// A request body (HTTP API, and gRPC calls other than the long-lived request streams,
+    /// ClassifyStream and SegmentStream) may pause this many
     /// seconds at most; it is also the allowance before --min-body-rate-bytes-s applies. Too
     /// slow: 408 on the HTTP API, DEADLINE_EXCEEDED on gRPC.
     #[arg(long, env = "BRAINAI_BODY_READ_TIMEOUT_S", default_value_t = 20)]

@@ -543,6 +543,51 @@ async fn segment_stream_answers_each_slice_and_goes_on_after_a_bad_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_stream_may_stay_quiet_longer_than_the_body_read_timeout() {
+    // A long-lived request stream, like ClassifyStream: not held to --body-read-timeout-s.
+    let root = repository();
+    let mut t = serve_repository(root.path(), &["--body-read-timeout-s", "1"]).await;
+    let images = channels(16, 16, 9);
+    let message = |id: &str| pb::SegmentStreamRequest {
+        id: id.into(),
+        flair: Some(image("", png(16, 16, &images[0]))),
+        t1c: Some(image("", png(16, 16, &images[1]))),
+        t2: Some(image("", png(16, 16, &images[2]))),
+        model: "seg-threshold".into(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(message("first")).await.unwrap();
+    let mut responses = bounded(
+        "open the stream",
+        t.client
+            .segment_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let first = bounded("the first answer", responses.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.slice_id, "first");
+    // Quiet for twice the body read timeout, then another slice: still answered.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    tx.send(message("second")).await.unwrap();
+    let second = bounded("the second answer", responses.message())
+        .await
+        .expect("the stream is still open")
+        .unwrap();
+    assert_eq!(second.slice_id, "second");
+    assert!(matches!(
+        second.outcome,
+        Some(pb::segment_stream_response::Outcome::Result(_))
+    ));
+    drop(tx);
+    t.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_output_buffers_are_reused_once_warm() {
     let root = repository();
     let t = serve_repository(root.path(), &["--max-queue-delay-us", "500"]).await;

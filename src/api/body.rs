@@ -26,11 +26,14 @@ use crate::metrics;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// The gRPC methods whose request is a stream: a client may keep it open and quiet for as long
-/// as the call lasts, so it is neither timed, limited nor counted against the budget (each of its
-/// messages is bounded by `--max-message-bytes` and HTTP/2 flow control).
-pub const GRPC_REQUEST_STREAMS: [&str; 3] = [
+/// The gRPC methods whose request is a long-lived stream: a client may keep it open and quiet for
+/// as long as the call lasts, so it is neither timed, limited nor counted against the budget
+/// (each of its messages is bounded by `--max-message-bytes` and HTTP/2 flow control).
+/// `SegmentStudy` streams too, but it is one upload of a bounded study: it is timed, held to the
+/// minimum rate and counted like a unary body, so a study trickled in cannot hold its call open.
+pub const GRPC_REQUEST_STREAMS: [&str; 4] = [
     "/brainai.v1.TumorClassifier/ClassifyStream",
+    "/brainai.v1.TumorClassifier/SegmentStream",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
