@@ -906,3 +906,57 @@ async fn every_study_call_leaves_one_audit_record_with_uids_and_no_patient_data(
     }
     t.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_callers_are_answered_while_a_study_runs_and_after_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_study(dir.path(), one_grid());
+    let (t, _root) = serve_study(&[]).await;
+    let instances = read_all(&files);
+    // A study, a refused study (no T2) and single-image classifications, all at once.
+    let study = {
+        let mut client = t.client.clone().max_decoding_message_size(256 << 20);
+        let messages = messages(settings(true), instances.clone());
+        tokio::spawn(async move {
+            client
+                .segment_study(futures_util::stream::iter(messages))
+                .await
+        })
+    };
+    let refused = {
+        let mut client = t.client.clone();
+        let messages = messages(settings(false), instances[..96].to_vec());
+        tokio::spawn(async move {
+            client
+                .segment_study(futures_util::stream::iter(messages))
+                .await
+        })
+    };
+    let classify = {
+        let mut client = t.client.clone();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            for i in 0..20u8 {
+                let r = client
+                    .classify(request_for("tiny", "", vec![flat_image("x", 32, 32, 3, i)]))
+                    .await;
+                assert!(r.is_ok(), "a classification beside the studies: {r:?}");
+                answered += 1;
+            }
+            answered
+        })
+    };
+    let study = bounded("the study", study)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!(study.slices.iter().filter(|s| s.segmented).count(), 48);
+    let e = bounded("the refused study", refused)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.message().contains("no T2 series"), "{}", e.message());
+    assert_eq!(bounded("the classifications", classify).await.unwrap(), 20);
+    t.server.shutdown().await.unwrap();
+}
