@@ -71,12 +71,12 @@ use sha2::{Digest, Sha256};
 use super::ModelIdentity;
 use super::seg::{self, SEGMENTATION_STORAGE, SegIds};
 use super::sr::{
-    ALGORITHM_NAME, ALGORITHM_VERSION, CODING_SCHEME, COMPREHENSIVE_SR, Code, DEVICE,
-    DEVICE_OBSERVER_MANUFACTURER, DEVICE_OBSERVER_MODEL_NAME, DEVICE_OBSERVER_NAME,
-    DEVICE_OBSERVER_UID, FINDING, MANUFACTURER, MEASUREMENT_GROUP, MEASUREMENT_METHOD,
-    NOT_FOR_DIAGNOSTIC_USE, Now, OBSERVER_TYPE, USAGE, WARNING, base_item, check_uid, code,
-    code_item, concept, container, device_uid, document_general, ds, el, fresh_uids_of, lo, part10,
-    seq, study_of, text_item, uid_from, uidref_item, with_children,
+    ALGORITHM_NAME, ALGORITHM_VERSION, CODING_SCHEME, Code, DEVICE, DEVICE_OBSERVER_MANUFACTURER,
+    DEVICE_OBSERVER_MODEL_NAME, DEVICE_OBSERVER_NAME, DEVICE_OBSERVER_UID, FINDING, MANUFACTURER,
+    MEASUREMENT_GROUP, MEASUREMENT_METHOD, NOT_FOR_DIAGNOSTIC_USE, Now, OBSERVER_TYPE, USAGE,
+    WARNING, base_item, check_uid, code, code_item, concept, container, device_uid,
+    document_general, ds, el, fresh_uids_of, lo, part10, seq, sop_common, study_of, text_item,
+    uid_from, uidref_item, with_children,
 };
 use crate::input::dicom::PatientContext;
 
@@ -164,27 +164,7 @@ pub fn build(report: &MeasurementReport) -> Result<Vec<u8>, String> {
 
     let mut obj = InMemDicomObject::new_empty();
 
-    // SOP Common.
-    obj.put(el(tags::SOP_CLASS_UID, VR::UI, COMPREHENSIVE_SR));
-    obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, &instance_uid));
-    obj.put(el(tags::INSTANCE_CREATION_DATE, VR::DA, &now.date));
-    obj.put(el(tags::INSTANCE_CREATION_TIME, VR::TM, &now.time));
-    obj.put(seq(
-        tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
-        vec![InMemDicomObject::from_element_iter([
-            el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, CODING_SCHEME),
-            el(
-                tags::CODING_SCHEME_NAME,
-                VR::ST,
-                "BrainAI Serve local concepts",
-            ),
-            el(
-                tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
-                VR::ST,
-                MANUFACTURER,
-            ),
-        ])],
-    ));
+    sop_common(&mut obj, &instance_uid, &now);
 
     // SR Document Series.
     obj.put(el(tags::MODALITY, VR::CS, "SR"));
@@ -571,8 +551,8 @@ fn reference_item(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::sr::COMPREHENSIVE_SR;
     use dicom_core::Tag;
-    use dicom_object::DefaultDicomObject;
 
     const SHA: &str = "3f1c2a9d0b7e4f5a6c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d";
     const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
@@ -642,19 +622,7 @@ mod tests {
         }
     }
 
-    fn parse(bytes: &[u8]) -> DefaultDicomObject {
-        assert_eq!(&bytes[128..132], b"DICM");
-        dicom_object::from_reader(&bytes[128..]).expect("the report parses")
-    }
-
-    fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-        obj.element(tag)
-            .unwrap_or_else(|_| panic!("{tag} missing"))
-            .to_str()
-            .unwrap()
-            .trim_end_matches(['\0', ' '])
-            .to_string()
-    }
+    use crate::report::testing::{parse, text};
 
     fn items(obj: &InMemDicomObject, tag: Tag) -> &[InMemDicomObject] {
         obj.element(tag)

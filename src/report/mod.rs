@@ -57,3 +57,26 @@ pub struct SeriesReport {
     /// Caveats shown to the reader (e.g. not for diagnostic use).
     pub warnings: Vec<String>,
 }
+
+/// What the writers' unit tests read their output with.
+#[cfg(test)]
+pub(crate) mod testing {
+    use dicom_core::Tag;
+    use dicom_object::{DefaultDicomObject, InMemDicomObject};
+
+    /// A Part 10 file's data set.
+    pub fn parse(bytes: &[u8]) -> DefaultDicomObject {
+        assert_eq!(&bytes[128..132], b"DICM");
+        dicom_object::from_reader(&bytes[128..]).expect("the object parses")
+    }
+
+    /// An attribute's text, without padding.
+    pub fn text(obj: &InMemDicomObject, tag: Tag) -> String {
+        obj.element(tag)
+            .unwrap_or_else(|_| panic!("{tag} missing"))
+            .to_str()
+            .unwrap()
+            .trim_end_matches(['\0', ' '])
+            .to_string()
+    }
+}

@@ -957,7 +957,6 @@ mod tests {
     use super::*;
     use crate::input::dicom::PatientContext;
     use crate::report::ModelIdentity;
-    use dicom_object::DefaultDicomObject;
 
     const SHA: &str = "3f1c2a9d0b7e4f5a6c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d";
     const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
@@ -1067,19 +1066,7 @@ mod tests {
         }
     }
 
-    fn parse(bytes: &[u8]) -> DefaultDicomObject {
-        assert_eq!(&bytes[128..132], b"DICM");
-        dicom_object::from_reader(&bytes[128..]).expect("the SEG parses")
-    }
-
-    fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-        obj.element(tag)
-            .unwrap_or_else(|_| panic!("{tag} missing"))
-            .to_str()
-            .unwrap()
-            .trim_end_matches(['\0', ' '])
-            .to_string()
-    }
+    use crate::report::testing::{parse, text};
 
     fn item(obj: &InMemDicomObject, tag: Tag) -> &InMemDicomObject {
         &obj.element(tag)

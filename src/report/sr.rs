@@ -199,27 +199,7 @@ pub fn build(report: &SeriesReport) -> Result<Vec<u8>, String> {
 
     let mut obj = InMemDicomObject::new_empty();
 
-    // SOP Common.
-    obj.put(el(tags::SOP_CLASS_UID, VR::UI, COMPREHENSIVE_SR));
-    obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, &instance_uid));
-    obj.put(el(tags::INSTANCE_CREATION_DATE, VR::DA, &now.date));
-    obj.put(el(tags::INSTANCE_CREATION_TIME, VR::TM, &now.time));
-    obj.put(seq(
-        tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
-        vec![InMemDicomObject::from_element_iter([
-            el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, CODING_SCHEME),
-            el(
-                tags::CODING_SCHEME_NAME,
-                VR::ST,
-                "BrainAI Serve local concepts",
-            ),
-            el(
-                tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
-                VR::ST,
-                MANUFACTURER,
-            ),
-        ])],
-    ));
+    sop_common(&mut obj, &instance_uid, &now);
     obj.put(seq(
         tags::CONTRIBUTING_EQUIPMENT_SEQUENCE,
         vec![contributing_equipment(report, &now)],
@@ -259,6 +239,31 @@ pub fn build(report: &SeriesReport) -> Result<Vec<u8>, String> {
     obj.put(seq(tags::CONTENT_SEQUENCE, content(report)));
 
     part10(obj, context, &study_uid, "SR", 16 << 10)
+}
+
+/// The SOP Common module of a Comprehensive SR made now, with the local coding scheme declared.
+pub(super) fn sop_common(obj: &mut InMemDicomObject, instance_uid: &str, now: &Now) {
+    // SOP Common.
+    obj.put(el(tags::SOP_CLASS_UID, VR::UI, COMPREHENSIVE_SR));
+    obj.put(el(tags::SOP_INSTANCE_UID, VR::UI, instance_uid));
+    obj.put(el(tags::INSTANCE_CREATION_DATE, VR::DA, &now.date));
+    obj.put(el(tags::INSTANCE_CREATION_TIME, VR::TM, &now.time));
+    obj.put(seq(
+        tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
+        vec![InMemDicomObject::from_element_iter([
+            el(tags::CODING_SCHEME_DESIGNATOR, VR::SH, CODING_SCHEME),
+            el(
+                tags::CODING_SCHEME_NAME,
+                VR::ST,
+                "BrainAI Serve local concepts",
+            ),
+            el(
+                tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
+                VR::ST,
+                MANUFACTURER,
+            ),
+        ])],
+    ));
 }
 
 /// The General Equipment and SR Document General modules of a document made now, with its
