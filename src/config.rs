@@ -40,6 +40,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub security: crate::security::SecurityArgs,
 
+    /// The DICOM node: C-ECHO and C-STORE in, results back by C-STORE (off unless --dicom-addr).
+    #[command(flatten)]
+    pub dicom: crate::node::NodeArgs,
+
     /// One model directory: model.toml plus <version>/model.onnx (ignored with --model-repository).
     #[arg(
         long,
@@ -549,6 +553,7 @@ impl ServeArgs {
 
     /// Checks combinations clap cannot; each message names the option.
     pub fn validate(&self) -> Result<(), String> {
+        self.dicom.settings()?;
         if self.instances == 0 {
             return Err("--instances must be at least 1".into());
         }

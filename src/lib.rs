@@ -6,6 +6,7 @@
 //! preprocess, submit, await, postprocess) → [`input`] (decode) and [`preprocess`] (colour,
 //! resize, scaling, layout) → [`batcher`] (queue per model version, batch policy, instance threads)
 //! → [`backend`] (ONNX Runtime) → back through [`model::task`] (softmax, argmax) to the front end.
+//! The DICOM node ([`node`]) is one more front end: C-STORE in, the same pipeline, C-STORE out.
 //! [`server`] wires it together; [`state`] holds readiness and the in-flight count for the drain;
 //! [`error`] is the one transport-neutral error.
 
@@ -20,6 +21,7 @@ pub mod gpu;
 pub mod input;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod pipeline;
 pub mod postprocess;
 pub mod preprocess;

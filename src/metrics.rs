@@ -68,6 +68,17 @@ pub const AUTH_REFUSED: &str = "brainai_auth_refused_total";
 pub const INSECURE_CONFIG: &str = "brainai_insecure_config";
 pub const AUDIT_RECORDS: &str = "brainai_audit_records_total";
 pub const AUDIT_WRITE_FAILURES: &str = "brainai_audit_write_failures_total";
+pub const DICOM_ASSOCIATIONS: &str = "brainai_dicom_associations_total";
+pub const DICOM_ASSOCIATIONS_ACTIVE: &str = "brainai_dicom_associations_active";
+pub const DICOM_INSTANCES: &str = "brainai_dicom_instances_total";
+pub const DICOM_ECHOES: &str = "brainai_dicom_echoes_total";
+pub const DICOM_SERIES_PROCESSED: &str = "brainai_dicom_series_processed_total";
+pub const DICOM_DELIVERIES: &str = "brainai_dicom_deliveries_total";
+pub const DICOM_OUTBOX_DEPTH: &str = "brainai_dicom_outbox_depth";
+pub const DICOM_OUTBOX_BYTES: &str = "brainai_dicom_outbox_bytes";
+pub const DICOM_OUTBOX_AGE: &str = "brainai_dicom_outbox_oldest_age_seconds";
+pub const DICOM_SPOOL_BYTES: &str = "brainai_dicom_spool_bytes";
+pub const DICOM_SPOOL_CAPACITY: &str = "brainai_dicom_spool_capacity_bytes";
 
 /// Why the server closed a connection (the `reason` label of [`CONNECTIONS_CLOSED`]).
 pub const CLOSE_REASONS: [&str; 5] = [
@@ -124,6 +135,57 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_counter!(
+        DICOM_ASSOCIATIONS,
+        Unit::Count,
+        "DICOM associations, by outcome: accepted, rejected (AE title or address), limited (over --dicom-max-associations*), draining, failed (protocol or TLS)."
+    );
+    describe_gauge!(
+        DICOM_ASSOCIATIONS_ACTIVE,
+        Unit::Count,
+        "DICOM associations open now."
+    );
+    describe_counter!(
+        DICOM_INSTANCES,
+        Unit::Count,
+        "DICOM instances received by C-STORE, by outcome: stored, spool_full (A700), refused, discarded (their association was aborted)."
+    );
+    describe_counter!(DICOM_ECHOES, Unit::Count, "C-ECHO requests answered.");
+    describe_counter!(
+        DICOM_SERIES_PROCESSED,
+        Unit::Count,
+        "Received series classified and studies segmented, by task and outcome (ok, failed, unrouted)."
+    );
+    describe_counter!(
+        DICOM_DELIVERIES,
+        Unit::Count,
+        "Results sent by C-STORE, by outcome: delivered (per object), refused (the destination answered a failure, per object), failed (the association failed, per attempt)."
+    );
+    describe_gauge!(
+        DICOM_OUTBOX_DEPTH,
+        Unit::Count,
+        "Results waiting in the outbox."
+    );
+    describe_gauge!(
+        DICOM_OUTBOX_BYTES,
+        Unit::Bytes,
+        "Bytes of results waiting in the outbox."
+    );
+    describe_gauge!(
+        DICOM_OUTBOX_AGE,
+        Unit::Seconds,
+        "Age of the oldest result waiting in the outbox (0 when empty)."
+    );
+    describe_gauge!(
+        DICOM_SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes of received instances in the spool."
+    );
+    describe_gauge!(
+        DICOM_SPOOL_CAPACITY,
+        Unit::Bytes,
+        "The spool's size cap (--dicom-spool-max-mib)."
+    );
     describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,
@@ -511,6 +573,41 @@ pub fn insecure_config(reason: &'static str, insecure: bool) {
 
 pub fn auth_refused(front_end: &'static str, code: &'static str) {
     counter!(AUTH_REFUSED, "front_end" => front_end, "code" => code).increment(1);
+}
+
+pub fn dicom_association(outcome: &'static str) {
+    counter!(DICOM_ASSOCIATIONS, "outcome" => outcome).increment(1);
+}
+
+pub fn dicom_associations_active(n: usize) {
+    gauge!(DICOM_ASSOCIATIONS_ACTIVE).set(n as f64);
+}
+
+pub fn dicom_instance(outcome: &'static str) {
+    counter!(DICOM_INSTANCES, "outcome" => outcome).increment(1);
+}
+
+pub fn dicom_echo() {
+    counter!(DICOM_ECHOES).increment(1);
+}
+
+pub fn dicom_series_processed(task: &'static str, outcome: &'static str) {
+    counter!(DICOM_SERIES_PROCESSED, "task" => task, "outcome" => outcome).increment(1);
+}
+
+pub fn dicom_delivery(outcome: &'static str) {
+    counter!(DICOM_DELIVERIES, "outcome" => outcome).increment(1);
+}
+
+pub fn dicom_outbox(depth: usize, bytes: u64, oldest_s: f64) {
+    gauge!(DICOM_OUTBOX_DEPTH).set(depth as f64);
+    gauge!(DICOM_OUTBOX_BYTES).set(bytes as f64);
+    gauge!(DICOM_OUTBOX_AGE).set(oldest_s);
+}
+
+pub fn dicom_spool(used: u64, capacity: u64) {
+    gauge!(DICOM_SPOOL_BYTES).set(used as f64);
+    gauge!(DICOM_SPOOL_CAPACITY).set(capacity as f64);
 }
 
 pub fn audit_written() {

@@ -68,6 +68,8 @@ pub struct RunningServer {
     pub metrics_addr: SocketAddr,
     /// The plaintext health-only port (`--health-addr`).
     pub health_addr: Option<SocketAddr>,
+    /// The DICOM node's listener (`--dicom-addr`).
+    pub dicom_addr: Option<SocketAddr>,
     pub state: Arc<ServingState>,
     pub registry: Arc<Registry>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -452,6 +454,16 @@ pub async fn start(
         security.tls.clone(),
     )));
     ports.connections.push(grpc_connections);
+    // The DICOM node: one more front end on the same pipeline.
+    let node = match args.dicom.settings().map_err(ServeError::Config)? {
+        Some(settings) => Some(
+            crate::node::start(settings, pipeline.clone(), &security)
+                .await
+                .map_err(ServeError::Config)?,
+        ),
+        None => None,
+    };
+    let dicom_addr = node.as_ref().map(|n| n.addr);
     let rest_connections = policy("rest", Protocol::Http1, args.http_api_connections());
     ports.tasks.push(tokio::spawn(transport::serve(
         http_listener,
@@ -474,6 +486,10 @@ pub async fn start(
     let task = tokio::spawn(async move {
         let _gpu_sampler = gpu_sampler;
         let result = lifecycle.run(shutdown_rx).await;
+        // Received instances and undelivered results stay on disk for the next start.
+        if let Some(node) = node {
+            node.close().await;
+        }
         ports.close().await;
         tracing::info!("stopped");
         result
@@ -483,6 +499,7 @@ pub async fn start(
         http_addr,
         metrics_addr,
         health_addr,
+        dicom_addr,
         state,
         registry,
         shutdown: Some(shutdown_tx),

@@ -654,6 +654,7 @@ impl pb::tumor_classifier_server::TumorClassifier for ClassifierService {
             priority: priority(request.priority)?,
             deadline,
             structured_report: request.structured_report,
+            max_instances: self.pipeline.max_images_per_request(),
         };
         let result = call.classify_series(&model, series).await?;
         Ok(Response::new(series_response(&model, &ids, result)))

@@ -32,6 +32,9 @@ pub struct SeriesRequest {
     pub priority: Option<Priority>,
     pub deadline: Option<Instant>,
     pub structured_report: bool,
+    /// Most instances the series may hold: --max-images-per-request for a call, the study limit
+    /// for a series the DICOM node received.
+    pub max_instances: usize,
 }
 
 /// One slice, in slice order.
@@ -111,10 +114,10 @@ impl Pipeline {
         if n == 0 {
             return Err(InferError::invalid("the series has no instances"));
         }
-        if n > self.limits.max_images_per_request {
+        if n > request.max_instances {
             return Err(InferError::invalid(format!(
                 "the series has {n} instances, over the limit of {} per request",
-                self.limits.max_images_per_request
+                request.max_instances
             )));
         }
         // Headers only: nothing is decoded before the series is known to be acceptable.

@@ -56,6 +56,8 @@ struct Loaded {
     fingerprint: [u8; 32],
     h2: Arc<ServerConfig>,
     http1: Arc<ServerConfig>,
+    /// The DICOM listener's: no ALPN (DICOM TLS negotiates none).
+    dicom: Arc<ServerConfig>,
 }
 
 /// The server's TLS configuration, reloadable.
@@ -102,6 +104,17 @@ impl Tls {
             Alpn::H2 => loaded.h2.clone(),
             Alpn::Http1 => loaded.http1.clone(),
         })
+    }
+
+    /// The DICOM listener's configuration in force now (the same certificate and client CA).
+    pub fn dicom_config(&self) -> Arc<ServerConfig> {
+        self.current.read().expect("tls lock").dicom.clone()
+    }
+
+    /// A client configuration for connections this server opens (the DICOM node's deliveries):
+    /// trusts the CAs of `ca` and presents this server's certificate.
+    pub fn client_config(&self, ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+        client_config(ca, Some(&self.files))
     }
 
     /// Re-reads the files; `Ok(true)` when they changed and the new configuration is in force,
@@ -230,7 +243,41 @@ fn build(files: &TlsFiles) -> Result<Loaded, String> {
         fingerprint,
         h2: with_alpn(b"h2"),
         http1: with_alpn(b"http/1.1"),
+        dicom: Arc::new(config),
     })
+}
+
+/// A client configuration trusting the CAs of `ca`; presenting `identity`'s certificate if given.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<&TlsFiles>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(ca, "--dicom-destination-ca")? {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "--dicom-destination-ca {}: not a usable CA: {e}",
+                ca.display()
+            )
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS protocol versions: {e}"))?
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let chain = certificates(&files.cert, "--tls-cert")?;
+            let key = PrivateKeyDer::from_pem_slice(&read(&files.key, "--tls-key")?)
+                .map_err(|_| format!("--tls-key {}: no PEM private key", files.key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("--tls-cert as a client certificate: {e}"))?
+        }
+    };
+    Ok(Arc::new(config))
 }
 
 fn now_unix() -> i64 {
