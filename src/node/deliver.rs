@@ -220,7 +220,6 @@ where
         }
     }
     if matches!(outcome, Delivered::Failed(_)) {
-        metrics::dicom_delivery("failed");
         let _ = assoc.abort().await;
     } else {
         let _ = assoc.release().await;
@@ -268,6 +267,9 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
             Delivered::Failed(e) => ("failed", Some(e.as_str())),
             Delivered::Refused(e) => ("refused", Some(e.as_str())),
         };
+        if matches!(outcome, Delivered::Failed(_)) {
+            metrics::dicom_delivery("failed");
+        }
         node.audit_delivery(&entries, label, started);
         match error {
             None => failures = 0,

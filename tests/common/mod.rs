@@ -4,6 +4,8 @@
 //! ONNX Runtime backend in the shared test probe.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
