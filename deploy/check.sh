@@ -3,12 +3,15 @@
 #   1. tools, pinned, into project-local folders (installed once, reused afterwards):
 #      kustomize (go install) and crdcheck (the Prometheus Operator's API types, go build) into
 #      .tools/bin; kubernetes-validate, promql-parser, PyYAML into .venv from deploy/requirements.txt
-#   2. `kustomize build` of every overlay in deploy/k8s/overlays
+#   2. `kustomize build` of every overlay in deploy/k8s/overlays (cpu, gpu-p4000, dicom-node)
 #   3. deploy/tools/validate.py: core objects strictly against the Kubernetes 1.30 schemas,
 #      ServiceMonitor/PrometheusRule strictly against the operator's types, PromQL parsing,
 #      metric names and labels, cross-checks (ports, probes, grace period, queue capacity, HPA <-> adapter,
-#      security context, runbook entries), the Grafana dashboard and the prometheus-adapter rule,
-#      then a self-test that broken copies are rejected
+#      security context, runbook entries, kube-state-metrics selectors <-> the workload's pods), the
+#      DICOM node (StatefulSet volumes <-> spool/outbox dirs, BRAINAI_DICOM_ADDR <-> container port <->
+#      Service, NetworkPolicy <-> BRAINAI_DICOM_ALLOW and the destination, alert thresholds <-> settings),
+#      the Grafana dashboard and the prometheus-adapter rule, then a self-test that broken copies are
+#      rejected
 #   4. deploy/tools/kserve_check.py on `kustomize build deploy/kserve` and deploy/kserve/model-repository:
 #      the ServingRuntime and InferenceService strictly against KServe v0.20.0's own CRD schemas
 #      (vendored in deploy/kserve/crds), the rest against Kubernetes 1.30, and cross-checks with the
@@ -80,7 +83,7 @@ for dir in deploy/k8s/overlays/*/; do
     fail "kustomize build $dir"
   fi
 done
-[ ${#rendered[@]} -ge 2 ] || fail "expected at least the cpu and gpu-p4000 overlays"
+[ ${#rendered[@]} -ge 3 ] || fail "expected at least the cpu, gpu-p4000 and dicom-node overlays"
 
 step "manifests, alerts, dashboard, adapter rule (deploy/tools/validate.py)"
 if [ ${#rendered[@]} -gt 0 ]; then

@@ -575,6 +575,26 @@ pub fn auth_refused(front_end: &'static str, code: &'static str) {
     counter!(AUTH_REFUSED, "front_end" => front_end, "code" => code).increment(1);
 }
 
+/// Every label set of the DICOM node's counters, at 0: an alert's `rate()` has a series from the
+/// start, not from the first failure.
+pub fn dicom_known() {
+    for outcome in ["accepted", "rejected", "limited", "draining", "failed"] {
+        counter!(DICOM_ASSOCIATIONS, "outcome" => outcome).increment(0);
+    }
+    for outcome in ["stored", "spool_full", "refused", "discarded"] {
+        counter!(DICOM_INSTANCES, "outcome" => outcome).increment(0);
+    }
+    counter!(DICOM_ECHOES).increment(0);
+    for task in ["classification", "segmentation"] {
+        for outcome in ["ok", "failed", "unrouted"] {
+            counter!(DICOM_SERIES_PROCESSED, "task" => task, "outcome" => outcome).increment(0);
+        }
+    }
+    for outcome in ["delivered", "failed", "refused"] {
+        counter!(DICOM_DELIVERIES, "outcome" => outcome).increment(0);
+    }
+}
+
 pub fn dicom_association(outcome: &'static str) {
     counter!(DICOM_ASSOCIATIONS, "outcome" => outcome).increment(1);
 }

@@ -210,8 +210,8 @@ async fn every_metric_named_in_deploy_is_exported_by_the_service() {
     // occupancy) and the per-code counter have samples.
     let mut t = serve(args(&fixture_model("tiny"), &[]), None).await;
     classify_files(&mut t, &["flair_256_a.png"]).await;
-    // The TLS, audit and result-cache metrics exist when those are on (the pod turns TLS and
-    // audit on): a second server in this process, with all three, registers them with the same (process-wide) recorder.
+    // The TLS, audit, result-cache and DICOM node metrics exist when those are on (the pod turns
+    // TLS and audit on): a second server in this process, with all three, registers them with the same (process-wide) recorder.
     let dir = tempfile::tempdir().unwrap();
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
@@ -235,12 +235,21 @@ async fn every_metric_named_in_deploy_is_exported_by_the_service() {
                 &key.display().to_string(),
                 "--audit-log",
                 "/dev/null",
+                // The DICOM node (the dicom-node overlay): its metrics exist when it is on.
+                "--dicom-addr",
+                "127.0.0.1:0",
+                "--dicom-destination",
+                "ARCHIVE@127.0.0.1:9",
+                "--dicom-spool-dir",
+                &dir.path().join("spool").display().to_string(),
+                "--dicom-outbox-dir",
+                &dir.path().join("outbox").display().to_string(),
             ],
         ),
         None,
     )
     .await
-    .expect("a server with TLS and an audit trail starts");
+    .expect("a server with TLS, an audit trail and the DICOM node starts");
     until("the second server's model to load", || {
         secured.state.phase() == brainai::state::Phase::Serving
     })

@@ -50,7 +50,24 @@ Per overlay:
     callers.toml has the server's fields and scopes, and none of its tokens could be accepted; batch size within model.toml's cap;
     model.toml equals models/brain-tumor-resnet50/model.toml; security context (non-root uid =
     the Dockerfile's USER, read-only root, no capabilities, no privilege escalation, seccomp
-    RuntimeDefault); GPU request, node selector and toleration exactly in the GPU overlay.
+    RuntimeDefault); GPU request, node selector and toleration exactly in the GPU overlay; the
+    kube-state-metrics selectors of the alerts follow the workload (a `pod=~` regex matches the
+    names its pods get; kube_deployment_* / kube_statefulset_* name it); no egress unless the pod
+    opens connections (the DICOM node's deliveries).
+  * the DICOM node (an overlay with BRAINAI_DICOM_ADDR, deploy/k8s/overlays/dicom-node): a
+    StatefulSet (no HPA, >= 2 replicas, podManagementPolicy Parallel, claims retained on scale-down
+    and deletion, a headless governing Service); BRAINAI_DICOM_SPOOL_DIR and BRAINAI_DICOM_OUTBOX_DIR
+    (distinct) on volumeClaimTemplates mounted writable as a whole, which hold the spool and outbox
+    caps; BRAINAI_DICOM_ADDR = container port `dicom` = port and target of the Service brainai-dicom
+    (appProtocol dicom-tls/dicom, sessionAffinity ClientIP, externalTrafficPolicy Local when exposed,
+    loadBalancerSourceRanges = the allowed CIDRs); the NetworkPolicy admits the DICOM port from
+    ipBlock peers only, exactly the CIDRs of BRAINAI_DICOM_ALLOW (AE@CIDR rules, none empty or /0),
+    and egress only to BRAINAI_DICOM_DESTINATION's address and port (and DNS for a host name); DICOM
+    TLS and TLS deliveries on, the destination CA mounted read-only, the Certificate names
+    brainai-dicom and allows client auth; the DICOM alerts exist, with the outbox cap threshold =
+    0.8 x BRAINAI_DICOM_OUTBOX_MAX_MIB, the outbox age threshold >= 2 x BRAINAI_DICOM_RETRY_MAX_S,
+    the spool threshold a share of brainai_dicom_spool_capacity_bytes.
+Across overlays: every runbook entry of deploy/README.md is an alert of some overlay.
 Once: the dashboard JSON (parses, every query parses with its variables substituted, metric
 names/suffixes/labels as above, a `model` variable, a panel for every metric of the README's
 table, every documented value of an enumerated label (a drop reason, a connection close reason,
@@ -145,7 +162,23 @@ NOT_SHOWN_ONE_BY_ONE = {"code"}
 NON_BRAINAI_METRICS = {  # kube-state-metrics and Prometheus series the rules and dashboard use
     "up", "kube_pod_status_ready", "kube_pod_status_phase", "kube_deployment_status_replicas_available",
     "kube_deployment_spec_replicas", "kube_pod_container_status_restarts_total",
+    "kube_statefulset_status_replicas_ready", "kube_statefulset_replicas",
 }
+# The DICOM node (issue 25; deploy/k8s/overlays/dicom-node): the listener's variable and container
+# port name, the Services in front of it, the settings the manifests and alerts depend on (with
+# the binary's defaults, used while README's configuration table gives none), and its alerts.
+DICOM_ADDR_ENV = "BRAINAI_DICOM_ADDR"
+DICOM_PORT_NAME = "dicom"
+DICOM_SERVICE = "brainai-dicom"
+DICOM_DEFAULTS = {"BRAINAI_DICOM_SPOOL_MAX_MIB": 4096, "BRAINAI_DICOM_OUTBOX_MAX_MIB": 1024, "BRAINAI_DICOM_RETRY_MAX_S": 300}
+DICOM_DIRS = ("BRAINAI_DICOM_SPOOL_DIR", "BRAINAI_DICOM_OUTBOX_DIR")
+# appProtocol of the DICOM Service: IANA's service names for DICOM over TLS and plain DICOM.
+DICOM_APP_PROTOCOL = {True: "dicom-tls", False: "dicom"}
+DICOM_ALERTS = {"BrainAIDicomOutboxGrowing", "BrainAIDicomOutboxAging", "BrainAIDicomDeliveriesFailing", "BrainAIDicomSpoolFilling"}
+# The volume holds the spool's and the outbox's caps with this much room for the filesystem's own
+# reserve and the delivery ledger.
+DICOM_VOLUME_SLACK = 1.1
+MIB = 1048576
 
 
 def read(rel: str) -> str:
@@ -519,7 +552,8 @@ def queue_thresholds(text: str) -> tuple[dict, list[str]]:
     return found, problems
 
 
-def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) -> None:
+def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) -> set:
+    """Checks one rendered overlay; returns the names of its alerts."""
     namespaces = {d["metadata"].get("namespace") for d in docs if d.get("kind") != "Namespace"}
     rep.ok(len(namespaces) == 1 and None not in namespaces, f"{overlay}: every object in one namespace {sorted(map(str, namespaces))}")
     namespace = next(iter(namespaces)) if len(namespaces) == 1 else None
@@ -549,8 +583,22 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
            f"{overlay}: ServiceMonitor and PrometheusRule match the Prometheus Operator API (crdcheck, strict)"
            + (f": {proc.stderr.strip()}" if proc.stderr.strip() else ""))
 
-    dep = one(rep, docs, "Deployment", overlay)
-    hpa = one(rep, docs, "HorizontalPodAutoscaler", overlay)
+    # The workload: the base's Deployment, or a StatefulSet for the DICOM node (a volume per
+    # replica for its spool and outbox). `dep` is whichever it is.
+    workloads = by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
+    rep.ok(len(workloads) == 1, f"{overlay}: exactly one workload, a Deployment or a StatefulSet "
+           f"({[w['kind'] + '/' + w['metadata']['name'] for w in workloads]})")
+    dep = workloads[0] if workloads else {}
+    kind = dep.get("kind", "Deployment")
+    stateful = kind == "StatefulSet"
+    if stateful:
+        # Scaling a DICOM node down takes a replica away with its spool and undelivered outbox.
+        hpas = by_kind(docs, "HorizontalPodAutoscaler")
+        rep.ok(not hpas, f"{overlay}: no HorizontalPodAutoscaler for the StatefulSet (scaling down would strand a replica's "
+               f"spool and outbox) {[h['metadata']['name'] for h in hpas] or ''}")
+        hpa = {}
+    else:
+        hpa = one(rep, docs, "HorizontalPodAutoscaler", overlay)
     pdb = one(rep, docs, "PodDisruptionBudget", overlay)
     netpol = one(rep, docs, "NetworkPolicy", overlay)
     sm = one(rep, docs, "ServiceMonitor", overlay)
@@ -558,13 +606,13 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
     cms = {c["metadata"]["name"]: c for c in by_kind(docs, "ConfigMap")}
     if not dep:
-        return
+        return set()
     pod = dep["spec"]["template"]["spec"]
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     containers = {c["name"]: c for c in pod.get("containers", [])}
     inits = {c["name"]: c for c in pod.get("initContainers", [])}
     main = containers.get("brainai", {})
-    rep.ok(bool(main), f"{overlay}: the Deployment has a container named brainai")
+    rep.ok(bool(main), f"{overlay}: the {kind} has a container named brainai")
 
     # env ConfigMap
     env_refs = [e["configMapRef"]["name"] for e in main.get("envFrom", []) if "configMapRef" in e]
@@ -595,13 +643,15 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     listen = {name: port_of(env.get(var, ctx.env_defaults.get(var, default))) for name, (var, default, _) in LISTENERS.items()}
     if env.get("BRAINAI_HEALTH_ADDR") is None:
         listen.pop("health")  # optional: off unless set
+    if env.get(DICOM_ADDR_ENV) is not None:
+        listen[DICOM_PORT_NAME] = port_of(env[DICOM_ADDR_ENV])  # the DICOM node's listener
     grpc_port = listen["grpc"]
     health_port = listen.get("health")
     tls_on = bool(env.get("BRAINAI_TLS_CERT"))
     ports = {p.get("name"): p.get("containerPort") for p in main.get("ports", [])}
     rep.ok(ports == listen,
            f"{overlay}: container ports {ports} are exactly the listeners {listen} of "
-           + " / ".join(var for var, _, _ in LISTENERS.values()))
+           + " / ".join(var for var, _, _ in LISTENERS.values()) + f" (and {DICOM_ADDR_ENV} when set)")
     rep.ok(None not in listen.values() and len(set(listen.values())) == len(listen),
            f"{overlay}: the listeners have distinct ports {listen}")
     # README's metric table must know every listener (brainai_connections_*{listener}): the
@@ -670,9 +720,14 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     rep.ok(pre is not None and drain is not None and live_s > busy_s,
            f"{overlay}: liveness needs {live_s} s of failures, more than preStop + drain + {CLOSE_AFTER_DRAIN_S} s ({busy_s} s)")
     rep.ok(pod.get("enableServiceLinks") is False, f"{overlay}: enableServiceLinks is false (no injected BRAINAI_* service variables)")
-    rep.ok("replicas" not in dep["spec"], f"{overlay}: the Deployment leaves replicas to the HPA")
-    rs = dep["spec"].get("strategy", {}).get("rollingUpdate", {})
-    rep.ok(rs.get("maxUnavailable") in (0, "0", "0%"), f"{overlay}: rolling update keeps every pod until its replacement is Ready")
+    if stateful:
+        us = dep["spec"].get("updateStrategy", {})
+        rep.ok(us.get("type", "RollingUpdate") == "RollingUpdate" and not us.get("rollingUpdate", {}).get("partition"),
+               f"{overlay}: the StatefulSet rolls every pod, one at a time ({us})")
+    else:
+        rep.ok("replicas" not in dep["spec"], f"{overlay}: the Deployment leaves replicas to the HPA")
+        rs = dep["spec"].get("strategy", {}).get("rollingUpdate", {})
+        rep.ok(rs.get("maxUnavailable") in (0, "0", "0%"), f"{overlay}: rolling update keeps every pod until its replacement is Ready")
 
     # security
     psc = pod.get("securityContext", {})
@@ -708,7 +763,12 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     grpc_svc = services.get("brainai-grpc", {})
     http_svc = services.get("brainai-http", {})
     met_svc = services.get(METRICS_JOB, {})
-    rep.ok(sorted(services) == sorted(SERVICES), f"{overlay}: the Services are {sorted(SERVICES)} ({sorted(services)})")
+    want_services = set(SERVICES)
+    if env.get(DICOM_ADDR_ENV) is not None:
+        want_services.add(DICOM_SERVICE)
+    if stateful:
+        want_services.add(dep["spec"].get("serviceName"))
+    rep.ok(sorted(services) == sorted(map(str, want_services)), f"{overlay}: the Services are {sorted(map(str, want_services))} ({sorted(services)})")
     rep.ok(grpc_svc.get("spec", {}).get("clusterIP") == "None", f"{overlay}: brainai-grpc is headless")
     for svc in (http_svc, met_svc):
         rep.ok(svc.get("spec", {}).get("type", "ClusterIP") == "ClusterIP" and svc.get("spec", {}).get("clusterIP") != "None",
@@ -726,7 +786,7 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
             rep.ok(target_name == port_name and p.get("port") == listen[port_name] and p.get("appProtocol") == app_protocol,
                    f"{overlay}: Service {svc_name} port {p.get('name')} {p.get('port')} targets container port {port_name} "
                    f"({target} -> {ports.get(target_name)}; {LISTENERS[port_name][0]} {listen[port_name]}) with appProtocol {app_protocol} ({p.get('appProtocol')}; TLS {'on' if tls_on else 'off'})")
-    rep.ok(matches(dep["spec"]["selector"]["matchLabels"], pod_labels), f"{overlay}: Deployment selector matches its pod labels")
+    rep.ok(matches(dep["spec"]["selector"].get("matchLabels", {}), pod_labels), f"{overlay}: {kind} selector matches its pod labels")
     rep.ok(matches(pdb.get("spec", {}).get("selector", {}).get("matchLabels", {}), pod_labels), f"{overlay}: PodDisruptionBudget selects the pods")
     rep.ok(matches(netpol.get("spec", {}).get("podSelector", {}).get("matchLabels", {}), pod_labels), f"{overlay}: NetworkPolicy selects the pods")
     # A rule without `ports` admits every port, one without `from` every peer; a named port is
@@ -761,22 +821,23 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
     rep.ok(sm_ports and all(p in {x["name"] for x in met_svc.get("spec", {}).get("ports", [])} for p in sm_ports) and "jobLabel" not in sm.get("spec", {}),
            f"{overlay}: ServiceMonitor scrapes port {sm_ports} of {METRICS_JOB}")
 
-    # HPA
-    hs = hpa.get("spec", {})
-    rep.ok(hs.get("scaleTargetRef", {}).get("name") == dep["metadata"]["name"], f"{overlay}: HPA scales the Deployment")
-    pods_metrics = [m["pods"]["metric"]["name"] for m in hs.get("metrics", []) if m.get("type") == "Pods"]
-    cpu_metrics = [m for m in hs.get("metrics", []) if m.get("type") == "Resource" and m["resource"]["name"] == "cpu"]
-    served = {r.get("name", {}).get("as") for r in ctx.adapter.get("rules", {}).get("custom", [])}
-    rep.ok(pods_metrics == ["brainai_queue_depth"] and set(pods_metrics) <= served,
-           f"{overlay}: HPA scales on {pods_metrics}, served by the prometheus-adapter rule {sorted(map(str, served))}")
-    rep.ok(len(cpu_metrics) == 1, f"{overlay}: HPA has CPU as a fallback metric")
-    target = next((m["pods"]["target"].get("averageValue") for m in hs.get("metrics", []) if m.get("type") == "Pods"), None)
-    try:
-        target_v = float(str(target))
-    except ValueError:
-        target_v = -1
-    rep.ok(capacity is not None and 0 < target_v < 0.8 * capacity, f"{overlay}: HPA queue target {target} below the queue alert (0.8 x {capacity})")
-    rep.ok(hs.get("minReplicas", 1) >= 2, f"{overlay}: HPA keeps at least 2 pods (PDB maxUnavailable 1 then leaves one serving)")
+    if not stateful:
+        # HPA (a Deployment's; a StatefulSet of DICOM nodes has a fixed replica count: check_dicom)
+        hs = hpa.get("spec", {})
+        rep.ok(hs.get("scaleTargetRef", {}).get("name") == dep["metadata"]["name"], f"{overlay}: HPA scales the Deployment")
+        pods_metrics = [m["pods"]["metric"]["name"] for m in hs.get("metrics", []) if m.get("type") == "Pods"]
+        cpu_metrics = [m for m in hs.get("metrics", []) if m.get("type") == "Resource" and m["resource"]["name"] == "cpu"]
+        served = {r.get("name", {}).get("as") for r in ctx.adapter.get("rules", {}).get("custom", [])}
+        rep.ok(pods_metrics == ["brainai_queue_depth"] and set(pods_metrics) <= served,
+               f"{overlay}: HPA scales on {pods_metrics}, served by the prometheus-adapter rule {sorted(map(str, served))}")
+        rep.ok(len(cpu_metrics) == 1, f"{overlay}: HPA has CPU as a fallback metric")
+        target = next((m["pods"]["target"].get("averageValue") for m in hs.get("metrics", []) if m.get("type") == "Pods"), None)
+        try:
+            target_v = float(str(target))
+        except ValueError:
+            target_v = -1
+        rep.ok(capacity is not None and 0 < target_v < 0.8 * capacity, f"{overlay}: HPA queue target {target} below the queue alert (0.8 x {capacity})")
+        rep.ok(hs.get("minReplicas", 1) >= 2, f"{overlay}: HPA keeps at least 2 pods (PDB maxUnavailable 1 then leaves one serving)")
 
     # alerts
     alerts = [r for g in rule.get("spec", {}).get("groups", []) for r in g.get("rules", []) if "alert" in r]
@@ -804,6 +865,8 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
                 "BrainAILowBatchOccupancyUnderLoad", "BrainAIInstanceNotReady", "BrainAIPodRestarting",
                 "BrainAIModelLoadFailures", "BrainAIOverloadShedding", "BrainAIConnectionsRefused",
                 "BrainAITLSCertificateExpiringSoon", "BrainAITLSReloadFailures", "BrainAIAuditWriteFailures"}
+    if env.get(DICOM_ADDR_ENV) is not None:
+        required |= DICOM_ALERTS
     rep.ok(required <= names, f"{overlay}: the required alerts exist {sorted(required - names) or ''}")
     q = next((r["expr"] for r in alerts if r["alert"] == "BrainAIQueueNearCapacity"), "")
     thresholds, problems = queue_thresholds(q)
@@ -813,12 +876,298 @@ def validate_overlay(overlay: str, docs: list[dict], ctx: Context, rep: Report) 
         rep.ok(got == (0.8, cap_) and not problems,
                f"{overlay}: queue alert threshold for priority=\"{prio}\" is 0.8 x {key}={cap_} "
                f"({'%g x %g' % got if got else 'none'}{'; ' + '; '.join(problems) if problems else ''})")
-    # runbook entries that no alert uses are stale
-    runbook_section = ctx.deploy_readme.partition("## Runbook")[2]
-    documented = set(re.findall(r"^### (BrainAI\w+)", runbook_section, re.M))
-    rep.ok(documented == names, f"{overlay}: runbook entries = alerts {sorted(documented ^ names) or ''}")
+    # (runbook entries that no overlay's alert uses are stale: check_runbook_entries, over every overlay)
+    check_workload_selectors(overlay, rep, dep, alerts)
 
     check_security(overlay, ctx, rep, env, pod, main, namespace, alerts)
+    egress = netpol.get("spec", {}).get("egress", [])
+    rep.ok("Egress" in netpol.get("spec", {}).get("policyTypes", []),
+           f"{overlay}: the NetworkPolicy restricts egress (policyTypes {netpol.get('spec', {}).get('policyTypes')})")
+    if env.get(DICOM_ADDR_ENV) is not None or stateful:
+        check_dicom(overlay, ctx, rep, env, dep, pod, main, ports, listen, services, netpol, alerts, stateful)
+    else:
+        rep.ok(egress == [], f"{overlay}: no egress at all: the server opens no connection ({egress})")
+    return names
+
+
+def check_runbook_entries(ctx: Context, rep: Report, names: set) -> None:
+    """Every `### BrainAI...` entry of the README's runbook is an alert of some overlay (stale
+    entries otherwise); that every alert has its entry is checked per alert."""
+    runbook_section = ctx.deploy_readme.partition("## Runbook")[2]
+    documented = set(re.findall(r"^### (BrainAI\w+)", runbook_section, re.M))
+    rep.ok(documented == names, f"runbook entries = the alerts of all overlays {sorted(documented ^ names) or ''}")
+
+
+def workload_pod_names(workload: dict) -> list[str]:
+    """Names the workload's pods get: a Deployment's <name>-<pod-template-hash>-<suffix>, a
+    StatefulSet's <name>-<ordinal> (a two-digit ordinal included)."""
+    name = workload.get("metadata", {}).get("name", "")
+    if workload.get("kind") == "StatefulSet":
+        n = workload.get("spec", {}).get("replicas", 1)
+        return [f"{name}-{i}" for i in sorted({0, max(n - 1, 0), 10})]
+    return [f"{name}-7d9f8b6c5d-x2k4p", f"{name}-5b8c7d6f4-9qzrt"]
+
+
+def check_workload_selectors(overlay: str, rep: Report, workload: dict, alerts) -> None:
+    """The kube-state-metrics selectors of the alerts follow the overlay's workload: a `pod=~`
+    regex matches the names its pods get (a Deployment's regex selects no StatefulSet pod, and
+    the alert would stay silent), kube_deployment_* / kube_statefulset_* name it."""
+    kind, name = workload.get("kind"), workload.get("metadata", {}).get("name")
+    pods = workload_pod_names(workload)
+    for r in alerts:
+        try:
+            expr = promql_parser.parse(r.get("expr", ""))
+        except Exception:
+            continue  # reported by check_promql
+        problems = []
+        kube = [(metric, labels) for metric, labels in selectors(expr) if (metric or "").startswith("kube_")]
+        if not kube:
+            continue
+        for metric, labels in kube:
+            for prefix, want_kind, label in (("kube_deployment_", "Deployment", "deployment"), ("kube_statefulset_", "StatefulSet", "statefulset")):
+                if metric.startswith(prefix) and (kind != want_kind or labels.get(label) != ("=", name)):
+                    problems.append(f"{metric}{{{label}={labels.get(label, ('', ''))[1]!r}}} but the workload is {kind}/{name}")
+            op, value = labels.get("pod", ("", ""))
+            if op == "=~":
+                missed = [p for p in pods if not re.fullmatch(value, p)]
+                if missed:
+                    problems.append(f"{metric}{{pod=~{value!r}}} does not match the pods {missed}")
+            elif op == "=" and value not in pods:
+                problems.append(f"{metric}{{pod={value!r}}} is none of the pods")
+        rep.ok(not problems, f"{overlay}: alert {r.get('alert')}: kube-state-metrics selectors follow the {kind} {name} {problems or ''}")
+
+
+def quantity_bytes(q) -> float | None:
+    """Bytes of a Kubernetes quantity such as 8Gi, 500M, 1e9."""
+    m = re.fullmatch(r"([0-9.]+(?:e[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?", str(q or ""))
+    if not m:
+        return None
+    units = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def constant(node) -> float | None:
+    """The value of a PromQL number expression (`0.8 * 1024 * 1048576`), None for anything else."""
+    P = promql_parser
+    if isinstance(node, P.NumberLiteral):
+        return node.val
+    if isinstance(node, P.ParenExpr):
+        return constant(node.expr)
+    if isinstance(node, P.BinaryExpr) and str(node.op) in ("*", "/", "+", "-"):
+        a, b = constant(node.lhs), constant(node.rhs)
+        if a is None or b is None:
+            return None
+        return {"*": a * b, "/": a / b if b else None, "+": a + b, "-": a - b}[str(node.op)]
+    return None
+
+
+def thresholds(alerts, alert: str, metric: str) -> list[float]:
+    """The constants that selections of `metric` are compared with (`... > N`) in `alert`'s rules;
+    None where the other side is not a number."""
+    out = []
+    for r in alerts:
+        if r.get("alert") != alert:
+            continue
+        try:
+            expr = promql_parser.parse(r.get("expr", ""))
+        except Exception:
+            continue
+        for node in nodes(expr):
+            if (isinstance(node, promql_parser.BinaryExpr) and str(node.op) in (">", ">=")
+                    and any(name == metric for name, _ in selectors(node.lhs))):
+                out.append(constant(node.rhs))
+    return out
+
+
+def check_dicom(overlay: str, ctx: Context, rep: Report, env: dict, sts: dict, pod: dict, main: dict, ports: dict,
+                listen: dict, services: dict, netpol: dict, alerts, stateful: bool) -> None:
+    """The DICOM node (deploy/k8s/overlays/dicom-node): a StatefulSet whose replicas keep their
+    spool and outbox on volumes of their own; the listener's Service (port, session affinity,
+    client address kept) and NetworkPolicy (the PACS's CIDRs only, = BRAINAI_DICOM_ALLOW; egress
+    to the destination only); TLS; the alerts' thresholds against the configuration."""
+    import ipaddress
+
+    where = f"{overlay}: DICOM node"
+    dicom_port = listen.get(DICOM_PORT_NAME)
+    rep.ok(env.get(DICOM_ADDR_ENV) is not None and dicom_port is not None,
+           f"{where}: {DICOM_ADDR_ENV} is a listen address ({env.get(DICOM_ADDR_ENV)})")
+    rep.ok(stateful, f"{where}: a StatefulSet (each replica's spool and outbox on a volume of its own that outlives the pod)")
+    if not stateful:
+        return
+    spec = sts.get("spec", {})
+    pod_labels = spec.get("template", {}).get("metadata", {}).get("labels", {})
+
+    def env_num(key):
+        try:
+            return int(env.get(key, ctx.env_defaults.get(key, DICOM_DEFAULTS[key])))
+        except (TypeError, ValueError):
+            rep.ok(False, f"{where}: {key}={env.get(key)!r} is not an integer")
+            return None
+
+    # replicas, pod management, the claims' lifetime
+    rep.ok(isinstance(spec.get("replicas"), int) and spec["replicas"] >= 2,
+           f"{where}: at least 2 replicas behind the one AE title (replicas {spec.get('replicas')}; PDB maxUnavailable 1 leaves one receiving)")
+    rep.ok(spec.get("podManagementPolicy") == "Parallel",
+           f"{where}: podManagementPolicy Parallel (a replica that died comes back without waiting for the others) ({spec.get('podManagementPolicy')})")
+    retention = spec.get("persistentVolumeClaimRetentionPolicy", {})
+    rep.ok(all(retention.get(k, "Retain") == "Retain" for k in ("whenScaled", "whenDeleted")),
+           f"{where}: the claims are retained when the StatefulSet is scaled down or deleted (undelivered results stay) ({retention})")
+    governing = services.get(spec.get("serviceName"), {})
+    rep.ok(governing.get("spec", {}).get("clusterIP") == "None" and matches(governing.get("spec", {}).get("selector", {}), pod_labels),
+           f"{where}: serviceName {spec.get('serviceName')} is a headless Service selecting the pods")
+
+    # spool and outbox on the replica's own volume
+    claims = {c.get("metadata", {}).get("name"): c for c in spec.get("volumeClaimTemplates", [])}
+    pod_volumes = {v.get("name") for v in pod.get("volumes", [])}
+    mounts = main.get("volumeMounts", [])
+    dirs = {}
+    for var in DICOM_DIRS:
+        path = env.get(var, "")
+        dirs[var] = path
+        mount = next((m for m in mounts if path.startswith(m.get("mountPath", "\0").rstrip("/") + "/")), None)
+        rep.ok(path.startswith("/") and mount is not None and mount.get("name") in claims and mount.get("name") not in pod_volumes
+               and not mount.get("readOnly") and not mount.get("subPath") and not mount.get("subPathExpr"),
+               f"{where}: {var}={path} lies on a volumeClaimTemplate mounted writable as a whole "
+               f"({mount.get('name') + ' at ' + mount.get('mountPath') if mount else 'no mount'}; claims {sorted(claims)})")
+    spool, outbox = dirs[DICOM_DIRS[0]].rstrip("/"), dirs[DICOM_DIRS[1]].rstrip("/")
+    rep.ok(spool and outbox and spool != outbox and not spool.startswith(outbox + "/") and not outbox.startswith(spool + "/"),
+           f"{where}: spool and outbox are distinct directories ({spool}, {outbox})")
+    spool_mib, outbox_mib = env_num("BRAINAI_DICOM_SPOOL_MAX_MIB"), env_num("BRAINAI_DICOM_OUTBOX_MAX_MIB")
+    used = {m.get("name") for m in mounts if any(d.startswith(m.get("mountPath", "\0").rstrip("/") + "/") for d in dirs.values())}
+    size = sum(quantity_bytes(claims[n].get("spec", {}).get("resources", {}).get("requests", {}).get("storage")) or 0 for n in used if n in claims)
+    need = ((spool_mib or 0) + (outbox_mib or 0)) * MIB * DICOM_VOLUME_SLACK
+    rep.ok(spool_mib is not None and outbox_mib is not None and size >= need,
+           f"{where}: the volume ({size / 2**30:g} GiB) holds the spool and outbox caps ({spool_mib} + {outbox_mib} MiB) x {DICOM_VOLUME_SLACK}")
+    for n in used & set(claims):
+        modes = claims[n].get("spec", {}).get("accessModes", [])
+        rep.ok(modes and set(modes) <= {"ReadWriteOnce", "ReadWriteOncePod"},
+               f"{where}: claim {n} is one replica's (accessModes {modes})")
+
+    # who may call: BRAINAI_DICOM_ALLOW = AE@CIDR rules
+    allow = [r.strip() for r in env.get("BRAINAI_DICOM_ALLOW", "").split(";") if r.strip()]
+    cidrs = set()
+    bad = []
+    for r in allow:
+        ae, _, cidr = r.partition("@")
+        try:
+            net = ipaddress.ip_network(cidr, strict=True)
+            cidrs.add(str(net))
+            if net.prefixlen == 0:
+                bad.append(r)
+        except ValueError:
+            bad.append(r)
+    rep.ok(allow and not bad, f"{where}: BRAINAI_DICOM_ALLOW names calling AE titles with the PACS's CIDRs (AE@CIDR, none /0) "
+           f"({env.get('BRAINAI_DICOM_ALLOW')!r}{'; not AE@CIDR: ' + str(bad) if bad else ''}; empty: any caller)")
+
+    # TLS on the listener and towards the destination
+    rep.ok(env_true(env.get("BRAINAI_DICOM_TLS")) and bool(env.get("BRAINAI_TLS_CERT")),
+           f"{where}: DICOM TLS on (BRAINAI_DICOM_TLS={env.get('BRAINAI_DICOM_TLS')}, with BRAINAI_TLS_CERT)")
+    rep.ok(env_true(env.get("BRAINAI_DICOM_DESTINATION_TLS")),
+           f"{where}: results are delivered over TLS (BRAINAI_DICOM_DESTINATION_TLS={env.get('BRAINAI_DICOM_DESTINATION_TLS')})")
+    ca = env.get("BRAINAI_DICOM_DESTINATION_CA")
+    if ca:
+        volumes = {v.get("name"): v for v in pod.get("volumes", [])}
+        mount = next((m for m in mounts if ca.startswith(m.get("mountPath", "\0").rstrip("/") + "/")), None)
+        vol = volumes.get(mount.get("name")) if mount else {}
+        rep.ok(mount is not None and ("secret" in (vol or {}) or "configMap" in (vol or {})) and mount.get("readOnly") is True
+               and not mount.get("subPath"),
+               f"{where}: BRAINAI_DICOM_DESTINATION_CA={ca} is in a Secret or ConfigMap mounted read-only, no subPath")
+
+    # the destination: AE@HOST:PORT
+    dest = env.get("BRAINAI_DICOM_DESTINATION", "")
+    m = re.fullmatch(r"([^@]{1,16})@(.+):(\d+)", dest)
+    rep.ok(m is not None, f"{where}: BRAINAI_DICOM_DESTINATION is AE@HOST:PORT ({dest!r}; required with {DICOM_ADDR_ENV})")
+    dest_host, dest_port = (m.group(2).strip("[]"), int(m.group(3))) if m else (None, None)
+
+    # the Service the PACS sends to
+    svc = services.get(DICOM_SERVICE, {})
+    ss = svc.get("spec", {})
+    rep.ok(matches(ss.get("selector", {}), pod_labels), f"{where}: Service {DICOM_SERVICE} selects the pods")
+    sports = ss.get("ports", [])
+    by_number = {v: k for k, v in ports.items()}
+    protocol = DICOM_APP_PROTOCOL[env_true(env.get("BRAINAI_DICOM_TLS"))]
+    ok_port = False
+    if len(sports) == 1:
+        p = sports[0]
+        target = p.get("targetPort", p.get("port"))
+        target_name = target if isinstance(target, str) else by_number.get(target)
+        ok_port = target_name == DICOM_PORT_NAME and p.get("port") == dicom_port and p.get("appProtocol") == protocol
+    rep.ok(ok_port, f"{where}: Service {DICOM_SERVICE} has one port, {dicom_port} ({DICOM_ADDR_ENV}), targeting container port "
+           f"{DICOM_PORT_NAME} ({ports.get(DICOM_PORT_NAME)}) with appProtocol {protocol} ({sports})")
+    rep.ok(ss.get("sessionAffinity") == "ClientIP",
+           f"{where}: Service {DICOM_SERVICE} has sessionAffinity ClientIP (a PACS's associations, and so its studies, reach one replica) "
+           f"({ss.get('sessionAffinity')})")
+    external = ss.get("type", "ClusterIP") in ("LoadBalancer", "NodePort")
+    rep.ok(not external or ss.get("externalTrafficPolicy") == "Local",
+           f"{where}: Service {DICOM_SERVICE} ({ss.get('type', 'ClusterIP')}) keeps the PACS's address (externalTrafficPolicy Local: "
+           f"the NetworkPolicy, BRAINAI_DICOM_ALLOW and the affinity need it) ({ss.get('externalTrafficPolicy')})")
+    ranges = ss.get("loadBalancerSourceRanges", [])
+    rep.ok(ss.get("type") != "LoadBalancer" or (ranges and {str(ipaddress.ip_network(r, strict=False)) for r in ranges} == cidrs),
+           f"{where}: Service {DICOM_SERVICE}'s loadBalancerSourceRanges {ranges} are BRAINAI_DICOM_ALLOW's CIDRs {sorted(cidrs)}")
+    if governing:
+        gports = governing.get("spec", {}).get("ports", [])
+        rep.ok(all(p.get("targetPort", p.get("port")) in (DICOM_PORT_NAME, dicom_port) for p in gports),
+               f"{where}: the governing Service names no port but the DICOM one ({gports})")
+
+    # NetworkPolicy: the DICOM port from the PACS's CIDRs (ipBlock peers) only
+    ns = netpol.get("spec", {})
+
+    def numbers(r):
+        return {ports.get(p.get("port"), p.get("port")) if isinstance(p.get("port"), str) else p.get("port") for p in r.get("ports", [])}
+
+    dicom_rules = [r for r in ns.get("ingress", []) if dicom_port in numbers(r)]
+    peers = [peer for r in dicom_rules for peer in r.get("from", [])]
+    rep.ok(bool(dicom_rules), f"{where}: the NetworkPolicy admits the DICOM port {dicom_port}")
+    rep.ok(peers and all(set(peer) == {"ipBlock"} for peer in peers),
+           f"{where}: the NetworkPolicy admits the DICOM port from ipBlock peers only (the PACS's addresses; no namespace or pod) ({peers})")
+    blocks = set()
+    for peer in peers:
+        try:
+            blocks.add(str(ipaddress.ip_network(peer.get("ipBlock", {}).get("cidr", ""), strict=False)))
+        except ValueError:
+            blocks.add(str(peer.get("ipBlock", {}).get("cidr")))
+    rep.ok(blocks == cidrs, f"{where}: the NetworkPolicy's DICOM CIDRs {sorted(blocks)} are BRAINAI_DICOM_ALLOW's {sorted(cidrs)}")
+
+    # egress: the destination's address and port, DNS only for a host name, nothing else
+    egress = ns.get("egress", [])
+    rep.ok(all(r.get("to") and r.get("ports") for r in egress), f"{where}: every egress rule names its peers and ports (no open egress)")
+    try:
+        dest_ip = ipaddress.ip_address(dest_host) if dest_host else None
+    except ValueError:
+        dest_ip = None
+
+    def reaches(r, port, ip=None):
+        if port not in numbers(r):
+            return False
+        if ip is None:
+            return True
+        for peer in r.get("to", []):
+            block = peer.get("ipBlock")
+            if block and ip in ipaddress.ip_network(block.get("cidr", "0.0.0.0/32"), strict=False) and not any(
+                    ip in ipaddress.ip_network(e, strict=False) for e in block.get("except", [])):
+                return True
+        return False
+
+    dns = dest_host is not None and dest_ip is None
+    rep.ok(dest_port is not None and any(reaches(r, dest_port, dest_ip) for r in egress) and (not dns or any(reaches(r, 53) for r in egress)),
+           f"{where}: the NetworkPolicy lets the node reach the destination {dest_host}:{dest_port}" + (" (and DNS)" if dns else ""))
+    allowed_ports = {dest_port} | ({53} if dns else set())
+    extra = sorted(str(n) for r in egress for n in numbers(r) if n not in allowed_ports)
+    rep.ok(not extra, f"{where}: egress to no other port than the destination's{' and DNS' if dns else ''} {extra or ''}")
+
+    # alerts whose thresholds follow the configuration
+    retry = env_num("BRAINAI_DICOM_RETRY_MAX_S")
+    ages = thresholds(alerts, "BrainAIDicomOutboxAging", "brainai_dicom_outbox_oldest_age_seconds")
+    rep.ok(ages and None not in ages and retry is not None and min(ages) >= 2 * retry,
+           f"{where}: BrainAIDicomOutboxAging fires after more than two delivery retries at BRAINAI_DICOM_RETRY_MAX_S={retry} ({ages})")
+    caps = thresholds(alerts, "BrainAIDicomOutboxGrowing", "brainai_dicom_outbox_bytes")
+    want = 0.8 * (outbox_mib or 0) * MIB
+    rep.ok(caps and all(c is not None and abs(c - want) < 1 for c in caps),
+           f"{where}: BrainAIDicomOutboxGrowing's outbox threshold is 0.8 x BRAINAI_DICOM_OUTBOX_MAX_MIB={outbox_mib} MiB ({caps})")
+    spool_ratio = thresholds(alerts, "BrainAIDicomSpoolFilling", "brainai_dicom_spool_bytes")
+    rep.ok(spool_ratio and all(c is not None and 0 < c < 1 for c in spool_ratio)
+           and all("brainai_dicom_spool_capacity_bytes" in r["expr"] for r in alerts if r.get("alert") == "BrainAIDicomSpoolFilling"),
+           f"{where}: BrainAIDicomSpoolFilling compares the spool with its capacity (brainai_dicom_spool_capacity_bytes) below 1 ({spool_ratio})")
 
 
 def duration_s(text) -> float | None:
@@ -842,6 +1191,11 @@ def expiry_thresholds_s(alerts) -> list[float]:
                 v *= float(g) if g else 1.0
             out.append(v)
     return out
+
+
+def env_true(value) -> bool:
+    """A boolean flag's variable as clap reads it."""
+    return str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
 def check_security(overlay: str, ctx: Context, rep: Report, env: dict, pod: dict, main: dict, namespace, alerts) -> None:
@@ -910,6 +1264,12 @@ def check_security(overlay: str, ctx: Context, rep: Report, env: dict, pod: dict
     rep.ok(cs.get("privateKey", {}).get("rotationPolicy", "Always") == "Always",
            f"{CERTIFICATE}: a new private key on every renewal (rotationPolicy Always)")
     services = {"brainai-grpc", "brainai-http"}  # the Services in front of the TLS listeners
+    if env.get(DICOM_ADDR_ENV) is not None and env_true(env.get("BRAINAI_DICOM_TLS")):
+        services.add(DICOM_SERVICE)  # DICOM TLS: the same certificate
+    if env.get(DICOM_ADDR_ENV) is not None and env_true(env.get("BRAINAI_DICOM_DESTINATION_TLS")):
+        # Deliveries over TLS: the node presents its certificate (tls.crt) as a client certificate.
+        rep.ok("client auth" in cs.get("usages", []),
+               f"{overlay}: the Certificate may be used as the DICOM node's client certificate towards the destination (usages {cs.get('usages')})")
     want = {f"{svc}{sfx}" for svc in services for sfx in ("", f".{namespace}", f".{namespace}.svc", f".{namespace}.svc.cluster.local")}
     names = set(cs.get("dnsNames", []))
     rep.ok(want <= names, f"{overlay}: the Certificate's dnsNames cover every name of the TLS Services {sorted(want - names) or ''}")
@@ -1327,19 +1687,142 @@ def self_test(overlays: dict[str, list[dict]], ctx: Context) -> int:
         "no audit write failure alert": (drop_alert("BrainAIAuditWriteFailures"), "required alerts"),
     }
     missed = []
-    for what, (mutate, expect, *ctx_edit) in mutations.items():
-        broken = copy.deepcopy(docs)
-        mutate(broken)
-        rep = Report(quiet=True)
-        broken_ctx = ctx
-        if ctx_edit:
-            broken_ctx = copy.copy(ctx)
-            ctx_edit[0](broken_ctx)
-        validate_overlay(name, broken, broken_ctx, rep)
-        caught = any(expect in f for f in rep.failures)
-        print(f"  {'ok  ' if caught else 'FAIL'} self-test: caught {what}" + ("" if caught else f" (failures: {rep.failures[:3]})"))
-        if not caught:
-            missed.append(what)
+
+    def run(overlay_name, overlay_docs, cases):
+        for what, (mutate, expect, *ctx_edit) in cases.items():
+            broken = copy.deepcopy(overlay_docs)
+            mutate(broken)
+            rep = Report(quiet=True)
+            broken_ctx = ctx
+            if ctx_edit:
+                broken_ctx = copy.copy(ctx)
+                ctx_edit[0](broken_ctx)
+            validate_overlay(overlay_name, broken, broken_ctx, rep)
+            caught = any(expect in f for f in rep.failures)
+            print(f"  {'ok  ' if caught else 'FAIL'} self-test: caught {what}" + ("" if caught else f" (failures: {rep.failures[:3]})"))
+            if not caught:
+                missed.append(what)
+
+    run(name, docs, mutations)
+
+    # the DICOM node: a StatefulSet with a volume per replica, its Service, NetworkPolicy, alerts
+    dicom = next(((n, d) for n, d in overlays.items() if by_kind(d, "StatefulSet")), None)
+    if dicom is None:
+        print("  FAIL self-test: no DICOM node overlay (a StatefulSet) to break")
+        missed.append("the DICOM node overlay")
+    else:
+        def sts(d):
+            return by_kind(d, "StatefulSet")[0]
+
+        def sts_main(d):
+            return sts(d)["spec"]["template"]["spec"]["containers"][0]
+
+        def dicom_mount(d):
+            return next(m for m in sts_main(d)["volumeMounts"] if m["mountPath"] == "/var/lib/brainai/dicom")
+
+        def dicom_rule(d):
+            return next(r for r in netpol_rules(d) if any(p["port"] == 11112 for p in r["ports"]))
+
+        def egress(d):
+            return by_kind(d, "NetworkPolicy")[0]["spec"]["egress"]
+
+        def set_env(key, value):
+            return lambda d: env_cm(d)["data"].__setitem__(key, value)
+
+        def to_deployment(d):
+            w = sts(d)
+            w["kind"] = "Deployment"
+            for k in ("serviceName", "podManagementPolicy", "updateStrategy", "persistentVolumeClaimRetentionPolicy", "volumeClaimTemplates"):
+                w["spec"].pop(k, None)
+
+        hpa_doc = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "brainai", "namespace": "brainai"},
+                   "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "brainai"}, "minReplicas": 2, "maxReplicas": 4}}
+        deployment_pods = 'pod=~"brainai-[a-z0-9]+-[a-z0-9]+"'
+        dicom_cases = {
+            "a DICOM node on a Deployment (no volume per replica)": (to_deployment, "a StatefulSet (each replica's spool and outbox"),
+            "spool and outbox on an emptyDir instead of the replica's claim": (
+                lambda d: (sts(d)["spec"].pop("volumeClaimTemplates"), sts(d)["spec"]["template"]["spec"]["volumes"].append({"name": "dicom", "emptyDir": {}})),
+                "BRAINAI_DICOM_SPOOL_DIR=/var/lib/brainai/dicom/spool lies on a volumeClaimTemplate"),
+            "outbox outside the replica's volume": (set_env("BRAINAI_DICOM_OUTBOX_DIR", "/tmp/outbox"), "BRAINAI_DICOM_OUTBOX_DIR=/tmp/outbox lies on a volumeClaimTemplate"),
+            "spool volume mounted read-only": (lambda d: dicom_mount(d).__setitem__("readOnly", True), "mounted writable"),
+            "spool volume mounted with subPath": (lambda d: dicom_mount(d).__setitem__("subPath", "spool"), "mounted writable"),
+            "spool and outbox in one directory": (set_env("BRAINAI_DICOM_OUTBOX_DIR", "/var/lib/brainai/dicom/spool"), "distinct directories"),
+            "volume smaller than the spool and outbox caps": (
+                lambda d: sts(d)["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"].__setitem__("storage", "4Gi"), "holds the spool and outbox caps"),
+            "spool cap raised without the volume": (set_env("BRAINAI_DICOM_SPOOL_MAX_MIB", "16384"), "holds the spool and outbox caps"),
+            "claims deleted when scaled down": (
+                lambda d: sts(d)["spec"]["persistentVolumeClaimRetentionPolicy"].__setitem__("whenScaled", "Delete"), "claims are retained"),
+            "OrderedReady pod management": (lambda d: sts(d)["spec"].__setitem__("podManagementPolicy", "OrderedReady"), "podManagementPolicy Parallel"),
+            "a single replica": (lambda d: sts(d)["spec"].__setitem__("replicas", 1), "at least 2 replicas"),
+            "an HPA on the StatefulSet": (lambda d: d.append(copy.deepcopy(hpa_doc)), "no HorizontalPodAutoscaler for the StatefulSet"),
+            "governing Service not headless": (lambda d: svc(d, "brainai-pods")["spec"].pop("clusterIP"), "is a headless Service selecting the pods"),
+            "DICOM address moved without its container port": (set_env("BRAINAI_DICOM_ADDR", "0.0.0.0:11113"), "are exactly the listeners"),
+            "DICOM container port moved without the address": (
+                lambda d: next(p for p in sts_main(d)["ports"] if p["name"] == "dicom").__setitem__("containerPort", 104), "are exactly the listeners"),
+            "brainai-dicom targeting the gRPC port": (
+                lambda d: svc(d, "brainai-dicom")["spec"]["ports"][0].__setitem__("targetPort", "grpc"), "Service brainai-dicom has one port"),
+            "brainai-dicom on another port than the listener": (
+                lambda d: svc(d, "brainai-dicom")["spec"]["ports"][0].__setitem__("port", 104), "Service brainai-dicom has one port"),
+            "brainai-dicom saying plaintext DICOM in front of DICOM TLS": (
+                lambda d: svc(d, "brainai-dicom")["spec"]["ports"][0].__setitem__("appProtocol", "dicom"), "with appProtocol dicom-tls"),
+            "brainai-dicom without session affinity": (lambda d: svc(d, "brainai-dicom")["spec"].pop("sessionAffinity"), "sessionAffinity ClientIP"),
+            "brainai-dicom hiding the PACS's address (SNAT)": (
+                lambda d: svc(d, "brainai-dicom")["spec"].__setitem__("externalTrafficPolicy", "Cluster"), "keeps the PACS's address"),
+            "load balancer open wider than the allow list": (
+                lambda d: svc(d, "brainai-dicom")["spec"].__setitem__("loadBalancerSourceRanges", ["0.0.0.0/0"]), "loadBalancerSourceRanges"),
+            "NetworkPolicy without the DICOM rule": (
+                lambda d: by_kind(d, "NetworkPolicy")[0]["spec"].__setitem__("ingress", [r for r in netpol_rules(d) if r is not dicom_rule(d)]),
+                "the NetworkPolicy admits the DICOM port 11112"),
+            "NetworkPolicy admitting the DICOM port to a namespace": (
+                lambda d: dicom_rule(d)["from"].append({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "pacs-integration"}}}),
+                "admits the DICOM port from ipBlock peers only"),
+            "NetworkPolicy admitting the DICOM port from anywhere": (
+                lambda d: dicom_rule(d)["from"][0]["ipBlock"].__setitem__("cidr", "0.0.0.0/0"), "are BRAINAI_DICOM_ALLOW's"),
+            "allow list moved without the NetworkPolicy": (set_env("BRAINAI_DICOM_ALLOW", "PACS@10.30.0.0/16"), "are BRAINAI_DICOM_ALLOW's"),
+            "any calling AE (no allow list)": (lambda d: env_cm(d)["data"].pop("BRAINAI_DICOM_ALLOW"), "BRAINAI_DICOM_ALLOW names calling AE titles"),
+            "an allow rule without the PACS's addresses": (set_env("BRAINAI_DICOM_ALLOW", "PACS"), "BRAINAI_DICOM_ALLOW names calling AE titles"),
+            "destination moved without the egress rule": (set_env("BRAINAI_DICOM_DESTINATION", "PACS@10.30.1.10:11112"), "lets the node reach the destination"),
+            "destination as a host name without DNS egress": (
+                set_env("BRAINAI_DICOM_DESTINATION", "PACS@pacs.hospital.example:11112"), "lets the node reach the destination"),
+            "no destination": (lambda d: env_cm(d)["data"].pop("BRAINAI_DICOM_DESTINATION"), "BRAINAI_DICOM_DESTINATION is AE@HOST:PORT"),
+            "open egress (a rule without peers)": (lambda d: egress(d)[0].pop("to"), "every egress rule names its peers and ports"),
+            "egress to another port": (lambda d: egress(d)[0]["ports"].append({"protocol": "TCP", "port": 443}), "egress to no other port"),
+            "DICOM TLS off": (set_env("BRAINAI_DICOM_TLS", "false"), "DICOM TLS on"),
+            "deliveries in plaintext": (set_env("BRAINAI_DICOM_DESTINATION_TLS", "false"), "delivered over TLS"),
+            "destination CA outside any mount": (
+                set_env("BRAINAI_DICOM_DESTINATION_CA", "/etc/ssl/pacs-ca.crt"), "BRAINAI_DICOM_DESTINATION_CA=/etc/ssl/pacs-ca.crt is in a Secret or ConfigMap"),
+            "Certificate without brainai-dicom's names": (lambda d: None, "dnsNames cover every name",
+                                                         cert_edit(lambda c: c["spec"]["dnsNames"].remove("brainai-dicom.brainai.svc"))),
+            "Certificate without client auth": (lambda d: None, "client certificate towards the destination",
+                                               cert_edit(lambda c: c["spec"]["usages"].remove("client auth"))),
+            "the Deployment's pod names in the pod alerts": (
+                edit("BrainAIInstanceNotReady", 'pod=~"brainai-[0-9]+"', deployment_pods), "kube-state-metrics selectors follow the StatefulSet"),
+            "the deleted Deployment's replicas in the availability alert": (
+                edit("BrainAINoReadyInstances", 'kube_statefulset_status_replicas_ready{namespace="brainai", statefulset="brainai"}',
+                     'kube_deployment_status_replicas_available{namespace="brainai", deployment="brainai"}'), "kube-state-metrics selectors follow the StatefulSet"),
+            "no outbox aging alert": (drop_alert("BrainAIDicomOutboxAging"), "required alerts"),
+            "no spool alert": (drop_alert("BrainAIDicomSpoolFilling"), "required alerts"),
+            "a DICOM alert without a runbook entry": (
+                lambda d: alert(d, "BrainAIDicomDeliveriesFailing").__setitem__("alert", "BrainAIDicomDeliveriesBroken"), "is a heading of"),
+            "outbox aging alert within the retry backoff": (edit("BrainAIDicomOutboxAging", "> 900", "> 300"), "more than two delivery retries"),
+            "retry cap raised without the aging alert": (set_env("BRAINAI_DICOM_RETRY_MAX_S", "1800"), "more than two delivery retries"),
+            "outbox cap changed without its alert": (set_env("BRAINAI_DICOM_OUTBOX_MAX_MIB", "2048"), "outbox threshold is 0.8 x"),
+            "spool alert on bytes alone": (
+                lambda d: alert(d, "BrainAIDicomSpoolFilling").__setitem__(
+                    "expr", 'max by (namespace, pod) (brainai_dicom_spool_bytes{job="brainai-metrics"}) > 3e9'), "compares the spool with its capacity"),
+        }
+        run(dicom[0], dicom[1], dicom_cases)
+
+    # a runbook entry that no overlay's alert uses
+    stale = copy.copy(ctx)
+    stale.deploy_readme = ctx.deploy_readme + "\n### BrainAIRetiredAlert\n"
+    rep_ = Report(quiet=True)
+    check_runbook_entries(stale, rep_, {r["alert"] for d in overlays.values() for p in by_kind(d, "PrometheusRule")
+                                        for g in p["spec"]["groups"] for r in g["rules"] if "alert" in r})
+    caught = any("runbook entries = the alerts" in f for f in rep_.failures)
+    print(f"  {'ok  ' if caught else 'FAIL'} self-test: caught a runbook entry no alert uses")
+    if not caught:
+        missed.append("a runbook entry no alert uses")
     # dashboard and adapter
     def dash_edit(fn):
         def apply():
@@ -1410,12 +1893,15 @@ def main() -> int:
     rep = Report()
     rep.ok(len(ctx.metric_types) >= 10, f"README.md documents {len(ctx.metric_types)} brainai_* metrics with their types")
     overlays = {}
+    alert_names = set()
     for item in a.rendered:
         name, _, path = item.partition("=")
         with open(path, encoding="utf-8") as f:
             overlays[name] = [d for d in yaml.safe_load_all(f) if d]
         print(f"overlay {name}: {len(overlays[name])} objects from {os.path.relpath(path, ROOT)}")
-        validate_overlay(name, overlays[name], ctx, rep)
+        alert_names |= validate_overlay(name, overlays[name], ctx, rep)
+    print("runbook")
+    check_runbook_entries(ctx, rep, alert_names)
     print("dashboard and prometheus-adapter rule")
     validate_dashboard(ctx, rep)
     validate_adapter(ctx, rep)

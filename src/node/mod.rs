@@ -172,6 +172,7 @@ pub async fn start(
         open: Mutex::new((0, HashMap::new())),
     });
     metrics::dicom_associations_active(0);
+    metrics::dicom_known();
     let (stop, stop_rx) = watch::channel(false);
     let tasks = vec![
         tokio::spawn(accept(node.clone(), listener, stop_rx.clone())),
@@ -318,6 +319,9 @@ impl Node {
         let ip = peer.ip();
         let place = if draining {
             Err("the node is shutting down")
+        } else if self.audit.as_ref().is_some_and(|a| a.refusing()) {
+            // --audit-fail-closed: what cannot be recorded is not received.
+            Err("the audit trail cannot be written (--audit-fail-closed)")
         } else {
             self.place(ip)
         };
