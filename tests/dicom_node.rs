@@ -201,12 +201,13 @@ fn node_flags(state: &Path, archive_port: u16, extra: &[&str]) -> (tempfile::Tem
     (repository, flags)
 }
 
-/// The metrics are the process's: one node at a time, and counters compared with their value
-/// before the test's own actions.
+/// The metrics are the process's (under `cargo test`, one process runs every test of this file):
+/// one test at a time, each holding this from its first line (its ports too: no test takes a port
+/// another one just let go), and counters compared with their value before the test's own
+/// actions.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Node {
-    _serial: tokio::sync::MutexGuard<'static, ()>,
     server: brainai::server::RunningServer,
     _repository: tempfile::TempDir,
     state: PathBuf,
@@ -214,7 +215,6 @@ struct Node {
 
 impl Node {
     async fn start(state: &Path, archive_port: u16, extra: &[&str]) -> Node {
-        let serial = SERIAL.lock().await;
         let (repository, flags) = node_flags(state, archive_port, extra);
         let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
         // `repository_args` adds the model source; the flags above name it already.
@@ -232,7 +232,6 @@ impl Node {
         )
         .await;
         Node {
-            _serial: serial,
             server,
             _repository: repository,
             state: state.to_path_buf(),
@@ -344,6 +343,7 @@ fn left(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_study_from_storescu_comes_back_to_storescp_as_an_sr_a_seg_and_a_measurement_report() {
+    let _serial = SERIAL.lock().await;
     let data = tempfile::tempdir().unwrap();
     let files = full_study(data.path());
     assert_eq!(files.len(), 3 * SLICES);
@@ -517,6 +517,7 @@ async fn a_study_from_storescu_comes_back_to_storescp_as_an_sr_a_seg_and_a_measu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn who_may_associate_is_decided_by_called_and_calling_ae_title_and_address() {
+    let _serial = SERIAL.lock().await;
     let state = tempfile::tempdir().unwrap();
     let node = Node::start(
         state.path(),
@@ -574,6 +575,7 @@ async fn who_may_associate_is_decided_by_called_and_calling_ae_title_and_address
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presentation_contexts_the_node_cannot_use_are_rejected_in_the_association() {
+    let _serial = SERIAL.lock().await;
     let state = tempfile::tempdir().unwrap();
     let node = Node::start(state.path(), free_port(), &[]).await;
     let base = node.snapshot().await;
@@ -619,6 +621,7 @@ async fn presentation_contexts_the_node_cannot_use_are_rejected_in_the_associati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_association_leaves_nothing_to_process() {
+    let _serial = SERIAL.lock().await;
     let data = tempfile::tempdir().unwrap();
     let files = full_study(data.path());
     let archive = Archive::start().await;
@@ -713,6 +716,7 @@ async fn until_metric(node: &Node, name: &str, value: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_wait_in_the_outbox_while_the_destination_is_down_and_arrive_when_it_returns() {
+    let _serial = SERIAL.lock().await;
     let data = tempfile::tempdir().unwrap();
     let files = full_study(data.path());
     let port = free_port();
@@ -756,6 +760,7 @@ async fn results_wait_in_the_outbox_while_the_destination_is_down_and_arrive_whe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_associations_at_once_each_get_their_result_and_the_limits_refuse_the_rest() {
+    let _serial = SERIAL.lock().await;
     let data = tempfile::tempdir().unwrap();
     // 20 studies of one FLAIR series each (4 slices).
     let specs: Vec<serde_json::Value> = (1..=20)
@@ -856,6 +861,7 @@ async fn twenty_associations_at_once_each_get_their_result_and_the_limits_refuse
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_refuses_stores_with_out_of_resources() {
+    let _serial = SERIAL.lock().await;
     let archive = Archive::start().await;
     let state = tempfile::tempdir().unwrap();
     let node = Node::start(
@@ -1037,6 +1043,7 @@ fn committed(dir: &Path) -> std::collections::BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dicom_tls_admits_clients_of_the_client_ca_only() {
+    let _serial = SERIAL.lock().await;
     use common::certs::Ca;
     let certs = tempfile::tempdir().unwrap();
     let ca = Ca::new("Hospital CA");
@@ -1123,4 +1130,88 @@ async fn dicom_tls_admits_clients_of_the_client_ca_only() {
         .find(|r| r["outcome"] == "released")
         .expect("the TLS association's record");
     assert_eq!(accepted["auth"], "certificate+ae-title");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_sent_on_several_associations_is_processed_once_when_stable() {
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let files = make_study(
+        data.path(),
+        vec![series(&format!("{STUDY}.1"), "AX FLAIR", STUDY)],
+    );
+    let archive = Archive::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        state.path(),
+        archive.port,
+        &["--dicom-trigger", "stable", "--dicom-stable-s", "3"],
+    )
+    .await;
+    let base = node.snapshot().await;
+    // Two associations, one after the other, each with half the series.
+    let (first, second) = files.split_at(files.len() / 2);
+    for half in [first, second] {
+        let sent = storescu(node.addr(), "PACS", "BRAINAI", half, &[]).await;
+        assert!(sent.status.success(), "{}", text(&sent));
+    }
+    let results = archive.wait_for(1).await;
+    assert_eq!(results.len(), 1, "one SR for the series");
+    let read = read_results(&results);
+    assert_eq!(
+        read[0]["referenced"].as_array().unwrap().len(),
+        files.len(),
+        "the SR references the instances of both associations"
+    );
+    assert_eq!(
+        node.delta(
+            &base,
+            "brainai_dicom_series_processed_total",
+            &["task=\"classification\"", "outcome=\"ok\""]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_refuses_new_associations_and_waits_for_the_open_one() {
+    let _serial = SERIAL.lock().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut node = Node::start(state.path(), free_port(), &["--drain-timeout-s", "60"]).await;
+    let base = node.snapshot().await;
+    let held = dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title("PACS")
+        .called_ae_title("BRAINAI")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_async(node.addr())
+        .await
+        .expect("associates");
+    node.server.begin_shutdown();
+    until("draining", || {
+        node.server.state.phase() == brainai::state::Phase::Draining
+    })
+    .await;
+    let refused = echoscu(node.addr(), "PACS", "BRAINAI").await;
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("Rejected Transient"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(
+        node.delta(
+            &base,
+            "brainai_dicom_associations_total",
+            &["outcome=\"draining\""]
+        )
+        .await,
+        1.0
+    );
+    // The open association is what the drain waits for.
+    held.release().await.expect("released");
+    let Node { server, .. } = node;
+    bounded("the drain ends", server.wait())
+        .await
+        .expect("stops cleanly");
 }

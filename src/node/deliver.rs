@@ -1,6 +1,7 @@
 //! Delivery: the outbox's results to the destination by C-STORE, one association per job,
 //! retried with backoff until the destination takes them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use dicom_ul::Pdu;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
 
 use super::Node;
 use super::config::Destination;
@@ -101,7 +103,11 @@ pub async fn deliver(node: &Node, entries: &[Entry]) -> Delivered {
             vec![EXPLICIT_LE.to_string(), IMPLICIT_LE.to_string()],
         );
     }
-    match &node.destination_tls {
+    let tls = match node.destination_tls() {
+        Ok(tls) => tls,
+        Err(e) => return Delivered::Failed(e),
+    };
+    match &tls {
         None => match options.establish_async(dest.address.as_str()).await {
             Ok(assoc) => send_all(assoc, node, entries).await,
             Err(e) => Delivered::Failed(format!("cannot associate with {}: {e}", dest.ae_title)),
@@ -200,6 +206,17 @@ where
                 outcome = Delivered::Failed(format!("C-STORE failed: {e}"));
                 break;
             }
+            Ok(Ok(rsp))
+                if rsp.field != dimse::C_STORE_RSP
+                    || rsp.responded_to != message_id
+                    || (!rsp.affected_sop_instance.is_empty()
+                        && rsp.affected_sop_instance != entry.sop_instance) =>
+            {
+                outcome = Delivered::Failed(
+                    "the destination's response does not answer the C-STORE sent".into(),
+                );
+                break;
+            }
             Ok(Ok(rsp)) => {
                 let status = rsp.status.unwrap_or(0xFFFF);
                 if dimse::status::stored(status) {
@@ -227,28 +244,34 @@ where
     outcome
 }
 
-/// The delivery loop: the oldest job first; after a failure, waits 1 s, 2 s, 4 s… up to
-/// --dicom-retry-max-s before the next try.
+/// The delivery loop: the oldest job first. When the destination cannot be reached, every job
+/// waits 1 s, 2 s, 4 s… up to --dicom-retry-max-s; when it refuses an object of a job, only that
+/// job waits so, and the others go on.
 pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let backoff = |failures: u32| {
+        Duration::from_secs(1u64 << failures.saturating_sub(1).min(20)).min(node.settings.retry_max)
+    };
     let mut failures: u32 = 0;
     let mut not_before = Instant::now();
+    // Jobs an object of which the destination refused: (refusals, not before).
+    let mut refused: HashMap<String, (u32, Instant)> = HashMap::new();
     loop {
         node.outbox.export();
-        let wait = not_before.saturating_duration_since(Instant::now());
         if *stop.borrow() {
             return;
         }
-        if wait > Duration::ZERO {
-            tokio::select! {
-                _ = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        let Some((job, entries)) = node.outbox.next_job() else {
+        let now = Instant::now();
+        let wait = not_before.saturating_duration_since(now);
+        let next = if wait > Duration::ZERO {
+            None
+        } else {
+            node.outbox
+                .next_job_where(|job| refused.get(job).is_none_or(|(_, t)| *t <= now))
+        };
+        let Some((job, entries)) = next else {
             tokio::select! {
                 _ = node.outbox.changed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(wait.clamp(Duration::from_millis(100), Duration::from_secs(1))) => {}
                 _ = stop.changed() => {}
             }
             continue;
@@ -258,27 +281,36 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
             // is what says the job was processed).
             node.spool.remove(&job);
             node.outbox.finish_job(&job);
+            refused.remove(&job);
             continue;
         }
         let started = Instant::now();
-        let outcome = deliver(&node, &entries).await;
-        let (label, error) = match &outcome {
-            Delivered::All => ("delivered", None),
-            Delivered::Failed(e) => ("failed", Some(e.as_str())),
-            Delivered::Refused(e) => ("refused", Some(e.as_str())),
+        let span = tracing::info_span!("dicom.delivery", job = %job, objects = entries.len());
+        let outcome = deliver(&node, &entries).instrument(span).await;
+        let label = match &outcome {
+            Delivered::All => "delivered",
+            Delivered::Failed(_) => "failed",
+            Delivered::Refused(_) => "refused",
         };
-        if matches!(outcome, Delivered::Failed(_)) {
-            metrics::dicom_delivery("failed");
-        }
         node.audit_delivery(&entries, label, started);
-        match error {
-            None => failures = 0,
-            Some(e) => {
+        match outcome {
+            Delivered::All => {
+                failures = 0;
+                refused.remove(&job);
+            }
+            Delivered::Failed(e) => {
+                metrics::dicom_delivery("failed");
                 failures = failures.saturating_add(1);
-                let backoff = Duration::from_secs(1u64 << (failures - 1).min(20))
-                    .min(node.settings.retry_max);
-                tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "delivery to {} failed", node.settings.destination.ae_title);
-                not_before = Instant::now() + backoff;
+                let wait = backoff(failures);
+                tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "delivery to {} failed", describe(&node.settings.destination));
+                not_before = Instant::now() + wait;
+            }
+            Delivered::Refused(e) => {
+                failures = 0;
+                let n = refused.get(&job).map_or(1, |(n, _)| n + 1);
+                let wait = backoff(n);
+                tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "{} refused a result; the job waits, the others go on", describe(&node.settings.destination));
+                refused.insert(job, (n, Instant::now() + wait));
             }
         }
     }

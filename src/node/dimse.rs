@@ -12,6 +12,7 @@ pub const C_STORE_RQ: u16 = 0x0001;
 pub const C_STORE_RSP: u16 = 0x8001;
 pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_ECHO_RSP: u16 = 0x8030;
+pub const C_CANCEL_RQ: u16 = 0x0FFF;
 /// Command Data Set Type: no data set follows.
 pub const NO_DATA_SET: u16 = 0x0101;
 
@@ -61,6 +62,7 @@ impl Command {
 
     /// Parses a command set; the error says what is missing or malformed (never quotes values).
     pub fn parse(bytes: &[u8]) -> Result<Command, String> {
+        check_elements(bytes)?;
         let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
         let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
             .map_err(|_| "the command set is not a valid Implicit VR Little Endian data set")?;
@@ -96,6 +98,28 @@ impl Command {
             status: uint(tags::STATUS, "Status")?,
         })
     }
+}
+
+/// Walks the element headers of a command set before dicom-rs reads it: dicom-rs allocates (and
+/// zero-fills) the length an element declares before it reads the value, so a 10-byte command set
+/// declaring 4 GB would cost 4 GB. A command set is group 0000 only (PS3.7 §6.3.1), with no
+/// sequence: every element must be in that group and end within the bytes.
+fn check_elements(bytes: &[u8]) -> Result<(), String> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(header) = bytes.get(at..at + 8) else {
+            return Err("the command set ends inside an element header".into());
+        };
+        if header[..2] != [0, 0] {
+            return Err("the command set holds an element outside group 0000".into());
+        }
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        match (at + 8).checked_add(len) {
+            Some(end) if end <= bytes.len() => at = end,
+            _ => return Err("an element of the command set runs past its end".into()),
+        }
+    }
+    Ok(())
 }
 
 fn us(tag: Tag, value: u16) -> DataElement<InMemDicomObject> {
@@ -236,6 +260,16 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         assert!(Command::parse(b"\x00\x01\x02").is_err());
         assert!(Command::parse(&[]).is_err());
+    }
+
+    #[test]
+    fn a_declared_length_past_the_end_is_refused_before_it_is_allocated() {
+        // (0000,2002) declaring 2.97 GB in 10 bytes: dicom-rs would allocate and zero it first.
+        let huge = b"\x00\x00\x02\x20\x12\x00\x53\xb1\x00\x08";
+        assert!(Command::parse(huge).unwrap_err().contains("past its end"));
+        let mut outside = store_request(1, "1.2.3", "4.5.6");
+        outside.extend_from_slice(b"\x08\x00\x18\x00\x02\x00\x00\x001\0");
+        assert!(Command::parse(&outside).unwrap_err().contains("group 0000"));
     }
 
     #[test]

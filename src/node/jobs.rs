@@ -8,6 +8,8 @@ use bytes::Bytes;
 use dicom_dictionary_std::tags;
 use dicom_object::OpenFileOptions;
 
+use tracing::Instrument;
+
 use super::Node;
 use super::config::{Route, Trigger};
 use super::spool::JobInfo;
@@ -57,7 +59,12 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
         if *stop.borrow() {
             return;
         }
-        if node.pipeline.state().phase() != Phase::Serving || !node.outbox.has_room() {
+        // Not while warming up or draining, not with a full outbox, and not while the audit
+        // trail cannot be written under --audit-fail-closed: the studies wait in the spool.
+        if node.pipeline.state().phase() != Phase::Serving
+            || !node.outbox.has_room()
+            || node.audit_refusing()
+        {
             continue;
         }
         for job in node.spool.take_ready(wait) {
@@ -65,7 +72,8 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
                 node.spool.retry_later(&job.id);
                 continue;
             }
-            process(&node, &job).await;
+            let span = tracing::info_span!("dicom.study", job = %job.id, called = %job.called);
+            process(&node, &job).instrument(span).await;
         }
     }
 }
@@ -109,7 +117,14 @@ async fn results(node: &Node, job: &JobInfo) -> Result<Vec<(String, Vec<u8>)>, S
     let paths = node.spool.instance_paths(&job.id);
     let limit = node.pipeline.limits().max_study_instances;
     if paths.len() > limit {
-        metrics::dicom_series_processed("classification", "failed");
+        let facts = CallFacts::default();
+        node.audit_job(
+            job,
+            "DICOM study",
+            &facts,
+            ErrorKind::InvalidArgument.as_str(),
+            Instant::now(),
+        );
         return Err(Stop::Failed(format!(
             "the study has {} instances, over the limit of {limit} (--max-study-instances)",
             paths.len()
@@ -219,14 +234,17 @@ async fn results(node: &Node, job: &JobInfo) -> Result<Vec<(String, Vec<u8>)>, S
             metrics::dicom_series_processed("classification", "unrouted");
         }
     }
-    // Segmentation: the whole study, by each segmentation rule whose model's channels it covers.
+    // Segmentation: the whole study, by each segmentation rule whose model's channels it covers
+    // (each model once).
+    let mut segmented_by: Vec<String> = Vec::new();
     for route in routes {
         let Ok(model) = node.pipeline.resolve(&route.model, "") else {
             continue;
         };
-        if !covers(&model, route, job, &series) {
+        if !covers(&model, route, job, &series) || segmented_by.contains(&model.spec.config.name) {
             continue;
         }
+        segmented_by.push(model.spec.config.name.clone());
         let request = StudyRequest {
             instances: instances.clone(),
             priority: route.priority,

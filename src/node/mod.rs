@@ -35,6 +35,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 pub use config::{NodeArgs, NodeSettings};
 
@@ -79,7 +80,8 @@ pub struct Node {
     pub pipeline: Pipeline,
     audit: Option<Arc<Audit>>,
     tls: Option<Arc<Tls>>,
-    destination_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The server's certificate: presented to the destination over DICOM TLS.
+    identity: Option<Arc<Tls>>,
     next_association: AtomicU64,
     /// Open associations, and per peer address.
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
@@ -138,18 +140,9 @@ pub async fn start(
     } else {
         None
     };
-    let destination_tls = if settings.destination_tls {
-        let ca = settings
-            .destination_ca
-            .as_deref()
-            .ok_or("--dicom-destination-tls needs --dicom-destination-ca")?;
-        Some(match &security.tls {
-            Some(tls) => tls.client_config(ca)?,
-            None => crate::security::tls::client_config(ca, None)?,
-        })
-    } else {
-        None
-    };
+    // Checked now (a wrong CA or certificate stops the start), built again for each delivery so
+    // a renewed certificate is used without a restart.
+    destination_tls(&settings, security.tls.as_ref())?;
     if settings.allowed.is_empty() {
         tracing::warn!(
             "--dicom-allow is empty: any calling AE title may send studies to the DICOM node"
@@ -167,7 +160,7 @@ pub async fn start(
         pipeline,
         audit: security.audit.clone(),
         tls,
-        destination_tls,
+        identity: security.tls.clone(),
         next_association: AtomicU64::new(1),
         open: Mutex::new((0, HashMap::new())),
     });
@@ -188,6 +181,24 @@ pub async fn start(
     })
 }
 
+/// The TLS client configuration for deliveries (`None`: plain TCP).
+fn destination_tls(
+    settings: &NodeSettings,
+    identity: Option<&Arc<Tls>>,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if !settings.destination_tls {
+        return Ok(None);
+    }
+    let ca = settings
+        .destination_ca
+        .as_deref()
+        .ok_or("--dicom-destination-tls needs --dicom-destination-ca")?;
+    Ok(Some(match identity {
+        Some(tls) => tls.client_config(ca)?,
+        None => crate::security::tls::client_config(ca, None)?,
+    }))
+}
+
 async fn accept(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bool>) {
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -201,7 +212,10 @@ async fn accept(node: Arc<Node>, listener: TcpListener, stop: watch::Receiver<bo
         let _ = socket.set_nodelay(true);
         let node = node.clone();
         let draining = *stop.borrow() || node.pipeline.state().phase() == Phase::Draining;
-        tokio::spawn(async move { node.association(socket, peer, draining).await });
+        let span = tracing::info_span!("dicom.association", peer = %peer.ip());
+        tokio::spawn(
+            async move { node.association(socket, peer, draining).await }.instrument(span),
+        );
     }
 }
 
@@ -280,7 +294,8 @@ impl Node {
             .ae_access_control(access)
             .ae_title(self.settings.ae_titles[0].clone())
             .max_pdu_length(self.settings.max_pdu)
-            .strict(false)
+            // PDUs over the announced maximum are refused, not buffered.
+            .strict(true)
             .read_timeout(self.settings.idle)
             .write_timeout(self.settings.idle)
             .with_abstract_syntax(VERIFICATION);
@@ -294,6 +309,16 @@ impl Node {
             options = options.tls_config(tls.dicom_config());
         }
         options
+    }
+
+    /// The TLS client configuration for a delivery, from the files as they are now.
+    pub fn destination_tls(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        destination_tls(&self.settings, self.identity.as_ref())
+    }
+
+    /// Whether the audit trail refuses (--audit-fail-closed and the last write failed).
+    pub fn audit_refusing(&self) -> bool {
+        self.audit.as_ref().is_some_and(|a| a.refusing())
     }
 
     /// Takes a place within the association limits, or says which limit is reached.
@@ -319,7 +344,7 @@ impl Node {
         let ip = peer.ip();
         let place = if draining {
             Err("the node is shutting down")
-        } else if self.audit.as_ref().is_some_and(|a| a.refusing()) {
+        } else if self.audit_refusing() {
             // --audit-fail-closed: what cannot be recorded is not received.
             Err("the audit trail cannot be written (--audit-fail-closed)")
         } else {
@@ -462,7 +487,7 @@ impl Node {
                 &mut socket,
                 &mut buffer,
                 self.settings.max_pdu,
-                false,
+                true,
             ),
         )
         .await;

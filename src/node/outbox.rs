@@ -170,10 +170,15 @@ impl Outbox {
 
     /// The oldest job and its undelivered results.
     pub fn next_job(&self) -> Option<(String, Vec<Entry>)> {
+        self.next_job_where(|_| true)
+    }
+
+    /// The oldest job `ready` accepts, and its undelivered results.
+    pub fn next_job_where(&self, ready: impl Fn(&str) -> bool) -> Option<(String, Vec<Entry>)> {
         self.lock()
             .jobs
             .iter()
-            .next()
+            .find(|(k, _)| ready(k))
             .map(|(k, v)| (k.clone(), v.clone()))
     }
 

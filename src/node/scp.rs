@@ -99,8 +99,11 @@ impl Session {
             let pdu = match link.receive().await {
                 Ok(pdu) => pdu,
                 Err(e) => {
+                    // Idle past --dicom-idle-s, or the connection broke: an A-ABORT if it can
+                    // still be sent.
+                    let _ = link.send(&abort_pdu(false)).await;
                     return End::Aborted(format!(
-                        "connection lost: {}",
+                        "connection lost or idle: {}",
                         super::config::bounded(&e)
                     ));
                 }
@@ -120,9 +123,10 @@ impl Session {
                         tokio::task::spawn_blocking(move || spool.sync_association(id)).await;
                     if !matches!(synced, Ok(Ok(()))) {
                         tracing::error!("the spool cannot be synced; the association is aborted");
-                        return self
-                            .abort(link, "the received instances could not be made durable")
-                            .await;
+                        let _ = link.send(&abort_pdu(false)).await;
+                        return End::Aborted(
+                            "the received instances could not be made durable".into(),
+                        );
                     }
                     let _ = link.send(&Pdu::ReleaseRP).await;
                     return End::Released;
@@ -193,14 +197,9 @@ impl Session {
         }
     }
 
+    /// A protocol error: A-ABORT (service provider, unexpected PDU).
     async fn abort<L: Link>(&mut self, link: &mut L, reason: &str) -> End {
-        let _ = link
-            .send(&Pdu::AbortRQ {
-                source: dicom_ul::pdu::AbortRQSource::ServiceProvider(
-                    dicom_ul::pdu::AbortRQServiceProviderReason::UnexpectedPdu,
-                ),
-            })
-            .await;
+        let _ = link.send(&abort_pdu(true)).await;
         End::Aborted(reason.to_string())
     }
 
@@ -239,7 +238,9 @@ impl Session {
             return Err("a command on a presentation context that was not accepted");
         };
         match command.field {
-            dimse::C_ECHO_RQ => {
+            dimse::C_ECHO_RQ
+                if pc.abstract_syntax.trim_end_matches('\0') == super::VERIFICATION =>
+            {
                 self.tally.echoes += 1;
                 metrics::dicom_echo();
                 self.reply(link, context, dimse::echo_response(&command))
@@ -251,37 +252,41 @@ impl Session {
                     status,
                     comment: comment.to_string(),
                 };
-                let sink =
-                    if command.affected_sop_class != pc.abstract_syntax.trim_end_matches('\0') {
-                        refuse(
-                            status::SOP_CLASS_NOT_SUPPORTED,
-                            "the SOP class differs from the presentation context's",
-                        )
-                    } else if !dimse::valid_uid(&command.affected_sop_instance) {
-                        refuse(
-                            status::CANNOT_UNDERSTAND,
-                            "the Affected SOP Instance UID is not a UID",
-                        )
-                    } else if (self.draining)() {
-                        refuse(
-                            status::OUT_OF_RESOURCES,
-                            "the node is shutting down; send again later",
-                        )
-                    } else {
-                        match part10_header(&command, pc.transfer_syntax.trim_end_matches('\0')) {
-                            Err(comment) => refuse(status::CANNOT_UNDERSTAND, &comment),
-                            Ok(header) => match self.spool.incoming(&header) {
-                                Ok(file) => Sink::File(file),
-                                Err(SpoolError::Full) => {
-                                    refuse(status::OUT_OF_RESOURCES, "the spool is full")
-                                }
-                                Err(SpoolError::Io(e)) => {
-                                    tracing::error!(error = %e, "spool write failed");
-                                    refuse(status::OUT_OF_RESOURCES, "the spool cannot be written")
-                                }
-                            },
-                        }
-                    };
+                let storage = super::STORAGE_SOP_CLASSES
+                    .iter()
+                    .any(|(uid, _)| *uid == command.affected_sop_class);
+                let sink = if !storage
+                    || command.affected_sop_class != pc.abstract_syntax.trim_end_matches('\0')
+                {
+                    refuse(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "the SOP class differs from the presentation context's",
+                    )
+                } else if !dimse::valid_uid(&command.affected_sop_instance) {
+                    refuse(
+                        status::CANNOT_UNDERSTAND,
+                        "the Affected SOP Instance UID is not a UID",
+                    )
+                } else if (self.draining)() {
+                    refuse(
+                        status::OUT_OF_RESOURCES,
+                        "the node is shutting down; send again later",
+                    )
+                } else {
+                    match part10_header(&command, pc.transfer_syntax.trim_end_matches('\0')) {
+                        Err(comment) => refuse(status::CANNOT_UNDERSTAND, &comment),
+                        Ok(header) => match self.spool.incoming(&header) {
+                            Ok(file) => Sink::File(file),
+                            Err(SpoolError::Full) => {
+                                refuse(status::OUT_OF_RESOURCES, "the spool is full")
+                            }
+                            Err(SpoolError::Io(e)) => {
+                                tracing::error!(error = %e, "spool write failed");
+                                refuse(status::OUT_OF_RESOURCES, "the spool cannot be written")
+                            }
+                        },
+                    }
+                };
                 if !command.has_data_set() {
                     return Err("a C-STORE without a data set");
                 }
@@ -291,6 +296,9 @@ impl Session {
                     sink,
                 }))
             }
+            // C-CANCEL-RQ has no response; there is nothing of the node's to cancel.
+            dimse::C_CANCEL_RQ => Ok(None),
+            field if field & 0x8000 != 0 => Err("a response command sent to the node"),
             _ => {
                 if command.has_data_set() {
                     return Err("an unsupported command with a data set");
@@ -412,6 +420,20 @@ impl Session {
                 ))
             }
         }
+    }
+}
+
+/// An A-ABORT: from the service provider for a protocol error (unexpected PDU), else from the
+/// service user (the node itself gives up: idle, a spool it cannot sync).
+fn abort_pdu(protocol_error: bool) -> Pdu {
+    Pdu::AbortRQ {
+        source: if protocol_error {
+            dicom_ul::pdu::AbortRQSource::ServiceProvider(
+                dicom_ul::pdu::AbortRQServiceProviderReason::UnexpectedPdu,
+            )
+        } else {
+            dicom_ul::pdu::AbortRQSource::ServiceUser
+        },
     }
 }
 

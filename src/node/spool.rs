@@ -278,8 +278,16 @@ impl Spool {
             .join("jobs")
             .join(&job_id)
             .join(format!("{}.dcm", ids.sop_instance));
-        // The same SOP Instance again: the new copy replaces the old.
-        let replaced = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+        // The same SOP Instance again: the new copy replaces the old, whose bytes are released,
+        // and whichever association stored the old copy (this one included) no longer holds it:
+        // its end must neither count those bytes again nor remove the new copy.
+        let replaced = std::fs::metadata(&target).map(|m| m.len()).ok();
+        if replaced.is_some() {
+            for stored in state.associations.values_mut() {
+                stored.retain(|s| s.path != target);
+            }
+        }
+        let replaced = replaced.unwrap_or(0);
         std::fs::rename(&incoming.path, &target).map_err(|e| io("cannot file", &target, e))?;
         let bytes = incoming.written;
         incoming.written = 0;
@@ -562,6 +570,34 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn an_instance_sent_again_is_counted_once_whoever_sent_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let store = |assoc, data: &[u8]| {
+            let mut inc = spool.incoming(b"meta").unwrap();
+            inc.write(data).unwrap();
+            spool
+                .commit(inc, assoc, "AI", "PACS", &ids("9.9", "1.1"))
+                .unwrap();
+        };
+        // Twice by one association, which aborts: nothing left, nothing counted.
+        store(1, b"da");
+        store(1, b"data, again");
+        assert_eq!(spool.used(), 15);
+        assert_eq!(spool.association_ended(1, false), 1);
+        assert_eq!(spool.used(), 0);
+        assert!(spool.jobs().is_empty());
+        // Sent by 2, then again by 3, which is released; 2 aborts: 3's copy stays, counted once.
+        store(2, b"da");
+        store(3, b"data, again");
+        spool.association_ended(3, true);
+        assert_eq!(spool.association_ended(2, false), 0);
+        let job = &spool.jobs()[0].0;
+        assert_eq!(spool.instance_paths(job).len(), 1);
+        assert_eq!(spool.used(), 15);
     }
 
     #[test]
