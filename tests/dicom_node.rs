@@ -160,6 +160,8 @@ fn node_flags(state: &Path, archive_port: u16, extra: &[&str]) -> (tempfile::Tem
     let repository = tempfile::tempdir().unwrap();
     copy_model("tiny", repository.path(), "tiny");
     copy_model("seg-study", repository.path(), "seg-study");
+    // The same classifier under another name: routes can be told apart by the model in the SR.
+    copy_model("tiny", repository.path(), "tiny-stat");
     let defaults: Vec<(&str, String)> = vec![
         (
             "--model-repository",
@@ -1214,4 +1216,110 @@ async fn draining_refuses_new_associations_and_waits_for_the_open_one() {
     bounded("the drain ends", server.wait())
         .await
         .expect("stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_pick_the_model_and_priority_by_called_ae_title_modality_and_sequence() {
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let files = full_study(data.path());
+    let flair: Vec<PathBuf> = files
+        .iter()
+        .filter(|f| f.to_string_lossy().contains(&format!("{STUDY}.1/")))
+        .cloned()
+        .collect();
+    assert_eq!(flair.len(), SLICES);
+    let archive = Archive::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        state.path(),
+        archive.port,
+        &[
+            "--dicom-ae-title",
+            "BRAINAI,BRAINAI_STAT",
+            "--dicom-route",
+            "called=BRAINAI_STAT,sequence=FLAIR,model=tiny-stat,priority=stat;\
+             modality=CT,model=seg-study;sequence=FLAIR,model=tiny",
+        ],
+    )
+    .await;
+    let base = node.snapshot().await;
+    let stat = |base: &str| {
+        let base = base.to_string();
+        let node = &node;
+        async move {
+            node.delta(
+                &base,
+                "brainai_queue_duration_seconds_count",
+                &["model=\"tiny-stat\"", "priority=\"stat\""],
+            )
+            .await
+        }
+    };
+
+    // To the STAT AE title: the STAT rule, its model, the STAT lane.
+    let sent = storescu(node.addr(), "PACS", "BRAINAI_STAT", &flair, &[]).await;
+    assert!(sent.status.success(), "{}", text(&sent));
+    let first = archive.wait_for(1).await;
+    assert_eq!(first.len(), 1);
+    assert!(
+        stat(&base).await > 0.0,
+        "the STAT route's slices ran in the STAT lane"
+    );
+    let model_of = |file: &Path| -> String {
+        let audit = node.audit();
+        let uid = read_results(&[file.to_path_buf()])[0]["sop_instance"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // The delivery record names the result; the classification record before it, the model.
+        let delivery = audit
+            .iter()
+            .position(|r| {
+                r["dicom"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().any(|x| x["sop_instance"] == uid))
+            })
+            .expect("the result's delivery record");
+        audit[..delivery]
+            .iter()
+            .rev()
+            .find(|r| r["method"] == "DICOM series classification")
+            .map(|r| r["model"]["name"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(model_of(&first[0]), "tiny-stat");
+
+    // The whole study to the routine AE title: FLAIR by the last rule; the segmentation rule is
+    // for CT only, so the MR study is not segmented; T1c and T2 are unrouted.
+    let base = node.snapshot().await;
+    let sent = storescu(node.addr(), "PACS", "BRAINAI", &files, &[]).await;
+    assert!(sent.status.success(), "{}", text(&sent));
+    let all = archive.wait_for(2).await;
+    let second: Vec<PathBuf> = all.into_iter().filter(|f| !first.contains(f)).collect();
+    assert_eq!(second.len(), 1, "only the classification SR: {second:?}");
+    assert_eq!(model_of(&second[0]), "tiny");
+    assert_eq!(
+        stat(&base).await,
+        0.0,
+        "routine work stays out of the STAT lane"
+    );
+    assert_eq!(
+        node.delta(
+            &base,
+            "brainai_dicom_series_processed_total",
+            &["task=\"classification\"", "outcome=\"unrouted\""]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        node.delta(
+            &base,
+            "brainai_dicom_series_processed_total",
+            &["task=\"segmentation\""]
+        )
+        .await,
+        0.0
+    );
 }
