@@ -95,8 +95,14 @@ struct Archive {
 
 impl Archive {
     async fn start_on(port: u16) -> Archive {
+        Archive::start_with(port, &[]).await
+    }
+
+    /// With extra `storescp` options (TLS).
+    async fn start_with(port: u16, options: &[String]) -> Archive {
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new(tool("storescp", "dcmtk"))
+            .args(options)
             .args(["-aet", "ARCHIVE", "-uf", "-od"])
             .arg(dir.path())
             .arg(port.to_string())
@@ -1322,4 +1328,53 @@ async fn routes_pick_the_model_and_priority_by_called_ae_title_modality_and_sequ
         .await,
         0.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_go_to_a_tls_destination_that_checks_the_node_certificate() {
+    let _serial = SERIAL.lock().await;
+    use common::certs::Ca;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Hospital CA");
+    let ca_file = ca.write_ca(&certs.path().join("ca.crt"));
+    let node_cert = ca.write_node_leaf(certs.path(), "node");
+    let archive_cert = ca.write_node_leaf(certs.path(), "archive");
+    let p = |p: &Path| p.display().to_string();
+    // storescp over TLS requires a client certificate of the CA (dcmtk's default, -rc).
+    let archive = Archive::start_with(
+        free_port(),
+        &[
+            "+tls".into(),
+            p(&archive_cert.key),
+            p(&archive_cert.cert),
+            "+cf".into(),
+            p(&ca_file),
+        ],
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let flair = make_study(
+        data.path(),
+        vec![series(&format!("{STUDY}.1"), "AX FLAIR", STUDY)],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        state.path(),
+        archive.port,
+        &[
+            "--tls-cert",
+            &p(&node_cert.cert),
+            "--tls-key",
+            &p(&node_cert.key),
+            "--dicom-destination-tls",
+            "--dicom-destination-ca",
+            &p(&ca_file),
+        ],
+    )
+    .await;
+    let sent = storescu(node.addr(), "PACS", "BRAINAI", &flair, &[]).await;
+    assert!(sent.status.success(), "{}", text(&sent));
+    let results = archive.wait_for(1).await;
+    assert_eq!(results.len(), 1);
+    assert_eq!(read_results(&results)[0]["sop_class"], COMPREHENSIVE_SR);
 }

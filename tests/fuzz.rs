@@ -251,6 +251,16 @@ fn study() {
 }
 
 #[test]
+fn dicom_association() {
+    fuzz("dicom_association");
+}
+
+#[test]
+fn dimse_command() {
+    fuzz("dimse_command");
+}
+
+#[test]
 fn every_target_has_a_test_here() {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(
@@ -267,7 +277,9 @@ fn every_target_has_a_test_here() {
             "upload",
             "prescan",
             "segment_request",
-            "study"
+            "study",
+            "dicom_association",
+            "dimse_command"
         ]
     );
 }

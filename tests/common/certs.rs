@@ -63,6 +63,29 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A certificate for a node that is both server and client (the DICOM node, which also
+    /// opens associations to deliver): SAN localhost and 127.0.0.1, both extended key usages.
+    pub fn write_node_leaf(&self, dir: &Path, stem: &str) -> Pem {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, stem);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = date_time_ymd(2020, 1, 1);
+        params.not_after = date_time_ymd(2099, 12, 31);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let pem = Pem {
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+        };
+        std::fs::write(&pem.cert, cert.pem()).unwrap();
+        std::fs::write(&pem.key, key.serialize_pem()).unwrap();
+        pem
+    }
+
     pub fn write_leaf(&self, dir: &Path, stem: &str, server: bool, expired: bool) -> Pem {
         let (cert, key) = self.leaf(stem, server, expired);
         let pem = Pem {
