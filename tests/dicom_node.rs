@@ -326,6 +326,14 @@ async fn echoscu(addr: SocketAddr, calling: &str, called: &str) -> Output {
     .await
 }
 
+/// echoscu was refused with A-ASSOCIATE-RJ transient, local limit exceeded.
+fn assert_rejected_transient(out: &Output) {
+    let said = text(out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("Rejected Transient"), "{said}");
+    assert!(said.contains("Local Limit Exceeded"), "{said}");
+}
+
 /// The results, read back with pydicom.
 fn read_results(files: &[PathBuf]) -> Vec<serde_json::Value> {
     let out = Command::new(python())
@@ -831,17 +839,7 @@ async fn twenty_associations_at_once_each_get_their_result_and_the_limits_refuse
     let a = open(node.addr()).await.expect("first");
     let b = open(node.addr()).await.expect("second");
     let refused = echoscu(node.addr(), "PACS", "BRAINAI").await;
-    assert!(!refused.status.success());
-    assert!(
-        text(&refused).contains("Rejected Transient"),
-        "{}",
-        text(&refused)
-    );
-    assert!(
-        text(&refused).contains("Local Limit Exceeded"),
-        "{}",
-        text(&refused)
-    );
+    assert_rejected_transient(&refused);
     assert_eq!(
         node.delta(
             &base,
@@ -1201,12 +1199,7 @@ async fn draining_refuses_new_associations_and_waits_for_the_open_one() {
     })
     .await;
     let refused = echoscu(node.addr(), "PACS", "BRAINAI").await;
-    assert!(!refused.status.success());
-    assert!(
-        text(&refused).contains("Rejected Transient"),
-        "{}",
-        text(&refused)
-    );
+    assert_rejected_transient(&refused);
     assert_eq!(
         node.delta(
             &base,

@@ -378,46 +378,19 @@ impl Node {
         };
         let options = self.options(access);
         let artim = self.settings.artim;
-        let (end, tally, called) = if self.tls.is_some() {
-            match tokio::time::timeout(artim, options.establish_tls_async(socket)).await {
-                Ok(Ok(mut assoc)) => {
-                    let mut session = self.session(
-                        id,
-                        assoc.called_ae_title(),
-                        dicom_ul::association::Association::peer_ae_title(&assoc),
-                        assoc.presentation_contexts(),
-                    );
-                    metrics::dicom_association("accepted");
-                    let end = session.run(&mut assoc).await;
-                    (Ok(end), session.tally, session.called)
-                }
-                Ok(Err(e)) => (Err(e.to_string()), scp::Tally::default(), String::new()),
-                Err(_) => (
-                    Err("no TLS handshake and A-ASSOCIATE-RQ within --dicom-artim-s".into()),
-                    scp::Tally::default(),
-                    String::new(),
-                ),
-            }
+        let (end, tally) = if self.tls.is_some() {
+            let established =
+                tokio::time::timeout(artim, options.establish_tls_async(socket)).await;
+            self.serve(
+                id,
+                established,
+                "no TLS handshake and A-ASSOCIATE-RQ within --dicom-artim-s",
+            )
+            .await
         } else {
-            match tokio::time::timeout(artim, options.establish_async(socket)).await {
-                Ok(Ok(mut assoc)) => {
-                    let mut session = self.session(
-                        id,
-                        assoc.called_ae_title(),
-                        dicom_ul::association::Association::peer_ae_title(&assoc),
-                        assoc.presentation_contexts(),
-                    );
-                    metrics::dicom_association("accepted");
-                    let end = session.run(&mut assoc).await;
-                    (Ok(end), session.tally, session.called)
-                }
-                Ok(Err(e)) => (Err(e.to_string()), scp::Tally::default(), String::new()),
-                Err(_) => (
-                    Err("no A-ASSOCIATE-RQ within --dicom-artim-s".into()),
-                    scp::Tally::default(),
-                    String::new(),
-                ),
-            }
+            let established = tokio::time::timeout(artim, options.establish_async(socket)).await;
+            self.serve(id, established, "no A-ASSOCIATE-RQ within --dicom-artim-s")
+                .await
         };
         let calling = calling.lock().expect("calling lock").clone();
         let outcome = match end {
@@ -447,10 +420,40 @@ impl Node {
                 }
             }
         };
-        let _ = called;
         self.audit_association(&calling, ip, &outcome, &tally, started);
         if self.settings.trigger == config::Trigger::Association {
             tracing::debug!(association = id, "association ended; its studies are ready");
+        }
+    }
+
+    /// Runs the session of an association dicom-ul established (within ARTIM), or says why there
+    /// is none.
+    async fn serve<S>(
+        self: &Arc<Self>,
+        id: u64,
+        established: Result<
+            Result<dicom_ul::association::AsyncServerAssociation<S>, dicom_ul::association::Error>,
+            tokio::time::error::Elapsed,
+        >,
+        late: &str,
+    ) -> (Result<scp::End, String>, scp::Tally)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        match established {
+            Ok(Ok(mut assoc)) => {
+                let mut session = self.session(
+                    id,
+                    assoc.called_ae_title(),
+                    dicom_ul::association::Association::peer_ae_title(&assoc),
+                    assoc.presentation_contexts(),
+                );
+                metrics::dicom_association("accepted");
+                let end = session.run(&mut assoc).await;
+                (Ok(end), session.tally)
+            }
+            Ok(Err(e)) => (Err(e.to_string()), scp::Tally::default()),
+            Err(_) => (Err(late.to_string()), scp::Tally::default()),
         }
     }
 

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use dicom_dictionary_std::tags;
-use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
+use dicom_object::{FileMetaTableBuilder, OpenFileOptions, file::ReadPreamble};
 use dicom_ul::Pdu;
 use dicom_ul::pdu::{
     PDataValue, PDataValueType, PresentationContextNegotiated, PresentationContextResultReason,
@@ -350,10 +350,24 @@ impl Session {
     /// Reads the instance's identifiers from its header and files it into its study's job.
     async fn file(&mut self, file: Incoming, command: &Command) -> Result<(), (u16, String)> {
         let path = file.path().to_path_buf();
+        // A deflated data set may inflate to no more than the spool would hold.
+        let limits = crate::input::InputLimits {
+            max_image_bytes: usize::try_from(self.spool.cap()).unwrap_or(usize::MAX),
+            max_pixels: 1 << 32,
+        };
         let header = tokio::task::spawn_blocking(move || {
+            // dicom-rs allocates (and zero-fills) each element's declared length before reading
+            // it: a data set of a few bytes declaring 4 GB would cost 4 GB. The structural
+            // pre-scan of the files the API takes refuses every length past the end first. The
+            // instance is read whole, as its job reads it later; the spool's cap bounds it.
+            let bytes = std::fs::read(&path)
+                .map_err(|_| "the received data set could not be read".to_string())?;
+            let body = crate::input::dicom::prescan(&bytes, &limits)
+                .map_err(|_| "the data set could not be parsed".to_string())?;
             OpenFileOptions::new()
+                .read_preamble(ReadPreamble::Never)
                 .read_until(tags::PIXEL_DATA)
-                .open_file(&path)
+                .from_reader(body)
                 .map_err(|_| "the data set could not be parsed".to_string())
                 .map(|obj| {
                     let text = |tag| {

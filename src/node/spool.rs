@@ -171,6 +171,11 @@ impl Spool {
         self.state.lock().expect("spool lock")
     }
 
+    /// The size cap, in bytes.
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::SeqCst)
     }
