@@ -154,7 +154,7 @@ fn describe() {
     describe_counter!(
         DICOM_SERIES_PROCESSED,
         Unit::Count,
-        "Received series classified and studies segmented, by task and outcome (ok, failed, unrouted)."
+        "Received series classified and studies segmented, by task and outcome (ok, failed, unrouted, deferred: the server was busy or not serving; the study waits and is tried again)."
     );
     describe_counter!(
         DICOM_DELIVERIES,
@@ -586,7 +586,7 @@ pub fn dicom_known() {
     }
     counter!(DICOM_ECHOES).increment(0);
     for task in ["classification", "segmentation"] {
-        for outcome in ["ok", "failed", "unrouted"] {
+        for outcome in ["ok", "failed", "unrouted", "deferred"] {
             counter!(DICOM_SERIES_PROCESSED, "task" => task, "outcome" => outcome).increment(0);
         }
     }

@@ -54,6 +54,7 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
+            _ = node.spool.released.notified() => {}
             _ = stop.changed() => {}
         }
         if *stop.borrow() {
@@ -69,7 +70,7 @@ pub async fn run(node: Arc<Node>, mut stop: tokio::sync::watch::Receiver<bool>) 
         }
         for job in node.spool.take_ready(wait) {
             if *stop.borrow() {
-                node.spool.retry_later(&job.id);
+                node.spool.retry_later(&job.id, false);
                 continue;
             }
             let span = tracing::info_span!("dicom.study", job = %job.id, called = %job.called);
@@ -94,11 +95,11 @@ async fn process(node: &Node, job: &JobInfo) {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the outbox cannot be written; the study waits");
-                    node.spool.retry_later(&job.id);
+                    node.spool.retry_later(&job.id, true);
                 }
             }
         }
-        Err(Stop::Later) => node.spool.retry_later(&job.id),
+        Err(Stop::Later) => node.spool.retry_later(&job.id, true),
         Err(Stop::Failed(reason)) => {
             tracing::warn!(reason = %reason, "a received study could not be processed");
             node.spool.remove(&job.id);
@@ -222,7 +223,10 @@ async fn results(node: &Node, job: &JobInfo) -> Result<Vec<(String, Vec<u8>)>, S
                         out.push((sop_instance_of(&sr)?, sr));
                     }
                 }
-                Err(e) if retry(&e) => return Err(Stop::Later),
+                Err(e) if retry(&e) => {
+                    metrics::dicom_series_processed("classification", "deferred");
+                    return Err(Stop::Later);
+                }
                 Err(e) => {
                     metrics::dicom_series_processed("classification", "failed");
                     tracing::warn!(error = %e.log_message(), "a received series could not be classified");
@@ -273,7 +277,10 @@ async fn results(node: &Node, job: &JobInfo) -> Result<Vec<(String, Vec<u8>)>, S
                     out.push((sop_instance_of(&object)?, object));
                 }
             }
-            Err(e) if retry(&e) => return Err(Stop::Later),
+            Err(e) if retry(&e) => {
+                metrics::dicom_series_processed("segmentation", "deferred");
+                return Err(Stop::Later);
+            }
             Err(e) => {
                 metrics::dicom_series_processed("segmentation", "failed");
                 tracing::warn!(error = %e.log_message(), "a received study could not be segmented");

@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics;
 
+/// Longest wait before a put-off study is tried again.
+const MAX_DEFERRAL: Duration = Duration::from_secs(60);
+
 /// A job's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -51,6 +54,9 @@ struct Job {
     /// Associations that stored into it and were released.
     released: bool,
     bytes: u64,
+    /// Times processing was put off (the server busy or not serving), and not before when again.
+    deferrals: u32,
+    not_before: Instant,
 }
 
 /// An instance stored by an association, until the association ends.
@@ -85,6 +91,8 @@ pub struct Spool {
     used: AtomicU64,
     next: AtomicU64,
     state: Mutex<State>,
+    /// Woken when an association is released: its studies may be ready.
+    pub released: tokio::sync::Notify,
 }
 
 /// An instance being received.
@@ -147,6 +155,8 @@ impl Spool {
                     senders: HashSet::new(),
                     released: true,
                     bytes,
+                    deferrals: 0,
+                    not_before: Instant::now(),
                 },
             );
         }
@@ -164,6 +174,7 @@ impl Spool {
             used: AtomicU64::new(used),
             next: AtomicU64::new(1),
             state: Mutex::new(state),
+            released: tokio::sync::Notify::new(),
         }))
     }
 
@@ -273,6 +284,8 @@ impl Spool {
                         senders: HashSet::new(),
                         released: false,
                         bytes: 0,
+                        deferrals: 0,
+                        not_before: Instant::now(),
                     },
                 );
                 id
@@ -371,6 +384,9 @@ impl Spool {
         }
         drop(state);
         self.release_bytes(freed);
+        if released {
+            self.released.notify_one();
+        }
         removed
     }
 
@@ -384,6 +400,7 @@ impl Spool {
                 && job.senders.is_empty()
                 && job.released
                 && now.duration_since(job.last) >= wait
+                && now >= job.not_before
             {
                 job.phase = Phase::Processing;
                 ready.push(job.info.clone());
@@ -411,12 +428,18 @@ impl Spool {
         true
     }
 
-    /// Processing could not run now (the server is not serving): back to waiting.
-    pub fn retry_later(&self, id: &str) {
+    /// Processing could not run now (the server is busy, warming up or draining): back to
+    /// waiting, 1 s, 2 s, 4 s… (at most a minute) before the next try; a shutdown (`backoff`
+    /// false) leaves it ready for the next start.
+    pub fn retry_later(&self, id: &str, backoff: bool) {
         let mut state = self.lock();
         if let Some(job) = state.jobs.get_mut(id) {
             job.phase = Phase::Receiving;
-            job.last = Instant::now();
+            if backoff {
+                job.deferrals = job.deferrals.saturating_add(1);
+                let wait = Duration::from_secs(1 << (job.deferrals - 1).min(6)).min(MAX_DEFERRAL);
+                job.not_before = Instant::now() + wait;
+            }
         }
     }
 
@@ -603,6 +626,22 @@ mod tests {
         let job = &spool.jobs()[0].0;
         assert_eq!(spool.instance_paths(job).len(), 1);
         assert_eq!(spool.used(), 15);
+    }
+
+    #[test]
+    fn a_put_off_job_waits_before_it_is_ready_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let inc = spool.incoming(b"meta").unwrap();
+        spool.commit(inc, 1, "AI", "PACS", &ids("9.9", "1.1")).unwrap();
+        spool.association_ended(1, true);
+        let job = spool.take_ready(Duration::ZERO).pop().unwrap();
+        // Shut down: ready again at once (for the next start).
+        spool.retry_later(&job.id, false);
+        assert_eq!(spool.take_ready(Duration::ZERO).len(), 1);
+        // Busy: not before a second has passed, not in a tight loop.
+        spool.retry_later(&job.id, true);
+        assert!(spool.take_ready(Duration::ZERO).is_empty());
     }
 
     #[test]
