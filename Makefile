@@ -155,6 +155,14 @@ bench-dicom: build model dicom-reference
 bench-study: build model dicom-reference
 	benches/study.sh $(or $(ROUNDS),3)
 
+## bench-dicom-node: the DICOM node end to end (issue 25): a 155-slice FLAIR series stored by dcmtk's
+##                   storescu, its SR received by storescp; the node (--dicom-addr) against the
+##                   integration-engine pattern (pynetdicom SCP + gRPC ClassifySeries + pynetdicom
+##                   SCU) on the same server, alternating rounds (benches/dicom_node.sh)
+.PHONY: bench-dicom-node
+bench-dicom-node: build model dicom-reference dicom-tools
+	benches/dicom_node.sh $(or $(ROUNDS),5)
+
 .PHONY: bench-front-ends
 bench-front-ends: build ghz
 	$(PY) benches/front_ends.py $(ARGS)
