@@ -1371,3 +1371,56 @@ async fn results_go_to_a_tls_destination_that_checks_the_node_certificate() {
     assert_eq!(results.len(), 1);
     assert_eq!(read_results(&results)[0]["sop_class"], COMPREHENSIVE_SR);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_and_an_idle_association_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let _serial = SERIAL.lock().await;
+    let state = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        state.path(),
+        free_port(),
+        &["--dicom-artim-s", "1", "--dicom-idle-s", "1"],
+    )
+    .await;
+    let base = node.snapshot().await;
+    // ARTIM: a connection that never sends its A-ASSOCIATE-RQ is closed.
+    let mut silent = tokio::net::TcpStream::connect(node.addr()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = bounded("ARTIM closes the connection", silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed without a PDU: {read:?}"
+    );
+    // Idle: an association that sends nothing is aborted.
+    let mut idle = dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title("PACS")
+        .called_ae_title("BRAINAI")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_async(node.addr())
+        .await
+        .expect("associates");
+    let pdu = bounded("the idle association ends", idle.receive()).await;
+    assert!(
+        matches!(pdu, Ok(dicom_ul::Pdu::AbortRQ { .. }) | Err(_)),
+        "an A-ABORT or the connection closed: {pdu:?}"
+    );
+    assert_eq!(
+        node.delta(
+            &base,
+            "brainai_dicom_associations_total",
+            &["outcome=\"failed\""]
+        )
+        .await,
+        1.0,
+        "the silent connection"
+    );
+    let audit = node.audit();
+    assert!(
+        audit.iter().any(|r| r["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("aborted: connection lost or idle")),
+        "{audit:#?}"
+    );
+}
