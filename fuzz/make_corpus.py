@@ -5,7 +5,9 @@
 
 Deterministic. Seeds: small images in every encoding the service takes (from
 tests/reference/sweep.py formats, plus raw pixels), each behind the target's two selector bytes;
-the repository's model.toml files and variants; protobuf-encoded requests; grpc-timeout strings.
+the repository's model.toml files and variants; protobuf-encoded requests; grpc-timeout strings;
+the PDUs of DICOM associations (C-ECHO, C-STORE of a tiny MR instance, release, abort) and DIMSE
+command sets.
 `make fuzz` adds what AFL++ finds (fuzz/corpus/<target>/afl-*); crashes it finds go to
 fuzz/regressions/<target>/, which tests/fuzz.rs replays in every `make test`.
 """
@@ -134,6 +136,142 @@ def segment_seeds(png: bytes, jpeg: bytes) -> None:
     write("prescan", "seed-segment-many-images", bytes([3, 0]) + field(1, field(2, b"") * 9))
 
 
+# DICOM data elements, Implicit (`vr=None`) or Explicit VR Little Endian.
+def element(group: int, elem: int, value: bytes, vr: bytes | None = None) -> bytes:
+    import struct
+    if len(value) % 2:
+        # UIDs and binary values are padded with NUL, text with a space.
+        value += b"\0" if value[:1].isdigit() or vr in (b"UI", b"OB", b"OW") else b" "
+    head = struct.pack("<HH", group, elem)
+    if vr is None:
+        return head + struct.pack("<I", len(value)) + value
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return head + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return head + vr + struct.pack("<H", len(value)) + value
+
+
+def us(n: int) -> bytes:
+    return n.to_bytes(2, "little")
+
+
+MR_STORAGE = b"1.2.840.10008.5.1.4.1.1.4"
+VERIFICATION = b"1.2.840.10008.1.1"
+
+
+def command_set(field: int, message_id: int, sop_class: bytes, sop_instance: bytes | None, data_set: bool) -> bytes:
+    """A DIMSE command set (always Implicit VR Little Endian), with its group length."""
+    body = element(0x0000, 0x0002, sop_class) + element(0x0000, 0x0100, us(field))
+    body += element(0x0000, 0x0110, us(message_id))
+    if field == 0x0001:
+        body += element(0x0000, 0x0700, us(0))
+    body += element(0x0000, 0x0800, us(0x0000 if data_set else 0x0101))
+    if sop_instance is not None:
+        body += element(0x0000, 0x1000, sop_instance)
+    return element(0x0000, 0x0000, len(body).to_bytes(4, "little")) + body
+
+
+def mr_data_set(sop_instance: bytes, study: bytes = b"1.2.826.0.1.3680043.10.1", explicit: bool = False,
+                extra: bytes = b"") -> bytes:
+    """A tiny MR instance (2x2, 16-bit) without File Meta Information, as a C-STORE sends it."""
+    vr = (lambda v: v) if explicit else (lambda v: None)
+    return b"".join([
+        element(0x0008, 0x0016, MR_STORAGE, vr(b"UI")),
+        element(0x0008, 0x0018, sop_instance, vr(b"UI")),
+        element(0x0008, 0x0060, b"MR", vr(b"CS")),
+        element(0x0008, 0x103E, b"AX FLAIR" + extra, vr(b"LO")),
+        element(0x0010, 0x0020, b"FUZZ", vr(b"LO")),
+        element(0x0020, 0x000D, study, vr(b"UI")),
+        element(0x0020, 0x000E, study + b".1", vr(b"UI")),
+        element(0x0028, 0x0002, us(1), vr(b"US")),
+        element(0x0028, 0x0004, b"MONOCHROME2", vr(b"CS")),
+        element(0x0028, 0x0010, us(2), vr(b"US")),
+        element(0x0028, 0x0011, us(2), vr(b"US")),
+        element(0x0028, 0x0100, us(16), vr(b"US")),
+        element(0x0028, 0x0101, us(12), vr(b"US")),
+        element(0x0028, 0x0102, us(11), vr(b"US")),
+        element(0x0028, 0x0103, us(0), vr(b"US")),
+        element(0x7FE0, 0x0010, bytes(range(8)), vr(b"OW")),
+    ])
+
+
+def pdv(context: int, data: bytes, command: bool, last: bool) -> bytes:
+    """A presentation data value item: length, context ID, message control header, fragment."""
+    return (2 + len(data)).to_bytes(4, "big") + bytes([context, int(command) | int(last) << 1]) + data
+
+
+def p_data(*pdvs: bytes) -> bytes:
+    """A P-DATA-TF PDU (type 04H)."""
+    body = b"".join(pdvs)
+    return b"\x04\x00" + len(body).to_bytes(4, "big") + body
+
+
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04" + bytes(4)
+ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+def store(context: int, message_id: int, sop: bytes, data_set: bytes, split: bool = True) -> bytes:
+    """A C-STORE: its command set in one P-DATA, its data set in two PDVs (two P-DATAs or one)."""
+    cut = len(data_set) // 2
+    command = p_data(pdv(context, command_set(0x0001, message_id, MR_STORAGE, sop, True), True, True))
+    first, second = pdv(context, data_set[:cut], False, False), pdv(context, data_set[cut:], False, True)
+    return command + (p_data(first) + p_data(second) if split else p_data(first, second))
+
+
+def association_seeds() -> None:
+    """`dicom_association`: byte 0 the presentation contexts (0: context 1 MR Image Storage in
+    Implicit VR LE, 3 Verification, 5 MR Image Storage in Explicit VR LE, all accepted), byte 1 the
+    spool cap, maximum PDU, draining and a second association (0: 1 MiB, 64 KiB, no, no); then the
+    PDUs the peer sends after the A-ASSOCIATE-AC. And `dimse_command`: command sets."""
+    import zlib
+
+    echo = command_set(0x0030, 1, VERIFICATION, None, False)
+    sop, sop2 = b"1.2.826.0.1.3680043.10.1.1.1", b"1.2.826.0.1.3680043.10.1.1.2"
+    mr = mr_data_set(sop)
+    a = lambda name, control, wire: write("dicom_association", f"seed-{name}", bytes(control) + wire)
+    a("echo-release", [0, 0], p_data(pdv(3, echo, True, True)) + RELEASE_RQ)
+    a("echo-split-release", [0, 0], p_data(pdv(3, echo[:20], True, False)) + p_data(pdv(3, echo[20:], True, True))
+      + p_data(pdv(3, echo, True, True)) + RELEASE_RQ)
+    a("store-release", [0, 0], store(1, 1, sop, mr) + RELEASE_RQ)
+    a("store-one-pdu-release", [0, 0], store(1, 1, sop, mr, split=False) + RELEASE_RQ)
+    a("store-two-echo-release", [0, 0], store(1, 1, sop, mr) + store(1, 2, sop2, mr_data_set(sop2))
+      + p_data(pdv(3, echo, True, True)) + RELEASE_RQ)
+    a("store-two-studies-release", [0, 0], store(1, 1, sop, mr)
+      + store(1, 2, sop2, mr_data_set(sop2, b"1.2.826.0.1.3680043.10.2")) + RELEASE_RQ)
+    a("store-explicit-release", [0, 0], store(5, 1, sop, mr_data_set(sop, explicit=True)) + RELEASE_RQ)
+    a("store-explicit-context1-release", [1, 0], store(1, 1, sop, mr_data_set(sop, explicit=True)) + RELEASE_RQ)
+    a("store-deflated-release", [3, 0], store(1, 1, sop, zlib.compress(mr_data_set(sop, explicit=True))[2:-4])
+      + RELEASE_RQ)
+    a("store-abort", [0, 0], store(1, 1, sop, mr) + ABORT)
+    a("store-cut", [0, 0], store(1, 1, sop, mr)[:-20])
+    a("store-release-mid-data-set", [0, 0], store(1, 1, sop, mr)[:-(len(mr) - len(mr) // 2 + 12)] + RELEASE_RQ)
+    a("store-again-abort", [0, 0], store(1, 1, sop, mr) + store(1, 2, sop, mr_data_set(sop, extra=b" AGAIN")) + ABORT)
+    a("store-again-release", [0, 0], store(1, 1, sop, mr) + store(1, 2, sop, mr_data_set(sop, extra=b" AGAIN"))
+      + RELEASE_RQ)
+    a("two-associations", [0, 0x20], store(1, 1, sop, mr) + RELEASE_RQ + store(1, 1, sop, mr_data_set(sop, extra=b"!!"))
+      + store(1, 2, sop2, mr_data_set(sop2)) + ABORT)
+    a("store-draining", [0, 0x10], store(1, 1, sop, mr) + RELEASE_RQ)
+    a("echo-on-storage-context", [0, 0], p_data(pdv(1, echo, True, True)) + RELEASE_RQ)
+    a("response-to-the-node", [0, 0], p_data(pdv(3, command_set(0x8030, 1, VERIFICATION, None, False), True, True))
+      + RELEASE_RQ)
+    a("store-spool-full", [0, 0x03], store(1, 1, sop, mr) + store(1, 2, sop2, mr_data_set(sop2)) + RELEASE_RQ)
+    a("store-rejected-context", [4, 0], store(1, 1, sop, mr) + RELEASE_RQ)
+    a("store-verification-context", [0x40, 0], store(1, 1, sop, mr) + RELEASE_RQ)
+    a("store-padded-uids", [0x20, 0x04], store(1, 1, sop, mr) + RELEASE_RQ)
+    a("store-instance-mismatch", [0, 0], store(1, 1, sop2, mr) + RELEASE_RQ)
+    a("store-data-on-other-context", [0, 0], p_data(pdv(1, command_set(0x0001, 1, MR_STORAGE, sop, True), True, True))
+      + p_data(pdv(5, mr, False, True)) + RELEASE_RQ)
+    a("find-release", [0, 0], p_data(pdv(1, command_set(0x0020, 1, MR_STORAGE, None, False), True, True)) + RELEASE_RQ)
+    a("associate-rq-mid-association", [0, 0], b"\x01\x00\x00\x00\x00\x04" + bytes(4))
+
+    c = lambda name, data: write("dimse_command", f"seed-{name}", data)
+    c("echo-rq", echo)
+    c("store-rq", command_set(0x0001, 7, MR_STORAGE, sop, True))
+    c("find-rq", command_set(0x0020, 3, MR_STORAGE, None, False))
+    c("no-group-length", command_set(0x0030, 9, VERIFICATION, None, False)[12:])
+    rsp = element(0x0000, 0x0100, us(0x8001)) + element(0x0000, 0x0120, us(7)) + element(0x0000, 0x0800, us(0x0101))
+    c("store-rsp", rsp + element(0x0000, 0x0900, us(0xA700)) + element(0x0000, 0x0902, b"the spool is full"))
+
+
 def write(target: str, name: str, data: bytes) -> None:
     d = CORPUS / target
     d.mkdir(parents=True, exist_ok=True)
@@ -190,6 +328,7 @@ def main() -> int:
     oip_seeds(small, images["gray.jpg"])
     prescan_seeds()
     segment_seeds(small, images["gray.jpg"])
+    association_seeds()
 
     for i, t in enumerate(["100m", "5S", "2M", "1H", "7u", "3n", "99999999S", "0m", "1x", ""]):
         write("grpc_timeout", f"seed-{i}", t.encode())

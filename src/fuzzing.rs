@@ -26,7 +26,7 @@ const LIMITS: InputLimits = InputLimits {
 pub type Target = fn(&[u8]);
 
 /// The targets by name.
-pub const TARGETS: [(&str, Target); 12] = [
+pub const TARGETS: [(&str, Target); 14] = [
     ("image", image),
     ("dicom", dicom),
     ("model_toml", model_toml),
@@ -39,6 +39,8 @@ pub const TARGETS: [(&str, Target); 12] = [
     ("prescan", prescan),
     ("segment_request", segment_request),
     ("study", study),
+    ("dicom_association", dicom_association),
+    ("dimse_command", dimse_command),
 ];
 
 /// A `Segment` request as the gRPC front end and the pipeline read it before anything is
@@ -606,4 +608,316 @@ pub fn study(data: &[u8]) {
     let regions = vec![("ab".to_string(), vec![1u8, 2])];
     let measured = measure::measure(&planned, &refs, &labels, &regions);
     assert_eq!(measured[3].voxels, measured[1].voxels + measured[2].voxels);
+}
+
+/// A DIMSE command set as the node reads it (`node::dimse::Command::parse`); when it parses, the
+/// responses the node would build from it (C-ECHO-RSP, C-STORE-RSP with an error comment made of
+/// the same bytes, the unrecognised-operation response) must encode and parse back with the
+/// right Command Field, the request's Message ID, the status, no data set, and the request's SOP
+/// Class and Instance UIDs unchanged whenever they are valid UIDs.
+pub fn dimse_command(data: &[u8]) {
+    use crate::node::dimse::{self, C_ECHO_RSP, C_STORE_RSP, Command, status, valid_uid};
+    let Ok(command) = Command::parse(data) else {
+        return;
+    };
+    let comment = String::from_utf8_lossy(data);
+    let responses = [
+        (dimse::echo_response(&command), C_ECHO_RSP, status::SUCCESS),
+        (
+            dimse::store_response(&command, status::CANNOT_UNDERSTAND, Some(&comment)),
+            C_STORE_RSP,
+            status::CANNOT_UNDERSTAND,
+        ),
+        (
+            dimse::unrecognized_response(&command),
+            command.field | 0x8000,
+            status::UNRECOGNIZED_OPERATION,
+        ),
+    ];
+    for (i, (bytes, field, status)) in responses.into_iter().enumerate() {
+        let response = Command::parse(&bytes).expect("the node's own response parses");
+        assert_eq!(response.field, field);
+        assert_eq!(response.responded_to, command.message_id);
+        assert_eq!(response.status, Some(status));
+        assert!(!response.has_data_set(), "a response with a data set");
+        if i == 1 && valid_uid(&command.affected_sop_instance) {
+            assert_eq!(
+                response.affected_sop_instance,
+                command.affected_sop_instance
+            );
+        }
+        if i < 2 && valid_uid(&command.affected_sop_class) {
+            assert_eq!(response.affected_sop_class, command.affected_sop_class);
+        }
+    }
+}
+
+/// The PDU transport of [`dicom_association`]: PDUs read from the fuzz bytes as the node's
+/// association reads them from the socket (dicom-ul's `read_pdu`, strict, with the node's
+/// maximum PDU length); the end of the bytes (or a PDU cut short) is the connection closing.
+struct FuzzLink<'a> {
+    wire: &'a [u8],
+    max_pdu: u32,
+    sent: Vec<dicom_ul::Pdu>,
+}
+
+impl crate::node::scp::Link for FuzzLink<'_> {
+    async fn receive(&mut self) -> Result<dicom_ul::Pdu, String> {
+        match dicom_ul::pdu::read_pdu(&mut self.wire, self.max_pdu, true) {
+            Ok(Some(pdu)) => Ok(pdu),
+            Ok(None) => {
+                self.wire = &[];
+                Err("connection closed".into())
+            }
+            Err(e) => {
+                self.wire = &[];
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn send(&mut self, pdu: &dicom_ul::Pdu) -> Result<(), String> {
+        self.sent.push(pdu.clone());
+        Ok(())
+    }
+}
+
+/// A spool directory of its own for one input, removed afterwards (even on a panic). In
+/// `/dev/shm` where there is one: the release path syncs every file it stored.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new() -> ScratchDir {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!(
+            "brainai-fuzz-association-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        ScratchDir(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The instances in a spool, as (Study Instance UID from the job's `job.json`, file name) → size.
+fn spooled(dir: &Path) -> std::collections::BTreeMap<(String, String), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for job in std::fs::read_dir(dir.join("jobs"))
+        .expect("the jobs directory")
+        .flatten()
+    {
+        let info: crate::node::spool::JobInfo = serde_json::from_slice(
+            &std::fs::read(job.path().join("job.json")).expect("every job has its job.json"),
+        )
+        .expect("job.json parses");
+        for file in std::fs::read_dir(job.path())
+            .expect("a job directory")
+            .flatten()
+        {
+            let name = file.file_name().to_string_lossy().into_owned();
+            if let Some(sop) = name.strip_suffix(".dcm") {
+                let size = file.metadata().expect("an instance's metadata").len();
+                out.insert((info.study.clone(), sop.to_string()), size);
+            }
+        }
+    }
+    out
+}
+
+/// A negotiated association as the DICOM node serves it (`node::scp::Session::run`: command
+/// sets, C-ECHO, C-STORE data sets streamed to the spool, release, abort), on PDUs read from the
+/// bytes. Byte 0 picks the presentation contexts: bits 0-1 the transfer syntax of context 1
+/// (MR Image Storage; bit 6 makes it Verification), bit 2 rejects context 1, bit 3 rejects
+/// context 3 (Verification), bit 4 rejects context 5 (MR Image Storage, Explicit VR Little
+/// Endian), bit 5 pads the UIDs with NUL as they come off the wire. Byte 1: bits 0-1 the spool's
+/// cap (1 MiB down to 256 bytes), bits 2-3 the maximum PDU length, bit 4 the node draining,
+/// bit 5 a second association on the same spool after the first ends. The rest is the PDUs.
+///
+/// After each association, as the node ends it (`Spool::association_ended`): every PDU the node
+/// sent is a response command set (that `Command::parse` reads, on an accepted context, without
+/// a data set, with a status) or, last, an A-RELEASE-RP (exactly when it was released) or an
+/// A-ABORT; the responses agree with the session's tally; `incoming/` is empty; the spool's
+/// `used()` is the size of the instance files under `jobs/`; a released association's instances
+/// are all there, and an aborted one added none.
+pub fn dicom_association(data: &[u8]) {
+    run_associations(data);
+}
+
+/// [`dicom_association`], returning how each association ended and what it did (`tests/fuzz.rs`
+/// checks that the seeds reach what they are meant to: stores, refusals, releases, aborts).
+pub fn run_associations(data: &[u8]) -> Vec<(crate::node::scp::End, crate::node::scp::Tally)> {
+    use crate::node::dimse::{self, Command, status};
+    use crate::node::scp::{End, Session, Tally};
+    use crate::node::spool::Spool;
+    use dicom_ul::Pdu;
+    use dicom_ul::pdu::{
+        PDataValueType, PresentationContextNegotiated, PresentationContextResultReason,
+    };
+    const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
+    const VERIFICATION: &str = "1.2.840.10008.1.1";
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    const SYNTAXES: [&str; 4] = [
+        "1.2.840.10008.1.2",
+        EXPLICIT_LE,
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+    ];
+    let [contexts, settings, wire @ ..] = data else {
+        return Vec::new();
+    };
+    let pad = |uid: &str| {
+        if contexts & 32 != 0 && uid.len() % 2 == 1 {
+            format!("{uid}\0")
+        } else {
+            uid.to_string()
+        }
+    };
+    let context = |id: u8, abstract_syntax: &str, transfer_syntax: &str, rejected: bool| {
+        PresentationContextNegotiated {
+            id,
+            reason: if rejected {
+                PresentationContextResultReason::AbstractSyntaxNotSupported
+            } else {
+                PresentationContextResultReason::Acceptance
+            },
+            transfer_syntax: pad(transfer_syntax),
+            abstract_syntax: pad(abstract_syntax),
+        }
+    };
+    let contexts = vec![
+        context(
+            1,
+            if contexts & 64 == 0 { MR } else { VERIFICATION },
+            SYNTAXES[usize::from(contexts & 3)],
+            contexts & 4 != 0,
+        ),
+        context(3, VERIFICATION, SYNTAXES[0], contexts & 8 != 0),
+        context(5, MR, EXPLICIT_LE, contexts & 16 != 0),
+    ];
+    let accepted: Vec<u8> = contexts
+        .iter()
+        .filter(|c| c.reason == PresentationContextResultReason::Acceptance)
+        .map(|c| c.id)
+        .collect();
+    let cap = [1 << 20, 64 << 10, 2 << 10, 256][usize::from(settings & 3)];
+    let max_pdu = [65_536, 4096, 16_384, 1 << 24][usize::from(settings >> 2 & 3)];
+    let draining = settings & 16 != 0;
+    let count = if settings & 32 == 0 { 1 } else { 2 };
+
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+    });
+    let scratch = ScratchDir::new();
+    let spool = Spool::open(&scratch.0, cap).expect("a spool in a new directory");
+    let mut link = FuzzLink {
+        wire,
+        max_pdu,
+        sent: Vec::new(),
+    };
+    let mut outcomes = Vec::new();
+    for id in 1..=count {
+        let before = spooled(&scratch.0);
+        let mut session = Session {
+            id,
+            called: "BRAINAI".into(),
+            calling: "FUZZ".into(),
+            contexts: contexts.clone(),
+            spool: spool.clone(),
+            draining: Box::new(move || draining),
+            tally: Tally::default(),
+        };
+        link.sent.clear();
+        let end = runtime.block_on(session.run(&mut link));
+        let released = end == End::Released;
+        spool.association_ended(id, released);
+
+        // What the node sent.
+        let (mut echoes, mut stored, mut refused) = (0, 0, 0);
+        for (i, pdu) in link.sent.iter().enumerate() {
+            let last = i + 1 == link.sent.len();
+            match pdu {
+                Pdu::PData { data } => {
+                    assert_eq!(data.len(), 1, "one command set per response P-DATA");
+                    let value = &data[0];
+                    assert!(
+                        value.value_type == PDataValueType::Command && value.is_last,
+                        "a response is a whole command set"
+                    );
+                    assert!(
+                        accepted.contains(&value.presentation_context_id),
+                        "a response on a context that was not accepted"
+                    );
+                    let response = Command::parse(&value.data).expect("the node's response parses");
+                    assert!(!response.has_data_set(), "a response with a data set");
+                    let code = response.status.expect("a response has a status");
+                    match (response.field, code) {
+                        (field, status::UNRECOGNIZED_OPERATION) => {
+                            assert!(field & 0x8000 != 0, "a response's Command Field");
+                        }
+                        (dimse::C_ECHO_RSP, status::SUCCESS) => echoes += 1,
+                        (dimse::C_STORE_RSP, status::SUCCESS) => stored += 1,
+                        (dimse::C_STORE_RSP, _) => refused += 1,
+                        (field, code) => panic!("a response {field:04X} with status {code:04X}"),
+                    }
+                }
+                Pdu::ReleaseRP => assert!(last && released, "an A-RELEASE-RP out of place"),
+                Pdu::AbortRQ { .. } => assert!(last && !released, "an A-ABORT out of place"),
+                other => panic!("the node sent {other:?}"),
+            }
+        }
+        if released {
+            assert!(
+                matches!(link.sent.last(), Some(Pdu::ReleaseRP)),
+                "released without an A-RELEASE-RP"
+            );
+        }
+        assert_eq!(echoes, session.tally.echoes, "C-ECHO-RSPs and the tally");
+        assert_eq!(stored, session.tally.stored.len(), "stored and the tally");
+        assert_eq!(refused, session.tally.refused, "refused and the tally");
+
+        // What is left in the spool.
+        let incoming = std::fs::read_dir(scratch.0.join("incoming"))
+            .expect("the incoming directory")
+            .count();
+        assert_eq!(incoming, 0, "a partial instance left in incoming/");
+        let after = spooled(&scratch.0);
+        assert_eq!(
+            spool.used(),
+            after.values().sum::<u64>(),
+            "the spool's count and its instance files ({} after association {id}, {end:?})",
+            after.len()
+        );
+        assert!(spool.used() <= cap, "the spool is over its cap");
+        if released {
+            for r in &session.tally.stored {
+                assert!(
+                    after.contains_key(&(r.study.clone(), r.sop_instance.clone())),
+                    "a stored instance is missing after the release"
+                );
+            }
+        } else {
+            assert!(
+                after.keys().all(|k| before.contains_key(k)),
+                "an aborted association left an instance"
+            );
+        }
+        outcomes.push((end, session.tally));
+    }
+    outcomes
 }

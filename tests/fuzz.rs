@@ -261,6 +261,53 @@ fn dimse_command() {
 }
 
 #[test]
+fn dicom_association_seeds_do_what_they_say() {
+    // The seeds of `dicom_association` (fuzz/make_corpus.py) must reach the node's deep states
+    // (instances filed, refusals answered, releases and aborts), or mutating them explores little.
+    use brainai::fuzzing::run_associations;
+    use brainai::node::scp::End;
+    let dir = repo().join("fuzz/corpus/dicom_association");
+    // (seed, released, echoes, stored, refused) for each association.
+    type Association = (bool, u64, usize, u64);
+    let expected: &[(&str, &[Association])] = &[
+        ("echo-release", &[(true, 1, 0, 0)]),
+        ("echo-split-release", &[(true, 2, 0, 0)]),
+        ("echo-on-storage-context", &[(true, 0, 0, 0)]),
+        ("response-to-the-node", &[(false, 0, 0, 0)]),
+        ("find-release", &[(true, 0, 0, 0)]),
+        ("store-release", &[(true, 0, 1, 0)]),
+        ("store-one-pdu-release", &[(true, 0, 1, 0)]),
+        ("store-two-echo-release", &[(true, 1, 2, 0)]),
+        ("store-two-studies-release", &[(true, 0, 2, 0)]),
+        ("store-explicit-release", &[(true, 0, 1, 0)]),
+        ("store-explicit-context1-release", &[(true, 0, 1, 0)]),
+        ("store-deflated-release", &[(true, 0, 1, 0)]),
+        ("store-padded-uids", &[(true, 0, 1, 0)]),
+        ("store-again-release", &[(true, 0, 2, 0)]),
+        ("store-abort", &[(false, 0, 1, 0)]),
+        ("store-again-abort", &[(false, 0, 2, 0)]),
+        ("store-cut", &[(false, 0, 0, 0)]),
+        ("store-release-mid-data-set", &[(false, 0, 0, 0)]),
+        ("two-associations", &[(true, 0, 1, 0), (false, 0, 2, 0)]),
+        ("store-draining", &[(true, 0, 0, 1)]),
+        ("store-spool-full", &[(true, 0, 0, 2)]),
+        ("store-rejected-context", &[(false, 0, 0, 0)]),
+        ("store-verification-context", &[(true, 0, 0, 1)]),
+        ("store-instance-mismatch", &[(true, 0, 0, 1)]),
+        ("store-data-on-other-context", &[(false, 0, 0, 0)]),
+        ("associate-rq-mid-association", &[(false, 0, 0, 0)]),
+    ];
+    for (seed, associations) in expected {
+        let input = std::fs::read(dir.join(format!("seed-{seed}"))).unwrap();
+        let outcomes: Vec<(bool, u64, usize, u64)> = run_associations(&input)
+            .into_iter()
+            .map(|(end, t)| (end == End::Released, t.echoes, t.stored.len(), t.refused))
+            .collect();
+        assert_eq!(&outcomes, associations, "seed-{seed}");
+    }
+}
+
+#[test]
 fn every_target_has_a_test_here() {
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(

@@ -103,8 +103,13 @@ impl Command {
 /// Walks the element headers of a command set before dicom-rs reads it: dicom-rs allocates (and
 /// zero-fills) the length an element declares before it reads the value, so a 10-byte command set
 /// declaring 4 GB would cost 4 GB. A command set is group 0000 only (PS3.7 §6.3.1), with no
-/// sequence: every element must be in that group and end within the bytes.
+/// sequence: every element must be in that group and end within the bytes. And its length must be
+/// a whole number of values of its VR (the dictionary's, as dicom-rs reads Implicit VR): dicom-rs
+/// reads a US of 3 bytes as one value and the next header one byte early, whose length is then
+/// one this walk never saw.
 fn check_elements(bytes: &[u8]) -> Result<(), String> {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    use dicom_dictionary_std::StandardDataDictionary;
     let mut at = 0;
     while at < bytes.len() {
         let Some(header) = bytes.get(at..at + 8) else {
@@ -113,7 +118,14 @@ fn check_elements(bytes: &[u8]) -> Result<(), String> {
         if header[..2] != [0, 0] {
             return Err("the command set holds an element outside group 0000".into());
         }
+        let element = u16::from_le_bytes([header[2], header[3]]);
         let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        let vr = StandardDataDictionary
+            .by_tag(Tag(0x0000, element))
+            .map(|entry| entry.vr().relaxed());
+        if !len.is_multiple_of(crate::input::dicom::value_unit(vr)) {
+            return Err("an element of the command set has a length its VR cannot have".into());
+        }
         match (at + 8).checked_add(len) {
             Some(end) if end <= bytes.len() => at = end,
             _ => return Err("an element of the command set runs past its end".into()),
@@ -270,6 +282,14 @@ mod tests {
         let mut outside = store_request(1, "1.2.3", "4.5.6");
         outside.extend_from_slice(b"\x08\x00\x18\x00\x02\x00\x00\x001\0");
         assert!(Command::parse(&outside).unwrap_err().contains("group 0000"));
+        // Message ID (US) of 3 bytes: dicom-rs would read the next header one byte early.
+        let mut odd = store_request(1, "1.2.3", "4.5.6");
+        odd.extend_from_slice(b"\x00\x00\x10\x01\x03\x00\x00\x00\x01\x00\x00");
+        assert!(
+            Command::parse(&odd)
+                .unwrap_err()
+                .contains("its VR cannot have")
+        );
     }
 
     #[test]

@@ -633,7 +633,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let inc = spool.incoming(b"meta").unwrap();
-        spool.commit(inc, 1, "AI", "PACS", &ids("9.9", "1.1")).unwrap();
+        spool
+            .commit(inc, 1, "AI", "PACS", &ids("9.9", "1.1"))
+            .unwrap();
         spool.association_ended(1, true);
         let job = spool.take_ready(Duration::ZERO).pop().unwrap();
         // Shut down: ready again at once (for the next start).

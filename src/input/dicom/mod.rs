@@ -19,6 +19,7 @@ mod header;
 mod jpeg;
 mod pixels;
 mod prescan;
+pub use prescan::value_unit;
 mod un;
 
 use dicom_core::Tag;

@@ -155,6 +155,16 @@ fn meta(body: &[u8]) -> Result<(String, usize), InputError> {
 
 /// Whether dicom-rs reads a 2-byte length after this explicit VR (PS3.5 7.1.2); every other VR,
 /// including one it does not know (read as UN), has 2 reserved bytes and a 4-byte length.
+/// The size of one value of a binary VR (1 for text and bytes, or an unknown VR).
+pub fn value_unit(vr: Option<VR>) -> usize {
+    match vr {
+        Some(VR::US | VR::SS | VR::OW) => 2,
+        Some(VR::UL | VR::SL | VR::AT | VR::FL | VR::OL | VR::OF) => 4,
+        Some(VR::FD | VR::SV | VR::UV | VR::OD | VR::OV) => 8,
+        _ => 1,
+    }
+}
+
 fn short_length(vr: VR) -> bool {
     matches!(
         vr,
@@ -301,6 +311,21 @@ impl Walker<'_> {
             if declared_sequence {
                 self.sequence(len, end, depth + 1, tag)?;
             } else if len != UNDEFINED {
+                // dicom-rs reads a binary value of a length that is no whole number of values
+                // short, and the next header from inside it: a length this walk never saw.
+                let unit = value_unit(vr.or_else(|| {
+                    (!self.explicit)
+                        .then(|| StandardDataDictionary.by_tag(Tag(tag.0, tag.1)))
+                        .flatten()
+                        .map(|entry| entry.vr.relaxed())
+                }));
+                if !(len as usize).is_multiple_of(unit) {
+                    return Err(invalid(format!(
+                        "element ({:04X},{:04X}) declares {len} bytes, not a whole number of its \
+                         {unit}-byte values",
+                        tag.0, tag.1
+                    )));
+                }
                 self.skip(len, end, tag)?;
             } else if tag == (0x7FE0, 0x0010) {
                 self.fragments(end)?;
@@ -473,6 +498,29 @@ mod tests {
         assert_eq!(prescan(&data, &LIMITS).unwrap(), &data[128..]);
         let data = file(EXPLICIT_LE, &patient_name());
         assert_eq!(prescan(&data, &LIMITS).unwrap(), &data[..]);
+    }
+
+    #[test]
+    fn refuses_a_binary_value_that_is_no_whole_number_of_values() {
+        // FD of 15 bytes: dicom-rs would read the next header from inside the value, where a
+        // forged header could declare gigabytes this walk never saw.
+        let mut dataset = el((0x0018, 0x9087), b"FD", &[0u8; 15]);
+        dataset.extend(patient_name());
+        let err = refusal(&file(EXPLICIT_LE, &dataset));
+        assert!(
+            err.contains("(0018,9087) declares 15 bytes, not a whole number of its 8-byte values"),
+            "{err}"
+        );
+        // Implicit VR: the dictionary's VR (Rows, US).
+        let dataset = implicit((0x0028, 0x0010), 3, &[1, 0, 0]);
+        let err = refusal(&file("1.2.840.10008.1.2", &dataset));
+        assert!(
+            err.contains("not a whole number of its 2-byte values"),
+            "{err}"
+        );
+        // Whole values pass.
+        let dataset = el((0x0018, 0x9087), b"FD", &[0u8; 16]);
+        assert!(prescan(&file(EXPLICIT_LE, &dataset), &LIMITS).is_ok());
     }
 
     #[test]
