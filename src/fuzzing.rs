@@ -839,6 +839,8 @@ pub fn run_associations(data: &[u8]) -> Vec<(crate::node::scp::End, crate::node:
             calling: "FUZZ".into(),
             contexts: contexts.clone(),
             spool: spool.clone(),
+            // Half the spool: the fuzzer reaches both the instance limit and the spool's.
+            max_instance_bytes: spool.cap() / 2,
             draining: Box::new(move || draining),
             tally: Tally::default(),
         };

@@ -457,9 +457,14 @@ pub async fn start(
     // The DICOM node: one more front end on the same pipeline.
     let node = match args.dicom.settings().map_err(ServeError::Config)? {
         Some(settings) => Some(
-            crate::node::start(settings, pipeline.clone(), &security)
-                .await
-                .map_err(ServeError::Config)?,
+            crate::node::start(
+                settings,
+                pipeline.clone(),
+                args.max_image_bytes as u64,
+                &security,
+            )
+            .await
+            .map_err(ServeError::Config)?,
         ),
         None => None,
     };

@@ -1424,3 +1424,34 @@ async fn a_silent_connection_and_an_idle_association_are_closed() {
         "{audit:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_larger_than_max_image_bytes_is_refused() {
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    let files = make_study(
+        data.path(),
+        vec![series(&format!("{STUDY}.1"), "AX FLAIR", STUDY)],
+    );
+    let state = tempfile::tempdir().unwrap();
+    // The instances are about 9 KiB.
+    let node = Node::start(state.path(), free_port(), &["--max-image-bytes", "4096"]).await;
+    let base = node.snapshot().await;
+    let sent = storescu(node.addr(), "PACS", "BRAINAI", &files[..1], &["-v"]).await;
+    assert!(
+        text(&sent).contains("Refused: OutOfResources"),
+        "{}",
+        text(&sent)
+    );
+    assert_eq!(
+        node.delta(
+            &base,
+            "brainai_dicom_instances_total",
+            &["outcome=\"refused\""]
+        )
+        .await,
+        1.0
+    );
+    assert!(left(&state.path().join("spool")).is_empty());
+    assert_eq!(node.metric("brainai_dicom_spool_bytes", &[]).await, 0.0);
+}

@@ -78,6 +78,8 @@ pub struct Node {
     pub spool: Arc<spool::Spool>,
     pub outbox: Arc<outbox::Outbox>,
     pub pipeline: Pipeline,
+    /// Largest instance a C-STORE may carry (`--max-image-bytes`).
+    max_instance_bytes: u64,
     audit: Option<Arc<Audit>>,
     tls: Option<Arc<Tls>>,
     /// The server's certificate: presented to the destination over DICOM TLS.
@@ -115,6 +117,7 @@ impl RunningNode {
 pub async fn start(
     settings: NodeSettings,
     pipeline: Pipeline,
+    max_instance_bytes: u64,
     security: &crate::security::Security,
 ) -> Result<RunningNode, String> {
     let spool = spool::Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
@@ -158,6 +161,7 @@ pub async fn start(
         spool,
         outbox,
         pipeline,
+        max_instance_bytes,
         audit: security.audit.clone(),
         tls,
         identity: security.tls.clone(),
@@ -471,6 +475,7 @@ impl Node {
             calling: calling.trim().to_string(),
             contexts: contexts.to_vec(),
             spool: self.spool.clone(),
+            max_instance_bytes: self.max_instance_bytes,
             draining: Box::new(move || node.pipeline.state().phase() == Phase::Draining),
             tally: scp::Tally::default(),
         }

@@ -69,6 +69,8 @@ pub struct Session {
     pub calling: String,
     pub contexts: Vec<PresentationContextNegotiated>,
     pub spool: Arc<Spool>,
+    /// Largest instance taken (`--max-image-bytes`); larger: A700.
+    pub max_instance_bytes: u64,
     /// Draining: new C-STOREs are refused (A700) so the sender retries elsewhere.
     pub draining: Box<dyn Fn() -> bool + Send + Sync>,
     pub tally: Tally,
@@ -162,6 +164,16 @@ impl Session {
                             "a data set arrived on another presentation context than its command",
                         ),
                         Some(p) => {
+                            if let Sink::File(file) = &mut p.sink
+                                && file.bytes() + value.data.len() as u64 > self.max_instance_bytes
+                            {
+                                // Read whole later (its header now, its pixels by its job): one
+                                // instance may be no larger than an API call's image.
+                                p.sink = Sink::Drop {
+                                    status: status::OUT_OF_RESOURCES,
+                                    comment: "the instance is larger than --max-image-bytes".into(),
+                                };
+                            }
                             if let Sink::File(file) = &mut p.sink
                                 && let Err(e) = file.write(&value.data)
                             {
@@ -328,9 +340,14 @@ impl Session {
                 Err((status, comment)) => (status, Some(comment)),
             },
         };
+        // A700 is the status of a full spool, of a draining node and of an instance over
+        // --max-image-bytes; only the first is `spool_full`.
+        let spool = comment
+            .as_deref()
+            .is_some_and(|c| c.starts_with("the spool"));
         let outcome = if status == status::SUCCESS {
             "stored"
-        } else if status == status::OUT_OF_RESOURCES {
+        } else if status == status::OUT_OF_RESOURCES && spool {
             "spool_full"
         } else {
             "refused"
