@@ -1455,3 +1455,41 @@ async fn an_instance_larger_than_max_image_bytes_is_refused() {
     assert!(left(&state.path().join("spool")).is_empty());
     assert_eq!(node.metric("brainai_dicom_spool_bytes", &[]).await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_over_the_study_limits_is_refused_whole_and_recorded() {
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    // 16 slices of 128 × 128 × 2 bytes: about 0.5 MiB a series, 1.5 MiB the study.
+    let big = |uid: &str, description: &str| {
+        let mut s = series(uid, description, STUDY);
+        s["rows"] = json!(128);
+        s["columns"] = json!(128);
+        s
+    };
+    let files = make_study(
+        data.path(),
+        vec![
+            big(&format!("{STUDY}.1"), "AX FLAIR"),
+            big(&format!("{STUDY}.2"), "AX T1 POST GD"),
+            big(&format!("{STUDY}.3"), "AX T2"),
+        ],
+    );
+    let archive = Archive::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let node = Node::start(state.path(), archive.port, &["--max-study-decode-mib", "1"]).await;
+    let sent = storescu(node.addr(), "PACS", "BRAINAI", &files, &[]).await;
+    assert!(sent.status.success(), "{}", text(&sent));
+    until("the study is dropped", || {
+        left(&state.path().join("spool")).is_empty()
+    })
+    .await;
+    let audit = node.audit();
+    let refused = audit
+        .iter()
+        .find(|r| r["method"] == "DICOM study")
+        .expect("the refused study's record");
+    assert_eq!(refused["outcome"], "INVALID_ARGUMENT");
+    assert_eq!(refused["caller"], "PACS");
+    assert!(archive.files().is_empty(), "nothing was processed or sent");
+}

@@ -117,7 +117,30 @@ const HEADER_LIMITS: InputLimits = InputLimits {
 async fn results(node: &Node, job: &JobInfo) -> Result<Vec<(String, Vec<u8>)>, Stop> {
     let paths = node.spool.instance_paths(&job.id);
     let limit = node.pipeline.limits().max_study_instances;
-    if paths.len() > limit {
+    // The study is read whole: no more than one call's study may be (its instances, and their
+    // bytes against the study decoding budget, which they can only grow to).
+    let bytes: u64 = paths
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let budget = node.pipeline.limits().max_study_decode_bytes;
+    let refusal = if paths.len() > limit {
+        Some(format!(
+            "the study has {} instances, over the limit of {limit} (--max-study-instances)",
+            paths.len()
+        ))
+    } else if bytes > budget {
+        Some(format!(
+            "the study's instances hold {} MiB, over the study limit of {} MiB \
+             (--max-study-decode-mib)",
+            bytes >> 20,
+            budget >> 20
+        ))
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
         let facts = CallFacts::default();
         node.audit_job(
             job,
@@ -126,10 +149,7 @@ async fn results(node: &Node, job: &JobInfo) -> Result<Vec<(String, Vec<u8>)>, S
             ErrorKind::InvalidArgument.as_str(),
             Instant::now(),
         );
-        return Err(Stop::Failed(format!(
-            "the study has {} instances, over the limit of {limit} (--max-study-instances)",
-            paths.len()
-        )));
+        return Err(Stop::Failed(refusal));
     }
     let (instances, headers) = tokio::task::spawn_blocking(move || {
         let mut instances = Vec::new();
