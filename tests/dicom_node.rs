@@ -37,20 +37,7 @@ fn make_study(dir: &Path, series: Vec<serde_json::Value>) -> Vec<PathBuf> {
         "sphere": {"center": [0.3, -0.4, 23.6], "radius": 18.0, "inside": 900, "outside": 100},
         "series": series,
     });
-    let out = Command::new(python())
-        .arg(repo().join("tests/dicom/make_study.py"))
-        .arg(dir)
-        .arg(spec.to_string())
-        .output()
-        .expect("make_study.py runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut files: Vec<PathBuf> = walk(dir);
-    files.sort();
-    files
+    write_study(dir, &spec)
 }
 
 fn full_study(dir: &Path) -> Vec<PathBuf> {
@@ -62,19 +49,6 @@ fn full_study(dir: &Path) -> Vec<PathBuf> {
             series(&format!("{STUDY}.3"), "AX T2", STUDY),
         ],
     )
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 fn free_port() -> u16 {
@@ -128,7 +102,7 @@ impl Archive {
     }
 
     fn files(&self) -> Vec<PathBuf> {
-        let mut files: Vec<PathBuf> = walk(self.dir.path())
+        let mut files: Vec<PathBuf> = files_under(self.dir.path())
             .into_iter()
             .filter(|p| !p.to_string_lossy().ends_with(".tmp"))
             .collect();
@@ -351,7 +325,7 @@ fn read_results(files: &[PathBuf]) -> Vec<serde_json::Value> {
 
 /// Files left in a directory tree (the spool's jobs, the outbox's results).
 fn left(dir: &Path) -> Vec<PathBuf> {
-    walk(dir)
+    files_under(dir)
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "dcm" || e == "part"))
         .collect()
@@ -698,12 +672,12 @@ async fn an_aborted_association_leaves_nothing_to_process() {
         .unwrap();
     let incoming = state.path().join("spool/incoming");
     until("the partial instance is spooled", || {
-        walk(&incoming).len() == 1
+        files_under(&incoming).len() == 1
     })
     .await;
     drop(assoc);
     until("the partial instance is removed", || {
-        walk(&incoming).is_empty()
+        files_under(&incoming).is_empty()
     })
     .await;
     assert!(left(&state.path().join("spool")).is_empty());
@@ -799,7 +773,7 @@ async fn twenty_associations_at_once_each_get_their_result_and_the_limits_refuse
     let mut sends = Vec::new();
     for i in 1..=20 {
         let dir = data.path().join(format!("{STUDY}.100.{i}.1"));
-        let files = walk(&dir);
+        let files = files_under(&dir);
         assert_eq!(files.len(), 4, "{}", dir.display());
         let addr = node.addr();
         sends.push(tokio::spawn(async move {
@@ -920,7 +894,7 @@ async fn a_full_spool_refuses_stores_with_out_of_resources() {
     assert!(stored < many.len() as f64);
     assert!(node.metric("brainai_dicom_spool_bytes", &[]).await <= (1 << 20) as f64);
     // Nothing half-written is left behind.
-    assert!(walk(&state.path().join("spool/incoming")).is_empty());
+    assert!(files_under(&state.path().join("spool/incoming")).is_empty());
 }
 
 /// `brainai serve` as a process, for what only a process can show (SIGKILL); its DICOM address

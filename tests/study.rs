@@ -76,36 +76,7 @@ fn make_study(dir: &Path, series: Vec<serde_json::Value>) -> Vec<PathBuf> {
         "sphere": {"center": CENTER, "radius": RADIUS, "inside": 900, "outside": 100},
         "series": series,
     });
-    let out = std::process::Command::new(python())
-        .arg(repo().join("tests/dicom/make_study.py"))
-        .arg(dir)
-        .arg(spec.to_string())
-        .output()
-        .expect("make_study.py runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut files = Vec::new();
-    for entry in walk(dir) {
-        files.push(entry);
-    }
-    files.sort();
-    files
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let p = entry.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else if p.extension().is_some_and(|e| e == "dcm") {
-            out.push(p);
-        }
-    }
-    out
+    write_study(dir, &spec)
 }
 
 fn repository() -> tempfile::TempDir {

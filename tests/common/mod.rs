@@ -871,3 +871,36 @@ pub fn decode_mask(png: &[u8]) -> (u32, u32, Vec<u8>) {
         .to_luma8();
     (image.width(), image.height(), image.into_raw())
 }
+
+/// Writes a pydicom phantom study (`tests/dicom/make_study.py`, whose text documents `spec`) into
+/// `dir`; its files, sorted.
+pub fn write_study(dir: &Path, spec: &serde_json::Value) -> Vec<PathBuf> {
+    let out = std::process::Command::new(python())
+        .arg(repo().join("tests/dicom/make_study.py"))
+        .arg(dir)
+        .arg(spec.to_string())
+        .output()
+        .expect("make_study.py runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files = files_under(dir);
+    files.sort();
+    files
+}
+
+/// Every file under `dir`, recursively (none when it does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
